@@ -1,0 +1,37 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DATA    ?= $(CURDIR)/.synpref
+export SYNPREF_HOME ?= $(DATA)
+export DAGSTER_HOME ?= $(SYNPREF_HOME)/dagster
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: env demo test ui clean
+
+# The environment is created only when absent (stamp file tracks pyproject.toml).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+env: $(VENV)/.installed
+
+# Runs the main job end to end on the embedded default (local lake, SQLite Dagster + MLflow, CPU).
+demo: env
+	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
+	$(BIN)/synpref demo
+
+# The whole test suite (what CI runs through .ci/run).
+test: env
+	$(BIN)/python -m pytest -q tests
+
+# Dagster web UI over the same instance.
+ui: env
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf $(SYNPREF_HOME)

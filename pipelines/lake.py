@@ -1,0 +1,238 @@
+"""The lake: Delta tables under one root, a local folder or `s3://bucket/prefix`, through one code path.
+
+Why not dagster-deltalake-polars' IO manager: it has no MERGE mode (dagster#32644) and can overwrite a whole
+table when a non-datetime partition predicate fails (dagster#34064). Ingest must be an idempotent MERGE on
+`pair_id` and the ledger an append, so the assets write through this class and record lineage themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import polars as pl
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+LINEAGE_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("asset", pa.string()),
+        ("partition", pa.string()),
+        ("table", pa.string()),
+        ("version_written", pa.int64()),
+        ("input_versions", pa.string()),  # JSON {table: version}
+        ("code_version", pa.string()),
+        ("config_hash", pa.string()),
+        ("counts", pa.string()),  # JSON {name: int}
+        ("written_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def s3_storage_options_from_env() -> dict[str, str]:
+    """Delta/object-store options from the standard AWS variables. Values are never logged."""
+    opts: dict[str, str] = {}
+    mapping = {
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN",
+        "AWS_REGION": "AWS_REGION",
+        "AWS_DEFAULT_REGION": "AWS_REGION",
+        "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL",
+        "AWS_ALLOW_HTTP": "AWS_ALLOW_HTTP",
+    }
+    for env, key in mapping.items():
+        if os.environ.get(env):
+            opts.setdefault(key, os.environ[env])
+    if opts.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        opts.setdefault("AWS_ALLOW_HTTP", "true")
+    # Single-writer-per-table design (Dagster runs one writer per asset); a DynamoDB lock is a config away.
+    opts.setdefault("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
+    return opts
+
+
+def code_version() -> str:
+    """git commit of the project when available, else the package version."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("synpref")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def config_hash(config: Any) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Lake:
+    """Delta tables under `root`. `storage_options` are passed to deltalake and polars alike."""
+
+    root: str
+    storage_options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = self.root.rstrip("/")
+        if self.is_remote and not self.storage_options:
+            self.storage_options = s3_storage_options_from_env()
+        if not self.is_remote:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_remote(self) -> bool:
+        return "://" in self.root and not self.root.startswith("file://")
+
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}"
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    def exists(self, table: str) -> bool:
+        return self.version(table) is not None
+
+    def version(self, table: str) -> int | None:
+        try:
+            return DeltaTable(self.uri(table), storage_options=self.storage_options).version()
+        except TableNotFoundError:
+            return None
+
+    def delta(self, table: str, version: int | None = None) -> DeltaTable:
+        return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
+
+    def scan(self, table: str, version: int | None = None) -> pl.LazyFrame:
+        """Lazy scan; `version` time-travels. Raises if the table does not exist."""
+        return pl.scan_delta(self.uri(table), version=version, storage_options=self.storage_options or None)
+
+    def read(self, table: str, version: int | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        lf = self.scan(table, version)
+        if columns:
+            lf = lf.select(columns)
+        return lf.collect()
+
+    def read_or_empty(self, table: str, schema: pa.Schema, columns: list[str] | None = None) -> pl.DataFrame:
+        if not self.exists(table):
+            df = pl.from_arrow(schema.empty_table())
+            return df.select(columns) if columns else df
+        return self.read(table, columns=columns)
+
+    # --- writing ---------------------------------------------------------------------------------------------
+    def _arrow(self, data: pl.DataFrame | pa.Table, schema: pa.Schema | None) -> pa.Table:
+        table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+        if schema is not None:
+            table = table.select(schema.names).cast(schema)
+        return table
+
+    def append(self, table: str, data: pl.DataFrame | pa.Table, schema: pa.Schema | None = None,
+               partition_by: list[str] | None = None) -> int:
+        """Append rows (ledgers, lineage). Returns the new table version."""
+        arrow = self._arrow(data, schema)
+        write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
+                        storage_options=self.storage_options)
+        return self.version(table)  # type: ignore[return-value]
+
+    def overwrite(self, table: str, data: pl.DataFrame | pa.Table, schema: pa.Schema | None = None,
+                  partition_by: list[str] | None = None, predicate: str | None = None) -> int:
+        """Replace the whole table, or only the rows matching `predicate` (a partition's slice)."""
+        arrow = self._arrow(data, schema)
+        write_deltalake(self.uri(table), arrow, mode="overwrite", partition_by=partition_by, predicate=predicate,
+                        schema_mode=None if predicate else "overwrite", storage_options=self.storage_options)
+        return self.version(table)  # type: ignore[return-value]
+
+    def merge_insert(self, table: str, data: pl.DataFrame | pa.Table, keys: Iterable[str],
+                     schema: pa.Schema | None = None, partition_by: list[str] | None = None) -> dict[str, int]:
+        """Insert rows whose keys are new; existing keys are left as they are (idempotent re-ingest).
+
+        Returns {"inserted": n, "version": v}. Creates the table on first write.
+        """
+        arrow = self._arrow(data, schema)
+        keys = list(keys)
+        if not self.exists(table):
+            write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
+                            storage_options=self.storage_options)
+            return {"inserted": arrow.num_rows, "version": self.version(table)}  # type: ignore[dict-item]
+        if arrow.num_rows == 0:
+            return {"inserted": 0, "version": self.version(table)}  # type: ignore[dict-item]
+        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        metrics = (
+            self.delta(table)
+            .merge(arrow, predicate=predicate, source_alias="s", target_alias="t")
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        return {"inserted": int(metrics.get("num_target_rows_inserted", 0)), "version": self.version(table)}  # type: ignore[dict-item]
+
+    def upsert(self, table: str, data: pl.DataFrame | pa.Table, keys: Iterable[str],
+               schema: pa.Schema | None = None, partition_by: list[str] | None = None) -> dict[str, int]:
+        """Insert new keys and update existing ones (derived tables recomputed for the same key)."""
+        arrow = self._arrow(data, schema)
+        keys = list(keys)
+        if not self.exists(table):
+            write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
+                            storage_options=self.storage_options)
+            return {"inserted": arrow.num_rows, "updated": 0, "version": self.version(table)}  # type: ignore[dict-item]
+        if arrow.num_rows == 0:
+            return {"inserted": 0, "updated": 0, "version": self.version(table)}  # type: ignore[dict-item]
+        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        metrics = (
+            self.delta(table)
+            .merge(arrow, predicate=predicate, source_alias="s", target_alias="t")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        return {
+            "inserted": int(metrics.get("num_target_rows_inserted", 0)),
+            "updated": int(metrics.get("num_target_rows_updated", 0)),
+            "version": self.version(table),  # type: ignore[dict-item]
+        }
+
+    # --- lineage ---------------------------------------------------------------------------------------------
+    def record_lineage(self, *, run_id: str, asset: str, partition: str | None, table: str,
+                       version_written: int | None, inputs: dict[str, int | None], config: Any,
+                       counts: dict[str, int]) -> int:
+        row = {
+            "run_id": [run_id],
+            "asset": [asset],
+            "partition": [partition or ""],
+            "table": [table],
+            "version_written": [version_written],
+            "input_versions": [json.dumps(inputs, sort_keys=True)],
+            "code_version": [code_version()],
+            "config_hash": [config_hash(config)],
+            "counts": [json.dumps(counts, sort_keys=True)],
+            "written_at": [datetime.now(timezone.utc)],
+        }
+        return self.append("lineage", pa.table(row, schema=LINEAGE_SCHEMA))
+
+    def lineage(self, asset: str | None = None) -> pl.DataFrame:
+        df = self.read_or_empty("lineage", LINEAGE_SCHEMA)
+        return df.filter(pl.col("asset") == asset) if asset else df
+
+    def input_versions(self, tables: Iterable[str]) -> dict[str, int | None]:
+        return {t: self.version(t) for t in tables}
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
