@@ -1,0 +1,179 @@
+"""Sources and ingestion: project-made landing shards, benchmark tables, and `raw_pairs` per landed shard."""
+
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pyarrow as pa
+from pydantic import Field
+
+from pipelines.ingest.decontaminate import words
+from pipelines.ingest.formats import PARSERS, ParseStats, apply_mapping, detect_format
+from pipelines.ingest.readers import iter_records
+from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard
+from pipelines.schema import MESSAGE_TYPE, RAW_PAIRS_SCHEMA, first_user_turn
+from pipelines.settings import home
+from pipelines.synth.generator import benchmark_records, write_shard
+from assets.meta import md_table
+from resources.lake import LakeResource
+
+raw_shards = dg.DynamicPartitionsDefinition(name="raw_shards")
+
+TRUTH_SCHEMA = pa.schema([("pair_id", pa.string()), ("label_correct", pa.bool_()), ("category", pa.string())])
+BENCHMARK_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("item_id", pa.int64()), ("section", pa.string()), ("subset", pa.string()),
+    ("history", pa.list_(MESSAGE_TYPE)), ("chosen", pa.string()), ("rejected", pa.list_(pa.string())),
+])
+BENCHMARK_PROMPTS_SCHEMA = pa.schema([("benchmark", pa.string()), ("prompt", pa.string())])
+
+
+class SyntheticConfig(dg.Config):
+    n_pairs: int = Field(default=3000, description="Pairs across all landing shards (the in-the-wild pool)")
+    n_shards: int = Field(default=2, description="Landing shards to write under <landing>/synth/")
+    label_noise: float = Field(default=0.25, description="Fraction of pairs shipped with chosen/rejected swapped")
+    bad_rows: int = Field(default=8, description="Unusable rows per shard (exercise the quarantine)")
+    benchmark_pairs: int = Field(default=300, description="Held-out benchmark pairs (clean labels)")
+    contaminated: int = Field(default=5, description="Landing pairs whose prompt copies a benchmark prompt")
+    seed: int = 0
+
+
+@dg.asset(group_name="sources", kinds={"python", "jsonl"},
+          description="Project-made verifiable pairs with known truth: the embedded default's D_wild.")
+def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig,
+                      lake_store: LakeResource) -> dg.MaterializeResult:
+    lake = lake_store.lake()
+    landing = Path(lake_store.landing)
+    if "://" in lake_store.landing:
+        raise dg.Failure("synthetic_landing writes a local landing folder; point landing_root at a local path")
+    truth = []
+    per = config.n_pairs // config.n_shards
+    for s in range(config.n_shards):
+        truth += write_shard(landing / "synth" / f"shard-{s:03d}.jsonl", per, config.seed + 100 * s,
+                             config.label_noise, config.bad_rows)
+    bench = benchmark_records(config.benchmark_pairs, config.seed + 999_999)
+    bench_dir = home() / "benchmarks"
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    with (bench_dir / "synth-bench.jsonl").open("w") as fh:
+        for r in bench:
+            fh.write(json.dumps(r) + "\n")
+    # A few landing pairs reuse benchmark prompts: decontamination must catch them.
+    with (landing / "synth" / "shard-contaminated.jsonl").open("w") as fh:
+        long_prompts = [r for r in bench if len(words(r["prompt"])) >= 13]
+        for r in long_prompts[: config.contaminated]:
+            fh.write(json.dumps({"prompt": r["prompt"] + " Please answer carefully.", "chosen": r["chosen"] + " ",
+                                 "rejected": r["rejected"] + " (contaminated copy)", "category": r["category"]}) + "\n")
+    v = lake.overwrite("synth_truth", pa.Table.from_pylist(truth, TRUTH_SCHEMA), TRUTH_SCHEMA)
+    return dg.MaterializeResult(metadata={"pairs": len(truth), "shards": config.n_shards, "truth_version": v,
+                                          "landing": dg.MetadataValue.path(str(landing))})
+
+
+class BenchmarksConfig(dg.Config):
+    directory: str = Field(default="", description="Folder of benchmark files (<name>.jsonl[.gz]|.parquet); "
+                                                   "default <SYNPREF_HOME>/benchmarks")
+
+
+def read_benchmark(path: str, name: str) -> list[dict]:
+    """Benchmark rows: pairwise (TRL/JudgeBench/hh) or best-of-N (`rejected` a list). Keeps `section`/`subset`."""
+    out, item = [], 0
+    for batch in iter_records(path):
+        for rec in batch:
+            if rec.record is None:
+                raise ValueError(f"{path} row {rec.row}: {rec.error}")
+            r = rec.record
+            rejected = r.get("rejected")
+            many = isinstance(rejected, list) and rejected and all(isinstance(x, str) for x in rejected)
+            probe = dict(r, rejected=rejected[0]) if many else r
+            fmt = detect_format(probe)
+            cand = PARSERS[fmt](probe, ParseStats())[0]
+            out.append({"benchmark": name, "item_id": item, "section": str(r.get("section") or r.get("subset") or "all"),
+                        "subset": str(r.get("subset") or r.get("difficulty") or ""), "history": cand.history,
+                        "chosen": cand.chosen, "rejected": list(rejected) if many else [cand.rejected]})
+            item += 1
+    return out
+
+
+@dg.asset(group_name="sources", kinds={"deltalake"}, deps=[synthetic_landing],
+          description="Benchmark pairs (evaluation) and their first-turn prompts (decontamination input).")
+def benchmarks(context: dg.AssetExecutionContext, config: BenchmarksConfig,
+               lake_store: LakeResource) -> dg.MaterializeResult:
+    lake = lake_store.lake()
+    folder = Path(config.directory) if config.directory else home() / "benchmarks"
+    rows: list[dict] = []
+    for f in sorted(folder.glob("*")):
+        if f.suffix in (".jsonl", ".gz", ".parquet", ".json"):
+            name = f.name.split(".")[0]
+            rows += read_benchmark(str(f), name)
+    bench = pa.Table.from_pylist(rows, BENCHMARK_SCHEMA)
+    prompts = pa.Table.from_pylist(
+        [{"benchmark": r["benchmark"], "prompt": first_user_turn(r["history"])} for r in rows], BENCHMARK_PROMPTS_SCHEMA)
+    v1 = lake.overwrite("benchmark_pairs", bench, BENCHMARK_SCHEMA)
+    v2 = lake.overwrite("benchmark_prompts", prompts, BENCHMARK_PROMPTS_SCHEMA)
+    per = pl.from_arrow(bench).group_by("benchmark").len().sort("benchmark")
+    for table, version in (("benchmark_pairs", v1), ("benchmark_prompts", v2)):
+        lake.record_lineage(run_id=context.run.run_id, asset="benchmarks", partition=None, table=table,
+                            version_written=version, inputs={}, config={"directory": str(folder)},
+                            counts={"rows": len(rows)})
+    return dg.MaterializeResult(metadata={"rows": len(rows), "per_benchmark": dg.MetadataValue.md(md_table(per))})
+
+
+class RawPairsConfig(dg.Config):
+    format: str = Field(default="", description="hh | trl | ultrafeedback | judgebench; empty = detect per file")
+    mapping: dict[str, str] = Field(default_factory=dict,
+                                    description="Canonical field -> source column, e.g. {'prompt': 'question'}")
+    max_chars: int = Field(default=200_000, description="Pairs longer than this (all text) are quarantined")
+    decontaminate: bool = Field(default=True, description="Drop pairs sharing a 13-gram with benchmark prompts")
+
+
+RAW_CHECKS = [
+    dg.AssetCheckSpec("schema_matches", asset="raw_pairs", blocking=True,
+                      description="raw_pairs has the canonical schema"),
+    dg.AssetCheckSpec("pair_id_unique", asset="raw_pairs", blocking=True,
+                      description="no pair_id appears twice anywhere in raw_pairs"),
+    dg.AssetCheckSpec("counts_reconcile", asset="raw_pairs", blocking=True,
+                      description="in = kept + already present + duplicates + quarantined"),
+]
+
+
+@dg.asset(partitions_def=raw_shards, group_name="ingest", kinds={"deltalake", "polars"}, deps=[benchmarks],
+          check_specs=RAW_CHECKS, pool="ingest",
+          description="Canonical pairs from one landed shard: parsed, checked, decontaminated, deduplicated "
+                      "(MERGE semantics: re-ingest is a no-op). Partition key = <source>/<file> under landing.")
+def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_store: LakeResource):
+    lake = lake_store.lake()
+    key = context.partition_key
+    source = key.split("/", 1)[0]
+    decontam = decontam_index_from_lake(lake) if config.decontaminate else None
+    inputs = lake.input_versions(["benchmark_prompts", RAW])
+    report = ingest_shard(lake, lake_store.landing_path(key), source=source, shard=key, run_id=context.run.run_id,
+                          fmt=config.format or None, mapping=config.mapping or None, decontam=decontam,
+                          max_chars=config.max_chars)
+    counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int) and not isinstance(v, bool)}
+    lake.record_lineage(run_id=context.run.run_id, asset="raw_pairs", partition=key, table=RAW,
+                        version_written=report.version, inputs=inputs, config=config.model_dump(), counts=counts)
+
+    schema = lake.delta(RAW).schema().to_arrow() if lake.exists(RAW) else None
+    got = pa.schema(schema) if schema is not None else None
+    schema_ok = got is not None and all(got.field(n).type == RAW_PAIRS_SCHEMA.field(n).type
+                                        for n in RAW_PAIRS_SCHEMA.names if n in got.names) \
+        and set(RAW_PAIRS_SCHEMA.names) <= set(got.names)
+    ids = lake.scan(RAW).select(n=pl.len(), u=pl.col("pair_id").n_unique()).collect().row(0) if got else (0, 0)
+    yield dg.MaterializeResult(
+        metadata={**counts, "format": report.format, "delta_version": report.version,
+                  "quarantine_by_reason": dg.MetadataValue.json(report.quarantine_by_reason),
+                  "contaminated_by_benchmark": dg.MetadataValue.json(report.contaminated_by_benchmark)},
+        check_results=[
+            dg.AssetCheckResult(check_name="schema_matches", passed=bool(schema_ok)),
+            dg.AssetCheckResult(check_name="pair_id_unique", passed=ids[0] == ids[1],
+                                metadata={"rows": ids[0], "unique": ids[1]}),
+            dg.AssetCheckResult(check_name="counts_reconcile", passed=report.reconciles,
+                                metadata={"candidates": report.candidates, "kept": report.kept,
+                                          "already_present": report.already_present,
+                                          "duplicates": report.duplicates, "quarantined": report.quarantined}),
+        ],
+    )
+
+
+INGEST_ASSETS = [synthetic_landing, benchmarks, raw_pairs]
+__all__ = ["INGEST_ASSETS", "raw_shards", "QUARANTINE", "DUPLICATES", "RAW_PAIRS_SCHEMA"]

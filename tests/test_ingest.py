@@ -1,0 +1,101 @@
+import gzip
+import json
+
+import polars as pl
+import pytest
+
+from pipelines.ingest.decontaminate import NgramIndex
+from pipelines.ingest.run import ingest_shard
+
+
+def _write(path, rows, raw_lines=()):
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+        for line in raw_lines:
+            fh.write(line + "\n")
+    return str(path)
+
+
+GOOD = [{"prompt": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(20)]
+
+
+def test_bad_rows_go_to_quarantine_and_counts_reconcile(lake, tmp_path):
+    bad = [{"prompt": "q", "chosen": None, "rejected": "r"}, {"prompt": "q", "chosen": "same", "rejected": "same"},
+           {"prompt": "q", "rejected": "r"}, {"prompt": "q", "chosen": "", "rejected": "r"}]
+    path = _write(tmp_path / "a.jsonl", GOOD + bad + [GOOD[3]], ['{"prompt": "broken', "[1, 2]", "\xff"])
+    rep = ingest_shard(lake, path, source="a", shard="a/a.jsonl", run_id="r1", batch_size=7)
+    assert rep.reconciles
+    assert (rep.kept, rep.duplicates, rep.quarantined) == (20, 1, 7)
+    q = lake.read("quarantine")
+    assert q.height == 7
+    assert sorted(q["reason"].to_list()) == sorted(
+        ["null_field", "identical_responses", "missing_field", "empty_text", "undecodable", "undecodable",
+         "undecodable"])
+    assert all(q["payload"].str.len_chars() > 0)  # the raw row is kept
+    d = lake.read("duplicates")
+    assert d.row(0, named=True)["kept_source_row"] == 3 and d.row(0, named=True)["source_row"] == 24
+
+
+def test_reingest_is_a_noop_and_resume_after_a_crash(lake, tmp_path):
+    full = _write(tmp_path / "full.jsonl", GOOD)
+    # a crash after the first 8 rows were written: the shard's file then holds only those rows
+    partial = _write(tmp_path / "partial.jsonl", GOOD[:8])
+    rep = ingest_shard(lake, partial, source="s", shard="s/f.jsonl", run_id="r1")
+    assert rep.kept == 8
+    v = lake.version("raw_pairs")
+    rep = ingest_shard(lake, full, source="s", shard="s/f.jsonl", run_id="r2", batch_size=5)
+    assert (rep.kept, rep.already_present, rep.duplicates) == (12, 8, 0) and rep.reconciles
+    rep = ingest_shard(lake, full, source="s", shard="s/f.jsonl", run_id="r3")
+    assert (rep.kept, rep.already_present) == (0, 20)
+    assert lake.read("raw_pairs").height == 20
+    assert lake.version("raw_pairs") == v + 3  # 12 new rows in 3 batches of 5; the no-op rerun wrote nothing
+
+
+def test_cross_source_duplicates_record_the_kept_row(lake, tmp_path):
+    ingest_shard(lake, _write(tmp_path / "a.jsonl", GOOD[:5]), source="a", shard="a/x", run_id="r1")
+    rep = ingest_shard(lake, _write(tmp_path / "b.jsonl", [GOOD[9], GOOD[2]]), source="b", shard="b/y",
+                       run_id="r2")
+    assert (rep.kept, rep.duplicates) == (1, 1)
+    d = lake.read("duplicates").row(0, named=True)
+    assert (d["source"], d["source_row"], d["kept_source"], d["kept_source_row"]) == ("b", 1, "a", 2)
+    raw = lake.read("raw_pairs")
+    assert raw["pair_id"].n_unique() == raw.height == 6
+
+
+def test_decontamination_drops_13gram_overlap_and_reports_per_benchmark(lake, tmp_path):
+    bench_prompt = "the quick brown fox jumps over the lazy dog near the old river bank today"
+    idx = NgramIndex.build([("rb1", bench_prompt)])
+    rows = [{"prompt": "Please: " + bench_prompt, "chosen": "a", "rejected": "b"},
+            {"prompt": "the quick brown fox jumps over the lazy dog near the old river", "chosen": "a", "rejected": "b"},
+            {"prompt": "the quick brown fox jumps over a lazy dog near the old river bank today", "chosen": "a",
+             "rejected": "b"}]
+    rep = ingest_shard(lake, _write(tmp_path / "c.jsonl", rows), source="c", shard="c/z", run_id="r", decontam=idx)
+    assert rep.contaminated_by_benchmark == {"rb1": 2} and rep.kept == 1 and rep.reconciles
+    assert set(lake.read("quarantine")["reason"]) == {"contaminated"}
+
+
+def test_gzip_and_parquet_readers(lake, tmp_path):
+    gz = tmp_path / "g.jsonl.gz"
+    with gzip.open(gz, "wt") as fh:
+        for r in GOOD[:4]:
+            fh.write(json.dumps(r) + "\n")
+    pq = tmp_path / "p.parquet"
+    pl.DataFrame({"question": [r["prompt"] for r in GOOD[4:10]], "good": [r["chosen"] for r in GOOD[4:10]],
+                  "bad": [r["rejected"] for r in GOOD[4:10]]}).write_parquet(pq)
+    assert ingest_shard(lake, str(gz), source="g", shard="g/1", run_id="r").kept == 4
+    rep = ingest_shard(lake, str(pq), source="p", shard="p/1", run_id="r",
+                       mapping={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert rep.kept == 6 and rep.format == "trl"
+
+
+def test_real_hh_rlhf(lake, hh_path):
+    rep = ingest_shard(lake, hh_path, source="hh-rlhf", shard="hh-rlhf/test", run_id="r")
+    assert rep.rows_read == 2312 and rep.reconciles
+    assert rep.kept > 2250
+    raw = lake.read("raw_pairs")
+    # multi-turn transcripts become real message lists that end on a user turn
+    lens = raw["history"].list.len()
+    assert lens.max() > 3
+    assert raw["history"].list.last().struct.field("role").unique().to_list() == ["user"]
+    assert set(lake.read("quarantine")["reason"]) <= {"empty_text", "history_mismatch", "identical_responses"}

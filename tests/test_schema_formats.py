@@ -1,0 +1,86 @@
+import pytest
+
+from pipelines.ingest.checks import Reason, RowError, check_candidate
+from pipelines.ingest.formats import ParseStats, detect_format, parse_hh_transcript, PARSERS, apply_mapping
+from pipelines.schema import pair_id
+
+
+def test_pair_id_is_stable_under_formatting_noise_and_sensitive_to_order():
+    h = [{"role": "user", "content": "Hi  there\r\n"}]
+    a = pair_id(h, "Hello!", "Go away.")
+    assert a == pair_id([{"role": "user", "content": "Hi there"}], " Hello! ", "Go away.")
+    assert a != pair_id(h, "Go away.", "Hello!")  # swapping the label is a different pair
+    assert a != pair_id([{"role": "assistant", "content": "Hi there"}], "Hello!", "Go away.")
+    assert len(a) == 32
+
+
+def test_hh_transcript_becomes_messages():
+    msgs = parse_hh_transcript("\n\nHuman: What's up?\n\nAssistant: Not much.\n\nHuman: ok\n\nAssistant: bye")
+    assert msgs == [{"role": "user", "content": "What's up?"}, {"role": "assistant", "content": "Not much."},
+                    {"role": "user", "content": "ok"}, {"role": "assistant", "content": "bye"}]
+
+
+def test_hh_pair_shares_history_and_splits_final_turn():
+    rec = {"chosen": "\n\nHuman: q\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: good",
+           "rejected": "\n\nHuman: q\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: bad"}
+    assert detect_format(rec) == "hh"
+    (c,) = PARSERS["hh"](rec, ParseStats())
+    assert [m["role"] for m in c.history] == ["user", "assistant", "user"]
+    assert (c.chosen, c.rejected) == ("good", "bad")
+    rec["rejected"] = "\n\nHuman: other\n\nAssistant: bad"
+    with pytest.raises(RowError) as e:
+        PARSERS["hh"](rec, ParseStats())
+    assert e.value.reason is Reason.HISTORY_MISMATCH
+
+
+def test_trl_string_and_message_forms():
+    (c,) = PARSERS["trl"]({"prompt": "p", "chosen": "a", "rejected": "b"}, ParseStats())
+    assert c.history == [{"role": "user", "content": "p"}]
+    conv = [{"role": "user", "content": "p"}]
+    (c,) = PARSERS["trl"]({"chosen": conv + [{"role": "assistant", "content": "a"}],
+                           "rejected": conv + [{"role": "assistant", "content": "b"}]}, ParseStats())
+    assert c.history == conv and c.chosen == "a"
+    (c,) = PARSERS["trl"]({"prompt": conv, "chosen": [{"role": "assistant", "content": "a"}],
+                           "rejected": [{"role": "assistant", "content": "b"}]}, ParseStats())
+    assert c.rejected == "b"
+    with pytest.raises(RowError) as e:
+        PARSERS["trl"]({"chosen": "a", "rejected": "b"}, ParseStats())
+    assert e.value.reason is Reason.MISSING_FIELD
+
+
+def test_ultrafeedback_expands_by_rating_and_counts_ties():
+    rec = {"instruction": "q", "completions": [
+        {"response": "r1", "overall_score": 8}, {"response": "r2", "overall_score": 5},
+        {"response": "r3", "annotations": {"a": {"Rating": "5"}, "b": {"Rating": 5}}},
+        {"response": "r4", "overall_score": 9}]}
+    stats = ParseStats()
+    cands = PARSERS[detect_format(rec)](rec, stats)
+    assert stats.ties_dropped == 1  # r2 vs r3
+    assert len(cands) == 5
+    assert all((c.chosen, c.rejected) != ("r2", "r4") for c in cands)
+    assert any((c.chosen, c.rejected) == ("r4", "r1") for c in cands)
+
+
+def test_judgebench_labels():
+    rec = {"question": "q", "response_A": "A", "response_B": "B", "label": "B>A"}
+    assert detect_format(rec) == "judgebench"
+    (c,) = PARSERS["judgebench"](rec, ParseStats())
+    assert (c.chosen, c.rejected) == ("B", "A")
+    with pytest.raises(RowError) as e:
+        PARSERS["judgebench"](dict(rec, label="A=B"), ParseStats())
+    assert e.value.reason is Reason.BAD_LABEL
+
+
+def test_column_mapping():
+    rec = apply_mapping({"question": "q", "good": "a", "bad": "b"}, {"prompt": "question", "chosen": "good",
+                                                                     "rejected": "bad"})
+    assert detect_format(rec) == "trl"
+
+
+@pytest.mark.parametrize("chosen,rejected,reason", [
+    ("", "x", Reason.EMPTY_TEXT), ("same", "same", Reason.IDENTICAL), ("a\x00", "b", Reason.BAD_TEXT),
+    ("a" * 100, "b", Reason.TOO_LONG)])
+def test_checks_refuse_unusable_pairs(chosen, rejected, reason):
+    with pytest.raises(RowError) as e:
+        check_candidate([{"role": "user", "content": "q"}], chosen, rejected, max_chars=50)
+    assert e.value.reason is reason
