@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
-import re
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -56,23 +54,60 @@ class PreferencePair:
         return pair_id([m.as_dict() for m in self.history], self.chosen, self.rejected)
 
 
-_WS = re.compile(r"[ \t\r\f\v]+")
+HISTORY_DTYPE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 
 
-def normalize_text(text: str) -> str:
-    """NFC, unified newlines, collapsed runs of spaces, stripped ends: formatting noise must not split a pair."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n")
-    return _WS.sub(" ", text).strip()
+def normalize_expr(e: pl.Expr, nfc: bool = True) -> pl.Expr:
+    """NFC, unified newlines, collapsed runs of spaces/tabs, stripped ends: formatting noise must not split a pair.
+
+    Defined once as a polars expression so the per-row and columnar ingest paths hash identically. The regex
+    only matches runs that change (two or more blanks, or a blank other than a space), so clean text costs a
+    scan, not a rewrite. `nfc=False` is for rows known to be ASCII, where NFC is the identity.
+    """
+    if nfc:
+        e = e.str.normalize("NFC")
+    return (e.str.replace_all("\r\n", "\n", literal=True)
+            .str.replace_all(r"[\t\r\f\v][ \t\r\f\v]*| [ \t\r\f\v]+", " ").str.strip_chars())
+
+
+def key_expr(history: str = "history", chosen: str = "chosen", rejected: str = "rejected",
+             nfc: bool = True) -> pl.Expr:
+    """The canonical dedup key: roles and normalized texts joined with ASCII separator characters."""
+    turn = pl.element().struct.field("role") + "\x1f" + normalize_expr(pl.element().struct.field("content"), nfc)
+    hist = pl.col(history).list.eval(turn).list.join("\x1e")
+    return pl.concat_str([hist.fill_null(""), normalize_expr(pl.col(chosen), nfc),
+                          normalize_expr(pl.col(rejected), nfc)], separator="\x1d")
+
+
+def hash_keys(keys: list[str]) -> list[str]:
+    return [hashlib.blake2b(k.encode("utf-8"), digest_size=16).hexdigest() for k in keys]
+
+
+def pair_ids(df: pl.DataFrame) -> list[str]:
+    """pair_id of every row of a frame with history/chosen/rejected columns (128-bit blake2b, hex)."""
+    if df.height == 0:
+        return []
+    # NFC only where a text has a non-ASCII character: it is the identity on ASCII and the costliest step.
+    nonascii = pl.any_horizontal(
+        pl.col("chosen").str.contains(r"[^\x00-\x7F]"), pl.col("rejected").str.contains(r"[^\x00-\x7F]"),
+        pl.col("history").list.eval(pl.element().struct.field("content").str.contains(r"[^\x00-\x7F]")).list.any(),
+    ).fill_null(False)
+    df = df.select("history", "chosen", "rejected").with_row_index("_i").with_columns(_u=nonascii)
+    keys = pl.concat([
+        df.filter(~pl.col("_u")).select("_i", k=key_expr(nfc=False)),
+        df.filter(pl.col("_u")).select("_i", k=key_expr(nfc=True)),
+    ]).sort("_i")
+    return hash_keys(keys["k"].to_list())
 
 
 def pair_id(history: list[dict[str, str]], chosen: str, rejected: str) -> str:
-    """Stable 128-bit id of the normalized (history, chosen, rejected) triple (hex)."""
-    key = json.dumps(
-        [[(m["role"], normalize_text(m["content"])) for m in history], normalize_text(chosen), normalize_text(rejected)],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    return hashlib.blake2b(key.encode("utf-8"), digest_size=16).hexdigest()
+    frame = pl.DataFrame({"history": [history], "chosen": [chosen], "rejected": [rejected]},
+                         schema={"history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String})
+    return pair_ids(frame)[0]
+
+
+def normalize_text(text: str) -> str:
+    return pl.select(normalize_expr(pl.lit(text, dtype=pl.String))).item()
 
 
 def prompt_text(history: list[dict[str, str]]) -> str:

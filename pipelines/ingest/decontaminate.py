@@ -1,31 +1,29 @@
 """13-gram decontamination against benchmark first-turn prompts (paper App. C.1, after N. Lambert's script).
 
-A pair is contaminated when any 13-gram of its conversation history (lower-cased word tokens) appears in the
+A pair is contaminated when any 13-gram of its conversation history (lower-cased \\w+ tokens) appears in the
 first user turn of a benchmark prompt. The benchmark prompts are an input table, so adding a benchmark is a
-data change, not a code change.
+data change, not a code change. Matching is vectorized in polars: n-grams are hashed with polars' own hash,
+which is stable within a process (the index is rebuilt from the table in every run, never persisted).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass, field
 
+import polars as pl
+
 N = 13
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return pl.select(pl.lit(text).str.to_lowercase().str.extract_all(r"\w+")).item().to_list()
 
 
-def _h(gram: tuple[str, ...]) -> int:
-    return int.from_bytes(hashlib.blake2b(" ".join(gram).encode(), digest_size=8).digest(), "little")
-
-
-def ngram_hashes(text: str, n: int = N) -> set[int]:
-    w = words(text)
-    return {_h(tuple(w[i:i + n])) for i in range(len(w) - n + 1)}
+def ngram_hash_expr(text: pl.Expr, n: int = N) -> pl.Expr:
+    """List of u64 hashes of every n-gram of the text's lower-cased word tokens."""
+    toks = text.str.to_lowercase().str.extract_all(r"\w+")
+    grams = toks.list.eval(pl.concat_str([pl.element().shift(-i) for i in range(n)], separator=" ").drop_nulls())
+    return grams.list.eval(pl.element().hash(seed=13))
 
 
 @dataclass
@@ -33,26 +31,31 @@ class NgramIndex:
     """Hashes of every 13-gram of the benchmark prompts, with the benchmark each came from."""
 
     n: int = N
-    owner: dict[int, str] = field(default_factory=dict)
+    owners: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema={"h": pl.UInt64, "benchmark": pl.String}))
 
     @classmethod
     def build(cls, prompts: list[tuple[str, str]], n: int = N) -> "NgramIndex":
-        idx = cls(n=n)
-        for benchmark, prompt in prompts:
-            for h in ngram_hashes(prompt, n):
-                idx.owner.setdefault(h, benchmark)
-        return idx
+        df = pl.DataFrame(prompts, schema={"benchmark": pl.String, "prompt": pl.String}, orient="row")
+        owners = (df.select("benchmark", h=ngram_hash_expr(pl.col("prompt"), n)).explode("h").drop_nulls("h")
+                  .unique("h", keep="first", maintain_order=True).select("h", "benchmark"))
+        return cls(n=n, owners=owners)
 
     def __len__(self) -> int:
-        return len(self.owner)
+        return self.owners.height
+
+    def match_frame(self, texts: pl.Series) -> pl.Series:
+        """For each text, the benchmark it shares a 13-gram with, or null."""
+        if self.owners.height == 0 or texts.len() == 0:
+            return pl.Series("benchmark", [None] * texts.len(), dtype=pl.String)
+        keys = self.owners["h"]
+        df = pl.DataFrame({"text": texts}).with_row_index("i").with_columns(h=ngram_hash_expr(pl.col("text"), self.n))
+        hit = df.filter(pl.col("h").list.eval(pl.element().is_in(keys.implode())).list.any())
+        if hit.height == 0:
+            return pl.Series("benchmark", [None] * texts.len(), dtype=pl.String)
+        owner = (hit.select("i", "h").explode("h").join(self.owners, on="h", how="inner")
+                 .group_by("i").agg(pl.col("benchmark").first()))
+        return (pl.DataFrame({"i": pl.arange(0, texts.len(), eager=True).cast(pl.UInt32)})
+                .join(owner, on="i", how="left", maintain_order="left")["benchmark"])
 
     def match(self, text: str) -> str | None:
-        """The benchmark sharing a 13-gram with `text`, or None."""
-        if not self.owner:
-            return None
-        w = words(text)
-        for i in range(len(w) - self.n + 1):
-            b = self.owner.get(_h(tuple(w[i:i + self.n])))
-            if b is not None:
-                return b
-        return None
+        return self.match_frame(pl.Series([text], dtype=pl.String))[0]

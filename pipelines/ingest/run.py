@@ -13,6 +13,7 @@ pair) and confirm the few hits exactly against Delta, which also yields the kept
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -20,12 +21,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.ingest.checks import Reason, RowError, check_candidate
+from pipelines.ingest.checks import Reason, RowError, check_frame
 from pipelines.ingest.decontaminate import NgramIndex
 from pipelines.ingest.formats import PARSERS, ParseStats, apply_mapping, detect_format
-from pipelines.ingest.readers import RawRecord, iter_records
+from pipelines.ingest.readers import RawRecord, iter_batches
 from pipelines.lake import Lake, now_utc
-from pipelines.schema import DUPLICATES_SCHEMA, QUARANTINE_SCHEMA, RAW_PAIRS_SCHEMA, LabelOrigin, pair_id
+from pipelines.schema import (DUPLICATES_SCHEMA, HISTORY_DTYPE, QUARANTINE_SCHEMA, RAW_PAIRS_SCHEMA, LabelOrigin,
+                             pair_ids)
 
 RAW = "raw_pairs"
 QUARANTINE = "quarantine"
@@ -97,13 +99,71 @@ def load_id_index(lake: Lake) -> IdIndex:
     return IdIndex(ids)
 
 
-def _quarantine_row(source: str, shard: str, row: int, reason: str, detail: str, payload: Any,
-                    pid: str | None, run_id: str, stage: str = "ingest") -> dict[str, Any]:
-    if not isinstance(payload, str):
-        payload = json.dumps(payload, ensure_ascii=False, default=str)
-    return {"source": source, "shard": shard, "source_row": row, "stage": stage, "reason": reason,
-            "detail": detail[:500], "payload": payload, "pair_id": pid or "", "run_id": run_id,
-            "quarantined_at": now_utc()}
+CAND_SCHEMA = {"row": pl.Int64, "history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String,
+               "category_hint": pl.String, "payload": pl.String}
+
+
+def _q_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema={"row": pl.Int64, "reason": pl.String, "detail": pl.String,
+                                      "payload": pl.String, "pair_id": pl.String})
+
+
+def _columnar_candidates(frame: pl.DataFrame, start: int, mapping: dict[str, str] | None,
+                         fmt: str | None) -> pl.DataFrame | None:
+    """Fast path: string prompt/chosen/rejected columns become candidates without per-row Python."""
+    if fmt not in (None, "trl"):
+        return None
+    cols = {k: (mapping or {}).get(k, k) for k in ("prompt", "chosen", "rejected", "category")}
+    if not all(cols[k] in frame.columns and frame.schema[cols[k]] in (pl.String, pl.Null)
+               for k in ("prompt", "chosen", "rejected")):
+        return None
+    category = pl.col(cols["category"]).cast(pl.String) if cols["category"] in frame.columns else pl.lit(None, pl.String)
+    return frame.select(
+        row=pl.int_range(start, start + frame.height, dtype=pl.Int64),
+        history=pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col(cols["prompt"]).cast(pl.String))),
+        chosen=pl.col(cols["chosen"]).cast(pl.String),
+        rejected=pl.col(cols["rejected"]).cast(pl.String),
+        category_hint=category,
+        payload=pl.lit(None, pl.String),  # filled only for refused rows (see _with_payload)
+    )
+
+
+def _with_payload(refused: pl.DataFrame, batch) -> pl.DataFrame:
+    """Raw row JSON for refused rows of a columnar batch (computed for the few, not for every row)."""
+    if batch.frame is None or refused.height == 0 or refused["payload"].null_count() == 0:
+        return refused
+    raw = batch.frame.select(payload=pl.struct(pl.all()).struct.json_encode())["payload"]
+    return refused.with_columns(payload=pl.coalesce("payload", raw.gather(refused["row"] - batch.start)))
+
+
+def _record_candidates(records: list[RawRecord], parser_box: list, fmt: str | None, mapping: dict[str, str] | None,
+                       stats: ParseStats, quarantine: list[dict[str, Any]], path: str) -> pl.DataFrame:
+    """Per-row path (message lists, hh transcripts, UltraFeedback, broken lines): parse in Python."""
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        if rec.record is None:
+            quarantine.append({"row": rec.row, "reason": Reason.UNDECODABLE.value, "detail": rec.error or "",
+                               "payload": rec.payload or "", "pair_id": ""})
+            continue
+        record = apply_mapping(rec.record, mapping)
+        if parser_box[0] is None:
+            try:
+                parser_box[1] = detect_format(record)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from e
+            parser_box[0] = PARSERS[parser_box[1]]
+        payload = json.dumps(rec.record, ensure_ascii=False, default=str)
+        try:
+            cands = parser_box[0](record, stats)
+        except RowError as e:
+            quarantine.append({"row": rec.row, "reason": e.reason.value, "detail": e.detail, "payload": payload,
+                               "pair_id": ""})
+            continue
+        for c in cands:
+            out.append({"row": rec.row, "history": c.history, "chosen": c.chosen, "rejected": c.rejected,
+                        "category_hint": None if c.category_hint is None else str(c.category_hint),
+                        "payload": payload})
+    return pl.DataFrame(out, schema=CAND_SCHEMA)
 
 
 def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str, fmt: str | None = None,
@@ -111,114 +171,125 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
                  max_chars: int = 200_000, batch_size: int = 50_000, id_index: IdIndex | None = None,
                  write: bool = True) -> IngestReport:
     """Ingest the file at `path` as shard `shard` of `source`. Idempotent: rerunning adds nothing."""
-    report = IngestReport(source=source, shard=shard)
+    report = IngestReport(source=source, shard=shard, format=fmt or "")
     index = id_index if id_index is not None else load_id_index(lake)
     stats = ParseStats()
-    quarantine: list[dict[str, Any]] = []
+    quarantine: list[pl.DataFrame] = []
     duplicates: list[dict[str, Any]] = []
-    parser = PARSERS[fmt] if fmt else None
-    report.format = fmt or ""
+    parser_box: list = [PARSERS[fmt] if fmt else None, fmt]
     ingested_at = now_utc()
+    # The Delta write of batch i overlaps the parsing/hashing of batch i+1 (deltalake releases the GIL).
+    # `in_flight` holds the ids of the batch being written so duplicate confirmation never misses them.
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending: Future | None = None
+    in_flight = pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String, "shard": pl.String,
+                                     "source_row": pl.Int64})
 
-    for batch in iter_records(path, batch_size):
+    for batch in iter_batches(path, batch_size):
         report.rows_read += len(batch)
-        rows: dict[str, list[Any]] = {k: [] for k in RAW_PAIRS_SCHEMA.names}
-        seen_in_batch: dict[str, int] = {}
-        for rec in batch:
-            if rec.record is None:
-                report.candidates += 1
-                quarantine.append(_quarantine_row(source, shard, rec.row, Reason.UNDECODABLE.value,
-                                                  rec.error or "", rec.payload or "", None, run_id))
-                continue
-            record = apply_mapping(rec.record, mapping)
-            if parser is None:
-                try:
-                    report.format = detect_format(record)
-                except ValueError as e:
-                    raise ValueError(f"{path}: {e}") from e
-                parser = PARSERS[report.format]
-            try:
-                cands = parser(record, stats)
-            except RowError as e:
-                report.candidates += 1
-                quarantine.append(_quarantine_row(source, shard, rec.row, e.reason.value, e.detail, rec.record,
-                                                  None, run_id))
-                continue
-            for c in cands:
-                report.candidates += 1
-                pid = pair_id(c.history, c.chosen, c.rejected)
-                try:
-                    check_candidate(c.history, c.chosen, c.rejected, max_chars)
-                    if decontam is not None:
-                        hit = decontam.match("\n".join(m["content"] for m in c.history))
-                        if hit is not None:
-                            report.contaminated_by_benchmark[hit] = report.contaminated_by_benchmark.get(hit, 0) + 1
-                            raise RowError(Reason.CONTAMINATED, f"shares a 13-gram with benchmark {hit!r}")
-                except RowError as e:
-                    quarantine.append(_quarantine_row(source, shard, rec.row, e.reason.value, e.detail, rec.record,
-                                                      pid, run_id))
-                    continue
-                if pid in seen_in_batch:
-                    report.duplicates += 1
-                    duplicates.append({"source": source, "shard": shard, "source_row": rec.row, "pair_id": pid,
-                                       "kept_source": source, "kept_shard": shard,
-                                       "kept_source_row": seen_in_batch[pid], "run_id": run_id})
-                    continue
-                seen_in_batch[pid] = rec.row
-                rows["pair_id"].append(pid)
-                rows["history"].append(c.history)
-                rows["chosen"].append(c.chosen)
-                rows["rejected"].append(c.rejected)
-                rows["source"].append(source)
-                rows["shard"].append(shard)
-                rows["source_row"].append(rec.row)
-                rows["label_origin"].append(LabelOrigin.DATASET.value)
-                rows["category_hint"].append(c.category_hint)
-                rows["ingest_run_id"].append(run_id)
-                rows["ingested_at"].append(ingested_at)
+        bad_rows: list[dict[str, Any]] = []
+        cands = None
+        if batch.frame is not None:
+            cands = _columnar_candidates(batch.frame, batch.start, mapping, fmt)
+            if cands is not None and not report.format:
+                report.format = "trl"
+        if cands is None:
+            cands = _record_candidates(batch.as_records(), parser_box, fmt, mapping, stats, bad_rows, path)
+            report.format = report.format or (parser_box[1] or "")
+        report.candidates += cands.height + len(bad_rows)
+        if bad_rows:
+            quarantine.append(_q_frame(bad_rows))
 
-        if not rows["pair_id"]:
+        checked = check_frame(cands, max_chars)
+        refused = checked.filter(pl.col("reason").is_not_null())
+        ok = checked.filter(pl.col("reason").is_null()).drop("reason", "detail")
+        if refused.height:
+            refused = _with_payload(refused, batch)
+            quarantine.append(refused.select("row", "reason", "detail", "payload", pair_id=pl.lit("")))
+        ok = ok.with_columns(pair_id=pl.Series(pair_ids(ok), dtype=pl.String))
+        if decontam is not None and len(decontam) and ok.height:
+            hit = decontam.match_frame(ok.select(pl.col("history").list.eval(
+                pl.element().struct.field("content")).list.join("\n")).to_series())
+            ok = ok.with_columns(bench=hit)
+            dirty = ok.filter(pl.col("bench").is_not_null())
+            for b, n in dirty.group_by("bench").len().iter_rows():
+                report.contaminated_by_benchmark[b] = report.contaminated_by_benchmark.get(b, 0) + n
+            if dirty.height:
+                dirty = _with_payload(dirty, batch)
+                quarantine.append(dirty.select("row", reason=pl.lit(Reason.CONTAMINATED.value),
+                                               detail=pl.format("shares a 13-gram with benchmark '{}'", "bench"),
+                                               payload="payload", pair_id="pair_id"))
+            ok = ok.filter(pl.col("bench").is_null()).drop("bench")
+
+        # exact dedup inside the batch: the first row of a pair_id is kept
+        first = ok.select(pl.col("pair_id").is_first_distinct()).to_series()
+        if not first.all():
+            kept_row = ok.filter(first).select("pair_id", kept_row="row")
+            for r in ok.filter(~first).join(kept_row, on="pair_id").iter_rows(named=True):
+                duplicates.append({"source": source, "shard": shard, "source_row": r["row"], "pair_id": r["pair_id"],
+                                   "kept_source": source, "kept_shard": shard, "kept_source_row": r["kept_row"],
+                                   "run_id": run_id})
+            report.duplicates += int((~first).sum())
+            ok = ok.filter(first)
+        if ok.height == 0:
             continue
-        table = pa.table(rows, schema=RAW_PAIRS_SCHEMA)
-        keys = IdIndex.keys(rows["pair_id"])
+
+        # against the lake: probe the id prefixes, confirm hits exactly (and learn the kept row) from Delta
+        ids = ok["pair_id"].to_list()
+        keys = IdIndex.keys(ids)
         maybe = index.maybe_contains(keys)
+        drop = np.zeros(len(ids), dtype=bool)
         if maybe.any():
-            hit_ids = [rows["pair_id"][i] for i in np.flatnonzero(maybe)]
-            existing = (
-                lake.scan(RAW).filter(pl.col("pair_id").is_in(hit_ids))
-                .select("pair_id", "source", "shard", "source_row").collect()
-            ) if lake.exists(RAW) else pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String,
-                                                            "shard": pl.String, "source_row": pl.Int64})
+            hit_ids = [ids[i] for i in np.flatnonzero(maybe)]
+            existing = in_flight.filter(pl.col("pair_id").is_in(hit_ids))
+            if lake.exists(RAW):
+                existing = pl.concat([existing, lake.scan(RAW).filter(pl.col("pair_id").is_in(hit_ids))
+                                      .select("pair_id", "source", "shard", "source_row").collect()])
             kept_of = {r["pair_id"]: r for r in existing.iter_rows(named=True)}
-            drop = np.zeros(len(keys), dtype=bool)
+            rows_ = ok["row"].to_list()
             for i in np.flatnonzero(maybe):
-                pid = rows["pair_id"][i]
-                k = kept_of.get(pid)
+                k = kept_of.get(ids[i])
                 if k is None:
                     continue  # a 64-bit prefix collision, not a duplicate
                 drop[i] = True
-                if k["shard"] == shard and k["source"] == source and k["source_row"] == rows["source_row"][i]:
+                if (k["source"], k["shard"], k["source_row"]) == (source, shard, rows_[i]):
                     report.already_present += 1
                 else:
                     report.duplicates += 1
-                    duplicates.append({"source": source, "shard": shard, "source_row": rows["source_row"][i],
-                                       "pair_id": pid, "kept_source": k["source"], "kept_shard": k["shard"],
+                    duplicates.append({"source": source, "shard": shard, "source_row": rows_[i], "pair_id": ids[i],
+                                       "kept_source": k["source"], "kept_shard": k["shard"],
                                        "kept_source_row": k["source_row"], "run_id": run_id})
-            table = table.filter(pa.array(~drop))
+            ok = ok.filter(pl.Series(~drop))
             keys = keys[~drop]
-        report.kept += table.num_rows
-        if write and table.num_rows:
-            report.version = lake.append(RAW, table, RAW_PAIRS_SCHEMA, partition_by=["source"])
+        report.kept += ok.height
+        if write and ok.height:
+            table = ok.select(
+                "pair_id", "history", "chosen", "rejected", source=pl.lit(source), shard=pl.lit(shard),
+                source_row="row", label_origin=pl.lit(LabelOrigin.DATASET.value), category_hint="category_hint",
+                ingest_run_id=pl.lit(run_id), ingested_at=pl.lit(ingested_at, dtype=pl.Datetime("us", "UTC")),
+            )
+            if pending is not None:
+                pending.result()
+            in_flight = table.select("pair_id", "source", "shard", "source_row")
+            pending = writer.submit(lake.append, RAW, table.to_arrow(), RAW_PAIRS_SCHEMA, ["source"])
         index.add(keys)
 
-    report.quarantined = len(quarantine)
+    if pending is not None:
+        pending.result()
+    writer.shutdown()
+
+    q = pl.concat(quarantine) if quarantine else _q_frame([])
+    report.quarantined = q.height
     report.ties_dropped = stats.ties_dropped
-    for q in quarantine:
-        report.quarantine_by_reason[q["reason"]] = report.quarantine_by_reason.get(q["reason"], 0) + 1
+    report.quarantine_by_reason = dict(q.group_by("reason").len().sort("reason").iter_rows())
     if write:
-        if quarantine:
-            lake.merge_insert(QUARANTINE, pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA),
-                              keys=["shard", "source_row", "stage", "reason", "pair_id"], schema=QUARANTINE_SCHEMA)
+        if q.height:
+            qt = q.select(source=pl.lit(source), shard=pl.lit(shard), source_row="row", stage=pl.lit("ingest"),
+                          reason="reason", detail=pl.col("detail").str.slice(0, 500), payload="payload",
+                          pair_id="pair_id", run_id=pl.lit(run_id),
+                          quarantined_at=pl.lit(now_utc(), dtype=pl.Datetime("us", "UTC")))
+            lake.merge_insert(QUARANTINE, qt.to_arrow(), keys=["shard", "source_row", "stage", "reason", "pair_id"],
+                              schema=QUARANTINE_SCHEMA)
         if duplicates:
             lake.merge_insert(DUPLICATES, pa.Table.from_pylist(duplicates, DUPLICATES_SCHEMA),
                               keys=["shard", "source_row", "pair_id"], schema=DUPLICATES_SCHEMA)

@@ -1,0 +1,119 @@
+"""Ingest benchmark: parse + check + dedup + Delta write of N synthetic ~1 KB pairs, SynPref vs a pandas baseline.
+
+Each side runs in its own subprocess on the same JSONL file, so peak RSS (ru_maxrss) is its own. Prints pairs/s,
+peak RSS and the ratio. The pandas peer is the straightforward implementation: read_json(lines) -> hash each
+row -> drop_duplicates -> write_deltalake.
+
+    python benchmarks/ingest.py --n 1000000           # default N = 1M
+    python benchmarks/ingest.py --n 100000 --n 1000000  # RSS growth between two sizes (ours only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega").split()
+
+
+def make_file(path: Path, n: int, dup_rate: float = 0.05, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        prev = []
+        for i in range(n):
+            if prev and rng.random() < dup_rate:
+                fh.write(rng.choice(prev))
+                continue
+            prompt = f"q{i} " + " ".join(rng.choices(WORDS, k=40))
+            rec = {"prompt": prompt, "chosen": " ".join(rng.choices(WORDS, k=60)),
+                   "rejected": " ".join(rng.choices(WORDS, k=60))}
+            line = json.dumps(rec) + "\n"
+            if len(prev) < 1000:
+                prev.append(line)
+            fh.write(line)
+
+
+def run_ours(path: str, out: str) -> dict:
+    from pipelines.ingest.run import ingest_shard
+    from pipelines.lake import Lake
+
+    t = time.perf_counter()
+    rep = ingest_shard(Lake(out), path, source="bench", shard="bench/0", run_id="bench", batch_size=100_000)
+    dt = time.perf_counter() - t
+    assert rep.reconciles
+    return {"pairs": rep.candidates, "kept": rep.kept, "seconds": dt}
+
+
+def run_pandas(path: str, out: str) -> dict:
+    import hashlib
+
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    t = time.perf_counter()
+    df = pd.read_json(path, lines=True)
+    df["pair_id"] = [hashlib.blake2b(json.dumps([p, c, r]).encode(), digest_size=16).hexdigest()
+                     for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
+    n = len(df)
+    df = df.dropna().loc[lambda d: d["chosen"] != d["rejected"]].drop_duplicates("pair_id")
+    write_deltalake(out + "/raw_pairs", df)
+    return {"pairs": n, "kept": len(df), "seconds": time.perf_counter() - t}
+
+
+def child(which: str, path: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        res = (run_ours if which == "ours" else run_pandas)(path, d)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res))
+
+
+def measure(which: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", which, str(path)], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, action="append")
+    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--no-pandas", action="store_true")
+    a = ap.parse_args()
+    if a.child:
+        child(*a.child)
+        return
+    sizes = a.n or [1_000_000]
+    with tempfile.TemporaryDirectory() as d:
+        results = {}
+        for n in sizes:
+            p = Path(d) / f"pairs-{n}.jsonl"
+            make_file(p, n)
+            mb = p.stat().st_size / n
+            ours = measure("ours", p)
+            line = (f"N={n:,} ({mb:.0f} B/pair)  synpref: {ours['pairs'] / ours['seconds']:,.0f} pairs/s, "
+                    f"peak RSS {ours['peak_rss_mb']:,.0f} MB")
+            if not a.no_pandas and n == sizes[0]:
+                pd_ = measure("pandas", p)
+                line += (f"  |  pandas: {pd_['pairs'] / pd_['seconds']:,.0f} pairs/s, peak RSS "
+                         f"{pd_['peak_rss_mb']:,.0f} MB  |  speed ratio synpref/pandas = "
+                         f"{(ours['pairs'] / ours['seconds']) / (pd_['pairs'] / pd_['seconds']):.2f}x, "
+                         f"RSS ratio = {ours['peak_rss_mb'] / pd_['peak_rss_mb']:.2f}")
+            print(line, flush=True)
+            results[n] = ours
+            p.unlink()
+        if len(sizes) > 1:
+            a_, b_ = results[sizes[0]], results[sizes[-1]]
+            print(f"peak RSS growth {sizes[0]:,} -> {sizes[-1]:,}: "
+                  f"{100 * (b_['peak_rss_mb'] / a_['peak_rss_mb'] - 1):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
