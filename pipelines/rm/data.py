@@ -1,0 +1,143 @@
+"""Turning pairs into token ids, identically for training, scoring and evaluation.
+
+Rendering rules (Skywork-Reward-V2 README): a decoder renders (history + response) with its own chat template,
+no system prompt is injected, and a leading BOS string the template emits is stripped before tokenizing so the
+tokenizer does not add a second one. An encoder gets [CLS] conversation [SEP] response [SEP].
+
+Length policy (explicit, counted, never silent): `truncate` drops tokens from the left of the history so the
+response survives; `drop` refuses over-length pairs; `fail` raises. A response that alone exceeds the budget is
+refused under every policy but `fail`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pipelines.rm.model import RewardModel
+from pipelines.schema import prompt_text
+
+
+class LengthPolicy(str, enum.Enum):
+    TRUNCATE = "truncate"
+    DROP = "drop"
+    FAIL = "fail"
+
+
+class OverLength(Exception):
+    pass
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    prefix_len: int  # tokens of the rendered history (shared by chosen and rejected)
+    truncated: int = 0  # history tokens removed
+
+
+@dataclass
+class LengthReport:
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"pairs": self.total, "truncated": self.truncated, "dropped": self.dropped}
+
+
+class Renderer:
+    def __init__(self, rm: RewardModel, max_len: int = 512, policy: LengthPolicy | str = LengthPolicy.TRUNCATE):
+        self.tok = rm.tokenizer
+        self.decoder = rm.is_decoder
+        self.max_len = max_len
+        self.policy = LengthPolicy(policy)
+        self.chat = self.decoder and getattr(self.tok, "chat_template", None) is not None
+
+    def _strip_bos(self, text: str) -> str:
+        bos = self.tok.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=True)["input_ids"]
+
+    def render(self, history: list[dict], response: str) -> tuple[list[int], int]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in history]
+        if self.chat:
+            full = self._strip_bos(self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}],
+                                                                tokenize=False))
+            prefix = self._strip_bos(self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+            ids, pids = self._ids(full), self._ids(prefix)
+            n = 0
+            while n < min(len(ids), len(pids)) and ids[n] == pids[n]:
+                n += 1
+            return ids, n
+        if self.decoder:  # a decoder without a chat template: plain transcript, EOS-terminated
+            text = prompt_text(msgs) + "\nassistant: "
+            pids = self._ids(text)
+            ids = pids + self.tok(response, add_special_tokens=False)["input_ids"]
+            if self.tok.eos_token_id is not None:
+                ids = ids + [self.tok.eos_token_id]
+            return ids, len(pids)
+        enc = self.tok(prompt_text(msgs), response, add_special_tokens=True)["input_ids"]
+        sep = self.tok.sep_token_id
+        first_sep = enc.index(sep) + 1 if sep in enc else 1
+        return enc, first_sep
+
+    def encode(self, history: list[dict], response: str) -> Encoded:
+        ids, prefix = self.render(history, response)
+        if len(ids) <= self.max_len:
+            return Encoded(ids, prefix)
+        if self.policy is LengthPolicy.FAIL:
+            raise OverLength(f"{len(ids)} tokens > max_len {self.max_len}")
+        if self.policy is LengthPolicy.DROP:
+            raise OverLength("drop")
+        excess = len(ids) - self.max_len
+        head = 1 if ids and ids[0] in (self.tok.bos_token_id, self.tok.cls_token_id) else 0
+        if excess > prefix - head - 1:
+            raise OverLength("response alone exceeds max_len")
+        # cut from the left of the history, keeping BOS/CLS
+        return Encoded(ids[:head] + ids[head + excess:], prefix - excess, truncated=excess)
+
+    def encode_pair(self, history: list[dict], chosen: str, rejected: str) -> tuple[Encoded, Encoded]:
+        return self.encode(history, chosen), self.encode(history, rejected)
+
+
+@dataclass
+class EncodedPair:
+    pair_id: str
+    chosen: Encoded
+    rejected: Encoded
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.ids) + len(self.rejected.ids)
+
+
+def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair], LengthReport]:
+    """rows: dicts with pair_id, history, chosen, rejected. Over-length pairs are counted, not silently lost."""
+    out, rep = [], LengthReport()
+    for r in rows:
+        rep.total += 1
+        try:
+            c, j = renderer.encode_pair(r["history"], r["chosen"], r["rejected"])
+        except OverLength:
+            if renderer.policy is LengthPolicy.FAIL:
+                raise
+            rep.dropped += 1
+            rep.dropped_ids.append(r["pair_id"])
+            continue
+        rep.truncated += int(bool(c.truncated or j.truncated))
+        out.append(EncodedPair(r["pair_id"], c, j))
+    return out, rep
+
+
+def length_grouped_batches(items: list[EncodedPair], batch_size: int, shuffle_seed: int | None = None) -> list[list[int]]:
+    """Batches of similar length (little padding where varlen kernels are absent), in shuffled batch order."""
+    import random
+
+    order = sorted(range(len(items)), key=lambda i: items[i].tokens)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(batches)
+    return batches

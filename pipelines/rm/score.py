@@ -1,0 +1,70 @@
+"""Batch scoring of a pairs table: r_chosen, r_rejected, margin and p = σ(margin), per pair and RM version.
+
+Inference mode, length-sorted batches (least padding), one forward for chosen+rejected of a batch. This is what
+Stage 2 runs over the whole in-the-wild pool.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.rm.data import LengthPolicy, Renderer, encode_pairs, length_grouped_batches
+from pipelines.rm.model import RewardModel
+from pipelines.rm.train import forward_pairs
+
+SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
+                "margin": pl.Float64, "p": pl.Float64}
+
+
+@torch.inference_mode()
+def score_rows(rm: RewardModel, rows: list[dict], rm_version: str, *, max_len: int = 256, batch_size: int = 64,
+               progress: bool = False) -> tuple[pl.DataFrame, dict]:
+    """rows: pair_id, history, chosen, rejected. Over-length pairs are truncated on the history side; pairs whose
+    response alone is too long are reported in the returned length dict, not scored."""
+    rm.model.eval()
+    renderer = Renderer(rm, max_len, LengthPolicy.TRUNCATE)
+    enc, length = encode_pairs(renderer, rows)
+    out = {"pair_id": [], "r_chosen": [], "r_rejected": []}
+    for b in tqdm(length_grouped_batches(enc, batch_size), disable=not progress, desc="rm-score"):
+        items = [enc[i] for i in b]
+        rc, rr = forward_pairs(rm, items)
+        out["pair_id"] += [p.pair_id for p in items]
+        out["r_chosen"] += rc.float().tolist()
+        out["r_rejected"] += rr.float().tolist()
+    df = pl.DataFrame(out, schema={"pair_id": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64})
+    df = df.with_columns(rm_version=pl.lit(rm_version), margin=pl.col("r_chosen") - pl.col("r_rejected"))
+    df = df.with_columns(p=1.0 / (1.0 + (-pl.col("margin")).exp())).select(list(SCORE_SCHEMA))
+    return df, {**length.as_dict(), "unscored_ids": length.dropped_ids}
+
+
+@torch.inference_mode()
+def score_texts(rm: RewardModel, conversations: list[tuple[list[dict], str]], max_len: int = 256,
+                batch_size: int = 64) -> list[float]:
+    """One reward per (history, response): for best-of-N benchmarks where one chosen meets several rejected."""
+    rm.model.eval()
+    renderer = Renderer(rm, max_len, LengthPolicy.TRUNCATE)
+    encoded = []
+    for h, r in conversations:
+        try:
+            encoded.append(renderer.encode(h, r).ids)
+        except Exception:  # noqa: BLE001 - response alone too long: score its head (reported by callers)
+            encoded.append(renderer.render(h, r)[0][-max_len:])
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    scores = [math.nan] * len(encoded)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        seqs = [encoded[i] for i in idx]
+        n = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), n), rm.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, x in enumerate(seqs):
+            ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+        logits = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device)).logits[:, 0]
+        for j, i in enumerate(idx):
+            scores[i] = float(logits[j])
+    return scores

@@ -1,0 +1,303 @@
+"""Bradley–Terry reward-model training: one loop, nanoGPT-plain.
+
+Per step, chosen and rejected of a micro-batch go through the model in one forward pass. Two layouts:
+- `pairs`: 2B padded rows [chosen_1..chosen_B, rejected_1..rejected_B] from length-grouped batches (any model).
+- `shared_prefix` (decoders): one row per pair, history + chosen + rejected, with a block mask so the rejected
+  tokens see the history but not the chosen ones and positions restart after the history; the history is
+  computed once per pair instead of twice. Rewards are read at each response's last token through the same
+  score head HF uses, so a saved model scores identically in plain `AutoModelForSequenceClassification`.
+
+Also: gradient accumulation, AdamW with linear warmup then constant or linear decay (transformers' schedulers),
+bf16 autocast where supported, gradient checkpointing, checkpoint selection by validation accuracy (the paper
+picks by gold accuracy), deterministic seeds, resume from `last/` after a crash, FSDP when launched by torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from pipelines.rm.data import EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches
+from pipelines.rm.losses import reward_loss
+from pipelines.rm.model import RewardModel, save_reward_model
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-5
+    batch_size: int = 16  # pairs per optimizer step (global, before accumulation split)
+    grad_accum: int = 1
+    epochs: float = 1.0  # the paper trains one epoch
+    max_steps: int | None = None
+    warmup_ratio: float = 0.05
+    schedule: str = "constant"  # constant | linear  (paper final runs: constant)
+    weight_decay: float = 0.0
+    max_len: int = 256
+    length_policy: str = "truncate"
+    loss: str = "bt"
+    center_coef: float = 0.0
+    layout: str = "auto"  # auto | pairs | shared_prefix
+    bf16: str = "auto"  # auto | true | false
+    grad_checkpointing: bool = False
+    eval_every: int = 50
+    save_last_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    best_dir: str
+    best_val_accuracy: float
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    length: dict = field(default_factory=dict)
+    resumed_from_step: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    if setting == "false":
+        return False
+    if setting == "true":
+        return True
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def forward_pairs(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (chosen, rejected) of a micro-batch in one forward pass of 2B padded rows."""
+    ids, mask = _pad([p.chosen.ids for p in batch] + [p.rejected.ids for p in batch], rm.tokenizer.pad_token_id)
+    out = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device)).logits[:, 0]
+    return out[: len(batch)], out[len(batch):]
+
+
+def forward_shared_prefix(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per pair: [history | chosen | rejected]; the rejected block attends to history + itself only."""
+    rows, meta = [], []
+    for p in batch:
+        k = min(p.chosen.prefix_len, p.rejected.prefix_len)
+        if p.chosen.ids[:k] != p.rejected.ids[:k]:
+            k = 0
+            while k < min(len(p.chosen.ids), len(p.rejected.ids)) - 1 and p.chosen.ids[k] == p.rejected.ids[k]:
+                k += 1
+        hist, c, r = p.chosen.ids[:k], p.chosen.ids[k:], p.rejected.ids[k:]
+        rows.append(hist + c + r)
+        meta.append((k, len(c), len(r)))
+    L = max(len(x) for x in rows)
+    B = len(rows)
+    ids = torch.full((B, L), rm.tokenizer.pad_token_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    allow = torch.zeros((B, L, L), dtype=torch.bool)
+    idx_c, idx_r = [], []
+    for b, (row, (k, nc, nr)) in enumerate(zip(rows, meta)):
+        n = len(row)
+        ids[b, :n] = torch.tensor(row)
+        pos[b, : k + nc] = torch.arange(k + nc)
+        pos[b, k + nc: n] = torch.arange(k, k + nr)
+        causal = torch.tril(torch.ones((n, n), dtype=torch.bool))
+        causal[k + nc: n, k: k + nc] = False  # rejected tokens never see chosen tokens
+        allow[b, :n, :n] = causal
+        allow[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # pad rows attend to themselves (no NaN)
+        idx_c.append(k + nc - 1)
+        idx_r.append(n - 1)
+    head = getattr(rm.model, "score", None)
+    if head is None:
+        raise ValueError(f"{type(rm.model).__name__} has no `score` head: shared_prefix needs a decoder RM")
+    dtype = next(rm.model.parameters()).dtype
+    mask4d = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
+    # The HF head scores every position, then pools one; a hook keeps the un-pooled scores so both responses'
+    # last tokens are read. Going through the root forward keeps FSDP's hooks (and the model's own code) in charge.
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        rm.model(input_ids=ids.to(rm.device), attention_mask=mask4d.to(rm.device), position_ids=pos.to(rm.device))
+    finally:
+        hook.remove()
+    scores = captured[-1][..., 0]
+    ar = torch.arange(B, device=rm.device)
+    return scores[ar, torch.tensor(idx_c, device=rm.device)], scores[ar, torch.tensor(idx_r, device=rm.device)]
+
+
+def choose_layout(rm: RewardModel, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    return "shared_prefix" if rm.is_decoder else "pairs"
+
+
+@torch.inference_mode()
+def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int = 32) -> dict[str, float]:
+    was = rm.model.training
+    rm.model.eval()
+    correct, margins = 0, []
+    for b in length_grouped_batches(pairs, batch_size):
+        rc, rr = forward_pairs(rm, [pairs[i] for i in b])
+        m = (rc - rr).float()
+        correct += int((m > 0).sum())
+        margins += m.tolist()
+    rm.model.train(was)
+    n = max(len(pairs), 1)
+    return {"accuracy": correct / n, "mean_margin": float(np.mean(margins)) if margins else 0.0, "n": len(pairs)}
+
+
+def _save_state(path: Path, rm: RewardModel, opt, sched, step: int, epoch_batches: list, cfg: TrainConfig,
+                best: float) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_reward_model(rm, str(tmp))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                "batches": epoch_batches, "best": best, "torch_rng": torch.get_rng_state(),
+                "config": asdict(cfg)}, tmp / "trainer_state.pt")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)  # atomic swap: a crash mid-save leaves the previous `last/` intact
+
+
+def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig,
+                       out_dir: str, log: Callable[[dict, int], None] | None = None) -> TrainResult:
+    """Train on `train_rows`, select the checkpoint by accuracy on `val_rows`; best model saved to out_dir/best."""
+    seed_everything(cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    renderer = Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy))
+    train, length = encode_pairs(renderer, train_rows)
+    val, _ = encode_pairs(renderer, val_rows)
+    if not train:
+        raise ValueError("no trainable pairs after the length policy")
+    layout = choose_layout(rm, cfg.layout)
+    fwd = forward_shared_prefix if layout == "shared_prefix" else forward_pairs
+    distributed = maybe_wrap_fsdp(rm)
+
+    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    batches = length_grouped_batches(train, micro, shuffle_seed=cfg.seed)
+    total_micro = int(math.ceil(len(batches) * cfg.epochs))
+    steps = total_micro // cfg.grad_accum if cfg.max_steps is None else min(cfg.max_steps, total_micro // cfg.grad_accum)
+    steps = max(steps, 1)
+    schedule = [batches[i % len(batches)] for i in range(steps * cfg.grad_accum)]
+
+    decay, no_decay = [], []
+    for n, p in rm.model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith("bias") else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = int(cfg.warmup_ratio * steps)
+    sched = (get_linear_schedule_with_warmup(opt, warm, steps) if cfg.schedule == "linear"
+             else get_constant_schedule_with_warmup(opt, warm))
+    if cfg.grad_checkpointing:
+        rm.model.gradient_checkpointing_enable()
+    bf16 = use_bf16(cfg.bf16, rm.device)
+
+    start, best = 0, -1.0
+    last = out / "last"
+    if (last / "trainer_state.pt").exists():  # resume after a crash
+        from pipelines.rm.model import load_reward_model
+
+        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        resumed = load_reward_model(str(last), device=rm.device)
+        rm.model.load_state_dict(resumed.model.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, best, schedule = state["step"], state["best"], state["batches"]
+
+    history: list[dict] = []
+    rm.model.train()
+    tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(range(start, steps), disable=not cfg.progress, desc="rm-train", initial=start, total=steps)
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        loss_sum, acc_sum = 0.0, 0.0
+        for a in range(cfg.grad_accum):
+            mb = [train[i] for i in schedule[step * cfg.grad_accum + a]]
+            with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16):
+                rc, rr = fwd(rm, mb)
+            loss = reward_loss(rc, rr, kind=cfg.loss, center_coef=cfg.center_coef) / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+            acc_sum += float((rc > rr).float().mean()) / cfg.grad_accum
+            tokens += sum(p.tokens for p in mb)
+        torch.nn.utils.clip_grad_norm_(rm.model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        tps = tokens / max(time.perf_counter() - t0, 1e-9)
+        rec = {"step": step + 1, "loss": loss_sum, "train_accuracy": acc_sum, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": tps}
+        bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{acc_sum:.2f}", tok_s=f"{tps:,.0f}")
+        last_step = step + 1 == steps
+        if val and ((step + 1) % cfg.eval_every == 0 or last_step):
+            ev = evaluate_accuracy(rm, val)
+            rec["val_accuracy"] = ev["accuracy"]
+            rec["val_margin"] = ev["mean_margin"]
+            if ev["accuracy"] > best:
+                best = ev["accuracy"]
+                save_reward_model(rm, str(out / "best"))  # collective under FSDP; rank 0 writes
+        elif not val and last_step:
+            save_reward_model(rm, str(out / "best"))
+        history.append(rec)
+        if log:
+            log(rec, step + 1)
+        if is_main_process() and ((step + 1) % cfg.save_last_every == 0) and not last_step:
+            _save_state(last, rm, opt, sched, step + 1, schedule, cfg, best)
+    shutil.rmtree(last, ignore_errors=True)
+    (out / "train_summary.json").write_text(json.dumps({"best_val_accuracy": best, "steps": steps,
+                                                         "layout": layout, "length": length.as_dict()}))
+    del distributed
+    return TrainResult(str(out / "best"), best, steps, history, tokens / max(time.perf_counter() - t0, 1e-9),
+                       length.as_dict(), start)
+
+
+# --- distributed -------------------------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def maybe_wrap_fsdp(rm: RewardModel) -> bool:
+    """Shard with FSDP2 (`fully_shard`) per transformer block when launched under torchrun (WORLD_SIZE set).
+
+    On CPU the same code runs with world size 1 over gloo (the unit test); on GPUs with NCCL.
+    """
+    if "WORLD_SIZE" not in os.environ or os.environ.get("SYNPREF_NO_FSDP"):
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    for block in _transformer_blocks(rm.model):
+        fully_shard(block)
+    # backbone and score head are units of their own: the shared-prefix layout calls them separately
+    fully_shard(getattr(rm.model, rm.model.base_model_prefix))
+    if getattr(rm.model, "score", None) is not None:
+        fully_shard(rm.model.score)
+    fully_shard(rm.model)
+    return True
+
+
+def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    cls_names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in cls_names]
