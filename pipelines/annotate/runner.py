@@ -1,0 +1,298 @@
+"""Running attribute generation and pairwise judging over a pairs table: cached, resumable, never silently defaulted.
+
+Results are keyed by (pair_id, model, prompt_version[, sample, sampling]) and upserted to Delta chunk by chunk,
+so a killed run keeps every finished chunk and a rerun labels only what is missing (or what failed before).
+Invalid output (unparseable, off-schema, refusal) is retried with a repair prompt; after `max_attempts` the row
+is recorded as failed with its reason and raw output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import polars as pl
+from pydantic import BaseModel, ValidationError
+
+from pipelines.annotate.backends import Backend, Request
+from pipelines.annotate.prompts import Prompt
+from pipelines.annotate.taxonomy import ATTRIBUTES_SCHEMA, TASK_CATEGORIES, VERDICT_SCHEMA, Attributes, Verdict
+from pipelines.lake import Lake
+from pipelines.schema import LabelOrigin
+
+ANNOTATIONS = "llm_annotations"
+JUDGMENTS = "llm_judgments"
+
+ANNOTATION_SCHEMA = {
+    "pair_id": pl.String, "model": pl.String, "prompt_version": pl.String, "status": pl.String,
+    "task_category": pl.String, "objectivity": pl.String, "controversiality": pl.String,
+    "desired_attributes": pl.List(pl.String), "guideline": pl.String, "raw_output": pl.String, "error": pl.String,
+    "attempts": pl.Int64, "tokens_in": pl.Int64, "tokens_out": pl.Int64, "label_origin": pl.String,
+    "run_id": pl.String, "created_at": pl.Datetime("us", "UTC"),
+}
+JUDGMENT_SCHEMA = {
+    "pair_id": pl.String, "model": pl.String, "prompt_version": pl.String, "sample": pl.Int64,
+    "sampling": pl.String, "context": pl.String, "order_shown": pl.String, "verdict_raw": pl.String,
+    "prefers": pl.String, "rationale": pl.String, "raw_output": pl.String, "status": pl.String, "error": pl.String,
+    "attempts": pl.Int64, "n_exemplars": pl.Int64, "tokens_in": pl.Int64, "tokens_out": pl.Int64,
+    "label_origin": pl.String, "run_id": pl.String, "created_at": pl.Datetime("us", "UTC"),
+}
+
+REPAIR = ("\n\nYour previous answer was not valid: {error}\nAnswer again with ONLY one JSON object matching the "
+          "schema, no other text.")
+REFUSAL_MARKERS = ("i cannot help", "i can't help", "i'm sorry, but", "as an ai")
+
+
+@dataclass
+class RunStats:
+    requested: int = 0
+    skipped_cached: int = 0
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    seconds: float = 0.0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def as_metadata(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["pairs_per_s"] = round(self.requested / self.seconds, 2) if self.seconds else 0.0
+        return d
+
+
+def _parse(text: str, model: type[BaseModel]) -> tuple[BaseModel | None, str | None]:
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.strip("`").split("\n", 1)[-1]
+    if not t.startswith("{") and any(m in t.lower()[:200] for m in REFUSAL_MARKERS):
+        return None, "refusal"
+    start, end = t.find("{"), t.rfind("}")
+    if start < 0 or end < start:
+        return None, "unparseable: no JSON object"
+    try:
+        obj = json.loads(t[start:end + 1])
+    except json.JSONDecodeError as e:
+        return None, f"unparseable: {e.msg}"
+    try:
+        return model.model_validate(obj), None
+    except ValidationError as e:
+        return None, "off-schema: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])
+
+
+def generate_validated(backend: Backend, requests: list[Request], model: type[BaseModel], max_attempts: int,
+                       stats: RunStats) -> list[list[tuple[BaseModel | None, str, str | None, int]]]:
+    """For each request, n samples of (parsed | None, raw text, error, attempts). Bad samples are re-asked
+    (whole request, with the repair note) until they validate or attempts run out."""
+    results: list[list[Any]] = [[None] * r.n for r in requests]
+    pending = list(range(len(requests)))
+    attempt = 0
+    current = list(requests)
+    while pending and attempt < max_attempts:
+        attempt += 1
+        comps = backend.generate([current[i] for i in pending])
+        still = []
+        for i, comp in zip(pending, comps):
+            stats.tokens_in += comp.tokens_in
+            stats.tokens_out += comp.tokens_out
+            if comp.error is not None:
+                for s in range(requests[i].n):
+                    if results[i][s] is None or results[i][s][0] is None:
+                        results[i][s] = (None, "", f"request failed: {comp.error}", attempt)
+                continue  # transport failures were already retried inside the backend
+            errors = []
+            for s in range(requests[i].n):
+                if results[i][s] is not None and results[i][s][0] is not None:
+                    continue
+                text = comp.texts[s] if s < len(comp.texts) else ""
+                parsed, err = _parse(text, model)
+                results[i][s] = (parsed, text, err, attempt)
+                if err:
+                    errors.append(err)
+            if errors:
+                still.append(i)
+                stats.retries += 1
+                current[i] = Request(**{**requests[i].__dict__,
+                                        "prompt": requests[i].prompt + REPAIR.format(error=errors[0])})
+        pending = still
+    return results
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _origin(backend: Backend) -> str:
+    return LabelOrigin.SIMULATED.value if backend.kind == "simulated" else LabelOrigin.LLM.value
+
+
+def conversation_text(history: list[dict], limit: int = 4000) -> str:
+    text = "\n".join(f"[{m['role']}] {m['content']}" for m in history)
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def done_keys(lake: Lake, table: str, model: str, prompt_version: str, extra: list[str] | None = None) -> set:
+    if not lake.exists(table):
+        return set()
+    cols = ["pair_id", *(extra or [])]
+    df = (lake.scan(table).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)
+                                  & (pl.col("status") == "ok")).select(cols).collect())
+    return set(df.iter_rows()) if extra else set(df["pair_id"].to_list())
+
+
+# --- attributes --------------------------------------------------------------------------------------------------
+def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt: Prompt, run_id: str, *,
+                        chunk: int = 256, max_attempts: int = 3, seed: int = 0,
+                        category_of: Callable[[dict], str | None] | None = None,
+                        on_chunk: Callable[[int], None] | None = None) -> RunStats:
+    """pairs: pair_id, history, chosen, rejected (+ whatever `category_of` reads for the simulated backend)."""
+    stats = RunStats()
+    t0 = time.perf_counter()
+    done = done_keys(lake, ANNOTATIONS, backend.model_id, prompt.version)
+    todo = [r for r in pairs.iter_rows(named=True) if r["pair_id"] not in done]
+    stats.skipped_cached = pairs.height - len(todo)
+    stats.requested = len(todo)
+    cats = ", ".join(f'"{c}"' for c in TASK_CATEGORIES)
+    for ci, part in enumerate(_chunks(todo, chunk)):
+        reqs = []
+        for r in part:
+            flip = random.Random(f"{seed}|{r['pair_id']}").random() < 0.5
+            a, b = (r["rejected"], r["chosen"]) if flip else (r["chosen"], r["rejected"])
+            reqs.append(Request(prompt.render(categories=cats, conversation=conversation_text(r["history"]),
+                                              candidate_1=a[:3000], candidate_2=b[:3000]),
+                                ATTRIBUTES_SCHEMA, n=1, temperature=0.0, seed=seed,
+                                meta={"task": "attributes", "pair_id": r["pair_id"],
+                                      "category": category_of(r) if category_of else None}))
+        res = generate_validated(backend, reqs, Attributes, max_attempts, stats)
+        rows = []
+        for r, ((parsed, raw, err, attempts),) in zip(part, res):
+            ok = parsed is not None
+            stats.ok += ok
+            if not ok:
+                stats.failed += 1
+                key = (err or "unknown").split(":")[0]
+                stats.failures_by_reason[key] = stats.failures_by_reason.get(key, 0) + 1
+            a = parsed.model_dump() if ok else {}
+            rows.append({"pair_id": r["pair_id"], "model": backend.model_id, "prompt_version": prompt.version,
+                         "status": "ok" if ok else "failed", "task_category": a.get("task_category"),
+                         "objectivity": a.get("objectivity"), "controversiality": a.get("controversiality"),
+                         "desired_attributes": a.get("desired_attributes"), "guideline": a.get("guideline"),
+                         "raw_output": raw, "error": err, "attempts": attempts, "tokens_in": 0, "tokens_out": 0,
+                         "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
+        lake.upsert(ANNOTATIONS, pl.DataFrame(rows, schema=ANNOTATION_SCHEMA), keys=["pair_id", "model", "prompt_version"])
+        if on_chunk:
+            on_chunk(ci)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+# --- pairwise judging --------------------------------------------------------------------------------------------
+def format_exemplars(exemplars: list[dict], seed: int) -> str:
+    """Up to 8 human-verified pairs with their attributes and the human label, as in the paper (D.3)."""
+    parts = []
+    for k, e in enumerate(exemplars[:8]):
+        first = random.Random(f"{seed}|ex|{e['pair_id']}").random() < 0.5
+        c1, c2 = (e["chosen"], e["rejected"]) if first else (e["rejected"], e["chosen"])
+        parts.append(
+            f"=== Example {k + 1} (human-verified) ===\nTask category: {e.get('task_category') or 'other'}\n"
+            f"Guideline: {e.get('guideline') or ''}\nConversation:\n{conversation_text(e['history'], 1200)}\n"
+            f"Candidate 1:\n{c1[:800]}\nCandidate 2:\n{c2[:800]}\nBetter: Candidate {1 if first else 2}\n")
+    return ("\nHuman-verified examples of this protocol applied to similar pairs:\n" + "\n".join(parts)) if parts else ""
+
+
+def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt: Prompt, run_id: str, *,
+                samples: int = 3, temperature: float = 0.7, seed: int = 0, context: str = "",
+                exemplars: dict[str, list[dict]] | None = None, chunk: int = 256, max_attempts: int = 3,
+                truth_of: Callable[[dict], bool | None] | None = None) -> RunStats:
+    """pairs: pair_id, history, chosen, rejected, task_category, objectivity, controversiality, desired_attributes,
+    guideline. Candidates appear in a seeded random order per sample; the verdict is un-swapped into `prefers`
+    (chosen | rejected | undecidable) relative to the pair as stored."""
+    stats = RunStats()
+    t0 = time.perf_counter()
+    sampling = f"t={temperature},seed={seed}"
+    for backend in backends:
+        done = done_keys(lake, JUDGMENTS, backend.model_id, prompt.version, ["sample", "sampling"])
+        todo = [(r, s) for r in pairs.iter_rows(named=True) for s in range(samples)
+                if (r["pair_id"], s, sampling) not in done]
+        stats.skipped_cached += pairs.height * samples - len(todo)
+        stats.requested += len(todo)
+        for part in _chunks(todo, chunk):
+            reqs, orders = [], []
+            for r, s in part:
+                chosen_first = random.Random(f"{seed}|{r['pair_id']}|{s}").random() < 0.5
+                orders.append(chosen_first)
+                c1, c2 = (r["chosen"], r["rejected"]) if chosen_first else (r["rejected"], r["chosen"])
+                ex = (exemplars or {}).get(r["pair_id"], [])
+                truth = truth_of(r) if truth_of else None
+                reqs.append(Request(
+                    prompt.render(exemplars=format_exemplars(ex, seed), task_category=r.get("task_category") or "other",
+                                  objectivity=r.get("objectivity") or "unknown",
+                                  controversiality=r.get("controversiality") or "unknown",
+                                  desired_attributes="; ".join(r.get("desired_attributes") or []),
+                                  guideline=r.get("guideline") or "", conversation=conversation_text(r["history"]),
+                                  candidate_1=c1[:4000], candidate_2=c2[:4000]),
+                    VERDICT_SCHEMA, n=1, temperature=temperature, max_tokens=256, seed=seed * 1000 + s,
+                    meta={"task": "judge", "pair_id": r["pair_id"], "n_exemplars": len(ex),
+                          "truth_first_is_better": None if truth is None else (truth == chosen_first)}))
+            res = generate_validated(backend, reqs, Verdict, max_attempts, stats)
+            rows = []
+            for (r, s), chosen_first, req, ((parsed, raw, err, attempts),) in zip(part, orders, reqs, res):
+                ok = parsed is not None
+                stats.ok += ok
+                if not ok:
+                    stats.failed += 1
+                    key = (err or "unknown").split(":")[0]
+                    stats.failures_by_reason[key] = stats.failures_by_reason.get(key, 0) + 1
+                v = parsed.verdict if ok else None  # type: ignore[union-attr]
+                prefers = None if v is None else ("undecidable" if v == "undecidable" else
+                                                  ("chosen" if (v == "1") == chosen_first else "rejected"))
+                rows.append({"pair_id": r["pair_id"], "model": backend.model_id, "prompt_version": prompt.version,
+                             "sample": s, "sampling": sampling, "context": context,
+                             "order_shown": "chosen_first" if chosen_first else "rejected_first", "verdict_raw": v,
+                             "prefers": prefers, "rationale": parsed.rationale if ok else None,  # type: ignore[union-attr]
+                             "raw_output": raw, "status": "ok" if ok else "failed", "error": err, "attempts": attempts,
+                             "n_exemplars": req.meta["n_exemplars"], "tokens_in": 0, "tokens_out": 0,
+                             "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
+            lake.upsert(JUDGMENTS, pl.DataFrame(rows, schema=JUDGMENT_SCHEMA),
+                        keys=["pair_id", "model", "prompt_version", "sample", "sampling"])
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
+    """Self-consistency in two steps (paper §3.2): majority of samples within each model, then majority of the
+    models. Returns per pair: final (chosen | rejected | undecidable), agree_frac (share of valid samples that
+    prefer the stored chosen), model_agree_frac, n_models, n_votes."""
+    ok = judgments.filter(pl.col("status") == "ok")
+    if ok.height == 0:
+        return pl.DataFrame(schema={"pair_id": pl.String, "final": pl.String, "agree_frac": pl.Float64,
+                                    "model_agree_frac": pl.Float64, "n_models": pl.UInt32, "n_votes": pl.UInt32})
+    per_model = ok.group_by("pair_id", "model").agg(
+        c=(pl.col("prefers") == "chosen").sum(), r=(pl.col("prefers") == "rejected").sum(), n=pl.len()
+    ).with_columns(model_vote=pl.when(pl.col("c") > pl.col("r")).then(pl.lit("chosen"))
+                   .when(pl.col("r") > pl.col("c")).then(pl.lit("rejected")).otherwise(pl.lit("undecidable")))
+    agg = per_model.group_by("pair_id").agg(
+        mc=(pl.col("model_vote") == "chosen").sum(), mr=(pl.col("model_vote") == "rejected").sum(),
+        n_models=pl.len(), votes_c=pl.col("c").sum(), n_votes=pl.col("n").sum().cast(pl.UInt32))
+    return agg.select(
+        "pair_id",
+        final=pl.when(pl.col("mc") > pl.col("mr")).then(pl.lit("chosen")).when(pl.col("mr") > pl.col("mc"))
+        .then(pl.lit("rejected")).otherwise(pl.lit("undecidable")),
+        agree_frac=pl.col("votes_c") / pl.col("n_votes"),
+        model_agree_frac=pl.col("mc") / pl.col("n_models"),
+        n_models=pl.col("n_models").cast(pl.UInt32), n_votes="n_votes",
+    ).sort("pair_id")
+
+
+def sampling_hash(**kw: Any) -> str:
+    return hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipelines.annotate.backends import OpenAIBackend, Request, SimulatedBackend
+from pipelines.annotate.prompts import load_prompt
+from pipelines.annotate.runner import (ANNOTATIONS, JUDGMENTS, aggregate_judgments, annotate_attributes,
+                                       generate_validated, judge_pairs, RunStats)
+from pipelines.annotate.taxonomy import VERDICT_SCHEMA, Verdict
+from tests.rm_helpers import synth_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pairs(n, seed=0):
+    df = pl.DataFrame(synth_rows(n * 2, seed=seed)).unique("pair_id", maintain_order=True)
+    return df.head(n)
+
+
+def test_simulated_attributes_validate_and_rerun_is_cached(lake):
+    pairs = _pairs(30)
+    prompt = load_prompt("attributes_v1")
+    st = annotate_attributes(lake, pairs, SimulatedBackend(), prompt, "r1", chunk=7, category_of=lambda r: r["category"])
+    assert (st.ok, st.failed) == (30, 0)
+    ann = lake.read(ANNOTATIONS)
+    assert ann.height == 30 and ann["pair_id"].n_unique() == 30
+    joined = ann.join(pairs.select("pair_id", "category"), on="pair_id")
+    assert (joined["task_category"] == joined["category"]).all()
+    assert set(ann["label_origin"]) == {"simulated"} and prompt.version.startswith("attributes_v1@")
+    st2 = annotate_attributes(lake, pairs, SimulatedBackend(), prompt, "r2", category_of=lambda r: r["category"])
+    assert (st2.requested, st2.skipped_cached) == (0, 30)
+
+
+def test_judging_unswaps_order_and_aggregates_self_consistency(lake):
+    pairs = _pairs(40, seed=1).with_columns(task_category=pl.col("category"), guideline=pl.lit("be correct"))
+    truth = {r["pair_id"]: (i % 4 != 0) for i, r in enumerate(pairs.iter_rows(named=True))}  # 1/4 mislabeled
+    perfect = SimulatedBackend(name="perfect", accuracy=1.0, undecidable_rate=0.0)
+    biased = SimulatedBackend(name="always-first", accuracy=0.0, position_bias=1.0, undecidable_rate=0.0)
+    st = judge_pairs(lake, pairs, [perfect, biased], load_prompt("judge_v1"), "r", samples=3,
+                     truth_of=lambda r: truth[r["pair_id"]])
+    assert st.ok == 40 * 3 * 2
+    j = lake.read(JUDGMENTS)
+    p = j.filter(pl.col("model") == "perfect")
+    assert set(p["order_shown"]) == {"chosen_first", "rejected_first"}  # the order really varies
+    for r in p.iter_rows(named=True):  # raw verdict + order -> un-swapped preference matches the truth
+        assert r["prefers"] == ("chosen" if truth[r["pair_id"]] else "rejected")
+    b = j.filter(pl.col("model") == "always-first")
+    assert (b["verdict_raw"] == "1").all()
+    assert ((b["prefers"] == "chosen") == (b["order_shown"] == "chosen_first")).all()
+    agg = aggregate_judgments(p)
+    assert agg.height == 40
+    assert all((r["final"] == "chosen") == truth[r["pair_id"]] for r in agg.iter_rows(named=True))
+    assert set(agg["agree_frac"].to_list()) <= {0.0, 1.0}
+
+
+def test_aggregate_two_step_majority():
+    rows = []
+    for model, prefs in {"m1": ["chosen", "chosen", "rejected"], "m2": ["rejected", "rejected", "chosen"],
+                         "m3": ["chosen", "undecidable", "chosen"]}.items():
+        rows += [{"pair_id": "p", "model": model, "prefers": x, "status": "ok"} for x in prefs]
+    agg = aggregate_judgments(pl.DataFrame(rows)).row(0, named=True)
+    assert agg["final"] == "chosen" and agg["model_agree_frac"] == pytest.approx(2 / 3)
+    assert agg["agree_frac"] == pytest.approx(5 / 9) and agg["n_votes"] == 9
+
+
+class FaultyServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions whose behaviour is chosen by a marker in the prompt."""
+
+    calls: dict = {}
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        key = prompt.split("MARK:")[1].split()[0] if "MARK:" in prompt else "ok"
+        n = FaultyServer.calls[key] = FaultyServer.calls.get(key, 0) + 1
+        assert self.headers.get("Authorization") == "Bearer sk-test"
+        if key == "slow" and n == 1:
+            time.sleep(1.5)
+        if key == "err500" and n <= 2:
+            return self._send(500, {"error": "boom"})
+        if key == "ratelimit" and n == 1:
+            return self._send(429, {"error": "slow down"})
+        if key == "malformed" and "not valid" not in prompt:
+            content = '{"verdict": "1", "rationale": '
+        elif key == "offschema":
+            content = '{"verdict": "maybe", "rationale": "x"}'
+        elif key == "refuse":
+            content = "I'm sorry, but I cannot help with that."
+        else:
+            content = '{"verdict": "2", "rationale": "fine"}'
+        self._send(200, {"choices": [{"message": {"content": content}}] * body.get("n", 1),
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 5}})
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def faulty_server(monkeypatch):
+    FaultyServer.calls = {}
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FaultyServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TEST_KEY", "sk-test")
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+@pytest.mark.integration
+def test_openai_backend_retries_repairs_and_records_failures(faulty_server):
+    be = OpenAIBackend(base_url=faulty_server, model="judge-x", api_key_env="TEST_KEY", timeout_s=0.5,
+                       max_retries=3, concurrency=4)
+    marks = ["ok", "slow", "err500", "ratelimit", "malformed", "offschema", "refuse"]
+    reqs = [Request(f"judge this MARK:{m} please", VERDICT_SCHEMA, n=2) for m in marks]
+    stats = RunStats()
+    res = dict(zip(marks, generate_validated(be, reqs, Verdict, max_attempts=2, stats=stats)))
+    for m in ("ok", "slow", "err500", "ratelimit", "malformed"):
+        assert all(p is not None and p.verdict == "2" for p, *_ in res[m]), m
+    assert FaultyServer.calls["err500"] == 3 and FaultyServer.calls["slow"] == 2
+    assert res["malformed"][0][3] == 2  # repaired on the second attempt
+    assert all(p is None and err.startswith("off-schema") for p, _, err, _ in res["offschema"])
+    assert all(p is None and err == "refusal" for p, _, err, _ in res["refuse"])
+    assert stats.tokens_in > 0 and stats.tokens_out > 0
+    # a dead endpoint gives a recorded failure, not an exception or a default verdict
+    dead = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=2, timeout_s=0.5)
+    (c,) = dead.generate([Request("x", VERDICT_SCHEMA)])
+    assert c.texts == [] and "gave up" in c.error
+
+
+KILL_SCRIPT = """
+import sys, time, polars as pl
+sys.path.insert(0, {root!r})
+from pipelines.lake import Lake
+from pipelines.annotate.backends import SimulatedBackend
+from pipelines.annotate.prompts import load_prompt
+from pipelines.annotate.runner import annotate_attributes
+from tests.rm_helpers import synth_rows
+
+class Slow(SimulatedBackend):
+    def generate(self, reqs):
+        time.sleep(0.4)
+        return super().generate(reqs)
+
+annotate_attributes(Lake({lake!r}), pl.DataFrame(synth_rows(200, seed=9)).unique("pair_id", maintain_order=True).head(120), Slow(), load_prompt("attributes_v1"),
+                    "killed", chunk=10, category_of=lambda r: r["category"])
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates_or_gaps(lake, tmp_path):
+    script = tmp_path / "annotate.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), lake=lake.root))
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 120
+    while time.time() < deadline and (lake.version(ANNOTATIONS) or 0) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = lake.read(ANNOTATIONS).height
+    assert 0 < partial < 120
+    pairs = pl.DataFrame(synth_rows(200, seed=9)).unique("pair_id", maintain_order=True).head(120)
+    st = annotate_attributes(lake, pairs, SimulatedBackend(),
+                             load_prompt("attributes_v1"), "resume", chunk=50, category_of=lambda r: r["category"])
+    assert st.skipped_cached == partial and st.requested == 120 - partial
+    ann = lake.read(ANNOTATIONS)
+    assert ann.height == 120 and ann["pair_id"].n_unique() == 120
