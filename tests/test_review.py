@@ -1,0 +1,177 @@
+import json
+import socket
+import threading
+import time
+
+import httpx
+import polars as pl
+import pytest
+
+from pipelines.review.exchange import export_tasks, import_verdicts
+from pipelines.review.ledger import VerdictIn, agreement_by_annotator, append_verdicts, read_verdicts, resolve
+from pipelines.review.queue import QUEUE, build_queue
+from pipelines.review.seed import build_seed
+from pipelines.synth.reviewer import simulated_verdicts
+
+
+def _v(pid, who, choice, order="chosen_first", role="annotator"):
+    return VerdictIn(pair_id=pid, annotator=who, order_shown=order, choice=choice, role=role)
+
+
+def test_prefers_unswaps_the_order_shown():
+    assert _v("p", "a", "1").prefers() == "chosen"
+    assert _v("p", "a", "1", "rejected_first").prefers() == "rejected"
+    assert _v("p", "a", "2", "rejected_first").prefers() == "chosen"
+    with pytest.raises(ValueError):
+        _v("p", "a", "3").prefers()
+
+
+def test_ledger_is_append_only_and_resolution_is_derived(lake):
+    append_verdicts(lake, [_v("p1", "a", "1"), _v("p1", "b", "1"), _v("p1", "c", "2"),
+                           _v("p2", "a", "undecidable"), _v("p3", "a", "1"), _v("p3", "b", "2"),
+                           _v("p4", "a", "1"), _v("p4", "b", "2"), _v("p4", "lead", "2", role="lead")])
+    append_verdicts(lake, [_v("p1", "c", "1")])  # c changes their mind: a new row, the old one stays
+    v = read_verdicts(lake)
+    assert v.height == 10 and v["verdict_id"].n_unique() == 10
+    res = {r["pair_id"]: r for r in resolve(v).iter_rows(named=True)}
+    assert res["p1"]["resolved"] == "chosen" and res["p1"]["agreement"] == 1.0  # latest vote per annotator
+    assert res["p2"]["resolved"] == "discard" and res["p3"]["resolved"] == "discard"  # undecidable / tie
+    assert (res["p4"]["resolved"], res["p4"]["how"]) == ("rejected", "adjudication")
+    agr = {r["annotator"]: r["agreement"] for r in agreement_by_annotator(v).iter_rows(named=True)}
+    assert agr["a"] < 1.0 and set(agr) == {"a", "b", "c", "lead"}
+
+
+def test_concurrent_appends_lose_nothing(lake):
+    threads = [threading.Thread(target=append_verdicts, args=(lake, [_v(f"p{i}", f"ann{i}", "1")])) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert read_verdicts(lake).height == 8
+
+
+def test_queue_prefers_objective_low_controversy_and_spreads_categories():
+    rows = []
+    for cat, obj, con in [("math", "objective", "low"), ("safety", "subjective", "high"),
+                          ("advice", "subjective", "medium"), ("coding", "objective", "low")]:
+        rows += [{"pair_id": f"{cat}{i}", "task_category": cat, "objectivity": obj, "controversiality": con}
+                 for i in range(10)]
+    q = build_queue(pl.DataFrame(rows), size=8, queue_version="v1")
+    assert q.height == 8 and q.group_by("task_category").len()["len"].to_list() == [2, 2, 2, 2]
+    assert q.sort("priority")["objectivity"].head(2).to_list() == ["objective", "objective"]
+    q2 = build_queue(pl.DataFrame(rows), size=12, queue_version="v1", quotas={"math": 10, "coding": 2})
+    assert set(q2["task_category"]) == {"math", "coding"} and q2.height == 12
+    scores = pl.DataFrame({"pair_id": ["math3", "math7"], "p": [0.2, 0.51]})
+    q3 = build_queue(pl.DataFrame(rows), size=4, queue_version="v2", rm_scores=scores, quotas={"math": 4})
+    assert q3["pair_id"].head(2).to_list() == ["math3", "math7"] and "RM misjudges it" in q3["why"][0]
+
+
+def test_seed_orients_labels_and_splits(lake):
+    pairs = pl.DataFrame({"pair_id": ["a", "b", "c"], "history": [[{"role": "user", "content": "q"}]] * 3,
+                          "chosen": ["A1", "B1", "C1"], "rejected": ["A2", "B2", "C2"], "source": ["s"] * 3})
+    v = pl.DataFrame([_v("a", "x", "1").__dict__, _v("b", "x", "2").__dict__, _v("c", "x", "undecidable").__dict__])
+    append_verdicts(lake, [_v("a", "x", "1"), _v("b", "x", "2"), _v("c", "x", "undecidable")])
+    seed = build_seed(read_verdicts(lake), pairs, None, gold_frac=0.5)
+    assert seed["pair_id"].to_list() == ["a", "b"]
+    b = seed.row(1, named=True)
+    assert (b["chosen"], b["rejected"], b["label_flipped"], b["label_origin"]) == ("B2", "B1", True, "human")
+    assert set(seed["split"]) <= {"gold", "train"}
+
+
+def test_simulated_reviewer_marks_itself_and_follows_truth():
+    q = pl.DataFrame({"pair_id": [f"p{i}" for i in range(200)], "objectivity": ["objective"] * 200,
+                      "overlap": [i < 20 for i in range(200)], "queue_version": ["v"] * 200})
+    truth = {f"p{i}": i % 3 != 0 for i in range(200)}
+    vs = simulated_verdicts(q, truth, annotators=2, error_rate=0.05)
+    assert len(vs) == 220 and {v.origin for v in vs} == {"simulated"}
+    right = sum((v.prefers() == "chosen") == truth[v.pair_id] for v in vs)
+    assert 0.88 < right / len(vs) < 1.0
+
+
+def test_export_import_round_trip_including_label_studio(tmp_path):
+    items = pl.DataFrame({"pair_id": ["a", "b"], "history": [[{"role": "user", "content": "q"}]] * 2,
+                          "chosen": ["good", "good2"], "rejected": ["bad", "bad2"], "task_category": ["math"] * 2,
+                          "guideline": ["g"] * 2})
+    for fmt in ("jsonl", "csv", "labelstudio"):
+        assert export_tasks(items, str(tmp_path / f"t.{fmt}"), fmt) == 2
+    tasks = json.loads((tmp_path / "t.labelstudio").read_text())
+    # an annotator picks the candidate that holds the good answer, whatever side it was shown on
+    for t in tasks:
+        side = "left" if t["data"]["candidate_1"].startswith("good") else "right"
+        t["annotations"] = [{"completed_by": {"email": "ann@x"}, "lead_time": 12.5,
+                             "result": [{"type": "pairwise", "value": {"selected": side}}]}]
+    (tmp_path / "done.json").write_text(json.dumps(tasks))
+    vs = import_verdicts(str(tmp_path / "done.json"), "labelstudio")
+    assert [v.prefers() for v in vs] == ["chosen", "chosen"] and vs[0].annotator == "ann@x"
+    rows = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"pair_id": r["pair_id"], "order_shown": r["order_shown"],
+                                                          "choice": "B" if r["candidate_2"].startswith("good") else "A",
+                                                          "annotator": "z"}) + "\n" for r in rows))
+    assert [v.prefers() for v in import_verdicts(str(tmp_path / "v.jsonl"))] == ["chosen", "chosen"]
+
+
+# --- the web app over a real server ------------------------------------------------------------------------------
+XSS = '<script>alert("x")</script><b>bold</b>'
+
+
+@pytest.fixture
+def review_server(lake, tmp_path):
+    import uvicorn
+
+    from pipelines.review.app import add_annotator, create_app
+
+    pairs = pl.DataFrame({"pair_id": [f"p{i}" for i in range(4)], "history": [[{"role": "user", "content": XSS}]] * 4,
+                          "chosen": [f"good {i} " + XSS for i in range(4)], "rejected": [f"bad {i}" for i in range(4)],
+                          "source": ["s"] * 4, "shard": ["s/x"] * 4, "source_row": list(range(4))})
+    lake.overwrite("raw_pairs", pairs)
+    lake.overwrite(QUEUE, build_queue(pl.DataFrame({"pair_id": pairs["pair_id"], "task_category": ["math"] * 4,
+                                                    "objectivity": ["objective"] * 4,
+                                                    "controversiality": ["low"] * 4}),
+                                      size=4, queue_version="v1", overlap_frac=1.0))
+    ann = tmp_path / "annotators.json"
+    tokens = {n: add_annotator(ann, n, "lead" if n == "lead" else "annotator") for n in ("alice", "bob", "lead")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(lake.root, ann), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", tokens, ann
+    server.should_exit = True
+    th.join(5)
+
+
+@pytest.mark.integration
+def test_app_security_blind_review_and_escaping(review_server, lake):
+    url, tok, ann = review_server
+    assert "token_sha256" in ann.read_text() and tok["alice"] not in ann.read_text()  # stored hashed
+    for path in ("/", "/lead", "/api/next", "/api/my-verdicts", "/api/pairs/p0/verdicts"):
+        assert httpx.get(url + path).status_code == 401
+        assert httpx.get(url + path, headers={"Authorization": "Bearer nope"}).status_code == 401
+    A = {"Authorization": f"Bearer {tok['alice']}"}
+    B = {"Authorization": f"Bearer {tok['bob']}"}
+    page = httpx.get(url + "/", headers=A)
+    assert page.status_code == 200
+    assert "<script>alert" not in page.text and "&lt;script&gt;alert" in page.text  # rendered as text
+    item = httpx.get(url + "/api/next", headers=A).json()["item"]
+    r = httpx.post(url + "/api/verdicts", headers=A, json={"pair_id": item["pair_id"], "order_shown": item["order"],
+                                                           "choice": "1", "note": XSS})
+    assert r.status_code == 200
+    # bob may not see alice's verdict before giving his own
+    assert httpx.get(url + f"/api/pairs/{item['pair_id']}/verdicts", headers=B).status_code == 403
+    httpx.post(url + "/api/verdicts", headers=B, json={"pair_id": item["pair_id"], "order_shown": "chosen_first",
+                                                       "choice": "2"})
+    seen = httpx.get(url + f"/api/pairs/{item['pair_id']}/verdicts", headers=B).json()["verdicts"]
+    assert {v["annotator"] for v in seen} == {"alice", "bob"}
+    # nobody can write under another name or change a verdict: the author is the token's owner, rows only append
+    httpx.post(url + "/api/verdicts", headers=B, json={"pair_id": item["pair_id"], "order_shown": "chosen_first",
+                                                       "choice": "1", "annotator": "alice"})
+    v = read_verdicts(lake)
+    assert v.filter(pl.col("annotator") == "alice").height == 1 and v.height == 3
+    assert httpx.post(url + "/api/verdicts", headers=A, json={"pair_id": "nope", "order_shown": "chosen_first",
+                                                              "choice": "1"}).status_code == 404
+    assert httpx.post(url + "/api/verdicts", headers=A, json={"pair_id": "p1", "order_shown": "chosen_first",
+                                                              "choice": "7"}).status_code == 422
+    assert httpx.get(url + "/lead", headers=A).status_code == 403
+    lead_page = httpx.get(url + "/lead", headers={"Authorization": f"Bearer {tok['lead']}"})
+    assert lead_page.status_code == 200 and "alice" in lead_page.text and "discard rate" in lead_page.text
