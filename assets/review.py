@@ -1,0 +1,118 @@
+"""Human verification assets: the review queue, (simulated) verdicts, and the human-verified seed."""
+
+import polars as pl
+from pydantic import Field
+
+import dagster as dg
+from assets.annotate import llm_annotations
+from assets.common import annotated_pool, truth_map
+from assets.meta import md_table
+from pipelines.review.ledger import VERDICTS, agreement_by_annotator, append_verdicts, read_verdicts
+from pipelines.review.queue import QUEUE, QUEUE_SCHEMA, build_queue
+from pipelines.review.seed import SEED, build_seed
+from pipelines.rm.registry import best_of
+from pipelines.synth.reviewer import simulated_verdicts
+from resources.lake import LakeResource
+
+
+class QueueConfig(dg.Config):
+    size: int = Field(default=240, description="Pairs to queue for human review")
+    quotas: dict[str, int] = Field(default_factory=dict, description="Max pairs per task category; empty = equal shares")
+    overlap_frac: float = Field(default=0.15, description="Share of items given to 2+ annotators (agreement)")
+    seed: int = 0
+
+
+@dg.asset(group_name="review", kinds={"deltalake"}, deps=[llm_annotations],
+          description="Pairs chosen for humans: objective/low-controversy first, category quotas, RM-uncertain "
+                      "pairs preferred once a Stage-1 RM exists. Each materialization appends a new queue version.")
+def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_store: LakeResource) -> dg.MaterializeResult:
+    lake = lake_store.lake()
+    pool = annotated_pool(lake)
+    done = set(read_verdicts(lake)["pair_id"].to_list())
+    scores = None
+    best = best_of(lake, "stage1")
+    if best is not None and lake.exists("rm_scores"):
+        scores = lake.read("rm_scores").filter(pl.col("rm_version") == best["rm_version"])
+    prev = lake.read(QUEUE)["queue_version"].unique().len() if lake.exists(QUEUE) else 0
+    version = f"q{prev + 1:03d}"
+    q = build_queue(pool, size=config.size, queue_version=version, quotas=config.quotas or None, rm_scores=scores,
+                    exclude=done, overlap_frac=config.overlap_frac, seed=config.seed)
+    v = lake.append(QUEUE, q.to_arrow())
+    lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
+                        version_written=v, inputs=lake.input_versions(["raw_pairs", "llm_annotations", VERDICTS]),
+                        config=config.model_dump(), counts={"queued": q.height})
+    per = q.group_by("task_category", "objectivity").len().sort("task_category")
+    return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height,
+                                          "per_category": dg.MetadataValue.md(md_table(per))})
+
+
+class SimulatedReviewConfig(dg.Config):
+    enabled: bool = Field(default=True, description="Fill the ledger with the simulated reviewer (offline demo). "
+                                                    "Off when real annotators use `synpref review serve`.")
+    annotators: int = 2
+    error_rate: float = Field(default=0.05, description="Simulated human error rate")
+    seed: int = 0
+
+
+@dg.asset(group_name="review", kinds={"deltalake"}, deps=[review_queue],
+          description="Simulated reviewer verdicts for the latest queue (project-made data only), written through "
+                      "the same ledger path as the review app and marked origin=simulated.")
+def simulated_review(context: dg.AssetExecutionContext, config: SimulatedReviewConfig,
+                     lake_store: LakeResource) -> dg.MaterializeResult:
+    lake = lake_store.lake()
+    if not config.enabled:
+        return dg.MaterializeResult(metadata={"verdicts": 0, "note": "disabled: humans label in the review app"})
+    q = lake.read(QUEUE)
+    q = q.filter(pl.col("queue_version") == q["queue_version"].max())
+    already = set(read_verdicts(lake)["pair_id"].to_list())
+    q = q.filter(~pl.col("pair_id").is_in(list(already)))
+    vs = simulated_verdicts(q, truth_map(lake), annotators=config.annotators, error_rate=config.error_rate,
+                            seed=config.seed)
+    v = append_verdicts(lake, vs)
+    return dg.MaterializeResult(metadata={"verdicts": len(vs), "ledger_version": v,
+                                          "unknown_truth": q.height - len({x.pair_id for x in vs})})
+
+
+class SeedConfig(dg.Config):
+    gold_frac: float = Field(default=0.35, description="Share of verified pairs held out as the gold validation slice")
+    min_agreement: float = Field(default=0.7, description="Blocking check: mean annotator agreement on overlap items")
+    min_per_category: int = Field(default=5, description="Warn when a category has fewer verified pairs")
+
+
+@dg.asset(group_name="review", kinds={"deltalake"}, deps=[simulated_review],
+          check_specs=[
+              dg.AssetCheckSpec("agreement_rate", asset="human_verified_seed", blocking=True,
+                                description="annotators agree on overlap items"),
+              dg.AssetCheckSpec("size_per_category", asset="human_verified_seed",
+                                description="every task category has enough verified pairs")],
+          description="Resolved, non-discarded human labels joined to their pairs (label_origin human, or "
+                      "simulated in the demo), split into the gold validation slice and the rest.")
+def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, lake_store: LakeResource):
+    lake = lake_store.lake()
+    inputs = lake.input_versions([VERDICTS, "raw_pairs", "llm_annotations"])
+    verdicts = read_verdicts(lake)
+    ann = lake.read("llm_annotations") if lake.exists("llm_annotations") else None
+    seed = build_seed(verdicts, lake.read("raw_pairs"), ann, config.gold_frac)
+    v = lake.overwrite(SEED, seed.to_arrow())
+    counts = {"verified": seed.height, "gold": int((seed["split"] == "gold").sum()),
+              "flipped_by_humans": int(seed["label_flipped"].sum()),
+              "discarded": int(verdicts["pair_id"].n_unique() - seed.height) if verdicts.height else 0}
+    lake.record_lineage(run_id=context.run.run_id, asset="human_verified_seed", partition=None, table=SEED,
+                        version_written=v, inputs=inputs, config=config.model_dump(), counts=counts)
+    agr = agreement_by_annotator(verdicts)
+    mean_agr = float(agr["agreement"].mean()) if agr.height else 1.0
+    per = seed.group_by("task_category").len().sort("task_category")
+    small = per.filter(pl.col("len") < config.min_per_category)
+    yield dg.MaterializeResult(
+        metadata={**counts, "delta_version": v, "per_category": dg.MetadataValue.md(md_table(per)),
+                  "agreement": dg.MetadataValue.md(md_table(agr))},
+        check_results=[
+            dg.AssetCheckResult(check_name="agreement_rate", passed=mean_agr >= config.min_agreement,
+                                metadata={"mean_agreement": mean_agr, "annotators": agr.height}),
+            dg.AssetCheckResult(check_name="size_per_category", passed=small.height == 0,
+                                severity=dg.AssetCheckSeverity.WARN,
+                                metadata={"small": dg.MetadataValue.md(md_table(small))}),
+        ])
+
+
+REVIEW_ASSETS = [review_queue, simulated_review, human_verified_seed]

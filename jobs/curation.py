@@ -1,0 +1,53 @@
+"""The curation jobs, the Stage-2 backfill schedule, and the sensors on new verdicts and new best RMs."""
+
+import polars as pl
+
+import dagster as dg
+from assets.annotate import llm_annotations
+from assets.curate import pair_embeddings, rm_scores, stage1, stage2
+from assets.family import rm_evaluation, rm_family
+from assets.review import human_verified_seed, review_queue, simulated_review
+from assets.rm import gold_rm
+from pipelines.review.ledger import VERDICTS
+from pipelines.rm.registry import best_of
+from resources.lake import LakeResource
+
+CURATION = dg.AssetSelection.assets(llm_annotations, review_queue, simulated_review, human_verified_seed, gold_rm,
+                                    pair_embeddings, stage1, rm_scores, stage2)
+
+curation_job = dg.define_asset_job(
+    "curation_job", selection=CURATION,
+    description="Annotate -> review queue -> (simulated) verdicts -> seed -> gold RM -> embeddings -> Stage 1 -> "
+                "RM scores -> Stage 2 (curated + recycled pairs).")
+stage2_job = dg.define_asset_job("stage2_job", selection=dg.AssetSelection.assets(llm_annotations, pair_embeddings,
+                                                                                  rm_scores, stage2),
+                                 description="Annotate and embed new pairs, score them, rerun the Stage-2 filter.")
+seed_job = dg.define_asset_job("seed_job", selection=dg.AssetSelection.assets(human_verified_seed))
+family_job = dg.define_asset_job("family_job", selection=dg.AssetSelection.assets(rm_family),
+                                 description="Train one family member (partition = backbone).")
+evaluation_job = dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.assets(rm_evaluation))
+
+
+@dg.schedule(job=stage2_job, cron_schedule="30 2 * * *", default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Nightly: bring newly ingested raw partitions through annotation, scoring and Stage 2.")
+def nightly_stage2(context: dg.ScheduleEvaluationContext):
+    return dg.RunRequest(run_key=f"stage2:{context.scheduled_execution_time.isoformat()}")
+
+
+@dg.sensor(job=seed_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Rebuilds human_verified_seed whenever the verdict ledger has a new Delta version.")
+def new_verdicts_sensor(context: dg.SensorEvaluationContext, lake_store: LakeResource):
+    v = lake_store.lake().version(VERDICTS)
+    if v is None or str(v) == context.cursor:
+        return dg.SkipReason(f"ledger at version {v}; nothing new")
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"verdicts:{v}")], cursor=str(v))
+
+
+@dg.sensor(job=stage2_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Re-runs Stage 2 when a new best Stage-1 RM is registered.")
+def new_best_rm_sensor(context: dg.SensorEvaluationContext, lake_store: LakeResource):
+    best = best_of(lake_store.lake(), "stage1")
+    if best is None or best["rm_version"] == context.cursor:
+        return dg.SkipReason("no new best Stage-1 RM")
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"best:{best['rm_version']}")],
+                           cursor=best["rm_version"])
