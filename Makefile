@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test ui clean
+.PHONY: env demo test ui clean browser
 
 # The environment is created only when absent (stamp file tracks pyproject.toml).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -25,8 +25,14 @@ demo: env
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
 	$(BIN)/synpref demo
 
+# Debian's Chromium for the review-app browser test (a registry package; no browser download at run time).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium (sudo apt-get install chromium) for the browser test"; fi; }
+
 # The whole test suite (what CI runs through .ci/run).
-test: env
+test: env browser
 	$(BIN)/python -m pytest -q tests
 
 # Dagster web UI over the same instance.

@@ -1,5 +1,7 @@
 """Shared pieces of the asset layer: the RM training config, pool reading helpers, simulated ground truth."""
 
+import os
+
 import polars as pl
 from pydantic import Field
 
@@ -39,9 +41,23 @@ def truth_map(lake: Lake) -> dict[str, bool]:
     return dict(zip(t["pair_id"].to_list(), t["label_correct"].to_list()))
 
 
-def annotated_pool(lake: Lake) -> pl.DataFrame:
-    """raw pairs joined with their latest successful attributes (one row per pair)."""
+def stage1_fraction() -> float:
+    """Share of pairs in the Stage-1 pool D_un (review queue + error-driven retrieval); the rest is D_wild for
+    Stage 2. The paper draws Stage 1 from ~1M pairs and Stage 2 from tens of millions (SYNPREF_STAGE1_FRACTION)."""
+    return float(os.environ.get("SYNPREF_STAGE1_FRACTION", "0.4"))
+
+
+def pool_stage() -> pl.Expr:
+    """'stage1' | 'stage2' by a stable hash of pair_id (same split in every run and every asset)."""
+    h = pl.col("pair_id").str.slice(0, 8).str.to_integer(base=16).cast(pl.Float64) / float(0xFFFFFFFF)
+    return pl.when(h < stage1_fraction()).then(pl.lit("stage1")).otherwise(pl.lit("stage2"))
+
+
+def annotated_pool(lake: Lake, stage: str | None = None) -> pl.DataFrame:
+    """raw pairs joined with their latest successful attributes (one row per pair); `stage` picks a pool."""
     raw = lake.read("raw_pairs", columns=["pair_id", "history", "chosen", "rejected", "source", "category_hint"])
+    if stage:
+        raw = raw.filter(pool_stage() == stage)
     if not lake.exists("llm_annotations"):
         return raw.with_columns(task_category=pl.lit(None, pl.String))
     ann = (lake.read("llm_annotations").filter(pl.col("status") == "ok").sort("created_at")

@@ -107,7 +107,7 @@ def stage1(context: dg.AssetExecutionContext, config: Stage1Config, lake_store: 
     silver = lake.read(SILVER) if lake.exists(SILVER) else None
     done = lake.read(STAGE1_METRICS) if lake.exists(STAGE1_METRICS) else None
     start = int(done["iteration"].max()) if done is not None and done.height else 0
-    pool_all = annotated_pool(lake)
+    pool_all = annotated_pool(lake, "stage1")
     if silver is None or silver.height == 0:
         # iteration 0: the seed pool as the LLMs label it (paper: the seed is verified into D_gold by humans
         # and into D_silver by LLMs)
@@ -175,8 +175,8 @@ def stage1(context: dg.AssetExecutionContext, config: Stage1Config, lake_store: 
 
 
 def wild_pool(lake) -> pl.DataFrame:
-    """D_wild for Stage 2: annotated pairs that are neither human-verified nor in silver."""
-    pool = annotated_pool(lake)
+    """D_wild for Stage 2: the Stage-2 share of annotated pairs, minus anything human-verified or in silver."""
+    pool = annotated_pool(lake, "stage2")
     used = set(lake.read(SEED)["pair_id"]) | (set(lake.read(SILVER)["pair_id"]) if lake.exists(SILVER) else set())
     return pool.filter(~pl.col("pair_id").is_in(list(used)))
 

@@ -27,7 +27,7 @@ class QueueConfig(dg.Config):
                       "pairs preferred once a Stage-1 RM exists. Each materialization appends a new queue version.")
 def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_store: LakeResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
-    pool = annotated_pool(lake)
+    pool = annotated_pool(lake, "stage1")
     done = set(read_verdicts(lake)["pair_id"].to_list())
     scores = None
     best = best_of(lake, "stage1")

@@ -1,0 +1,93 @@
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipelines.curate.retrieve import VectorIndex, adaptive_k, brute_force_search
+from pipelines.curate.stage1 import judged_to_silver, retrieve_for_gold
+from pipelines.curate.stage2 import keep_rule, split_confident
+from pipelines.evaluate.harness import aggregate, pairwise_accuracy, table1, wilson_interval
+
+H = [{"role": "user", "content": "q"}]
+
+
+@pytest.mark.parametrize("p,k", [(0.0, 8), (0.3, 8), (0.5, 8), (0.51, 4), (0.75, 2), (0.9, 1), (0.99, 1), (1.0, 0)])
+def test_adaptive_k_follows_the_paper(p, k):
+    assert adaptive_k(p, 8) == k
+    if p > 0.5:
+        assert adaptive_k(p, 8) == math.ceil(8 * (1 - p))
+
+
+def test_faiss_matches_brute_force_and_hnsw_is_close():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:50] + 0.01 * rng.normal(size=(50, 32)).astype(np.float32)
+    ids = [f"p{i}" for i in range(2000)]
+    ref = brute_force_search(x, q, 8)
+    _, flat = VectorIndex(ids, x).search(q, 8)
+    assert flat == [[ids[j] for j in row] for row in ref]
+    _, hnsw = VectorIndex(ids, x, hnsw_above=100).search(q, 8)
+    recall = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(hnsw, flat)])
+    assert recall > 0.9
+
+
+def test_error_driven_retrieval_gives_more_neighbours_to_misjudged_gold_pairs():
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(100, 8)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)  # embeddings are unit vectors: inner product = cosine
+    gold_vecs = pool[:3] + 0.001
+    gold_p = pl.DataFrame({"pair_id": ["g_wrong", "g_unsure", "g_sure"], "p": [0.2, 0.7, 0.99]})
+    r = retrieve_for_gold(gold_p, gold_vecs, VectorIndex([f"u{i}" for i in range(100)], pool), 8)
+    per = dict(r.group_by("query_pair_id").len().iter_rows())
+    assert per == {"g_wrong": 8, "g_unsure": 3, "g_sure": 1}
+    assert r.filter(pl.col("query_pair_id") == "g_wrong")["pair_id"][0] == "u0"  # the nearest first
+
+
+def test_judged_to_silver_orients_by_verdict_and_drops_undecided():
+    pairs = pl.DataFrame({"pair_id": ["a", "b", "c", "d"], "history": [H] * 4, "chosen": ["A+", "B+", "C+", "D+"],
+                          "rejected": ["A-", "B-", "C-", "D-"], "task_category": ["math"] * 4})
+    verdicts = pl.DataFrame({"pair_id": ["a", "b", "c", "d"], "final": ["chosen", "rejected", "undecidable", "chosen"],
+                             "agree_frac": [1.0, 0.0, 0.5, 0.34]})
+    s = judged_to_silver(pairs, verdicts, 1, "judge_v1@x", min_agree=0.5)
+    assert s["pair_id"].to_list() == ["a", "b"]
+    assert s.row(1, named=True)["chosen"] == "B-" and s.row(1, named=True)["label_flipped"]
+
+
+def test_stage2_keep_rule_and_recycling():
+    ids = ["conf_ok", "conf_gold_no", "unc_llm_yes", "unc_llm_no_rm_yes", "unc_all_no"]
+    pool = pl.DataFrame({"pair_id": ids, "history": [H] * 5, "chosen": [f"{i}+" for i in ids],
+                         "rejected": [f"{i}-" for i in ids]})
+    best = pl.DataFrame({"pair_id": ids, "p": [0.95, 0.9, 0.3, 0.55, 0.2]})
+    gold = pl.DataFrame({"pair_id": ids, "p": [0.8, 0.3, 0.7, 0.9, 0.9]})
+    conf, unconf = split_confident(best, 0.1)
+    assert conf["pair_id"].to_list() == ["conf_ok", "conf_gold_no"]
+    llm = pl.DataFrame({"pair_id": ["unc_llm_yes", "unc_llm_no_rm_yes", "unc_all_no"],
+                        "final": ["chosen", "rejected", "rejected"], "agree_frac": [1.0, 0.0, 0.0]})
+    cur, rec = keep_rule(pool, best, gold, llm, margin=0.1, best_version="b:1", gold_version="g:1",
+                         judge_version="j@1")
+    assert sorted(cur["pair_id"]) == ["conf_ok", "unc_llm_no_rm_yes", "unc_llm_yes"]
+    assert sorted(rec["pair_id"]) == ["conf_gold_no", "unc_all_no"]
+    r = rec.filter(pl.col("pair_id") == "unc_all_no").row(0, named=True)
+    assert (r["chosen"], r["rejected"]) == ("unc_all_no-", "unc_all_no+") and r["why"].startswith("flipped:")
+    c = cur.filter(pl.col("pair_id") == "conf_ok").row(0, named=True)
+    assert "llm=not-asked" in c["why"] and c["judge_version"] is None and c["gold_rm_version"] == "g:1"
+
+
+def test_benchmark_aggregation_sections_best_of_n_and_table1():
+    scored = pl.DataFrame({
+        "benchmark": ["rewardbench"] * 4 + ["ppe"] * 3,
+        "section": ["chat", "chat", "chat", "safety", "all", "all", "all"],
+        "subset": ["", "", "", "", "easy", "hard", "hard"],
+        "correct": [True, True, False, False, True, False, True]})
+    res = aggregate(scored, "rm:1")
+    ov = dict(res.filter(pl.col("section") == "overall").select("benchmark", "accuracy").iter_rows())
+    assert ov["rewardbench"] == pytest.approx((2 / 3 + 0) / 2)  # mean over sections, not over items
+    assert ov["ppe"] == pytest.approx(2 / 3)
+    assert res.filter(pl.col("section") == "subset:hard")["accuracy"][0] == pytest.approx(0.5)
+    t = table1(res)
+    assert t["average"][0] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    lo, hi = wilson_interval(60, 100)
+    assert 0.50 < lo < 0.6 < hi < 0.7
+    assert pairwise_accuracy(pl.DataFrame({"margin": [1.0, -1.0, 2.0]}))["accuracy"][0] == pytest.approx(2 / 3)
