@@ -88,7 +88,7 @@ class OpenAIBackend:
         try:
             async for attempt in AsyncRetrying(retry=retry_if_exception(_retryable),
                                                stop=stop_after_attempt(self.max_retries),
-                                               wait=wait_exponential_jitter(initial=0.2, max=10), reraise=True):
+                                               wait=wait_exponential_jitter(multiplier=0.2, max=10), reraise=True):
                 with attempt:
                     async with sem:
                         r = await client.post(f"{self.base_url.rstrip('/')}/chat/completions", json=body,
