@@ -1,7 +1,6 @@
 """The RM family trained on the curated mix (one partition per backbone) and the Table-1-style evaluation."""
 
 import os
-from pathlib import Path
 
 import matplotlib
 

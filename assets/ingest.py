@@ -10,7 +10,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.ingest.decontaminate import words
-from pipelines.ingest.formats import PARSERS, ParseStats, apply_mapping, detect_format
+from pipelines.ingest.formats import PARSERS, ParseStats, detect_format
 from pipelines.ingest.readers import iter_records
 from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard
 from pipelines.schema import MESSAGE_TYPE, RAW_PAIRS_SCHEMA, first_user_turn

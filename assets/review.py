@@ -8,7 +8,7 @@ from assets.annotate import llm_annotations
 from assets.common import annotated_pool, truth_map
 from assets.meta import md_table
 from pipelines.review.ledger import VERDICTS, agreement_by_annotator, append_verdicts, read_verdicts
-from pipelines.review.queue import QUEUE, QUEUE_SCHEMA, build_queue
+from pipelines.review.queue import QUEUE, build_queue
 from pipelines.review.seed import SEED, build_seed
 from pipelines.rm.registry import best_of
 from pipelines.synth.reviewer import simulated_verdicts

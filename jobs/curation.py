@@ -1,6 +1,5 @@
 """The curation jobs, the Stage-2 backfill schedule, and the sensors on new verdicts and new best RMs."""
 
-import polars as pl
 
 import dagster as dg
 from assets.annotate import llm_annotations

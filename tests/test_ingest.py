@@ -2,7 +2,6 @@ import gzip
 import json
 
 import polars as pl
-import pytest
 
 from pipelines.ingest.decontaminate import NgramIndex
 from pipelines.ingest.run import ingest_shard

@@ -67,7 +67,6 @@ def test_queue_prefers_objective_low_controversy_and_spreads_categories():
 def test_seed_orients_labels_and_splits(lake):
     pairs = pl.DataFrame({"pair_id": ["a", "b", "c"], "history": [[{"role": "user", "content": "q"}]] * 3,
                           "chosen": ["A1", "B1", "C1"], "rejected": ["A2", "B2", "C2"], "source": ["s"] * 3})
-    v = pl.DataFrame([_v("a", "x", "1").__dict__, _v("b", "x", "2").__dict__, _v("c", "x", "undecidable").__dict__])
     append_verdicts(lake, [_v("a", "x", "1"), _v("b", "x", "2"), _v("c", "x", "undecidable")])
     seed = build_seed(read_verdicts(lake), pairs, None, gold_frac=0.5)
     assert seed["pair_id"].to_list() == ["a", "b"]
