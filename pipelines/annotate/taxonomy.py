@@ -9,9 +9,9 @@ guideline       : instance-specific criteria for deciding which response is bett
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 TASK_CATEGORIES = (
     "math",  # arithmetic, algebra, word problems with a numeric answer
@@ -34,13 +34,14 @@ class Attributes(BaseModel):
     task_category: Literal[TASK_CATEGORIES]  # type: ignore[valid-type]
     objectivity: Objectivity
     controversiality: Controversiality
-    desired_attributes: list[str] = Field(min_length=1, max_length=8)
-    guideline: str = Field(min_length=10, max_length=2000)
+    desired_attributes: list[Annotated[str, StringConstraints(min_length=1, max_length=80)]] = Field(
+        min_length=1, max_length=8)
+    guideline: str = Field(min_length=10, max_length=800)
 
 
 class Verdict(BaseModel):
     verdict: Literal["1", "2", "undecidable"]
-    rationale: str = Field(max_length=2000)
+    rationale: str = Field(max_length=300)
 
 
 ATTRIBUTES_SCHEMA = Attributes.model_json_schema()
