@@ -7,25 +7,30 @@ import dagster as dg
 from assets.annotate import llm_annotations
 from assets.common import annotated_pool, truth_map
 from assets.meta import md_table
+from pipelines.annotate.prompts import load_prompt
+from pipelines.annotate.runner import precheck_responses
 from pipelines.review.ledger import VERDICTS, agreement_by_annotator, append_verdicts, read_verdicts
 from pipelines.review.queue import QUEUE, build_queue
 from pipelines.review.seed import SEED, build_seed
 from pipelines.rm.registry import best_of
 from pipelines.synth.reviewer import simulated_verdicts
 from resources.lake import LakeResource
+from resources.llm import LLMResource
 
 
 class QueueConfig(dg.Config):
     size: int = Field(default=240, description="Pairs to queue for human review")
     quotas: dict[str, int] = Field(default_factory=dict, description="Max pairs per task category; empty = equal shares")
     overlap_frac: float = Field(default=0.15, description="Share of items given to 2+ annotators (agreement)")
+    precheck: bool = Field(default=True, description="Batched LLM pre-check of each response of objective items")
     seed: int = 0
 
 
 @dg.asset(group_name="review", kinds={"deltalake"}, deps=[llm_annotations],
           description="Pairs chosen for humans: objective/low-controversy first, category quotas, RM-uncertain "
                       "pairs preferred once a Stage-1 RM exists. Each materialization appends a new queue version.")
-def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_store: LakeResource) -> dg.MaterializeResult:
+def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_store: LakeResource,
+                 llm: LLMResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
     pool = annotated_pool(lake, "stage1")
     done = set(read_verdicts(lake)["pair_id"].to_list())
@@ -41,8 +46,15 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
     lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
                         version_written=v, inputs=lake.input_versions(["raw_pairs", "llm_annotations", VERDICTS]),
                         config=config.model_dump(), counts={"queued": q.height})
+    checked = 0
+    if config.precheck:
+        objective = pool.join(q.filter(pl.col("objectivity") == "objective").select("pair_id"), on="pair_id")
+        truth = truth_map(lake)
+        stats = precheck_responses(lake, objective, llm.annotator(), load_prompt("precheck_v1"), context.run.run_id,
+                                   truth_of=lambda r: truth.get(r["pair_id"]))
+        checked = stats.ok
     per = q.group_by("task_category", "objectivity").len().sort("task_category")
-    return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height,
+    return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height, "prechecked_responses": checked,
                                           "per_category": dg.MetadataValue.md(md_table(per))})
 
 

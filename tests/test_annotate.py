@@ -179,3 +179,34 @@ def test_killed_run_resumes_without_duplicates_or_gaps(lake, tmp_path):
     assert st.skipped_cached == partial and st.requested == 120 - partial
     ann = lake.read(ANNOTATIONS)
     assert ann.height == 120 and ann["pair_id"].n_unique() == 120
+
+
+def test_precheck_each_response_on_its_own(lake):
+    from pipelines.annotate.runner import PRECHECKS, precheck_responses
+
+    pairs = _pairs(10, seed=4)
+    st = precheck_responses(lake, pairs, SimulatedBackend(accuracy=1.0), load_prompt("precheck_v1"), "r",
+                            truth_of=lambda r: True)
+    assert (st.ok, st.failed) == (20, 0)
+    pc = lake.read(PRECHECKS)
+    assert pc.height == 20 and set(pc["side"]) == {"chosen", "rejected"}
+    assert (pc.filter(pl.col("side") == "chosen")["verdict"] == "correct").all()
+    assert (pc.filter(pl.col("side") == "rejected")["verdict"] == "incorrect").all()
+    again = precheck_responses(lake, pairs, SimulatedBackend(accuracy=1.0), load_prompt("precheck_v1"), "r2")
+    assert again.requested == 0
+
+
+def test_transformers_backend_generates_and_failures_are_recorded_not_defaulted(tmp_path, lake):
+    """A tiny random decoder cannot write JSON: every sample must end as a recorded failure with its reason."""
+    from pipelines.annotate.backends import TransformersBackend
+    from pipelines.rm.tiny import build_tiny_decoder
+
+    path = build_tiny_decoder(tmp_path / "gen", "qwen3")
+    be = TransformersBackend(model=path)
+    (c,) = be.generate([Request("Say hi", VERDICT_SCHEMA, n=2, max_tokens=8, temperature=1.0)])
+    assert len(c.texts) == 2 and c.tokens_in > 0
+    pairs = _pairs(3, seed=6).with_columns(task_category=pl.col("category"))
+    st = judge_pairs(lake, pairs, [be], load_prompt("judge_v1"), "r", samples=1, max_attempts=2)
+    j = lake.read(JUDGMENTS)
+    assert st.failed == 3 and (j["status"] == "failed").all() and j["prefers"].is_null().all()
+    assert j["error"].str.contains("unparseable|off-schema|refusal").all()

@@ -240,6 +240,15 @@ class SimulatedBackend:
                                      "check it against the user's exact request.",
                     }))
                     continue
+                if r.meta.get("task") == "precheck":
+                    correct = r.meta.get("response_correct")
+                    if correct is None:
+                        texts.append(json.dumps({"verdict": "unsure", "reason": "cannot verify"}))
+                    else:
+                        says = correct if rng.random() < self.accuracy else not correct
+                        texts.append(json.dumps({"verdict": "correct" if says else "incorrect",
+                                                 "reason": "simulated check"}))
+                    continue
                 truth = r.meta.get("truth_first_is_better")  # True / False / None (unknown)
                 if truth is None or rng.random() < self.undecidable_rate:
                     texts.append(json.dumps({"verdict": "undecidable", "rationale": "cannot verify"}))

@@ -21,11 +21,13 @@ from pydantic import BaseModel, ValidationError
 
 from pipelines.annotate.backends import Backend, Request
 from pipelines.annotate.prompts import Prompt
-from pipelines.annotate.taxonomy import ATTRIBUTES_SCHEMA, TASK_CATEGORIES, VERDICT_SCHEMA, Attributes, Verdict
+from pipelines.annotate.taxonomy import (ATTRIBUTES_SCHEMA, PRECHECK_SCHEMA, TASK_CATEGORIES, VERDICT_SCHEMA, Attributes,
+                                         PreCheck, Verdict)
 from pipelines.lake import Lake
 from pipelines.schema import LabelOrigin
 
 ANNOTATIONS = "llm_annotations"
+PRECHECKS = "llm_prechecks"
 JUDGMENTS = "llm_judgments"
 
 ANNOTATION_SCHEMA = {
@@ -192,6 +194,46 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
         lake.upsert(ANNOTATIONS, pl.DataFrame(rows, schema=ANNOTATION_SCHEMA), keys=["pair_id", "model", "prompt_version"])
         if on_chunk:
             on_chunk(ci)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+# --- batched pre-check of single responses ----------------------------------------------------------------------
+PRECHECK_SCHEMA_PL = {"pair_id": pl.String, "side": pl.String, "model": pl.String, "prompt_version": pl.String,
+                      "status": pl.String, "verdict": pl.String, "reason": pl.String, "raw_output": pl.String,
+                      "error": pl.String, "label_origin": pl.String, "run_id": pl.String,
+                      "created_at": pl.Datetime("us", "UTC")}
+
+
+def precheck_responses(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt: Prompt, run_id: str, *,
+                       max_attempts: int = 2, truth_of: Callable[[dict], bool | None] | None = None) -> RunStats:
+    """One request per (pair, side): is this response correct on its own? Keyed by (pair_id, side, model,
+    prompt_version); cached like the other runners. `truth_of` feeds only the simulated backend."""
+    stats = RunStats()
+    t0 = time.perf_counter()
+    done = done_keys(lake, PRECHECKS, backend.model_id, prompt.version, ["side"])
+    todo = [(r, side) for r in pairs.iter_rows(named=True) for side in ("chosen", "rejected")
+            if (r["pair_id"], side) not in done]
+    stats.requested = len(todo)
+    reqs = []
+    for r, side in todo:
+        truth = truth_of(r) if truth_of else None
+        reqs.append(Request(prompt.render(conversation=conversation_text(r["history"]), response=r[side][:4000]),
+                            PRECHECK_SCHEMA, n=1, temperature=0.0, max_tokens=200,
+                            meta={"task": "precheck", "pair_id": f"{r['pair_id']}|{side}",
+                                  "response_correct": None if truth is None else (truth == (side == "chosen"))}))
+    rows = []
+    for (r, side), ((parsed, raw, err, _),) in zip(todo, generate_validated(backend, reqs, PreCheck, max_attempts, stats)):
+        ok = parsed is not None
+        stats.ok += ok
+        stats.failed += not ok
+        rows.append({"pair_id": r["pair_id"], "side": side, "model": backend.model_id, "prompt_version": prompt.version,
+                     "status": "ok" if ok else "failed", "verdict": parsed.verdict if ok else None,  # type: ignore[union-attr]
+                     "reason": parsed.reason if ok else None, "raw_output": raw, "error": err,  # type: ignore[union-attr]
+                     "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
+    if rows:
+        lake.upsert(PRECHECKS, pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL),
+                    keys=["pair_id", "side", "model", "prompt_version"])
     stats.seconds = time.perf_counter() - t0
     return stats
 

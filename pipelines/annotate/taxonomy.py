@@ -44,5 +44,13 @@ class Verdict(BaseModel):
     rationale: str = Field(max_length=300)
 
 
+class PreCheck(BaseModel):
+    """Batched pre-verification of ONE response (paper §3.2/D.2): shown to annotators of objective pairs."""
+
+    verdict: Literal["correct", "incorrect", "unsure"]
+    reason: str = Field(max_length=300)
+
+
 ATTRIBUTES_SCHEMA = Attributes.model_json_schema()
+PRECHECK_SCHEMA = PreCheck.model_json_schema()
 VERDICT_SCHEMA = Verdict.model_json_schema()

@@ -174,12 +174,18 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
             ann = a.row(0, named=True) if a.height else {}
         chosen_first = random.Random(f"{seed}|{user.name}|{head['pair_id']}").random() < 0.5
         c1, c2 = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
+        checks = {}
+        if lake.exists("llm_prechecks"):  # batched LLM pre-check of each response (objective pairs)
+            pc = (lake.scan("llm_prechecks").filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok"))
+                  .sort("created_at").collect())
+            checks = {r["side"]: f"{r['verdict']} ({r['model']}): {r['reason']}" for r in pc.iter_rows(named=True)}
         item = {"pair_id": head["pair_id"], "order": "chosen_first" if chosen_first else "rejected_first",
                 "history": pair["history"], "c1": c1, "c2": c2, "why": head["why"],
                 "task_category": ann.get("task_category") or head["task_category"],
                 "objectivity": head["objectivity"], "controversiality": head["controversiality"],
                 "desired": "; ".join(ann.get("desired_attributes") or []), "guideline": ann.get("guideline") or "",
-                "check1": None, "check2": None}
+                "check1": checks.get("chosen" if chosen_first else "rejected"),
+                "check2": checks.get("rejected" if chosen_first else "chosen")}
         return item, len(mine), open_.height, version
 
     def submit(user: User, body: VerdictBody) -> dict:
