@@ -3,35 +3,31 @@
 import json
 from datetime import datetime, timezone
 
-import matplotlib
+import numpy as np
+import polars as pl
+from pydantic import Field
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-import dagster as dg  # noqa: E402
-from assets.annotate import llm_annotations  # noqa: E402
-from assets.common import GPU_POOL, RMTrainConfig, annotated_pool, truth_map  # noqa: E402
-from assets.meta import md_table, png_md  # noqa: E402
-from assets.review import human_verified_seed  # noqa: E402
-from assets.rm import gold_rm  # noqa: E402
-from pipelines.annotate.prompts import load_prompt  # noqa: E402
-from pipelines.annotate.runner import JUDGMENTS, aggregate_judgments, judge_pairs  # noqa: E402
-from pipelines.curate.embed import EMBEDDINGS, Embedder, embedding_frame, pair_text, vectors_of  # noqa: E402
-from pipelines.curate.retrieve import VectorIndex  # noqa: E402
-from pipelines.curate.stage1 import SILVER, exemplars_for, judged_to_silver, retrieve_for_gold  # noqa: E402
-from pipelines.curate.stage2 import CURATED, RECYCLED, keep_rule, split_confident  # noqa: E402
-from pipelines.review.seed import SEED  # noqa: E402
-from pipelines.rm import tracking  # noqa: E402
-from pipelines.rm.registry import best_of, latest, model_dir, train_and_register  # noqa: E402
-from pipelines.rm.score import score_rows  # noqa: E402
-from pipelines.settings import home, minilm_path  # noqa: E402
-from resources.lake import LakeResource  # noqa: E402
-from resources.llm import LLMResource  # noqa: E402
-from resources.mlflow import MlflowResource  # noqa: E402
-from resources.trainer import TrainerResource  # noqa: E402
+import dagster as dg
+from assets.annotate import llm_annotations
+from assets.common import GPU_POOL, RMTrainConfig, annotated_pool, truth_map
+from assets.meta import md_table, plt, png_md
+from assets.review import human_verified_seed
+from assets.rm import gold_rm
+from pipelines.annotate.prompts import load_prompt
+from pipelines.annotate.runner import JUDGMENTS, aggregate_judgments, judge_pairs
+from pipelines.curate.embed import EMBEDDINGS, Embedder, embedding_frame, pair_text, vectors_of
+from pipelines.curate.retrieve import VectorIndex
+from pipelines.curate.stage1 import SILVER, exemplars_for, judged_to_silver, retrieve_for_gold
+from pipelines.curate.stage2 import CURATED, RECYCLED, keep_rule, split_confident
+from pipelines.review.seed import SEED
+from pipelines.rm import tracking
+from pipelines.rm.registry import best_of, latest, model_dir, train_and_register
+from pipelines.rm.score import score_rows
+from pipelines.settings import home, minilm_path
+from resources.lake import LakeResource
+from resources.llm import LLMResource
+from resources.mlflow import MlflowResource
+from resources.trainer import TrainerResource
 
 STAGE1_METRICS = "stage1_metrics"
 SCORES = "rm_scores"

@@ -2,29 +2,25 @@
 
 import os
 
-import matplotlib
+import polars as pl
+from pydantic import Field
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-from pydantic import Field  # noqa: E402
-
-import dagster as dg  # noqa: E402
-from assets.common import GPU_POOL, RMTrainConfig  # noqa: E402
-from assets.curate import stage2  # noqa: E402
-from assets.ingest import benchmarks  # noqa: E402
-from assets.meta import md_table, png_md  # noqa: E402
-from assets.rm import gold_rm  # noqa: E402
-from pipelines.curate.stage2 import CURATED, RECYCLED  # noqa: E402
-from pipelines.evaluate.harness import RESULT_SCHEMA, evaluate, table1  # noqa: E402
-from pipelines.review.seed import SEED  # noqa: E402
-from pipelines.rm import tracking  # noqa: E402
-from pipelines.rm.registry import best_of, latest, model_dir, train_and_register  # noqa: E402
-from pipelines.rm.tiny import build_tiny_decoder  # noqa: E402
-from pipelines.settings import home, minilm_path  # noqa: E402
-from resources.lake import LakeResource  # noqa: E402
-from resources.mlflow import MlflowResource  # noqa: E402
-from resources.trainer import TrainerResource  # noqa: E402
+import dagster as dg
+from assets.common import GPU_POOL, RMTrainConfig
+from assets.curate import stage2
+from assets.ingest import benchmarks
+from assets.meta import md_table, plt, png_md
+from assets.rm import gold_rm
+from pipelines.curate.stage2 import CURATED, RECYCLED
+from pipelines.evaluate.harness import RESULT_SCHEMA, evaluate, table1
+from pipelines.review.seed import SEED
+from pipelines.rm import tracking
+from pipelines.rm.registry import best_of, latest, model_dir, train_and_register
+from pipelines.rm.tiny import build_tiny_decoder
+from pipelines.settings import home, minilm_path
+from resources.lake import LakeResource
+from resources.mlflow import MlflowResource
+from resources.trainer import TrainerResource
 
 # Backbone name -> where its weights come from. The CPU default family is small; the production names are
 # the paper's (load from the hub cache or a local mirror: set SYNPREF_BACKBONE_<NAME>=/path to override).

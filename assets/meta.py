@@ -4,8 +4,15 @@
 import base64
 import io
 
-import dagster as dg
-import polars as pl
+import matplotlib
+
+matplotlib.use("Agg")  # assets render PNGs in worker processes: never a GUI backend
+import matplotlib.pyplot as plt  # noqa: E402
+
+import dagster as dg  # noqa: E402
+import polars as pl  # noqa: E402
+
+__all__ = ["md_table", "plt", "png_md"]
 
 
 def md_table(df: pl.DataFrame, floatfmt: str = "{:.3f}") -> str:
