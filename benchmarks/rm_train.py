@@ -74,8 +74,10 @@ def run_trl(path: str, encoded, cfg) -> tuple[float, str]:
     rm = load_reward_model(path, seed=0)
     ds = Dataset.from_list([{"chosen_ids": e.chosen.ids, "rejected_ids": e.rejected.ids} for e in encoded])
     out = tempfile.mkdtemp()
+    steps = -(-len(encoded) // cfg.batch_size) * cfg.epochs
     args = RewardConfig(output_dir=out, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
-                        learning_rate=cfg.lr, lr_scheduler_type="constant_with_warmup", warmup_ratio=cfg.warmup_ratio,
+                        learning_rate=cfg.lr, lr_scheduler_type="constant_with_warmup",
+                        warmup_steps=int(cfg.warmup_ratio * steps),
                         max_length=cfg.max_len, gradient_checkpointing=False, report_to=[], logging_steps=10_000,
                         save_strategy="no", bf16=False, use_cpu=True, seed=cfg.seed, dataloader_num_workers=0,
                         disable_tqdm=True, max_grad_norm=1.0, weight_decay=0.0)

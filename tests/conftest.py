@@ -35,3 +35,35 @@ def synpref_home(tmp_path, monkeypatch):
     monkeypatch.delenv("SYNPREF_LANDING_ROOT", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
     return home
+
+
+@pytest.fixture
+def serve_review():
+    """Start the review app for a lake + annotators file under uvicorn on 127.0.0.1; returns its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from pipelines.review.app import create_app
+
+    servers = []
+
+    def start(lake_root: str, annotators) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(lake_root, annotators), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        th = threading.Thread(target=server.run, daemon=True)
+        th.start()
+        while not server.started:
+            time.sleep(0.05)
+        servers.append((server, th))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, th in servers:
+        server.should_exit = True
+        th.join(5)

@@ -1,7 +1,5 @@
 import json
-import socket
 import threading
-import time
 
 import httpx
 import polars as pl
@@ -112,10 +110,8 @@ XSS = '<script>alert("x")</script><b>bold</b>'
 
 
 @pytest.fixture
-def review_server(lake, tmp_path):
-    import uvicorn
-
-    from pipelines.review.app import add_annotator, create_app
+def review_server(lake, tmp_path, serve_review):
+    from pipelines.review.app import add_annotator
 
     pairs = pl.DataFrame({"pair_id": [f"p{i}" for i in range(4)], "history": [[{"role": "user", "content": XSS}]] * 4,
                           "chosen": [f"good {i} " + XSS for i in range(4)], "rejected": [f"bad {i}" for i in range(4)],
@@ -127,17 +123,7 @@ def review_server(lake, tmp_path):
                                       size=4, queue_version="v1", overlap_frac=1.0))
     ann = tmp_path / "annotators.json"
     tokens = {n: add_annotator(ann, n, "lead" if n == "lead" else "annotator") for n in ("alice", "bob", "lead")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(lake.root, ann), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", tokens, ann
-    server.should_exit = True
-    th.join(5)
+    return serve_review(lake.root, ann), tokens, ann
 
 
 @pytest.mark.integration

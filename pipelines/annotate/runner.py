@@ -62,6 +62,16 @@ class RunStats:
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
 
+    def tally(self, parsed: BaseModel | None, err: str | None) -> bool:
+        """Count one result; failures by the reason code before the first colon. Returns whether it parsed."""
+        if parsed is not None:
+            self.ok += 1
+            return True
+        self.failed += 1
+        key = (err or "unknown").split(":")[0]
+        self.failures_by_reason[key] = self.failures_by_reason.get(key, 0) + 1
+        return False
+
     def as_metadata(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["pairs_per_s"] = round(self.requested / self.seconds, 2) if self.seconds else 0.0
@@ -178,12 +188,7 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
         res = generate_validated(backend, reqs, Attributes, max_attempts, stats)
         rows = []
         for r, ((parsed, raw, err, attempts),) in zip(part, res):
-            ok = parsed is not None
-            stats.ok += ok
-            if not ok:
-                stats.failed += 1
-                key = (err or "unknown").split(":")[0]
-                stats.failures_by_reason[key] = stats.failures_by_reason.get(key, 0) + 1
+            ok = stats.tally(parsed, err)
             a = parsed.model_dump() if ok else {}
             rows.append({"pair_id": r["pair_id"], "model": backend.model_id, "prompt_version": prompt.version,
                          "status": "ok" if ok else "failed", "task_category": a.get("task_category"),
@@ -224,9 +229,7 @@ def precheck_responses(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt
                                   "response_correct": None if truth is None else (truth == (side == "chosen"))}))
     rows = []
     for (r, side), ((parsed, raw, err, _),) in zip(todo, generate_validated(backend, reqs, PreCheck, max_attempts, stats)):
-        ok = parsed is not None
-        stats.ok += ok
-        stats.failed += not ok
+        ok = stats.tally(parsed, err)
         rows.append({"pair_id": r["pair_id"], "side": side, "model": backend.model_id, "prompt_version": prompt.version,
                      "status": "ok" if ok else "failed", "verdict": parsed.verdict if ok else None,  # type: ignore[union-attr]
                      "reason": parsed.reason if ok else None, "raw_output": raw, "error": err,  # type: ignore[union-attr]
@@ -289,12 +292,7 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
             res = generate_validated(backend, reqs, Verdict, max_attempts, stats)
             rows = []
             for (r, s), chosen_first, req, ((parsed, raw, err, attempts),) in zip(part, orders, reqs, res):
-                ok = parsed is not None
-                stats.ok += ok
-                if not ok:
-                    stats.failed += 1
-                    key = (err or "unknown").split(":")[0]
-                    stats.failures_by_reason[key] = stats.failures_by_reason.get(key, 0) + 1
+                ok = stats.tally(parsed, err)
                 v = parsed.verdict if ok else None  # type: ignore[union-attr]
                 prefers = None if v is None else ("undecidable" if v == "undecidable" else
                                                   ("chosen" if (v == "1") == chosen_first else "rejected"))

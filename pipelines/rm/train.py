@@ -51,6 +51,7 @@ class TrainConfig:
     layout: str = "auto"  # auto | pairs | shared_prefix
     bf16: str = "auto"  # auto | true | false
     grad_checkpointing: bool = False
+    disable_dropout: bool = True  # as TRL, OpenRLHF and open-instruct do for reward models
     eval_every: int = 50
     save_last_every: int = 50
     seed: int = 0
@@ -211,6 +212,10 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
              else get_constant_schedule_with_warmup(opt, warm))
     if cfg.grad_checkpointing:
         rm.model.gradient_checkpointing_enable()
+    if cfg.disable_dropout:
+        for m in rm.model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     bf16 = use_bf16(cfg.bf16, rm.device)
 
     start, best = 0, -1.0
