@@ -90,8 +90,45 @@ def _judge(lake, llm: LLMResource, pairs: pl.DataFrame, gold: pl.DataFrame, n_ex
     return aggregate_judgments(j)
 
 
+class JudgeConfig(dg.Config):
+    judge_prompt: str = Field(default="judge_v1", description="Prompt file under pipelines/annotate/prompts")
+    exemplars: int = Field(default=8, description="Human-verified examples per prompt (paper: up to 8)")
+
+
+@dg.asset(group_name="annotate", kinds={"deltalake", "vllm"}, deps=[human_verified_seed, pair_embeddings],
+          pool=GPU_POOL,
+          description="Pairwise verdicts of the judge ensemble (k samples per model, seeded Candidate 1/2 order, "
+                      "un-swapped) on the human-reviewed seed pool: the D_silver view of the seed. Stage 1 and "
+                      "Stage 2 append their own judgments to the same table (column `context`).")
+def llm_judgments(context: dg.AssetExecutionContext, config: JudgeConfig, lake_store: LakeResource,
+                  llm: LLMResource) -> dg.MaterializeResult:
+    lake = lake_store.lake()
+    prompt = load_prompt(config.judge_prompt)
+    gold = lake.read(SEED)
+    seed_pool = annotated_pool(lake, "stage1").filter(pl.col("pair_id").is_in(gold["pair_id"].to_list()))
+    agg = _judge(lake, llm, seed_pool, gold, config.exemplars, context.run.run_id, "seed", prompt)
+    j = lake.read(JUDGMENTS).filter(pl.col("pair_id").is_in(seed_pool["pair_id"].to_list())
+                                    & (pl.col("prompt_version") == prompt.version) & (pl.col("status") == "ok"))
+    # how far the judges agree with the humans, and whether the order shown sways them
+    human = gold.select("pair_id", human=pl.when(pl.col("label_flipped")).then(pl.lit("rejected")).otherwise(pl.lit("chosen")))
+    vs_human = agg.join(human, on="pair_id").filter(pl.col("final") != "undecidable")
+    first = j.filter(pl.col("verdict_raw") != "undecidable").select((pl.col("verdict_raw") == "1").mean()).item()
+    per_model = j.group_by("model").agg(samples=pl.len(), undecidable=(pl.col("prefers") == "undecidable").mean(),
+                                        picks_candidate_1=(pl.col("verdict_raw") == "1").mean()).sort("model")
+    lake.record_lineage(run_id=context.run.run_id, asset="llm_judgments", partition=None, table=JUDGMENTS,
+                        version_written=lake.version(JUDGMENTS), inputs=lake.input_versions([SEED, EMBEDDINGS]),
+                        config=config.model_dump(), counts={"pairs": seed_pool.height, "samples": j.height})
+    return dg.MaterializeResult(metadata={
+        "pairs": seed_pool.height, "samples": j.height, "models": ", ".join(b.model_id for b in llm.backends()),
+        "prompt_version": prompt.version,
+        "agreement_with_humans": float((vs_human["final"] == vs_human["human"]).mean()) if vs_human.height else 0.0,
+        "decisive_share": vs_human.height / max(agg.height, 1),
+        "share_candidate_1": float(first or 0.0),  # 0.5 = no position bias
+        "per_model": dg.MetadataValue.md(md_table(per_model))})
+
+
 @dg.asset(group_name="curation", kinds={"pytorch", "mlflow", "deltalake"},
-          deps=[human_verified_seed, pair_embeddings], pool=GPU_POOL,
+          deps=[llm_judgments], pool=GPU_POOL,
           description="Stage 1 iterations: train on silver, pick by gold accuracy, error-driven retrieval with "
                       "k = 8 if p <= 0.5 else ceil(8(1-p)), judge with gold exemplars, grow silver. Each iteration "
                       "writes a stage1_metrics row and an MLflow run.")
@@ -105,10 +142,12 @@ def stage1(context: dg.AssetExecutionContext, config: Stage1Config, lake_store: 
     start = int(done["iteration"].max()) if done is not None and done.height else 0
     pool_all = annotated_pool(lake, "stage1")
     if silver is None or silver.height == 0:
-        # iteration 0: the seed pool as the LLMs label it (paper: the seed is verified into D_gold by humans
-        # and into D_silver by LLMs)
+        # iteration 0: the seed pool as the LLMs labelled it in `llm_judgments` (paper: the seed is verified into
+        # D_gold by humans and into D_silver by LLMs)
         raw_seed = pool_all.filter(pl.col("pair_id").is_in(gold["pair_id"].to_list()))
-        agg = _judge(lake, llm, raw_seed, gold, config.exemplars, context.run.run_id, "stage1-it0", prompt)
+        j = lake.read(JUDGMENTS).filter(pl.col("pair_id").is_in(raw_seed["pair_id"].to_list())
+                                        & (pl.col("prompt_version") == prompt.version))
+        agg = aggregate_judgments(j)
         silver = judged_to_silver(raw_seed, agg, 0, prompt.version, config.min_agree,
                                   "simulated" if llm.backend == "simulated" else "llm")
         lake.overwrite(SILVER, silver.to_arrow())
@@ -273,4 +312,4 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2Config, lake_store: 
     yield dg.MaterializeResult(asset_key="recycled_pairs", metadata={"rows": recycled.height, "delta_version": v2})
 
 
-CURATE_ASSETS = [pair_embeddings, stage1, rm_scores, stage2]
+CURATE_ASSETS = [pair_embeddings, llm_judgments, stage1, rm_scores, stage2]

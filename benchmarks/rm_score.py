@@ -29,13 +29,18 @@ def main() -> None:
     from transformers import pipeline
 
     from benchmarks.rm_train import load_rows
+    from pipelines.rm.data import Renderer
     from pipelines.rm.model import load_reward_model
     from pipelines.rm.score import score_rows
     from pipelines.schema import prompt_text
     from pipelines.settings import minilm_path
 
-    rows, _, src = load_rows(a.pairs, 1)
+    rows, _, src = load_rows(10**6, 1)
     rm = load_reward_model(minilm_path(), seed=0)
+    # only pairs that fit without truncation: both sides then see exactly the same tokens
+    r = Renderer(rm, a.max_len)
+    rows = [x for x in rows if max(len(r.render(x["history"], x["chosen"])[0]),
+                                   len(r.render(x["history"], x["rejected"])[0])) <= a.max_len][:a.pairs]
     rm.model.eval()
     score_rows(rm, rows[:32], "warmup", max_len=a.max_len, batch_size=a.batch)
     t = time.perf_counter()

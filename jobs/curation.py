@@ -3,7 +3,7 @@
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.curate import pair_embeddings, rm_scores, stage1, stage2
+from assets.curate import llm_judgments, pair_embeddings, rm_scores, stage1, stage2
 from assets.family import rm_evaluation, rm_family
 from assets.review import human_verified_seed, review_queue, simulated_review
 from assets.rm import gold_rm
@@ -12,11 +12,12 @@ from pipelines.rm.registry import best_of
 from resources.lake import LakeResource
 
 CURATION = dg.AssetSelection.assets(llm_annotations, review_queue, simulated_review, human_verified_seed, gold_rm,
-                                    pair_embeddings, stage1, rm_scores, stage2)
+                                    pair_embeddings, llm_judgments, stage1, rm_scores, stage2)
 
 curation_job = dg.define_asset_job(
     "curation_job", selection=CURATION,
-    description="Annotate -> review queue -> (simulated) verdicts -> seed -> gold RM -> embeddings -> Stage 1 -> "
+    description="Annotate -> review queue -> (simulated) verdicts -> seed -> gold RM -> embeddings -> LLM judgments "
+                "of the seed -> Stage 1 -> "
                 "RM scores -> Stage 2 (curated + recycled pairs).")
 stage2_job = dg.define_asset_job("stage2_job", selection=dg.AssetSelection.assets(llm_annotations, pair_embeddings,
                                                                                   rm_scores, stage2),

@@ -35,6 +35,10 @@ def test_demo_runs_every_asset_end_to_end(tmp_path):
     for c in lin["counts"].to_list():
         c = json.loads(c)
         assert c["candidates"] == c["kept"] + c["already_present"] + c["duplicates"] + c["quarantined"]
+    # the ensemble judged the seed pool (both orders shown), then Stage 1 and Stage 2 added their own judgments
+    j = lake.read("llm_judgments")
+    assert {"seed", "stage2"} <= set(j["context"]) and any(c.startswith("stage1-it") for c in j["context"])
+    assert set(j["order_shown"]) == {"chosen_first", "rejected_first"}
     # curated rows say why they were kept and which models decided
     cur = lake.read("curated_pairs")
     s2 = cur.filter(pl.col("stage") == "stage2")

@@ -128,6 +128,25 @@ def test_tiny_decoder_overfits_32_pairs_and_round_trips_through_hf(tiny_qwen, tm
         assert ref == pytest.approx(s, abs=1e-4)
 
 
+def test_encoder_scores_match_plain_hf_text_pairs(tmp_path):
+    """MiniLM sees [CLS] conversation [SEP] response [SEP] with segment ids 0/1, as a tokenizer text pair does,
+    so a saved encoder RM scores the same in plain HF as in SynPref (batched, padded)."""
+    from pipelines.rm.model import save_reward_model
+    from pipelines.schema import prompt_text
+
+    rm = load_reward_model(minilm_path())
+    save_reward_model(rm, str(tmp_path / "m"))
+    rows = synth_rows(12, seed=8)
+    ours, _ = score_rows(load_reward_model(str(tmp_path / "m")), rows, "v", max_len=256)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    by_id = {r["pair_id"]: r for r in ours.iter_rows(named=True)}
+    for r in rows:
+        with torch.no_grad():
+            ref = hf(**tok(prompt_text(r["history"]), r["rejected"], return_tensors="pt")).logits[0, 0].item()
+        assert by_id[r["pair_id"]]["r_rejected"] == pytest.approx(ref, abs=1e-5)
+
+
 @pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     rows = synth_rows(96, seed=6)

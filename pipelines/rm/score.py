@@ -12,9 +12,9 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.rm.data import LengthPolicy, Renderer, encode_pairs, length_grouped_batches
+from pipelines.rm.data import Encoded, LengthPolicy, OverLength, Renderer, encode_pairs, length_grouped_batches
 from pipelines.rm.model import RewardModel
-from pipelines.rm.train import forward_pairs
+from pipelines.rm.train import collate, forward_pairs
 
 SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
                 "margin": pl.Float64, "p": pl.Float64}
@@ -44,27 +44,22 @@ def score_rows(rm: RewardModel, rows: list[dict], rm_version: str, *, max_len: i
 @torch.inference_mode()
 def score_texts(rm: RewardModel, conversations: list[tuple[list[dict], str]], max_len: int = 256,
                 batch_size: int = 64) -> list[float]:
-    """One reward per (history, response): for best-of-N benchmarks where one chosen meets several rejected."""
+    """One reward per (history, response): for best-of-N benchmarks where one chosen meets several rejected.
+    A response that alone exceeds max_len is scored on its last max_len tokens (callers report it)."""
     rm.model.eval()
     renderer = Renderer(rm, max_len, LengthPolicy.TRUNCATE)
     encoded = []
     for h, r in conversations:
         try:
-            encoded.append(renderer.encode(h, r).ids)
-        except Exception:  # noqa: BLE001 - response alone too long: score its head (reported by callers)
-            encoded.append(renderer.render(h, r)[0][-max_len:])
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+            encoded.append(renderer.encode(h, r))
+        except OverLength:
+            ids, prefix = renderer.render(h, r)
+            encoded.append(Encoded(ids[-max_len:], 0, truncated=len(ids) - max_len))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     scores = [math.nan] * len(encoded)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        seqs = [encoded[i] for i in idx]
-        n = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), n), rm.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, x in enumerate(seqs):
-            ids[j, : len(x)] = torch.tensor(x)
-            mask[j, : len(x)] = 1
-        logits = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device)).logits[:, 0]
+        logits = rm.model(**collate(rm, [encoded[i] for i in idx])).logits[:, 0]
         for j, i in enumerate(idx):
             scores[i] = float(logits[j])
     return scores

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from pipelines.rm.data import EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches
+from pipelines.rm.data import Encoded, EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches
 from pipelines.rm.losses import reward_loss
 from pipelines.rm.model import RewardModel, save_reward_model
 
@@ -83,20 +83,27 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+def collate(rm: RewardModel, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
+    """Right-padded input ids + attention mask, and for text-pair encoders (BERT-style) the segment ids
+    (0 for [CLS] conversation [SEP], 1 for the response), exactly what the tokenizer gives a text pair."""
+    n = max(len(e.ids) for e in encoded)
+    ids = torch.full((len(encoded), n), rm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), n), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[i, : len(e.ids)] = 1
+    batch = {"input_ids": ids.to(rm.device), "attention_mask": mask.to(rm.device)}
+    if not rm.is_decoder and getattr(rm.model.config, "type_vocab_size", 1) > 1:
+        types = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            types[i, e.prefix_len: len(e.ids)] = 1
+        batch["token_type_ids"] = types.to(rm.device)
+    return batch
 
 
 def forward_pairs(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards (chosen, rejected) of a micro-batch in one forward pass of 2B padded rows."""
-    ids, mask = _pad([p.chosen.ids for p in batch] + [p.rejected.ids for p in batch], rm.tokenizer.pad_token_id)
-    out = rm.model(input_ids=ids.to(rm.device), attention_mask=mask.to(rm.device)).logits[:, 0]
+    out = rm.model(**collate(rm, [p.chosen for p in batch] + [p.rejected for p in batch])).logits[:, 0]
     return out[: len(batch)], out[len(batch):]
 
 
