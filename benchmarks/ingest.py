@@ -53,14 +53,13 @@ def run_ours(path: str, out: str) -> dict:
 
 
 def run_pandas(path: str, out: str) -> dict:
-    import hashlib
-
     import pandas as pd
+    import xxhash
     from deltalake import write_deltalake
 
     t = time.perf_counter()
     df = pd.read_json(path, lines=True)
-    df["pair_id"] = [hashlib.blake2b(json.dumps([p, c, r]).encode(), digest_size=16).hexdigest()
+    df["pair_id"] = [xxhash.xxh3_128_hexdigest(json.dumps([p, c, r]).encode())  # the same hash as SynPref's
                      for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
     n = len(df)
     df = df.dropna().loc[lambda d: d["chosen"] != d["rejected"]].drop_duplicates("pair_id")
