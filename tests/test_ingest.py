@@ -98,3 +98,22 @@ def test_real_hh_rlhf(lake, hh_path):
     assert lens.max() > 3
     assert raw["history"].list.last().struct.field("role").unique().to_list() == ["user"]
     assert set(lake.read("quarantine")["reason"]) <= {"empty_text", "history_mismatch", "identical_responses"}
+
+
+def test_id_index_is_exact_on_all_128_bits_and_knows_where_each_pair_lives():
+    import numpy as np
+
+    from pipelines.ingest.run import IdIndex
+
+    idx = IdIndex(merge_every=2)
+    a = "0123456789abcdef" + "0" * 16
+    b = "0123456789abcdef" + "1" * 16  # same high half, different low half
+    c = "f" * 32
+    for ids, rows in (([a], [3]), ([c], [7]), ([b], [9])):  # 3 chunks: forces a merge
+        hi, lo = IdIndex.split(ids)
+        idx.add(hi, lo, np.full(1, idx.place("s", "s/1"), dtype=np.int32), np.array(rows))
+    assert len(idx) == 3 and len(idx.chunks) == 1
+    hi, lo = IdIndex.split([b, a, "e" * 32, c])
+    place, row = idx.lookup(hi, lo)
+    assert row.tolist() == [9, 3, -1, 7] and place.tolist() == [0, 0, -1, 0]
+    assert idx.places[0] == ("s", "s/1")

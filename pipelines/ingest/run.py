@@ -4,10 +4,10 @@ Counts reconcile: candidates = kept + already_present + duplicates + quarantined
 pair (or an unparseable row). `already_present` are this shard's own rows from an earlier (possibly
 interrupted) run, which is what makes a rerun a no-op.
 
-Dedup is exact on `pair_id` across every source. The lake table itself is the state; to avoid a MERGE join
-against the whole table for every batch we probe a compact in-memory set of 64-bit id prefixes (8 bytes a
-pair) and confirm the few hits exactly against Delta, which also yields the kept row's provenance for the
-`duplicates` table. Writers are serialized by the `ingest` Dagster pool, so probe-then-append is safe.
+Dedup is exact on `pair_id` across every source. Rather than a MERGE join against the whole table for every
+batch, the ids already in the lake are loaded once into `IdIndex` (exact 128-bit keys with their source, shard
+and row: 28 bytes a pair), which answers both "seen before?" and "where is the kept copy?" in memory. Writers
+are serialized by the `ingest` Dagster pool, so probe-then-append is safe.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -61,46 +61,73 @@ class IngestReport:
 
 
 class IdIndex:
-    """Sorted uint64 prefixes of pair ids already in the lake: a probe, confirmed exactly on hits."""
+    """Every pair id in the lake with where it lives: exact 128-bit keys + (source, shard) code + source row.
 
-    def __init__(self, keys: np.ndarray | None = None):
-        self._sorted = np.unique(keys) if keys is not None else np.zeros(0, dtype=np.uint64)
-        self._pending: list[np.ndarray] = []
+    28 bytes a pair, kept as sorted chunks (one per ingested batch, merged every `merge_every` chunks), so a
+    probe is a binary search per chunk and a duplicate's kept row is known without reading the lake: ingest
+    stays O(N log N) however many duplicates there are (confirming hits against Delta was O(N) a batch).
+    """
+
+    def __init__(self, merge_every: int = 16):
+        self.places: list[tuple[str, str]] = []  # code -> (source, shard)
+        self._code: dict[tuple[str, str], int] = {}
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # hi, lo, place, row
+        self.merge_every = merge_every
 
     @staticmethod
-    def key_expr(col: str = "pair_id") -> pl.Expr:
-        return pl.col(col).str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64)
+    def split(ids: pl.Series | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        s = pl.Series(ids, dtype=pl.String) if not isinstance(ids, pl.Series) else ids
+        df = pl.DataFrame({"k": s}).select(hi=pl.col("k").str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64),
+                                           lo=pl.col("k").str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64))
+        return df["hi"].to_numpy(), df["lo"].to_numpy()
 
-    @staticmethod
-    def keys(ids: list[str]) -> np.ndarray:
-        return pl.DataFrame({"k": ids}, schema={"k": pl.String}).select(IdIndex.key_expr("k")).to_series().to_numpy()
+    def place(self, source: str, shard: str) -> int:
+        key = (source, shard)
+        if key not in self._code:
+            self._code[key] = len(self.places)
+            self.places.append(key)
+        return self._code[key]
 
-    def maybe_contains(self, keys: np.ndarray) -> np.ndarray:
-        self._flush()
-        if self._sorted.size == 0:
-            return np.zeros(keys.shape, dtype=bool)
-        pos = np.searchsorted(self._sorted, keys)
-        pos[pos >= self._sorted.size] = 0
-        return self._sorted[pos] == keys
+    def add(self, hi: np.ndarray, lo: np.ndarray, place: np.ndarray, row: np.ndarray) -> None:
+        if hi.size == 0:
+            return
+        o = np.argsort(hi, kind="stable")
+        self.chunks.append((hi[o], lo[o], place[o].astype(np.int32), row[o].astype(np.int64)))
+        if len(self.chunks) > self.merge_every:
+            hi, lo, pc, rw = (np.concatenate([c[i] for c in self.chunks]) for i in range(4))
+            o = np.argsort(hi, kind="stable")
+            self.chunks = [(hi[o], lo[o], pc[o], rw[o])]
 
-    def add(self, keys: np.ndarray) -> None:
-        self._pending.append(keys)
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._sorted = np.union1d(self._sorted, np.concatenate(self._pending))
-            self._pending = []
+    def lookup(self, hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(place code, row) of each key already indexed, (-1, -1) where absent. Exact on all 128 bits."""
+        place = np.full(hi.shape, -1, dtype=np.int32)
+        row = np.full(hi.shape, -1, dtype=np.int64)
+        for c_hi, c_lo, c_pl, c_rw in self.chunks:
+            left = np.searchsorted(c_hi, hi, side="left")
+            right = np.searchsorted(c_hi, hi, side="right")
+            for i in np.flatnonzero((right > left) & (place < 0)):
+                for j in range(left[i], right[i]):  # equal high halves are (astronomically) rare: scan them
+                    if c_lo[j] == lo[i]:
+                        place[i], row[i] = c_pl[j], c_rw[j]
+                        break
+        return place, row
 
     def __len__(self) -> int:
-        self._flush()
-        return int(self._sorted.size)
+        return int(sum(c[0].size for c in self.chunks))
 
 
 def load_id_index(lake: Lake) -> IdIndex:
-    """8 bytes a pair already in the lake, read column-wise (no per-row Python objects)."""
+    """The index of everything already in raw_pairs, read column-wise (no per-row Python objects)."""
+    index = IdIndex()
     if not lake.exists(RAW):
-        return IdIndex()
-    return IdIndex(lake.scan(RAW).select(IdIndex.key_expr()).collect().to_series().to_numpy())
+        return index
+    df = lake.scan(RAW).select("pair_id", "source", "shard", "source_row").collect()
+    places = df.select("source", "shard").unique(maintain_order=True)
+    places = places.with_columns(code=pl.Series([index.place(*r) for r in places.iter_rows()], dtype=pl.Int32))
+    code = df.join(places, on=["source", "shard"], how="left", maintain_order="left")["code"]
+    hi, lo = IdIndex.split(df["pair_id"])
+    index.add(hi, lo, code.to_numpy(), df["source_row"].to_numpy())
+    return index
 
 
 CAND_SCHEMA = {"row": pl.Int64, "history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String,
@@ -182,12 +209,10 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
     duplicates: list[dict[str, Any]] = []
     parser_box: list = [PARSERS[fmt] if fmt else None, fmt]
     ingested_at = now_utc()
-    # The Delta write of batch i overlaps the parsing/hashing of batch i+1 (deltalake releases the GIL).
-    # `in_flight` holds the ids of the batch being written so duplicate confirmation never misses them.
+    # The Delta write of batch i overlaps the parsing/hashing of batch i+1 (deltalake releases the GIL); the
+    # index already knows batch i, so dedup never depends on the write having landed.
     writer = ThreadPoolExecutor(max_workers=1)
     pending: Future | None = None
-    in_flight = pl.DataFrame(schema={"pair_id": pl.String, "source": pl.String, "shard": pl.String,
-                                     "source_row": pl.Int64})
 
     for batch in iter_batches(path, batch_size):
         report.rows_read += len(batch)
@@ -238,33 +263,25 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
         if ok.height == 0:
             continue
 
-        # against the lake: probe the id prefixes, confirm hits exactly (and learn the kept row) from Delta
+        # against everything ingested before (this run's earlier batches included): exact, in memory
         ids = ok["pair_id"].to_list()
-        keys = IdIndex.keys(ids)
-        maybe = index.maybe_contains(keys)
-        drop = np.zeros(len(ids), dtype=bool)
-        if maybe.any():
-            hit_ids = [ids[i] for i in np.flatnonzero(maybe)]
-            existing = in_flight.filter(pl.col("pair_id").is_in(hit_ids))
-            if lake.exists(RAW):
-                existing = pl.concat([existing, lake.scan(RAW).filter(pl.col("pair_id").is_in(hit_ids))
-                                      .select("pair_id", "source", "shard", "source_row").collect()])
-            kept_of = {r["pair_id"]: r for r in existing.iter_rows(named=True)}
-            rows_ = ok["row"].to_list()
-            for i in np.flatnonzero(maybe):
-                k = kept_of.get(ids[i])
-                if k is None:
-                    continue  # a 64-bit prefix collision, not a duplicate
-                drop[i] = True
-                if (k["source"], k["shard"], k["source_row"]) == (source, shard, rows_[i]):
+        hi, lo = IdIndex.split(ok["pair_id"])
+        rows_ = ok["row"].to_numpy()
+        place, kept_row = index.lookup(hi, lo)
+        hit = place >= 0
+        if hit.any():
+            me = index.place(source, shard)
+            for i in np.flatnonzero(hit):
+                if place[i] == me and kept_row[i] == rows_[i]:
                     report.already_present += 1
                 else:
+                    k_source, k_shard = index.places[place[i]]
                     report.duplicates += 1
-                    duplicates.append({"source": source, "shard": shard, "source_row": rows_[i], "pair_id": ids[i],
-                                       "kept_source": k["source"], "kept_shard": k["shard"],
-                                       "kept_source_row": k["source_row"], "run_id": run_id})
-            ok = ok.filter(pl.Series(~drop))
-            keys = keys[~drop]
+                    duplicates.append({"source": source, "shard": shard, "source_row": int(rows_[i]),
+                                       "pair_id": ids[i], "kept_source": k_source, "kept_shard": k_shard,
+                                       "kept_source_row": int(kept_row[i]), "run_id": run_id})
+            ok = ok.filter(pl.Series(~hit))
+            hi, lo, rows_ = hi[~hit], lo[~hit], rows_[~hit]
         report.kept += ok.height
         if write and ok.height:
             table = ok.select(
@@ -274,9 +291,8 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
             )
             if pending is not None:
                 pending.result()
-            in_flight = table.select("pair_id", "source", "shard", "source_row")
             pending = writer.submit(lake.append, RAW, table.to_arrow(), RAW_PAIRS_SCHEMA, ["source"])
-        index.add(keys)
+        index.add(hi, lo, np.full(hi.shape, index.place(source, shard), dtype=np.int32), rows_)
 
     if pending is not None:
         pending.result()
