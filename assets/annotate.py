@@ -4,12 +4,10 @@ import polars as pl
 from pydantic import Field
 
 import dagster as dg
-from assets.common import GPU_POOL
+from assets.common import GPU_POOL, quarantine_pairs
 from assets.ingest import raw_pairs
 from pipelines.annotate.prompts import load_prompt
 from pipelines.annotate.runner import ANNOTATIONS, annotate_attributes
-from pipelines.lake import now_utc
-from pipelines.schema import QUARANTINE_SCHEMA
 from resources.lake import LakeResource
 from resources.llm import LLMResource
 
@@ -42,13 +40,9 @@ def llm_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
                                 category_of=lambda r: truth_cat.get(r["pair_id"]) or r.get("category_hint"))
     failed = (lake.read(ANNOTATIONS).filter((pl.col("status") == "failed") & (pl.col("run_id") == context.run.run_id)
                                             & (pl.col("model") == backend.model_id)))
-    if failed.height:  # nothing is lost: the pair goes to quarantine with the reason
-        q = failed.join(lake.read("raw_pairs", columns=["pair_id", "source", "shard", "source_row"]), on="pair_id")
-        lake.merge_insert("quarantine", q.select(
-            "source", "shard", "source_row", stage=pl.lit("annotate"), reason=pl.lit("annotation_failed"),
-            detail=pl.col("error").fill_null(""), payload=pl.col("raw_output").fill_null(""), pair_id="pair_id",
-            run_id=pl.lit(context.run.run_id), quarantined_at=pl.lit(now_utc(), dtype=pl.Datetime("us", "UTC"))
-        ).to_arrow(), keys=["shard", "source_row", "stage", "reason", "pair_id"], schema=QUARANTINE_SCHEMA)
+    # nothing is lost: the pair goes to quarantine with the reason and the raw model output
+    quarantine_pairs(lake, failed.select("pair_id", detail="error", payload="raw_output"), stage="annotate",
+                     reason="annotation_failed", run_id=context.run.run_id)
     v = lake.version(ANNOTATIONS)
     lake.record_lineage(run_id=context.run.run_id, asset="llm_annotations", partition=None, table=ANNOTATIONS,
                         version_written=v, inputs=inputs, config=config.model_dump(),

@@ -33,6 +33,23 @@ class RMTrainConfig(dg.Config):
         return self.backbone or minilm_path()
 
 
+def quarantine_pairs(lake: Lake, refused: pl.DataFrame, *, stage: str, reason: str, run_id: str) -> int:
+    """Send already-ingested pairs a later stage cannot use to `quarantine` (keyed like ingest's rows).
+    refused: pair_id, detail, payload. Returns how many rows were refused."""
+    if refused.height == 0:
+        return 0
+    from pipelines.lake import now_utc
+    from pipelines.schema import QUARANTINE_SCHEMA
+
+    q = refused.join(lake.read("raw_pairs", columns=["pair_id", "source", "shard", "source_row"]), on="pair_id")
+    lake.merge_insert("quarantine", q.select(
+        "source", "shard", "source_row", stage=pl.lit(stage), reason=pl.lit(reason),
+        detail=pl.col("detail").fill_null(""), payload=pl.col("payload").fill_null(""), pair_id="pair_id",
+        run_id=pl.lit(run_id), quarantined_at=pl.lit(now_utc(), dtype=pl.Datetime("us", "UTC"))
+    ).to_arrow(), keys=["shard", "source_row", "stage", "reason", "pair_id"], schema=QUARANTINE_SCHEMA)
+    return refused.height
+
+
 def truth_map(lake: Lake) -> dict[str, bool]:
     """pair_id -> the stored label is right, for project-made pairs (empty for real data)."""
     if not lake.exists("synth_truth"):

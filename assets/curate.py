@@ -9,7 +9,7 @@ from pydantic import Field
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.common import GPU_POOL, RMTrainConfig, annotated_pool, truth_map
+from assets.common import GPU_POOL, RMTrainConfig, annotated_pool, quarantine_pairs, truth_map
 from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
 from assets.rm import gold_rm
@@ -241,7 +241,11 @@ def rm_scores(context: dg.AssetExecutionContext, config: ScoreConfig, lake_store
             scored, length = score_rows(trainer.load(reg["path"]), todo.to_dicts(), reg["rm_version"],
                                         max_len=config.max_len, batch_size=config.batch_size)
             lake.upsert(SCORES, scored.to_arrow(), keys=["pair_id", "rm_version"])
-            meta[f"{role}_unscored_over_length"] = len(length["unscored_ids"])
+            # a response longer than max_len on its own cannot be scored: quarantined, not silently skipped
+            meta[f"{role}_unscored_over_length"] = quarantine_pairs(
+                lake, pl.DataFrame({"pair_id": length["unscored_ids"]}, schema={"pair_id": pl.String}).with_columns(
+                    detail=pl.lit(f"response alone exceeds max_len={config.max_len} for {reg['rm_version']}"),
+                    payload=pl.lit("")), stage="score", reason="over_length", run_id=context.run.run_id)
         meta[f"{role}_rm_version"] = reg["rm_version"]
         meta[f"{role}_scored_now"] = todo.height
     return dg.MaterializeResult(metadata={**meta, "pool": pool.height, "delta_version": lake.version(SCORES)})

@@ -117,3 +117,16 @@ def test_id_index_is_exact_on_all_128_bits_and_knows_where_each_pair_lives():
     place, row = idx.lookup(hi, lo)
     assert row.tolist() == [9, 3, -1, 7] and place.tolist() == [0, 0, -1, 0]
     assert idx.places[0] == ("s", "s/1")
+
+
+def test_later_stages_quarantine_pairs_with_provenance_idempotently(lake, tmp_path):
+    from assets.common import quarantine_pairs
+
+    ingest_shard(lake, _write(tmp_path / "a.jsonl", GOOD[:3]), source="a", shard="a/x", run_id="r1")
+    pid = lake.read("raw_pairs").sort("source_row")["pair_id"][1]
+    refused = pl.DataFrame({"pair_id": [pid], "detail": ["response alone exceeds max_len=8"], "payload": [""]})
+    for _ in range(2):
+        assert quarantine_pairs(lake, refused, stage="score", reason="over_length", run_id="r2") == 1
+    q = lake.read("quarantine").row(0, named=True)
+    assert lake.read("quarantine").height == 1
+    assert (q["stage"], q["reason"], q["source"], q["shard"], q["source_row"]) == ("score", "over_length", "a", "a/x", 1)
