@@ -6,6 +6,7 @@ import polars as pl
 from pydantic import Field
 
 import dagster as dg
+from pipelines.annotate.runner import latest_attributes
 from pipelines.lake import Lake
 from pipelines.rm.train import TrainConfig
 from pipelines.settings import minilm_path
@@ -77,7 +78,4 @@ def annotated_pool(lake: Lake, stage: str | None = None) -> pl.DataFrame:
         raw = raw.filter(pool_stage() == stage)
     if not lake.exists("llm_annotations"):
         return raw.with_columns(task_category=pl.lit(None, pl.String))
-    ann = (lake.read("llm_annotations").filter(pl.col("status") == "ok").sort("created_at")
-           .unique("pair_id", keep="last").select("pair_id", "task_category", "objectivity", "controversiality",
-                                                  "desired_attributes", "guideline"))
-    return raw.join(ann, on="pair_id", how="inner")
+    return raw.join(latest_attributes(lake.read("llm_annotations")), on="pair_id", how="inner")

@@ -59,11 +59,11 @@ def pair_embeddings(context: dg.AssetExecutionContext, config: EmbedConfig, lake
                                           "delta_version": lake.version(EMBEDDINGS)})
 
 
-def _vectors(lake, ids: list[str]) -> tuple[list[str], np.ndarray]:
-    df = lake.read(EMBEDDINGS).filter(pl.col("pair_id").is_in(ids)).unique("pair_id")
-    order = {p: i for i, p in enumerate(ids)}
-    df = df.with_columns(_o=pl.col("pair_id").replace_strict(order, default=None)).sort("_o")
-    return df["pair_id"].to_list(), vectors_of(df)
+def _vectors(lake, frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+    """`frame` restricted to rows that have an embedding (order kept) and their vectors, row-aligned."""
+    emb = lake.read(EMBEDDINGS).filter(pl.col("pair_id").is_in(frame["pair_id"].to_list())).unique("pair_id")
+    joined = frame.join(emb.select("pair_id", "vector"), on="pair_id", how="inner", maintain_order="left")
+    return joined.drop("vector"), vectors_of(joined)
 
 
 class Stage1Config(RMTrainConfig):
@@ -77,11 +77,9 @@ class Stage1Config(RMTrainConfig):
 def _judge(lake, llm: LLMResource, pairs: pl.DataFrame, gold: pl.DataFrame, n_ex: int, run_id: str, context: str,
            prompt) -> pl.DataFrame:
     """Judge `pairs` with the ensemble, nearest gold pairs as exemplars; returns aggregate verdicts."""
-    ids, vecs = _vectors(lake, pairs["pair_id"].to_list())
-    gids, gvecs = _vectors(lake, gold["pair_id"].to_list())
-    ex = exemplars_for(pairs.filter(pl.col("pair_id").is_in(ids)).sort(
-        pl.col("pair_id").replace_strict({p: i for i, p in enumerate(ids)}, default=None)), vecs, gold,
-        VectorIndex(gids, gvecs), n_ex)
+    embedded, vecs = _vectors(lake, pairs)
+    gold_e, gvecs = _vectors(lake, gold.select("pair_id"))
+    ex = exemplars_for(embedded, vecs, gold, VectorIndex(gold_e["pair_id"].to_list(), gvecs), n_ex)
     truth = truth_map(lake)
     judge_pairs(lake, pairs, llm.backends(), prompt, run_id, samples=llm.samples, temperature=llm.temperature,
                 context=context, exemplars=ex, truth_of=lambda r: truth.get(r["pair_id"]))
@@ -164,11 +162,9 @@ def stage1(context: dg.AssetExecutionContext, config: Stage1Config, lake_store: 
         if lake.exists(JUDGMENTS):
             used |= set(lake.read(JUDGMENTS).filter(pl.col("context").str.starts_with("stage1"))["pair_id"])
         pool = pool_all.filter(~pl.col("pair_id").is_in(list(used)))
-        pids, pvecs = _vectors(lake, pool["pair_id"].to_list())
-        gids, gvecs = _vectors(lake, gold_p["pair_id"].to_list())
-        gold_p = gold_p.filter(pl.col("pair_id").is_in(gids)).sort(
-            pl.col("pair_id").replace_strict({p: i for i, p in enumerate(gids)}, default=None))
-        retrieved = retrieve_for_gold(gold_p, gvecs, VectorIndex(pids, pvecs), config.k_max)
+        pool_e, pvecs = _vectors(lake, pool.select("pair_id"))
+        gold_p, gvecs = _vectors(lake, gold_p)
+        retrieved = retrieve_for_gold(gold_p, gvecs, VectorIndex(pool_e["pair_id"].to_list(), pvecs), config.k_max)
         targets = pool.filter(pl.col("pair_id").is_in(retrieved["pair_id"].unique().to_list()))
         agg = _judge(lake, llm, targets, gold, config.exemplars, context.run.run_id, f"stage1-it{it}", prompt) \
             if targets.height else aggregate_judgments(pl.DataFrame())

@@ -108,10 +108,6 @@ def pair_id(history: list[dict[str, str]], chosen: str, rejected: str) -> str:
     return pair_ids(frame)[0]
 
 
-def normalize_text(text: str) -> str:
-    return pl.select(normalize_expr(pl.lit(text, dtype=pl.String))).item()
-
-
 def prompt_text(history: list[dict[str, str]]) -> str:
     """The conversation as plain text (used for embeddings, decontamination and display)."""
     return "\n".join(f"{m['role']}: {m['content']}" for m in history)

@@ -8,7 +8,6 @@ is recorded as failed with its reason and raw output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -334,5 +333,10 @@ def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
     ).sort("pair_id")
 
 
-def sampling_hash(**kw: Any) -> str:
-    return hashlib.sha256(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:12]
+ATTRIBUTE_COLUMNS = ["task_category", "objectivity", "controversiality", "desired_attributes", "guideline"]
+
+
+def latest_attributes(annotations: pl.DataFrame) -> pl.DataFrame:
+    """One row per pair: its most recent successful attributes (pair_id + ATTRIBUTE_COLUMNS)."""
+    return (annotations.filter(pl.col("status") == "ok").sort("created_at").unique("pair_id", keep="last")
+            .select("pair_id", *ATTRIBUTE_COLUMNS))

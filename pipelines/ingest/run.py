@@ -105,8 +105,12 @@ class IdIndex:
         for c_hi, c_lo, c_pl, c_rw in self.chunks:
             left = np.searchsorted(c_hi, hi, side="left")
             right = np.searchsorted(c_hi, hi, side="right")
-            for i in np.flatnonzero((right > left) & (place < 0)):
-                for j in range(left[i], right[i]):  # equal high halves are (astronomically) rare: scan them
+            todo = (right > left) & (place < 0)
+            first = np.minimum(left, c_hi.size - 1)
+            exact = todo & (c_lo[first] == lo)  # the usual case, vectorized: one entry per high half
+            place[exact], row[exact] = c_pl[first[exact]], c_rw[first[exact]]
+            for i in np.flatnonzero(todo & ~exact & (right - left > 1)):  # equal high halves: (astronomically) rare
+                for j in range(left[i] + 1, right[i]):
                     if c_lo[j] == lo[i]:
                         place[i], row[i] = c_pl[j], c_rw[j]
                         break

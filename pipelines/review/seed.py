@@ -7,6 +7,7 @@ import hashlib
 
 import polars as pl
 
+from pipelines.annotate.runner import latest_attributes
 from pipelines.review.ledger import resolve
 
 SEED = "human_verified_seed"
@@ -32,10 +33,7 @@ def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame, annotations: pl.Data
         split=pl.col("pair_id").map_elements(lambda p: gold_split(p, gold_frac), return_dtype=pl.String),
     )
     if annotations is not None and annotations.height:
-        a = (annotations.filter(pl.col("status") == "ok").sort("created_at")
-             .unique("pair_id", keep="last").select("pair_id", "task_category", "objectivity", "controversiality",
-                                                    "desired_attributes", "guideline"))
-        df = df.join(a, on="pair_id", how="left")
+        df = df.join(latest_attributes(annotations), on="pair_id", how="left")
     else:
         df = df.with_columns(task_category=pl.lit(None, pl.String), objectivity=pl.lit(None, pl.String),
                              controversiality=pl.lit(None, pl.String),
