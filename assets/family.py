@@ -1,6 +1,12 @@
-"""The RM family trained on the curated mix (one partition per backbone) and the Table-1-style evaluation."""
+"""The RM family trained on the curated mix (one asset per backbone) and the Table-1-style evaluation.
+
+Why one asset per backbone rather than a partition per backbone: a Dagster job may hold only one partitions
+definition, and the main job must run raw shard ingest (partitioned by shard) through the family and the report
+in one run. An asset per backbone keeps what a partition gave (materialize one backbone alone, its own history
+and metadata) and lets `main_job` select everything."""
 
 import os
+import re
 
 import polars as pl
 from pydantic import Field
@@ -31,7 +37,11 @@ BACKBONES = {
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct", "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
 }
 FAMILY = [b.strip() for b in os.environ.get("SYNPREF_RM_FAMILY", "minilm,tiny-qwen3").split(",") if b.strip()]
-family_partitions = dg.StaticPartitionsDefinition(FAMILY)
+
+
+def family_key(name: str) -> dg.AssetKey:
+    """rm_family/<backbone> (asset key parts allow [A-Za-z0-9_] only)."""
+    return dg.AssetKey(["rm_family", re.sub(r"[^A-Za-z0-9_]", "_", name)])
 
 
 def resolve_backbone(name: str) -> str:
@@ -54,14 +64,23 @@ class FamilyConfig(RMTrainConfig):
     include_recycled: bool = Field(default=False, description="Train on curated + flipped discards (the 40M mix)")
 
 
-@dg.asset(partitions_def=family_partitions, group_name="reward_models", kinds={"pytorch", "mlflow"}, deps=[stage2],
-          pool=GPU_POOL, tags={"gpu": "1"},
-          description="One BT RM per backbone on the curated mix, checkpoint picked on the gold slice, registered "
-                      "in MLflow as synpref-rm-<backbone>.")
-def rm_family(context: dg.AssetExecutionContext, config: FamilyConfig, lake_store: LakeResource,
-              trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
+def family_member(name: str) -> dg.AssetsDefinition:
+    """The asset that trains backbone `name` on the curated mix and registers it as synpref-rm-<name>."""
+
+    @dg.asset(key=family_key(name), group_name="reward_models", kinds={"pytorch", "mlflow"},
+              deps=[stage2], pool=GPU_POOL, tags={"gpu": "1"},
+              description=f"BT RM on backbone {name} ({BACKBONES.get(name, name)}) trained on the curated mix, "
+                          f"checkpoint picked on the gold slice, registered in MLflow as synpref-rm-{name}.")
+    def _member(context: dg.AssetExecutionContext, config: FamilyConfig, lake_store: LakeResource,
+                trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
+        return train_member(context, name, config, lake_store, trainer, mlflow_store)
+
+    return _member
+
+
+def train_member(context: dg.AssetExecutionContext, name: str, config: FamilyConfig, lake_store: LakeResource,
+                 trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
-    name = context.partition_key
     train = lake.read(CURATED)
     if config.include_recycled and lake.exists(RECYCLED):
         train = pl.concat([train, lake.read(RECYCLED)], how="diagonal_relaxed")
@@ -89,7 +108,7 @@ class EvalConfig(dg.Config):
     include_gold_slice: bool = Field(default=True, description="Also score the held-out human gold slice")
 
 
-@dg.asset(group_name="evaluation", kinds={"deltalake", "mlflow"}, deps=[rm_family, gold_rm, benchmarks],
+@dg.asset(group_name="evaluation", kinds={"deltalake", "mlflow"}, deps=[*(family_key(b) for b in FAMILY), gold_rm, benchmarks],
           description="Every family member, the gold RM and the best Stage-1 RM on every benchmark table plus the "
                       "gold slice: per-section accuracy (Delta), a Table-1 Markdown report and a plot.")
 def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_store: LakeResource,
@@ -100,8 +119,9 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
         g = lake.read(SEED).filter(pl.col("split") == "gold")
         gb = g.select(benchmark=pl.lit("gold-slice"), item_id=pl.int_range(pl.len(), dtype=pl.Int64),
                       section=pl.col("task_category").fill_null("other"), subset=pl.lit(""), history="history",
-                      chosen="chosen", rejected=pl.concat_list("rejected"))
-        bench = pl.concat([bench, gb], how="vertical_relaxed") if bench.height else gb
+                      chosen="chosen", rejected=pl.concat_list("rejected"),
+                      chosen_more=pl.lit([], dtype=pl.List(pl.String)), item_key=pl.col("pair_id"))
+        bench = pl.concat([bench, gb], how="diagonal_relaxed") if bench.height else gb  # older tables lack columns
     models = [latest(lake, name=f"synpref-rm-{b}") for b in FAMILY]
     models += [latest(lake, role="gold"), best_of(lake, "stage1")]
     models = [m for m in models if m is not None]
@@ -142,4 +162,5 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
                                           "models": len(models), "delta_version": v})
 
 
-FAMILY_ASSETS = [rm_family, rm_evaluation]
+FAMILY_MEMBERS = [family_member(b) for b in FAMILY]
+FAMILY_ASSETS = [*FAMILY_MEMBERS, rm_evaluation]

@@ -10,22 +10,17 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.ingest.decontaminate import words
-from pipelines.ingest.formats import PARSERS, ParseStats, detect_format
-from pipelines.ingest.readers import iter_records
+from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, read_benchmark
 from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard
-from pipelines.schema import MESSAGE_TYPE, RAW_PAIRS_SCHEMA, first_user_turn
+from pipelines.schema import RAW_PAIRS_SCHEMA, first_user_turn
 from pipelines.settings import home
-from pipelines.synth.generator import benchmark_records, write_shard
+from pipelines.synth.generator import benchmark_records, synthetic_shard_keys, write_shard
 from assets.meta import md_table
 from resources.lake import LakeResource
 
 raw_shards = dg.DynamicPartitionsDefinition(name="raw_shards")
 
 TRUTH_SCHEMA = pa.schema([("pair_id", pa.string()), ("label_correct", pa.bool_()), ("category", pa.string())])
-BENCHMARK_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("item_id", pa.int64()), ("section", pa.string()), ("subset", pa.string()),
-    ("history", pa.list_(MESSAGE_TYPE)), ("chosen", pa.string()), ("rejected", pa.list_(pa.string())),
-])
 BENCHMARK_PROMPTS_SCHEMA = pa.schema([("benchmark", pa.string()), ("prompt", pa.string())])
 
 
@@ -49,8 +44,9 @@ def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig
         raise dg.Failure("synthetic_landing writes a local landing folder; point landing_root at a local path")
     truth = []
     per = config.n_pairs // config.n_shards
-    for s in range(config.n_shards):
-        truth += write_shard(landing / "synth" / f"shard-{s:03d}.jsonl", per, config.seed + 100 * s,
+    *keys, contaminated = synthetic_shard_keys(config.n_shards)
+    for s, key in enumerate(keys):
+        truth += write_shard(landing / key, per, config.seed + 100 * s,
                              config.label_noise, config.bad_rows)
     bench = benchmark_records(config.benchmark_pairs, config.seed + 999_999)
     bench_dir = home() / "benchmarks"
@@ -59,12 +55,14 @@ def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig
         for r in bench:
             fh.write(json.dumps(r) + "\n")
     # A few landing pairs reuse benchmark prompts: decontamination must catch them.
-    with (landing / "synth" / "shard-contaminated.jsonl").open("w") as fh:
+    with (landing / contaminated).open("w") as fh:
         long_prompts = [r for r in bench if len(words(r["prompt"])) >= 13]
         for r in long_prompts[: config.contaminated]:
             fh.write(json.dumps({"prompt": r["prompt"] + " Please answer carefully.", "chosen": r["chosen"] + " ",
                                  "rejected": r["rejected"] + " (contaminated copy)", "category": r["category"]}) + "\n")
     v = lake.overwrite("synth_truth", pa.Table.from_pylist(truth, TRUTH_SCHEMA), TRUTH_SCHEMA)
+    # Register the shards as raw_pairs partitions right away (the landing sensor would find them too, later).
+    context.instance.add_dynamic_partitions(raw_shards.name, [*keys, contaminated])
     return dg.MaterializeResult(metadata={"pairs": len(truth), "shards": config.n_shards, "truth_version": v,
                                           "landing": dg.MetadataValue.path(str(landing))})
 
@@ -72,26 +70,6 @@ def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig
 class BenchmarksConfig(dg.Config):
     directory: str = Field(default="", description="Folder of benchmark files (<name>.jsonl[.gz]|.parquet); "
                                                    "default <SYNPREF_HOME>/benchmarks")
-
-
-def read_benchmark(path: str, name: str) -> list[dict]:
-    """Benchmark rows: pairwise (TRL/JudgeBench/hh) or best-of-N (`rejected` a list). Keeps `section`/`subset`."""
-    out, item = [], 0
-    for batch in iter_records(path):
-        for rec in batch:
-            if rec.record is None:
-                raise ValueError(f"{path} row {rec.row}: {rec.error}")
-            r = rec.record
-            rejected = r.get("rejected")
-            many = isinstance(rejected, list) and rejected and all(isinstance(x, str) for x in rejected)
-            probe = dict(r, rejected=rejected[0]) if many else r
-            fmt = detect_format(probe)
-            cand = PARSERS[fmt](probe, ParseStats())[0]
-            out.append({"benchmark": name, "item_id": item, "section": str(r.get("section") or r.get("subset") or "all"),
-                        "subset": str(r.get("subset") or r.get("difficulty") or ""), "history": cand.history,
-                        "chosen": cand.chosen, "rejected": list(rejected) if many else [cand.rejected]})
-            item += 1
-    return out
 
 
 @dg.asset(group_name="sources", kinds={"deltalake"}, deps=[synthetic_landing],
@@ -137,42 +115,61 @@ RAW_CHECKS = [
 
 
 @dg.asset(partitions_def=raw_shards, group_name="ingest", kinds={"deltalake", "polars"}, deps=[benchmarks],
-          check_specs=RAW_CHECKS, pool="ingest",
-          description="Canonical pairs from one landed shard: parsed, checked, decontaminated, deduplicated "
-                      "(MERGE semantics: re-ingest is a no-op). Partition key = <source>/<file> under landing.")
+          check_specs=RAW_CHECKS, pool="ingest", backfill_policy=dg.BackfillPolicy.single_run(),
+          description="Canonical pairs from landed shards: parsed, checked, decontaminated, deduplicated "
+                      "(MERGE semantics: re-ingest is a no-op). Partition key = <source>/<file> under landing. "
+                      "A backfill over many shards runs as one run (one decontamination index, one process).")
 def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_store: LakeResource):
     lake = lake_store.lake()
-    key = context.partition_key
-    source = key.split("/", 1)[0]
     decontam = decontam_index_from_lake(lake) if config.decontaminate else None
-    inputs = lake.input_versions(["benchmark_prompts", RAW])
-    report = ingest_shard(lake, lake_store.landing_path(key), source=source, shard=key, run_id=context.run.run_id,
-                          fmt=config.format or None, mapping=config.mapping or None, decontam=decontam,
-                          max_chars=config.max_chars)
-    counts = {k: v for k, v in report.as_dict().items() if isinstance(v, int) and not isinstance(v, bool)}
-    lake.record_lineage(run_id=context.run.run_id, asset="raw_pairs", partition=key, table=RAW,
-                        version_written=report.version, inputs=inputs, config=config.model_dump(), counts=counts)
+    reports = []
+    for key in context.partition_keys:
+        source = key.split("/", 1)[0]
+        inputs = lake.input_versions(["benchmark_prompts", RAW])
+        report = ingest_shard(lake, lake_store.landing_path(key), source=source, shard=key,
+                              run_id=context.run.run_id, fmt=config.format or None, mapping=config.mapping or None,
+                              decontam=decontam, max_chars=config.max_chars)
+        lake.record_lineage(run_id=context.run.run_id, asset="raw_pairs", partition=key, table=RAW,
+                            version_written=report.version, inputs=inputs, config=config.model_dump(),
+                            counts=_counts(report))
+        context.log.info(f"{key}: {_counts(report)}")
+        reports.append(report)
 
+    counts = {k: sum(_counts(r)[k] for r in reports) for k in _counts(reports[0])}
+    by_reason: dict[str, int] = {}
+    by_bench: dict[str, int] = {}
+    for r in reports:
+        for k, n in r.quarantine_by_reason.items():
+            by_reason[k] = by_reason.get(k, 0) + n
+        for k, n in r.contaminated_by_benchmark.items():
+            by_bench[k] = by_bench.get(k, 0) + n
     schema = lake.delta(RAW).schema().to_arrow() if lake.exists(RAW) else None
     got = pa.schema(schema) if schema is not None else None
     schema_ok = got is not None and all(got.field(n).type == RAW_PAIRS_SCHEMA.field(n).type
                                         for n in RAW_PAIRS_SCHEMA.names if n in got.names) \
         and set(RAW_PAIRS_SCHEMA.names) <= set(got.names)
     ids = lake.scan(RAW).select(n=pl.len(), u=pl.col("pair_id").n_unique()).collect().row(0) if got else (0, 0)
+    bad = [r.shard for r in reports if not r.reconciles]
     yield dg.MaterializeResult(
-        metadata={**counts, "format": report.format, "delta_version": report.version,
-                  "quarantine_by_reason": dg.MetadataValue.json(report.quarantine_by_reason),
-                  "contaminated_by_benchmark": dg.MetadataValue.json(report.contaminated_by_benchmark)},
+        metadata={**counts, "shards": len(reports), "format": ",".join(sorted({r.format for r in reports})),
+                  "delta_version": reports[-1].version,
+                  "quarantine_by_reason": dg.MetadataValue.json(by_reason),
+                  "contaminated_by_benchmark": dg.MetadataValue.json(by_bench)},
         check_results=[
             dg.AssetCheckResult(check_name="schema_matches", passed=bool(schema_ok)),
             dg.AssetCheckResult(check_name="pair_id_unique", passed=ids[0] == ids[1],
                                 metadata={"rows": ids[0], "unique": ids[1]}),
-            dg.AssetCheckResult(check_name="counts_reconcile", passed=report.reconciles,
-                                metadata={"candidates": report.candidates, "kept": report.kept,
-                                          "already_present": report.already_present,
-                                          "duplicates": report.duplicates, "quarantined": report.quarantined}),
+            dg.AssetCheckResult(check_name="counts_reconcile", passed=not bad,
+                                metadata={**{k: counts[k] for k in ("candidates", "kept", "already_present",
+                                                                    "duplicates", "quarantined")},
+                                          "shards_not_reconciling": dg.MetadataValue.json(bad)}),
         ],
     )
+
+
+def _counts(report) -> dict[str, int]:
+    return {k: v for k, v in report.as_dict().items()
+            if isinstance(v, int) and not isinstance(v, bool) and k != "version"}
 
 
 INGEST_ASSETS = [synthetic_landing, benchmarks, raw_pairs]

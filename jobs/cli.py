@@ -48,38 +48,30 @@ def _ok(result, what: str) -> None:
 
 
 def demo(scale: str = "small") -> dict:
-    import dagster as dg
-
-    from assets.ingest import benchmarks, raw_pairs, raw_shards, synthetic_landing
+    """Run `main_job` once over every synthetic shard: the whole pipeline is one Dagster run."""
+    from assets.family import FAMILY, family_key
+    from assets.ingest import raw_shards
     from definitions import defs
     from pipelines.lake import Lake
-    from resources.lake import LakeResource
+    from pipelines.synth.generator import synthetic_shard_keys
 
     t0 = time.time()
     instance = _instance()
     cfg = demo_run_config(scale)
-    res = defs.resources
     print(f"[synpref] data directory: {home()}", flush=True)
-    _ok(dg.materialize([synthetic_landing, benchmarks], instance=instance, resources=res,
-                       run_config={"ops": {"synthetic_landing": {"config": cfg["synthetic"]}}}), "sources")
-    shards = LakeResource().list_landing()
+    # The shard names are known before synthetic_landing writes them, so one run can write and ingest them.
+    shards = synthetic_shard_keys(cfg["synthetic"]["n_shards"])
     instance.add_dynamic_partitions(raw_shards.name, shards)
-    for key in shards:
-        _ok(dg.materialize([raw_pairs], instance=instance, resources=res, partition_key=key), f"ingest {key}")
-    print(f"[synpref] ingested {len(shards)} shards ({time.time() - t0:.0f}s)", flush=True)
-    run_config = {"ops": {
+    ops = {
+        "synthetic_landing": {"config": cfg["synthetic"]},
         "review_queue": {"config": {"size": cfg["queue"]}},
         "stage1": {"config": {"iterations": cfg["stage1_iterations"]}},
-    }}
-    _ok(defs.get_job_def("curation_job").execute_in_process(instance=instance, run_config=run_config), "curation")
-    print(f"[synpref] curation done ({time.time() - t0:.0f}s)", flush=True)
-    from assets.family import FAMILY
-
-    for b in FAMILY:
-        _ok(defs.get_job_def("family_job").execute_in_process(
-            instance=instance, partition_key=b,
-            run_config={"ops": {"rm_family": {"config": {"epochs": cfg["family_epochs"]}}}}), f"rm_family {b}")
-    _ok(defs.get_job_def("evaluation_job").execute_in_process(instance=instance), "evaluation")
+        **{family_key(b).to_python_identifier(): {"config": {"epochs": cfg["family_epochs"]}} for b in FAMILY},
+    }
+    tags = {"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]}
+    result = defs.get_job_def("main_job").execute_in_process(instance=instance, run_config={"ops": ops}, tags=tags)
+    _ok(result, "main_job")
+    print(f"[synpref] main_job run {result.run_id} succeeded ({time.time() - t0:.0f}s)", flush=True)
     report = home() / "reports" / "rm_evaluation.md"
     lake = Lake(default_lake_root())
     summary = {"seconds": round(time.time() - t0), "report": str(report)}

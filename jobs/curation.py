@@ -4,7 +4,7 @@
 import dagster as dg
 from assets.annotate import llm_annotations
 from assets.curate import llm_judgments, pair_embeddings, rm_scores, stage1, stage2
-from assets.family import rm_evaluation, rm_family
+from assets.family import FAMILY_MEMBERS, rm_evaluation
 from assets.review import human_verified_seed, review_queue, simulated_review
 from assets.rm import gold_rm
 from pipelines.review.ledger import VERDICTS
@@ -23,8 +23,13 @@ stage2_job = dg.define_asset_job("stage2_job", selection=dg.AssetSelection.asset
                                                                                   rm_scores, stage2),
                                  description="Annotate and embed new pairs, score them, rerun the Stage-2 filter.")
 seed_job = dg.define_asset_job("seed_job", selection=dg.AssetSelection.assets(human_verified_seed))
-family_job = dg.define_asset_job("family_job", selection=dg.AssetSelection.assets(rm_family),
-                                 description="Train one family member (partition = backbone).")
+family_job = dg.define_asset_job("family_job", selection=dg.AssetSelection.assets(*FAMILY_MEMBERS),
+                                 description="Train every family member (select one rm_family/<backbone> asset "
+                                             "in the UI to train one).")
+main_job = dg.define_asset_job(
+    "main_job", selection=dg.AssetSelection.all(),
+    description="Everything end to end in one run: sources -> raw_pairs (launch over a range of shards; one run) "
+                "-> annotation -> review -> seed -> gold RM -> Stage 1 -> Stage 2 -> RM family -> evaluation report.")
 evaluation_job = dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.assets(rm_evaluation))
 
 

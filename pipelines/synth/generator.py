@@ -166,6 +166,12 @@ def truth_row(rec: dict, correct: bool) -> dict:
             "category": rec["category"]}
 
 
+def synthetic_shard_keys(n_shards: int) -> list[str]:
+    """Landing-relative names of the shards `synthetic_landing` writes (= their raw_shards partition keys), known
+    before the files exist so one run can both write and ingest them."""
+    return [f"synth/shard-{s:03d}.jsonl" for s in range(n_shards)] + ["synth/shard-contaminated.jsonl"]
+
+
 def write_shard(path: Path, n: int, seed: int, label_noise: float, bad_rows: int = 0) -> list[dict]:
     """Write a landing JSONL shard; returns its truth rows. `bad_rows` appends unusable rows for the quarantine."""
     path.parent.mkdir(parents=True, exist_ok=True)
