@@ -94,6 +94,19 @@ def test_length_policy_is_explicit_and_counted():
         encode_pairs(Renderer(rm, 64, LengthPolicy.FAIL), rows)
 
 
+@pytest.mark.parametrize("which", ["encoder", "decoder"])
+def test_a_pair_is_truncated_as_one_so_both_responses_see_the_same_history(which, tiny_qwen):
+    rm = load_reward_model(minilm_path() if which == "encoder" else tiny_qwen)
+    hist = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
+    pair, rep = encode_pairs(Renderer(rm, 128), [{"pair_id": "a", "history": hist, "chosen": "short",
+                                                   "rejected": "a longer answer " * 3}])
+    assert rep.as_dict() == {"pairs": 1, "truncated": 1, "dropped": 0}
+    c, r = pair[0].chosen, pair[0].rejected
+    assert c.truncated == r.truncated > 0 and max(len(c.ids), len(r.ids)) == 128 > min(len(c.ids), len(r.ids))
+    assert c.prefix_len == r.prefix_len and c.ids[:c.prefix_len] == r.ids[:r.prefix_len]  # one context
+    assert pair[0].shared >= c.prefix_len - 1 and pair[0].row_len("shared_prefix") < pair[0].tokens
+
+
 def test_train_and_score_tokenize_identically(tiny_qwen):
     rm = load_reward_model(tiny_qwen)
     rows = synth_rows(5, seed=4)

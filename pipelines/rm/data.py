@@ -6,7 +6,8 @@ tokenizer does not add a second one. An encoder gets [CLS] conversation [SEP] re
 
 Length policy (explicit, counted, never silent): `truncate` drops tokens from the left of the history so the
 response survives; `drop` refuses over-length pairs; `fail` raises. A response that alone exceeds the budget is
-refused under every policy but `fail`.
+refused under every policy but `fail`. A pair is truncated as one: both responses keep the same history (enough
+is cut for the longer one), so the comparison is made on one context and the history stays a shared prefix.
 """
 
 from __future__ import annotations
@@ -86,21 +87,30 @@ class Renderer:
 
     def encode(self, history: list[dict], response: str) -> Encoded:
         ids, prefix = self.render(history, response)
-        if len(ids) <= self.max_len:
-            return Encoded(ids, prefix)
-        if self.policy is LengthPolicy.FAIL:
-            raise OverLength(f"{len(ids)} tokens > max_len {self.max_len}")
-        if self.policy is LengthPolicy.DROP:
-            raise OverLength("drop")
-        excess = len(ids) - self.max_len
-        head = 1 if ids and ids[0] in (self.tok.bos_token_id, self.tok.cls_token_id) else 0
-        if excess > prefix - head - 1:
-            raise OverLength("response alone exceeds max_len")
-        # cut from the left of the history, keeping BOS/CLS
-        return Encoded(ids[:head] + ids[head + excess:], prefix - excess, truncated=excess)
+        return self._fit([(ids, prefix)])[0]
 
     def encode_pair(self, history: list[dict], chosen: str, rejected: str) -> tuple[Encoded, Encoded]:
-        return self.encode(history, chosen), self.encode(history, rejected)
+        c, r = self._fit([self.render(history, chosen), self.render(history, rejected)])
+        return c, r
+
+    def _fit(self, rendered: list[tuple[list[int], int]]) -> list[Encoded]:
+        """Apply the length policy to renderings of one history; all lose the same history tokens."""
+        longest = max(len(ids) for ids, _ in rendered)
+        if longest <= self.max_len:
+            return [Encoded(ids, prefix) for ids, prefix in rendered]
+        if self.policy is LengthPolicy.FAIL:
+            raise OverLength(f"{longest} tokens > max_len {self.max_len}")
+        if self.policy is LengthPolicy.DROP:
+            raise OverLength("drop")
+        excess = longest - self.max_len
+        out = []
+        for ids, prefix in rendered:
+            head = 1 if ids and ids[0] in (self.tok.bos_token_id, self.tok.cls_token_id) else 0
+            if excess > prefix - head - 1:
+                raise OverLength("response alone exceeds max_len")
+            # cut from the left of the history, keeping BOS/CLS
+            out.append(Encoded(ids[:head] + ids[head + excess:], prefix - excess, truncated=excess))
+        return out
 
 
 @dataclass
@@ -112,6 +122,24 @@ class EncodedPair:
     @property
     def tokens(self) -> int:
         return len(self.chosen.ids) + len(self.rejected.ids)
+
+    @property
+    def shared(self) -> int:
+        """Leading tokens chosen and rejected share (the history; at least one token of each response is left)."""
+        c, r = self.chosen.ids, self.rejected.ids
+        k = min(self.chosen.prefix_len, self.rejected.prefix_len)
+        if c[:k] != r[:k]:
+            k = 0
+            while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+                k += 1
+        return min(k, len(c) - 1, len(r) - 1)
+
+    def row_len(self, layout: str) -> int:
+        """Length of this pair's padded row(s) in a layout: `pairs` pads both to the longer one, `shared_prefix`
+        lays history + chosen + rejected in one row."""
+        if layout == "shared_prefix":
+            return self.tokens - self.shared
+        return max(len(self.chosen.ids), len(self.rejected.ids))
 
 
 def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair], LengthReport]:
@@ -132,11 +160,14 @@ def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair
     return out, rep
 
 
-def length_grouped_batches(items: list[EncodedPair], batch_size: int, shuffle_seed: int | None = None) -> list[list[int]]:
-    """Batches of similar length (little padding where varlen kernels are absent), in shuffled batch order."""
+def length_grouped_batches(items: list[EncodedPair], batch_size: int, shuffle_seed: int | None = None,
+                           layout: str = "pairs") -> list[list[int]]:
+    """Batches of similar row length in `layout` (little padding where varlen kernels are absent), in shuffled
+    batch order."""
     import random
 
-    order = sorted(range(len(items)), key=lambda i: items[i].tokens)
+    lens = [p.row_len(layout) for p in items]
+    order = sorted(range(len(items)), key=lambda i: (lens[i], items[i].tokens))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(batches)

@@ -4,7 +4,7 @@ Per step, chosen and rejected of a micro-batch go through the model in one forwa
 - `pairs`: 2B padded rows [chosen_1..chosen_B, rejected_1..rejected_B] from length-grouped batches (any model).
 - `shared_prefix` (decoders): one row per pair, history + chosen + rejected, with a block mask so the rejected
   tokens see the history but not the chosen ones and positions restart after the history; the history is
-  computed once per pair instead of twice. Rewards are read at each response's last token through the same
+  computed once per pair instead of twice. Batches are grouped by the length of that row, not of the pair. Rewards are read at each response's last token through the same
   score head HF uses, so a saved model scores identically in plain `AutoModelForSequenceClassification`.
 
 Also: gradient accumulation, AdamW with linear warmup then constant or linear decay (transformers' schedulers),
@@ -111,11 +111,7 @@ def forward_shared_prefix(rm: RewardModel, batch: list[EncodedPair]) -> tuple[to
     """One row per pair: [history | chosen | rejected]; the rejected block attends to history + itself only."""
     rows, meta = [], []
     for p in batch:
-        k = min(p.chosen.prefix_len, p.rejected.prefix_len)
-        if p.chosen.ids[:k] != p.rejected.ids[:k]:
-            k = 0
-            while k < min(len(p.chosen.ids), len(p.rejected.ids)) - 1 and p.chosen.ids[k] == p.rejected.ids[k]:
-                k += 1
+        k = p.shared
         hist, c, r = p.chosen.ids[:k], p.chosen.ids[k:], p.rejected.ids[k:]
         rows.append(hist + c + r)
         meta.append((k, len(c), len(r)))
@@ -203,7 +199,7 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
     distributed = maybe_wrap_fsdp(rm)
 
     micro = max(1, cfg.batch_size // cfg.grad_accum)
-    batches = length_grouped_batches(train, micro, shuffle_seed=cfg.seed)
+    batches = length_grouped_batches(train, micro, shuffle_seed=cfg.seed, layout=layout)
     total_micro = int(math.ceil(len(batches) * cfg.epochs))
     steps = total_micro // cfg.grad_accum if cfg.max_steps is None else min(cfg.max_steps, total_micro // cfg.grad_accum)
     steps = max(steps, 1)
