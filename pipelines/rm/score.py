@@ -1,6 +1,7 @@
 """Batch scoring of a pairs table: r_chosen, r_rejected, margin and p = σ(margin), per pair and RM version.
 
-Inference mode, length-sorted batches (least padding), one forward for chosen+rejected of a batch. This is what
+Inference mode; chosen and rejected are encoded as a pair (one context), then every sequence is sorted by its own
+length and batched (least padding: no gradient ties the two sides of a pair to one forward here). This is what
 Stage 2 runs over the whole in-the-wild pool.
 """
 
@@ -12,9 +13,9 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.rm.data import Encoded, LengthPolicy, OverLength, Renderer, encode_pairs, length_grouped_batches
+from pipelines.rm.data import Encoded, LengthPolicy, OverLength, Renderer, encode_pairs
 from pipelines.rm.model import RewardModel
-from pipelines.rm.train import collate, forward_pairs
+from pipelines.rm.train import collate
 
 SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
                 "margin": pl.Float64, "p": pl.Float64}
@@ -28,13 +29,10 @@ def score_rows(rm: RewardModel, rows: list[dict], rm_version: str, *, max_len: i
     rm.model.eval()
     renderer = Renderer(rm, max_len, LengthPolicy.TRUNCATE)
     enc, length = encode_pairs(renderer, rows)
-    out = {"pair_id": [], "r_chosen": [], "r_rejected": []}
-    for b in tqdm(length_grouped_batches(enc, batch_size), disable=not progress, desc="rm-score"):
-        items = [enc[i] for i in b]
-        rc, rr = forward_pairs(rm, items)
-        out["pair_id"] += [p.pair_id for p in items]
-        out["r_chosen"] += rc.float().tolist()
-        out["r_rejected"] += rr.float().tolist()
+    seqs = [p.chosen for p in enc] + [p.rejected for p in enc]
+    rewards = _score_encoded(rm, seqs, batch_size, progress)
+    n = len(enc)
+    out = {"pair_id": [p.pair_id for p in enc], "r_chosen": rewards[:n], "r_rejected": rewards[n:]}
     df = pl.DataFrame(out, schema={"pair_id": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64})
     df = df.with_columns(rm_version=pl.lit(rm_version), margin=pl.col("r_chosen") - pl.col("r_rejected"))
     df = df.with_columns(p=1.0 / (1.0 + (-pl.col("margin")).exp())).select(list(SCORE_SCHEMA))
@@ -55,11 +53,16 @@ def score_texts(rm: RewardModel, conversations: list[tuple[list[dict], str]], ma
         except OverLength:
             ids, prefix = renderer.render(h, r)
             encoded.append(Encoded(ids[-max_len:], 0, truncated=len(ids) - max_len))
+    return _score_encoded(rm, encoded, batch_size)
+
+
+def _score_encoded(rm: RewardModel, encoded: list[Encoded], batch_size: int, progress: bool = False) -> list[float]:
+    """One reward per encoded sequence, in input order; batches of similar length."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     scores = [math.nan] * len(encoded)
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), disable=not progress, desc="rm-score"):
         idx = order[s:s + batch_size]
-        logits = rm.model(**collate(rm, [encoded[i] for i in idx])).logits[:, 0]
+        logits = rm.model(**collate(rm, [encoded[i] for i in idx])).logits[:, 0].float()
         for j, i in enumerate(idx):
             scores[i] = float(logits[j])
     return scores
