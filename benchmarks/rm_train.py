@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--layout", default="auto", help="auto | pairs | shared_prefix | packed (SynPref side)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     import torch
@@ -119,7 +120,7 @@ def main() -> None:
         for name in a.backbones.split(","):
             path = backbone(name, tmp)
             cfg = TrainConfig(lr=5e-5 if name == "minilm" else 3e-4, batch_size=a.batch, epochs=1.0,
-                              max_len=a.max_len, eval_every=10**9, progress=False, seed=0)
+                              max_len=a.max_len, eval_every=10**9, progress=False, seed=0, layout=a.layout)
             enc, _ = encode_pairs(Renderer(load_reward_model(path), a.max_len), train)
             tokens = sum(e.tokens for e in enc)
             t_ours, d_ours, steps = run_ours(path, train, cfg)

@@ -14,7 +14,8 @@ from pipelines.rm.losses import bradley_terry, center_reward, listwise, reward_l
 from pipelines.rm.model import PAD_TOKEN, load_reward_model
 from pipelines.rm.score import score_rows, score_texts
 from pipelines.rm.tiny import build_tiny_decoder
-from pipelines.rm.train import TrainConfig, forward_pairs, forward_shared_prefix, train_reward_model
+from pipelines.rm.train import (TrainConfig, choose_layout, forward_packed, forward_pairs, forward_shared_prefix,
+                                 train_reward_model)
 from pipelines.settings import minilm_path
 from tests.rm_helpers import synth_rows
 
@@ -74,8 +75,23 @@ def test_shared_prefix_layout_equals_separate_rows(tiny_qwen):
     rm.model.eval()
     enc, _ = encode_pairs(Renderer(rm, 512), synth_rows(6, seed=3))
     with torch.no_grad():
-        a, b = forward_pairs(rm, enc), forward_shared_prefix(rm, enc)
+        a, b, c = forward_pairs(rm, enc), forward_shared_prefix(rm, enc), forward_packed(rm, enc)
     assert torch.allclose(torch.stack(a), torch.stack(b), atol=1e-4)
+    assert torch.allclose(torch.stack(a), torch.stack(c), atol=1e-4)  # padding-free packing: same rewards
+
+
+def test_packed_layout_learns_and_auto_picks_it_only_for_varlen_kernels(tiny_qwen, tmp_path):
+    rm = load_reward_model(tiny_qwen)
+    assert choose_layout(rm, "auto") == "shared_prefix"  # sdpa: no varlen kernel on CPU
+    rm.model.config._attn_implementation = "flash_attention_2"
+    assert choose_layout(rm, "auto") == "packed"
+    rm = load_reward_model(tiny_qwen)
+    rows = synth_rows(32, seed=5)
+    cfg = TrainConfig(lr=3e-3, batch_size=8, epochs=6, max_len=256, layout="packed", eval_every=1000, progress=False)
+    res = train_reward_model(rm, rows, rows, cfg, str(tmp_path / "out"))
+    assert res.best_val_accuracy >= 0.9
+    with pytest.raises(ValueError, match="layout"):
+        choose_layout(rm, "varlen")
 
 
 def test_length_policy_is_explicit_and_counted():

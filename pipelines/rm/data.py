@@ -139,6 +139,8 @@ class EncodedPair:
         lays history + chosen + rejected in one row."""
         if layout == "shared_prefix":
             return self.tokens - self.shared
+        if layout == "packed":
+            return self.tokens
         return max(len(self.chosen.ids), len(self.rejected.ids))
 
 

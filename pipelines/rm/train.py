@@ -4,7 +4,11 @@ Per step, chosen and rejected of a micro-batch go through the model in one forwa
 - `pairs`: 2B padded rows [chosen_1..chosen_B, rejected_1..rejected_B] from length-grouped batches (any model).
 - `shared_prefix` (decoders): one row per pair, history + chosen + rejected, with a block mask so the rejected
   tokens see the history but not the chosen ones and positions restart after the history; the history is
-  computed once per pair instead of twice. Batches are grouped by the length of that row, not of the pair. Rewards are read at each response's last token through the same
+  computed once per pair instead of twice. Batches are grouped by the length of that row, not of the pair.
+- `packed` (decoders; the GPU varlen path): the 2B sequences of a micro-batch concatenated into one row with
+  restarting position ids and no padding at all; transformers turns the restarts into per-sequence attention —
+  varlen kernels under `flash_attention_2`, a block mask under sdpa/eager (correct, but dense: CPU stays on
+  `shared_prefix`). Rewards are read at each response's last token through the same
   score head HF uses, so a saved model scores identically in plain `AutoModelForSequenceClassification`.
 
 Also: gradient accumulation, AdamW with linear warmup then constant or linear decay (transformers' schedulers),
@@ -48,7 +52,7 @@ class TrainConfig:
     length_policy: str = "truncate"
     loss: str = "bt"
     center_coef: float = 0.0
-    layout: str = "auto"  # auto | pairs | shared_prefix
+    layout: str = "auto"  # auto | pairs | shared_prefix | packed
     bf16: str = "auto"  # auto | true | false
     grad_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL, OpenRLHF and open-instruct do for reward models
@@ -132,28 +136,54 @@ def forward_shared_prefix(rm: RewardModel, batch: list[EncodedPair]) -> tuple[to
         allow[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # pad rows attend to themselves (no NaN)
         idx_c.append(k + nc - 1)
         idx_r.append(n - 1)
-    head = getattr(rm.model, "score", None)
-    if head is None:
-        raise ValueError(f"{type(rm.model).__name__} has no `score` head: shared_prefix needs a decoder RM")
     dtype = next(rm.model.parameters()).dtype
     mask4d = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
-    # The HF head scores every position, then pools one; a hook keeps the un-pooled scores so both responses'
-    # last tokens are read. Going through the root forward keeps FSDP's hooks (and the model's own code) in charge.
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda m, i, o: captured.append(o))
-    try:
-        rm.model(input_ids=ids.to(rm.device), attention_mask=mask4d.to(rm.device), position_ids=pos.to(rm.device))
-    finally:
-        hook.remove()
-    scores = captured[-1][..., 0]
+    scores = _all_position_scores(rm, input_ids=ids.to(rm.device), attention_mask=mask4d.to(rm.device),
+                                  position_ids=pos.to(rm.device))
     ar = torch.arange(B, device=rm.device)
     return scores[ar, torch.tensor(idx_c, device=rm.device)], scores[ar, torch.tensor(idx_r, device=rm.device)]
 
 
+def forward_packed(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding-free: every chosen then every rejected sequence back to back in one row, positions restarting at
+    each sequence; rewards read at each sequence's last token."""
+    seqs = [p.chosen.ids for p in batch] + [p.rejected.ids for p in batch]
+    ids = torch.tensor([[t for s in seqs for t in s]], device=rm.device)
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None].to(rm.device)
+    ends = torch.tensor(np.cumsum([len(s) for s in seqs]) - 1, device=rm.device)
+    # no cache: transformers only reads restarting positions as packed sequences in a cache-free forward
+    scores = _all_position_scores(rm, input_ids=ids, position_ids=pos, use_cache=False)[0]
+    out = scores[ends]
+    return out[: len(batch)], out[len(batch):]
+
+
+def _all_position_scores(rm: RewardModel, **inputs) -> torch.Tensor:
+    """Reward at every position [B, L]: the HF head scores every position, then pools one; a hook keeps the
+    un-pooled scores. Going through the root forward keeps FSDP's hooks (and the model's own code) in charge."""
+    head = getattr(rm.model, "score", None)
+    if head is None:
+        raise ValueError(f"{type(rm.model).__name__} has no `score` head: this layout needs a decoder RM")
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        rm.model(**inputs)
+    finally:
+        hook.remove()
+    return captured[-1][..., 0]
+
+
+LAYOUTS = {"pairs": forward_pairs, "shared_prefix": forward_shared_prefix, "packed": forward_packed}
+
+
 def choose_layout(rm: RewardModel, layout: str) -> str:
+    """auto: encoders `pairs`; decoders `packed` under flash_attention_2 (varlen kernels), else `shared_prefix`."""
     if layout != "auto":
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be auto or one of {sorted(LAYOUTS)}, not {layout!r}")
         return layout
-    return "shared_prefix" if rm.is_decoder else "pairs"
+    if not rm.is_decoder:
+        return "pairs"
+    return "packed" if rm.model.config._attn_implementation == "flash_attention_2" else "shared_prefix"
 
 
 @torch.inference_mode()
@@ -195,7 +225,7 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
     if not train:
         raise ValueError("no trainable pairs after the length policy")
     layout = choose_layout(rm, cfg.layout)
-    fwd = forward_shared_prefix if layout == "shared_prefix" else forward_pairs
+    fwd = LAYOUTS[layout]
     distributed = maybe_wrap_fsdp(rm)
 
     micro = max(1, cfg.batch_size // cfg.grad_accum)
