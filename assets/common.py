@@ -23,11 +23,14 @@ class RMTrainConfig(dg.Config):
     schedule: str = Field(default="constant", description="constant | linear (after linear warmup)")
     eval_every: int = Field(default=25, description="Steps between validation (checkpoint selection)")
     loss: str = Field(default="bt", description="bt | margin_bt | listwise")
+    layout: str = Field(default="auto", description="auto | pairs | shared_prefix (decoders: history once) | packed "
+                                                    "(decoders, padding-free; varlen under flash_attention_2)")
     seed: int = 0
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, max_len=self.max_len,
                            schedule=self.schedule, eval_every=self.eval_every, loss=self.loss, seed=self.seed,
+                           layout=self.layout,
                            progress=False)
 
     def backbone_path(self) -> str:
