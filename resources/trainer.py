@@ -26,6 +26,9 @@ class TrainerResource(dg.ConfigurableResource):
     launcher: str = Field(default="inprocess", description="inprocess | torchrun")
     nproc_per_node: int = Field(default=1, description="GPUs per node for the torchrun launcher")
     bf16: str = Field(default="auto", description="auto | true | false (auto = bf16 on GPUs that support it)")
+    attn_implementation: str = Field(default="", description="'' = transformers' default (sdpa); "
+                                                             "flash_attention_2 on GPUs with flash-attn: decoders then "
+                                                             "train padding-free (`packed` layout)")
 
     def torch_device(self) -> str:
         if self.device == "auto":
@@ -33,7 +36,7 @@ class TrainerResource(dg.ConfigurableResource):
         return self.device
 
     def load(self, path: str) -> RewardModel:
-        return load_reward_model(path, device=self.torch_device())
+        return load_reward_model(path, device=self.torch_device(), attn_implementation=self.attn_implementation or None)
 
     def train(self, backbone: str, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, out_dir: str,
               log: Callable[[dict, int], None] | None = None) -> TrainResult:
@@ -48,7 +51,8 @@ class TrainerResource(dg.ConfigurableResource):
             (pl.DataFrame(val_rows).select(cols) if val_rows else pl.DataFrame(schema={c: pl.String for c in cols})
              ).write_parquet(f"{d}/val.parquet")
             spec = {"backbone": backbone, "train": f"{d}/train.parquet", "val": f"{d}/val.parquet",
-                    "config": asdict(cfg), "out_dir": out_dir, "result": f"{d}/result.json"}
+                    "config": asdict(cfg), "out_dir": out_dir, "result": f"{d}/result.json",
+                    "attn_implementation": self.attn_implementation or None}
             Path(f"{d}/spec.json").write_text(json.dumps(spec))
             subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
                             "-m", "pipelines.rm.launch", f"{d}/spec.json"], check=True)

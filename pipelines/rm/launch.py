@@ -25,7 +25,7 @@ def main(spec_path: str) -> None:
         import os
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    rm = load_reward_model(spec["backbone"], device=device)
+    rm = load_reward_model(spec["backbone"], device=device, attn_implementation=spec.get("attn_implementation"))
     res = train_reward_model(rm, pl.read_parquet(spec["train"]).to_dicts(), pl.read_parquet(spec["val"]).to_dicts(),
                              TrainConfig(**spec["config"]), spec["out_dir"])
     if is_main_process():
