@@ -23,12 +23,15 @@ class QueueConfig(dg.Config):
     quotas: dict[str, int] = Field(default_factory=dict, description="Max pairs per task category; empty = equal shares")
     overlap_frac: float = Field(default=0.15, description="Share of items given to 2+ annotators (agreement)")
     precheck: bool = Field(default=True, description="Batched LLM pre-check of each response of objective items")
+    force_new: bool = Field(default=False, description="Queue a new batch even while the latest one has unreviewed "
+                                                       "items (normally a rerun leaves an open queue as it is)")
     seed: int = 0
 
 
 @dg.asset(group_name="review", kinds={"deltalake"}, deps=[llm_annotations],
           description="Pairs chosen for humans: objective/low-controversy first, category quotas, RM-uncertain "
-                      "pairs preferred once a Stage-1 RM exists. Each materialization appends a new queue version.")
+                      "pairs preferred once a Stage-1 RM exists. A materialization appends the next batch as a new "
+                      "queue version once the latest one is fully reviewed; while it is open, it is left as it is.")
 def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_store: LakeResource,
                  llm: LLMResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
@@ -38,6 +41,14 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
     best = best_of(lake, "stage1")
     if best is not None and lake.exists("rm_scores"):
         scores = lake.read("rm_scores").filter(pl.col("rm_version") == best["rm_version"])
+    if lake.exists(QUEUE) and not config.force_new:
+        latest = lake.read(QUEUE)
+        latest = latest.filter(pl.col("queue_version") == latest["queue_version"].max())
+        open_items = latest.filter(~pl.col("pair_id").is_in(list(done))).height
+        if open_items:  # annotators are still on it: a rerun must not replace their queue
+            return dg.MaterializeResult(metadata={
+                "queue_version": latest["queue_version"][0], "queued": latest.height, "open": open_items,
+                "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
     prev = lake.read(QUEUE)["queue_version"].unique().len() if lake.exists(QUEUE) else 0
     version = f"q{prev + 1:03d}"
     q = build_queue(pool, size=config.size, queue_version=version, quotas=config.quotas or None, rm_scores=scores,
