@@ -90,3 +90,16 @@ def test_harness_scores_every_correct_answer_with_the_model(tmp_path):
         assert row["correct"] == (min(good) > max(bad))
     by = dict(res.select("section", "accuracy").iter_rows())
     assert by["Ties"] == pytest.approx(ties_score(scored.filter(pl.col("section") == "Ties")))
+
+
+def test_rewardbench1_subsets_roll_up_into_its_four_sections_with_math_upweighted(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "subset": s}
+            for i, s in enumerate(["alpacaeval-easy", "mt-bench-hard", "donotanswer", "math-prm", "hep-go", "hep-rust"])]
+    items = pl.DataFrame(read_benchmark(_write(tmp_path / "rewardbench.jsonl", rows), "rewardbench"))
+    assert items["section"].to_list() == ["Chat", "Chat Hard", "Safety", "Reasoning", "Reasoning", "Reasoning"]
+    assert items["subset"].to_list()[3:] == ["math-prm", "hep-go", "hep-rust"]
+    scored = pl.DataFrame({"benchmark": ["rewardbench"] * 6, "section": items["section"], "subset": items["subset"],
+                           "item_key": items["item_key"], "correct": [True, False, True, True, False, False]})
+    by = dict(aggregate(scored, "rm:1").select("section", "accuracy").iter_rows())
+    assert by["Reasoning"] == pytest.approx(0.5)  # math 1.0 and code 0.0 count equally (pooled would be 1/3)
+    assert by["overall"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)

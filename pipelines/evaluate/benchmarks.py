@@ -20,6 +20,18 @@ BENCHMARK_SCHEMA = pa.schema([
 ])
 
 
+# RewardBench 1 publishes a `subset` per row; its four reported sections group them (rewardbench's constants).
+RB1_SECTIONS = {
+    **dict.fromkeys(["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+                    "Chat"),
+    **dict.fromkeys(["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                     "llmbar-adver-GPTOut", "llmbar-adver-manual"], "Chat Hard"),
+    **dict.fromkeys(["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+                     "donotanswer"], "Safety"),
+    **dict.fromkeys(["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"], "Reasoning"),
+}
+
+
 def read_benchmark(path: str, name: str) -> list[dict]:
     """Benchmark rows: pairwise (TRL/JudgeBench/hh) or best-of-N (`rejected` a list; RewardBench 2 also has
     `chosen` a list for Ties, where several answers are correct). Keeps `section`/`subset` and `id`."""
@@ -39,8 +51,13 @@ def read_benchmark(path: str, name: str) -> list[dict]:
                 out += rm_bench_items(name, item, r, cand.history, chosen, rejected)
                 item += len(chosen) * len(rejected)
                 continue
-            out.append({"benchmark": name, "item_id": item, "section": str(r.get("section") or r.get("subset") or "all"),
-                        "subset": str(r.get("difficulty") or (r.get("subset") if r.get("section") else "") or ""),
+            section, subset = r.get("section"), r.get("subset")
+            if not section and name == "rewardbench" and subset in RB1_SECTIONS:
+                section = RB1_SECTIONS[subset]  # keep the subset: sections are weighted over their subsets
+            elif not section:
+                section, subset = subset, None
+            out.append({"benchmark": name, "item_id": item, "section": str(section or "all"),
+                        "subset": str(r.get("difficulty") or subset or ""),
                         "history": cand.history, "chosen": cand.chosen,
                         "rejected": list(rejected) if many else [cand.rejected],
                         "chosen_more": list(chosen[1:]) if many_chosen else [],

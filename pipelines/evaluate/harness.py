@@ -74,6 +74,15 @@ def ties_score(items: pl.DataFrame) -> float:
 
 def _section_scores(g: pl.DataFrame) -> pl.DataFrame:
     per = g.group_by("section").agg(n=pl.len(), accuracy=pl.col("correct").mean()).sort("section")
+    if g["benchmark"][0] == "rewardbench" and "math-prm" in g["subset"].to_list():
+        # RewardBench 1 weighs its sections' subsets by size, but counts math-prm as large as all code subsets
+        # together (its EXAMPLE_COUNTS): Reasoning = mean(math accuracy, pooled code accuracy).
+        r = g.filter(pl.col("section") == "Reasoning")
+        math_acc = r.filter(pl.col("subset") == "math-prm")["correct"].mean()
+        code = r.filter(pl.col("subset") != "math-prm")["correct"]
+        reasoning = (math_acc + code.mean()) / 2 if code.len() else math_acc
+        per = per.with_columns(accuracy=pl.when(pl.col("section") == "Reasoning").then(reasoning)
+                               .otherwise("accuracy"))
     ties = [s for s in per["section"] if s.lower() == "ties"]
     if ties and "item_key" in g.columns:  # ties_score refuses items without ref:/tied: keys
         t = ties_score(g.filter(pl.col("section") == ties[0]))
