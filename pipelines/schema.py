@@ -16,6 +16,8 @@ import polars as pl
 import pyarrow as pa
 import xxhash
 
+from pipelines.chat import first_user_turn, prompt_text  # noqa: F401  (re-exported)
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -106,18 +108,6 @@ def pair_id(history: list[dict[str, str]], chosen: str, rejected: str) -> str:
     frame = pl.DataFrame({"history": [history], "chosen": [chosen], "rejected": [rejected]},
                          schema={"history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String})
     return pair_ids(frame)[0]
-
-
-def prompt_text(history: list[dict[str, str]]) -> str:
-    """The conversation as plain text (used for embeddings, decontamination and display)."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in history)
-
-
-def first_user_turn(history: list[dict[str, str]]) -> str:
-    for m in history:
-        if m["role"] == "user":
-            return m["content"]
-    return ""
 
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])

@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pipelines.rm.model import RewardModel
-from pipelines.schema import prompt_text
+from pipelines.chat import prompt_text
 
 
 class LengthPolicy(str, enum.Enum):
@@ -160,6 +160,15 @@ def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair
         rep.truncated += int(bool(c.truncated or j.truncated))
         out.append(EncodedPair(r["pair_id"], c, j))
     return out, rep
+
+
+def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Plain shuffled batches, padded to their longest member: what TRL and most trainers do (a benchmark peer)."""
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def length_grouped_batches(items: list[EncodedPair], batch_size: int, shuffle_seed: int | None = None,

@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from pipelines.rm.data import Encoded, EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches
+from pipelines.rm.data import (Encoded, EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches,
+                               random_batches)
 from pipelines.rm.losses import reward_loss
 from pipelines.rm.model import RewardModel, save_reward_model
 
@@ -53,6 +54,7 @@ class TrainConfig:
     loss: str = "bt"
     center_coef: float = 0.0
     layout: str = "auto"  # auto | pairs | shared_prefix | packed
+    group_by_length: bool = True  # False: plain shuffled batches (TRL's way; the benchmarks' peer)
     bf16: str = "auto"  # auto | true | false
     grad_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL, OpenRLHF and open-instruct do for reward models
@@ -229,7 +231,8 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
     distributed = maybe_wrap_fsdp(rm)
 
     micro = max(1, cfg.batch_size // cfg.grad_accum)
-    batches = length_grouped_batches(train, micro, shuffle_seed=cfg.seed, layout=layout)
+    batches = (length_grouped_batches(train, micro, shuffle_seed=cfg.seed, layout=layout) if cfg.group_by_length
+               else random_batches(len(train), micro, cfg.seed))
     total_micro = int(math.ceil(len(batches) * cfg.epochs))
     steps = total_micro // cfg.grad_accum if cfg.max_steps is None else min(cfg.max_steps, total_micro // cfg.grad_accum)
     steps = max(steps, 1)
