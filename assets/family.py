@@ -108,7 +108,8 @@ class EvalConfig(dg.Config):
     include_gold_slice: bool = Field(default=True, description="Also score the held-out human gold slice")
 
 
-@dg.asset(group_name="evaluation", kinds={"deltalake", "mlflow"}, deps=[*(family_key(b) for b in FAMILY), gold_rm, benchmarks],
+@dg.asset(group_name="evaluation", kinds={"deltalake", "mlflow"},
+          deps=[*(family_key(b) for b in FAMILY), gold_rm, benchmarks],
           description="Every family member, the gold RM and the best Stage-1 RM on every benchmark table plus the "
                       "gold slice: per-section accuracy (Delta), a Table-1 Markdown report and a plot.")
 def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_store: LakeResource,

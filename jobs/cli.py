@@ -76,6 +76,13 @@ def demo(scale: str = "small") -> dict:
     lake = Lake(default_lake_root())
     summary = {"seconds": round(time.time() - t0), "report": str(report)}
     print("\n" + report.read_text().split("## Per section")[0], flush=True)
+    curated = [m for m in result.asset_materializations_for_node("stage2") if m.asset_key.path == ["curated_pairs"]]
+    meta = {k: v.value for k, v in curated[0].metadata.items()} if curated else {}
+    if "kept_label_precision" in meta:  # project-made data carries its truth: how much cleaner did Stage 2 make it?
+        print(f"[synpref] Stage 2 on {meta['pool']} pool pairs (known truth): label precision "
+              f"{meta['pool_label_precision']:.3f} -> {meta['kept_label_precision']:.3f} in the {meta['kept_stage2']} "
+              f"kept; wrong labels found: recall {meta['flip_detection_recall']:.3f}, precision "
+              f"{meta['flip_detection_precision']:.3f} ({meta['recycled']} flipped into recycled_pairs)", flush=True)
     print(f"[synpref] finished in {summary['seconds']}s. Where to look:\n"
           f"  Dagster UI : make ui   (DAGSTER_HOME={os.environ['DAGSTER_HOME']}) -> http://127.0.0.1:3000\n"
           f"  MLflow UI  : .venv/bin/mlflow ui --backend-store-uri {default_mlflow_uri()}\n"

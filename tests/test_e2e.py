@@ -22,6 +22,7 @@ def test_demo_runs_every_asset_end_to_end(tmp_path):
                          text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Where to look" in out.stdout and "| rm_version |" in out.stdout
+    assert "Stage 2 on" in out.stdout and "(known truth): label precision" in out.stdout
     # the whole pipeline was one run of main_job, which ingested every synthetic shard as a partition
     import dagster as dg
 
