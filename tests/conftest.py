@@ -40,20 +40,18 @@ def synpref_home(tmp_path, monkeypatch):
 @pytest.fixture
 def serve_review():
     """Start the review app for a lake + annotators file under uvicorn on 127.0.0.1; returns its base URL."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
     from pipelines.review.app import create_app
+    from tests.servers import free_port
 
     servers = []
 
     def start(lake_root: str, annotators) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(lake_root, annotators), host="127.0.0.1", port=port,
                                                log_level="warning"))
         th = threading.Thread(target=server.run, daemon=True)

@@ -5,7 +5,6 @@ the lake."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+
+from tests.servers import free_port, stop, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +25,6 @@ STATUS = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { s
 JOBS = """{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name }
   jobs { name } } } } }"""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -54,22 +50,14 @@ def test_run_launched_through_the_webserver_is_executed_by_the_daemon(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    port = _free_port()
+    port = free_port()
     logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("webserver", "daemon")}
     procs = [subprocess.Popen([str(bindir / "dagster-webserver"), "-m", "definitions", "-h", "127.0.0.1",
                                "-p", str(port)], cwd=ROOT, env=env, stdout=logs["webserver"], stderr=subprocess.STDOUT),
              subprocess.Popen([str(bindir / "dagster-daemon"), "run", "-m", "definitions"], cwd=ROOT, env=env,
                               stdout=logs["daemon"], stderr=subprocess.STDOUT)]
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline, (tmp_path / "webserver.log").read_text()[-3000:]
-                assert all(p.poll() is None for p in procs), (tmp_path / "webserver.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/server_info", procs, tmp_path / "webserver.log")
         repos = _gql(port, JOBS)["repositoriesOrError"]["nodes"]
         assert len(repos) == 1 and {"main_job", "ingest_job", "family_job"} <= {j["name"] for j in repos[0]["jobs"]}
         params = {"selector": {"repositoryLocationName": repos[0]["location"]["name"],
@@ -86,12 +74,6 @@ def test_run_launched_through_the_webserver_is_executed_by_the_daemon(tmp_path):
             status = _gql(port, STATUS, {"id": run_id})["runOrError"]["status"]
         assert status == "SUCCESS", (tmp_path / "daemon.log").read_text()[-3000:]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     df = pl.read_delta(str(home / "lake" / "raw_pairs"))
     assert df.height > 50 and set(df["shard"]) == {"synth/shard-000.jsonl"}

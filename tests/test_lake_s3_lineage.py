@@ -1,17 +1,11 @@
 import json
-import socket
 
 import polars as pl
 import pytest
 
 from pipelines.ingest.run import ingest_shard
 from pipelines.lake import Lake
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port
 
 
 @pytest.fixture
@@ -20,7 +14,7 @@ def s3(monkeypatch):
     from moto.server import ThreadedMotoServer
     import boto3
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",

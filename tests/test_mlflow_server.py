@@ -3,21 +3,15 @@ params, per-step metrics, the HF folder as an artifact served by the server, a r
 in plain transformers with the same scores."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.servers import free_port, stop, wait_http
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -32,7 +26,7 @@ def test_train_and_register_against_an_mlflow_tracking_server(tmp_path, lake):
     from pipelines.rm.train import TrainConfig, train_reward_model
     from tests.rm_helpers import synth_rows
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(tmp_path / "mlflow.log", "w")
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
@@ -42,14 +36,7 @@ def test_train_and_register_against_an_mlflow_tracking_server(tmp_path, lake):
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=5)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_http(f"{uri}/health", [server], tmp_path / "mlflow.log", timeout=120)
         backbone = build_tiny_decoder(tmp_path / "tiny", "qwen3")
         rows = synth_rows(24, seed=2)
         cfg = TrainConfig(lr=2e-3, batch_size=8, epochs=2, max_len=128, eval_every=2, progress=False)
@@ -79,8 +66,4 @@ def test_train_and_register_against_an_mlflow_tracking_server(tmp_path, lake):
         theirs = score_texts(load_reward_model(folder), convs)
         assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-5)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop([server])

@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pipelines.rm.train import (TrainConfig, choose_layout, forward_packed, forw
                                  train_reward_model)
 from pipelines.settings import minilm_path
 from tests.rm_helpers import synth_rows
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,11 +217,6 @@ def test_minilm_learns_real_hh_rlhf_pairs(lake, hh_path, tmp_path):
     assert lo > 0.5, (correct, scored.height, lo)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_fsdp_world_size_one_on_cpu_gloo(tiny_qwen, tmp_path):
@@ -243,7 +238,7 @@ print(json.dumps({{"fsdp": dist.is_initialized(), "acc": res.best_val_accuracy,
 dist.destroy_process_group()
 """)
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     import json
