@@ -8,8 +8,9 @@ Per step, chosen and rejected of a micro-batch go through the model in one forwa
 - `packed` (decoders; the GPU varlen path): the 2B sequences of a micro-batch concatenated into one row with
   restarting position ids and no padding at all; transformers turns the restarts into per-sequence attention —
   varlen kernels under `flash_attention_2`, a block mask under sdpa/eager (correct, but dense: CPU stays on
-  `shared_prefix`). Rewards are read at each response's last token through the same
-  score head HF uses, so a saved model scores identically in plain `AutoModelForSequenceClassification`.
+  `shared_prefix`).
+In every layout rewards are read at each response's last token through the same score head HF uses, so a saved
+model scores identically in plain `AutoModelForSequenceClassification`.
 
 Also: gradient accumulation, AdamW with linear warmup then constant or linear decay (transformers' schedulers),
 bf16 autocast where supported, gradient checkpointing, checkpoint selection by validation accuracy (the paper
