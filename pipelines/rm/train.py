@@ -1,6 +1,6 @@
 """Bradley–Terry reward-model training: one loop, nanoGPT-plain.
 
-Per step, chosen and rejected of a micro-batch go through the model in one forward pass. Two layouts:
+Per step, chosen and rejected of a micro-batch go through the model in one forward pass. Three layouts:
 - `pairs`: 2B padded rows [chosen_1..chosen_B, rejected_1..rejected_B] from length-grouped batches (any model).
 - `shared_prefix` (decoders): one row per pair, history + chosen + rejected, with a block mask so the rejected
   tokens see the history but not the chosen ones and positions restart after the history; the history is
