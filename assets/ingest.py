@@ -2,6 +2,7 @@
 
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
@@ -135,14 +136,9 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
         context.log.info(f"{key}: {_counts(report)}")
         reports.append(report)
 
-    counts = {k: sum(_counts(r)[k] for r in reports) for k in _counts(reports[0])}
-    by_reason: dict[str, int] = {}
-    by_bench: dict[str, int] = {}
-    for r in reports:
-        for k, n in r.quarantine_by_reason.items():
-            by_reason[k] = by_reason.get(k, 0) + n
-        for k, n in r.contaminated_by_benchmark.items():
-            by_bench[k] = by_bench.get(k, 0) + n
+    counts = _sum(_counts(r) for r in reports)
+    by_reason = _sum(r.quarantine_by_reason for r in reports)
+    by_bench = _sum(r.contaminated_by_benchmark for r in reports)
     schema = lake.delta(RAW).schema().to_arrow() if lake.exists(RAW) else None
     got = pa.schema(schema) if schema is not None else None
     schema_ok = got is not None and all(got.field(n).type == RAW_PAIRS_SCHEMA.field(n).type
@@ -165,6 +161,14 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
                                           "shards_not_reconciling": dg.MetadataValue.json(bad)}),
         ],
     )
+
+
+def _sum(dicts) -> dict[str, int]:
+    """Key-wise sum over shards (Counter.update keeps zero counts; `+` would drop them)."""
+    total: Counter = Counter()
+    for d in dicts:
+        total.update(d)
+    return dict(total)
 
 
 def _counts(report) -> dict[str, int]:

@@ -41,15 +41,15 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
     best = best_of(lake, "stage1")
     if best is not None and lake.exists("rm_scores"):
         scores = lake.read("rm_scores").filter(pl.col("rm_version") == best["rm_version"])
-    if lake.exists(QUEUE) and not config.force_new:
-        latest = lake.read(QUEUE)
-        latest = latest.filter(pl.col("queue_version") == latest["queue_version"].max())
+    queued = lake.read(QUEUE) if lake.exists(QUEUE) else None
+    if queued is not None and not config.force_new:
+        latest = queued.filter(pl.col("queue_version") == queued["queue_version"].max())
         open_items = latest.filter(~pl.col("pair_id").is_in(list(done))).height
         if open_items:  # annotators are still on it: a rerun must not replace their queue
             return dg.MaterializeResult(metadata={
                 "queue_version": latest["queue_version"][0], "queued": latest.height, "open": open_items,
                 "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
-    prev = lake.read(QUEUE)["queue_version"].unique().len() if lake.exists(QUEUE) else 0
+    prev = queued["queue_version"].n_unique() if queued is not None else 0
     version = f"q{prev + 1:03d}"
     q = build_queue(pool, size=config.size, queue_version=version, quotas=config.quotas or None, rm_scores=scores,
                     exclude=done, overlap_frac=config.overlap_frac, seed=config.seed)

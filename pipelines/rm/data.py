@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pipelines.rm.model import RewardModel
 from pipelines.chat import prompt_text
@@ -123,7 +124,7 @@ class EncodedPair:
     def tokens(self) -> int:
         return len(self.chosen.ids) + len(self.rejected.ids)
 
-    @property
+    @cached_property  # read by batch grouping and by every shared-prefix forward
     def shared(self) -> int:
         """Leading tokens chosen and rejected share (the history; at least one token of each response is left)."""
         c, r = self.chosen.ids, self.rejected.ids
