@@ -21,6 +21,8 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
+from pipelines.tables import LINEAGE
+
 LINEAGE_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
@@ -160,6 +162,19 @@ class Lake:
                         schema_mode=None if predicate else "overwrite", storage_options=self.storage_options)
         return self.version(table)  # type: ignore[return-value]
 
+    def replace_where(self, table: str, data: pl.DataFrame | pa.Table, column: str, value: str | int,
+                      schema: pa.Schema | None = None) -> int:
+        """Replace the rows with `column == value` by `data` in one commit (idempotent per value, and it costs the
+        rows of that value, not the table: Delta skips files whose statistics cannot match). An empty `data`
+        removes them. This is how a shard-at-a-time stage commits a shard."""
+        arrow = self._arrow(data, schema)
+        if not self.exists(table):
+            return self.append(table, arrow)
+        literal = str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+        write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=f"{column} = {literal}",
+                        storage_options=self.storage_options)
+        return self.version(table)  # type: ignore[return-value]
+
     def merge_insert(self, table: str, data: pl.DataFrame | pa.Table, keys: Iterable[str],
                      schema: pa.Schema | None = None, partition_by: list[str] | None = None) -> dict[str, int]:
         """Insert rows whose keys are new; existing keys are left as they are (idempotent re-ingest).
@@ -224,10 +239,10 @@ class Lake:
             "counts": [json.dumps(counts, sort_keys=True)],
             "written_at": [datetime.now(timezone.utc)],
         }
-        return self.append("lineage", pa.table(row, schema=LINEAGE_SCHEMA))
+        return self.append(LINEAGE, pa.table(row, schema=LINEAGE_SCHEMA))
 
     def lineage(self, asset: str | None = None) -> pl.DataFrame:
-        df = self.read_or_empty("lineage", LINEAGE_SCHEMA)
+        df = self.read_or_empty(LINEAGE, LINEAGE_SCHEMA)
         return df.filter(pl.col("asset") == asset) if asset else df
 
     def input_versions(self, tables: Iterable[str]) -> dict[str, int | None]:

@@ -120,7 +120,7 @@ def test_id_index_is_exact_on_all_128_bits_and_knows_where_each_pair_lives():
 
 
 def test_later_stages_quarantine_pairs_with_provenance_idempotently(lake, tmp_path):
-    from assets.common import quarantine_pairs
+    from pipelines.pool import quarantine_pairs
 
     ingest_shard(lake, _write(tmp_path / "a.jsonl", GOOD[:3]), source="a", shard="a/x", run_id="r1")
     pid = lake.read("raw_pairs").sort("source_row")["pair_id"][1]

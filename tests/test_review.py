@@ -66,11 +66,19 @@ def test_seed_orients_labels_and_splits(lake):
     pairs = pl.DataFrame({"pair_id": ["a", "b", "c"], "history": [[{"role": "user", "content": "q"}]] * 3,
                           "chosen": ["A1", "B1", "C1"], "rejected": ["A2", "B2", "C2"], "source": ["s"] * 3})
     append_verdicts(lake, [_v("a", "x", "1"), _v("b", "x", "2"), _v("c", "x", "undecidable")])
-    seed = build_seed(read_verdicts(lake), pairs, None, gold_frac=0.5)
+    seed = build_seed(read_verdicts(lake), pairs.lazy(), None, val_frac=0.3, test_frac=0.3)
     assert seed["pair_id"].to_list() == ["a", "b"]
     b = seed.row(1, named=True)
     assert (b["chosen"], b["rejected"], b["label_flipped"], b["label_origin"]) == ("B2", "B1", True, "human")
-    assert set(seed["split"]) <= {"gold", "train"}
+    # a pair's split is a function of its id alone: it never moves (a reported pair is never trained on later)
+    from pipelines.review.seed import gold_split
+
+    ids = [f"p{i}" for i in range(3000)]
+    splits = [gold_split(i, 0.2, 0.2) for i in ids]
+    share = {s: splits.count(s) / len(ids) for s in ("train", "gold_val", "gold_test")}
+    assert abs(share["gold_test"] - 0.2) < 0.03 and abs(share["gold_val"] - 0.2) < 0.03
+    assert [gold_split(i, 0.2, 0.2) for i in ids] == splits
+    assert dict(zip(seed["pair_id"], seed["split"])) == {p: gold_split(p, 0.3, 0.3) for p in ("a", "b")}
 
 
 def test_simulated_reviewer_marks_itself_and_follows_truth():

@@ -1,7 +1,10 @@
 """Running attribute generation and pairwise judging over a pairs table: cached, resumable, never silently defaulted.
 
-Results are keyed by (pair_id, model, prompt_version[, sample, sampling]) and upserted to Delta chunk by chunk,
-so a killed run keeps every finished chunk and a rerun labels only what is missing (or what failed before).
+Results are keyed by (pair_id, model, prompt_version[, sample, sampling]) and appended to Delta chunk by chunk:
+the tables are append-only (a later row for a key supersedes an earlier one, e.g. a retried failure; readers take
+the latest), so a write costs the chunk, not the table, and a killed run keeps every finished chunk. Before a chunk
+is asked, the keys already answered are looked up for that chunk's pairs only, so a rerun or a resumed crash
+labels only what is missing (or what failed before) and the lookup never loads a whole table.
 Invalid output (unparseable, off-schema, refusal) is retried with a repair prompt; after `max_attempts` the row
 is recorded as failed with its reason and raw output.
 """
@@ -25,9 +28,7 @@ from pipelines.annotate.taxonomy import (ATTRIBUTES_SCHEMA, PRECHECK_SCHEMA, TAS
 from pipelines.lake import Lake
 from pipelines.schema import LabelOrigin
 
-ANNOTATIONS = "llm_annotations"
-PRECHECKS = "llm_prechecks"
-JUDGMENTS = "llm_judgments"
+from pipelines.tables import ANNOTATIONS, JUDGMENTS, PRECHECKS  # noqa: E402,F401  (re-exported)
 
 ANNOTATION_SCHEMA = {
     "pair_id": pl.String, "model": pl.String, "prompt_version": pl.String, "status": pl.String,
@@ -97,10 +98,13 @@ def _parse(text: str, model: type[BaseModel]) -> tuple[BaseModel | None, str | N
 
 
 def generate_validated(backend: Backend, requests: list[Request], model: type[BaseModel], max_attempts: int,
-                       stats: RunStats) -> list[list[tuple[BaseModel | None, str, str | None, int]]]:
+                       stats: RunStats, tokens: list[list[int]] | None = None
+                       ) -> list[list[tuple[BaseModel | None, str, str | None, int]]]:
     """For each request, n samples of (parsed | None, raw text, error, attempts). Bad samples are re-asked
-    (whole request, with the repair note) until they validate or attempts run out."""
+    (whole request, with the repair note) until they validate or attempts run out. `tokens`, when given, receives
+    [tokens_in, tokens_out] per request summed over its attempts."""
     results: list[list[Any]] = [[None] * r.n for r in requests]
+    per_request = [[0, 0] for _ in requests]
     pending = list(range(len(requests)))
     attempt = 0
     current = list(requests)
@@ -111,6 +115,8 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
         for i, comp in zip(pending, comps):
             stats.tokens_in += comp.tokens_in
             stats.tokens_out += comp.tokens_out
+            per_request[i][0] += comp.tokens_in
+            per_request[i][1] += comp.tokens_out
             if comp.error is not None:
                 for s in range(requests[i].n):
                     if results[i][s] is None or results[i][s][0] is None:
@@ -131,6 +137,8 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
                 current[i] = Request(**{**requests[i].__dict__,
                                         "prompt": requests[i].prompt + REPAIR.format(error=errors[0])})
         pending = still
+    if tokens is not None:
+        tokens[:] = per_request
     return results
 
 
@@ -152,24 +160,27 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[i:i + size]
 
 
-def done_keys(lake: Lake, table: str, model: str, prompt_version: str, extra: list[str] | None = None) -> set:
-    if not lake.exists(table):
+def done_keys(lake: Lake, table: str, model: str, prompt_version: str, pairs: pl.DataFrame,
+              extra: list[str] | None = None) -> set:
+    """Keys already answered (status ok) among `pairs` only: a semi-join, bounded by the caller's chunk."""
+    if not lake.exists(table) or pairs.height == 0:
         return set()
     cols = ["pair_id", *(extra or [])]
     df = (lake.scan(table).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)
-                                  & (pl.col("status") == "ok")).select(cols).collect())
+                                  & (pl.col("status") == "ok"))
+          .join(pairs.select("pair_id").unique().lazy(), on="pair_id", how="semi").select(cols).collect())
     return set(df.iter_rows()) if extra else set(df["pair_id"].to_list())
 
 
 # --- attributes --------------------------------------------------------------------------------------------------
 def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt: Prompt, run_id: str, *,
-                        chunk: int = 256, max_attempts: int = 3, seed: int = 0,
+                        chunk: int = 256, max_attempts: int = 3, seed: int = 0, table: str = ANNOTATIONS,
                         category_of: Callable[[dict], str | None] | None = None,
                         on_chunk: Callable[[int], None] | None = None) -> RunStats:
     """pairs: pair_id, history, chosen, rejected (+ whatever `category_of` reads for the simulated backend)."""
     stats = RunStats()
     t0 = time.perf_counter()
-    done = done_keys(lake, ANNOTATIONS, backend.model_id, prompt.version)
+    done = done_keys(lake, table, backend.model_id, prompt.version, pairs)
     todo = [r for r in pairs.iter_rows(named=True) if r["pair_id"] not in done]
     stats.skipped_cached = pairs.height - len(todo)
     stats.requested = len(todo)
@@ -184,22 +195,68 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
                                 ATTRIBUTES_SCHEMA, n=1, temperature=0.0, seed=seed,
                                 meta={"task": "attributes", "pair_id": r["pair_id"],
                                       "category": category_of(r) if category_of else None}))
-        res = generate_validated(backend, reqs, Attributes, max_attempts, stats)
+        toks: list[list[int]] = []
+        res = generate_validated(backend, reqs, Attributes, max_attempts, stats, toks)
         rows = []
-        for r, ((parsed, raw, err, attempts),) in zip(part, res):
+        for r, ((parsed, raw, err, attempts),), (t_in, t_out) in zip(part, res, toks):
             ok = stats.tally(parsed, err)
             a = parsed.model_dump() if ok else {}
             rows.append({"pair_id": r["pair_id"], "model": backend.model_id, "prompt_version": prompt.version,
                          "status": "ok" if ok else "failed", "task_category": a.get("task_category"),
                          "objectivity": a.get("objectivity"), "controversiality": a.get("controversiality"),
                          "desired_attributes": a.get("desired_attributes"), "guideline": a.get("guideline"),
-                         "raw_output": raw, "error": err, "attempts": attempts, "tokens_in": 0, "tokens_out": 0,
+                         "raw_output": raw, "error": err, "attempts": attempts, "tokens_in": t_in, "tokens_out": t_out,
                          "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
-        lake.upsert(ANNOTATIONS, pl.DataFrame(rows, schema=ANNOTATION_SCHEMA), keys=["pair_id", "model", "prompt_version"])
+        lake.append(table, pl.DataFrame(rows, schema=ANNOTATION_SCHEMA).to_arrow())
         if on_chunk:
             on_chunk(ci)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def annotation_failures(lake: Lake, pairs: pl.DataFrame, model: str, prompt_version: str,
+                        table: str = ANNOTATIONS) -> pl.DataFrame:
+    """Those of `pairs` with no successful attributes from (model, prompt_version): pair_id, detail (the last
+    error), payload (the last raw output), plus whatever provenance columns `pairs` carries."""
+    if pairs.height == 0 or not lake.exists(table):
+        return pairs.head(0).with_columns(detail=pl.lit(None, pl.String), payload=pl.lit(None, pl.String))
+    mine = (lake.scan(table).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version))
+            .join(pairs.select("pair_id").lazy(), on="pair_id", how="semi"))
+    ok = mine.filter(pl.col("status") == "ok").select("pair_id").unique()
+    last = (mine.sort("created_at").unique("pair_id", keep="last")
+            .select("pair_id", detail="error", payload="raw_output"))
+    prov = [c for c in ("source", "shard", "source_row") if c in pairs.columns]
+    return (pairs.lazy().select("pair_id", *prov).join(ok, on="pair_id", how="anti")
+            .join(last, on="pair_id", how="left").collect())
+
+
+def annotate_pool(lake: Lake, backend: Backend, prompt: Prompt, run_id: str, *, stage1_fraction: float,
+                  unit_rows: int = 50_000, chunk: int = 256, max_attempts: int = 3,
+                  categories: Callable[[pl.DataFrame], dict[str, str]] | None = None,
+                  on_failed: Callable[[pl.DataFrame], None] | None = None) -> RunStats:
+    """Attributes for Stage 1's pool (review queue, retrieval), one work unit of the raw table at a time.
+    Stage 2 annotates only its own unconfident pairs, inside Stage 2. `categories(unit_pairs)` gives the simulated
+    annotator its answers (project-made data). `on_failed` receives each unit's pairs that could not be annotated
+    (with provenance) to quarantine them."""
+    from pipelines.pool import read_unit, work_units
+
+    total = RunStats()
+    t0 = time.perf_counter()
+    for unit in work_units(lake, unit_rows):
+        pairs = read_unit(lake, unit, "stage1", stage1_fraction, exclude_verified=False)
+        if pairs.height == 0:
+            continue
+        cats = categories(pairs) if categories else {}
+        st = annotate_attributes(lake, pairs, backend, prompt, run_id, chunk=chunk, max_attempts=max_attempts,
+                                 category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
+        for k in ("requested", "skipped_cached", "ok", "failed", "retries", "tokens_in", "tokens_out"):
+            setattr(total, k, getattr(total, k) + getattr(st, k))
+        for k, v in st.failures_by_reason.items():
+            total.failures_by_reason[k] = total.failures_by_reason.get(k, 0) + v
+        if on_failed and st.failed:
+            on_failed(annotation_failures(lake, pairs, backend.model_id, prompt.version))
+    total.seconds = time.perf_counter() - t0
+    return total
 
 
 # --- batched pre-check of single responses ----------------------------------------------------------------------
@@ -215,7 +272,7 @@ def precheck_responses(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt
     prompt_version); cached like the other runners. `truth_of` feeds only the simulated backend."""
     stats = RunStats()
     t0 = time.perf_counter()
-    done = done_keys(lake, PRECHECKS, backend.model_id, prompt.version, ["side"])
+    done = done_keys(lake, PRECHECKS, backend.model_id, prompt.version, pairs, ["side"])
     todo = [(r, side) for r in pairs.iter_rows(named=True) for side in ("chosen", "rejected")
             if (r["pair_id"], side) not in done]
     stats.requested = len(todo)
@@ -234,8 +291,7 @@ def precheck_responses(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt
                      "reason": parsed.reason if ok else None, "raw_output": raw, "error": err,  # type: ignore[union-attr]
                      "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
     if rows:
-        lake.upsert(PRECHECKS, pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL),
-                    keys=["pair_id", "side", "model", "prompt_version"])
+        lake.append(PRECHECKS, pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL).to_arrow())
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -255,7 +311,7 @@ def format_exemplars(exemplars: list[dict], seed: int) -> str:
 
 
 def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt: Prompt, run_id: str, *,
-                samples: int = 3, temperature: float = 0.7, seed: int = 0, context: str = "",
+                samples: int = 3, temperature: float = 0.7, seed: int = 0, context: str = "", table: str = JUDGMENTS,
                 exemplars: dict[str, list[dict]] | None = None, chunk: int = 256, max_attempts: int = 3,
                 truth_of: Callable[[dict], bool | None] | None = None) -> RunStats:
     """pairs: pair_id, history, chosen, rejected, task_category, objectivity, controversiality, desired_attributes,
@@ -265,7 +321,7 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
     t0 = time.perf_counter()
     sampling = f"t={temperature},seed={seed}"
     for backend in backends:
-        done = done_keys(lake, JUDGMENTS, backend.model_id, prompt.version, ["sample", "sampling"])
+        done = done_keys(lake, table, backend.model_id, prompt.version, pairs, ["sample", "sampling"])
         todo = [(r, s) for r in pairs.iter_rows(named=True) for s in range(samples)
                 if (r["pair_id"], s, sampling) not in done]
         stats.skipped_cached += pairs.height * samples - len(todo)
@@ -288,9 +344,11 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
                     VERDICT_SCHEMA, n=1, temperature=temperature, max_tokens=256, seed=seed * 1000 + s,
                     meta={"task": "judge", "pair_id": r["pair_id"], "n_exemplars": len(ex),
                           "truth_first_is_better": None if truth is None else (truth == chosen_first)}))
-            res = generate_validated(backend, reqs, Verdict, max_attempts, stats)
+            toks: list[list[int]] = []
+            res = generate_validated(backend, reqs, Verdict, max_attempts, stats, toks)
             rows = []
-            for (r, s), chosen_first, req, ((parsed, raw, err, attempts),) in zip(part, orders, reqs, res):
+            for (r, s), chosen_first, req, ((parsed, raw, err, attempts),), (t_in, t_out) in zip(
+                    part, orders, reqs, res, toks):
                 ok = stats.tally(parsed, err)
                 v = parsed.verdict if ok else None  # type: ignore[union-attr]
                 prefers = None if v is None else ("undecidable" if v == "undecidable" else
@@ -300,18 +358,23 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
                              "order_shown": "chosen_first" if chosen_first else "rejected_first", "verdict_raw": v,
                              "prefers": prefers, "rationale": parsed.rationale if ok else None,  # type: ignore[union-attr]
                              "raw_output": raw, "status": "ok" if ok else "failed", "error": err, "attempts": attempts,
-                             "n_exemplars": req.meta["n_exemplars"], "tokens_in": 0, "tokens_out": 0,
+                             "n_exemplars": req.meta["n_exemplars"], "tokens_in": t_in, "tokens_out": t_out,
                              "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
-            lake.upsert(JUDGMENTS, pl.DataFrame(rows, schema=JUDGMENT_SCHEMA),
-                        keys=["pair_id", "model", "prompt_version", "sample", "sampling"])
+            lake.append(table, pl.DataFrame(rows, schema=JUDGMENT_SCHEMA).to_arrow())
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+JUDGMENT_KEYS = ["pair_id", "model", "prompt_version", "sample", "sampling"]
 
 
 def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
     """Self-consistency in two steps (paper §3.2): majority of samples within each model, then majority of the
     models. Returns per pair: final (chosen | rejected | undecidable), agree_frac (share of valid samples that
-    prefer the stored chosen), model_agree_frac, n_models, n_votes."""
+    prefer the stored chosen), model_agree_frac, n_models, n_votes. Takes the latest row of each sample key
+    (the table is append-only), then its successful ones."""
+    if judgments.height and "created_at" in judgments.columns and set(JUDGMENT_KEYS) <= set(judgments.columns):
+        judgments = judgments.sort("created_at").unique(JUDGMENT_KEYS, keep="last")
     ok = judgments.filter(pl.col("status") == "ok")
     if ok.height == 0:
         return pl.DataFrame(schema={"pair_id": pl.String, "final": pl.String, "agree_frac": pl.Float64,

@@ -29,9 +29,7 @@ from pipelines.lake import Lake, now_utc
 from pipelines.schema import (DUPLICATES_SCHEMA, HISTORY_DTYPE, QUARANTINE_SCHEMA, RAW_PAIRS_SCHEMA, LabelOrigin,
                              pair_ids)
 
-RAW = "raw_pairs"
-QUARANTINE = "quarantine"
-DUPLICATES = "duplicates"
+from pipelines.tables import BENCHMARK_ITEMS, BENCHMARK_PROMPTS, DUPLICATES, QUARANTINE, RAW  # noqa: F401
 
 
 @dataclass
@@ -243,14 +241,15 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
         if decontam is not None and len(decontam) and ok.height:
             hit = decontam.match_frame(ok.select(pl.col("history").list.eval(
                 pl.element().struct.field("content")).list.join("\n")).to_series())
-            ok = ok.with_columns(bench=hit)
+            ok = ok.with_columns(bench=decontam.match_pairs(ok["pair_id"]).fill_null(hit))
             dirty = ok.filter(pl.col("bench").is_not_null())
             for b, n in dirty.group_by("bench").len().iter_rows():
                 report.contaminated_by_benchmark[b] = report.contaminated_by_benchmark.get(b, 0) + n
             if dirty.height:
                 dirty = _with_payload(dirty, batch)
                 quarantine.append(dirty.select("row", reason=pl.lit(Reason.CONTAMINATED.value),
-                                               detail=pl.format("shares a 13-gram with benchmark '{}'", "bench"),
+                                               detail=pl.format("a comparison of, or shares a 13-gram with, "
+                                                                "benchmark '{}'", "bench"),
                                                payload="payload", pair_id="pair_id"))
             ok = ok.filter(pl.col("bench").is_null()).drop("bench")
 
@@ -321,8 +320,14 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
     return report
 
 
-def decontam_index_from_lake(lake: Lake, table: str = "benchmark_prompts") -> NgramIndex | None:
+def decontam_index_from_lake(lake: Lake, table: str = BENCHMARK_PROMPTS) -> NgramIndex | None:
+    """The benchmarks' first-turn prompts (13-grams) and their comparisons' pair ids (exact matches)."""
     if not lake.exists(table):
         return None
     df = lake.read(table, columns=["benchmark", "prompt"])
-    return NgramIndex.build(list(df.iter_rows()))
+    pairs = None
+    if lake.exists(BENCHMARK_ITEMS):
+        from pipelines.evaluate.benchmarks import item_pair_ids
+
+        pairs = item_pair_ids(lake.read(BENCHMARK_ITEMS))
+    return NgramIndex.build(list(df.iter_rows()), pairs=pairs)

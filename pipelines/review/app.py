@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from pipelines.lake import Lake
 from pipelines.review.ledger import VerdictIn, agreement_by_annotator, append_verdicts, read_verdicts
 from pipelines.review.queue import QUEUE
+from pipelines.tables import ANNOTATIONS, PRECHECKS, RAW
 
 COOKIE = "synpref_token"
 
@@ -167,16 +168,16 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
         if open_.height == 0:
             return None, len(mine), 0, version
         head = open_.row(0, named=True)
-        pair = lake.scan("raw_pairs").filter(pl.col("pair_id") == head["pair_id"]).collect().row(0, named=True)
+        pair = lake.scan(RAW).filter(pl.col("pair_id") == head["pair_id"]).collect().row(0, named=True)
         ann = {}
-        if lake.exists("llm_annotations"):
-            a = lake.scan("llm_annotations").filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok")).collect()
+        if lake.exists(ANNOTATIONS):
+            a = lake.scan(ANNOTATIONS).filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok")).collect()
             ann = a.row(0, named=True) if a.height else {}
         chosen_first = random.Random(f"{seed}|{user.name}|{head['pair_id']}").random() < 0.5
         c1, c2 = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
         checks = {}
-        if lake.exists("llm_prechecks"):  # batched LLM pre-check of each response (objective pairs)
-            pc = (lake.scan("llm_prechecks").filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok"))
+        if lake.exists(PRECHECKS):  # batched LLM pre-check of each response (objective pairs)
+            pc = (lake.scan(PRECHECKS).filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok"))
                   .sort("created_at").collect())
             checks = {r["side"]: f"{r['verdict']} ({r['model']}): {r['reason']}" for r in pc.iter_rows(named=True)}
         item = {"pair_id": head["pair_id"], "order": "chosen_first" if chosen_first else "rejected_first",

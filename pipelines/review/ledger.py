@@ -18,7 +18,7 @@ import polars as pl
 
 from pipelines.lake import Lake
 
-VERDICTS = "human_verdicts"
+from pipelines.tables import VERDICTS  # noqa: F401  (re-exported)
 VERDICT_SCHEMA = {
     "verdict_id": pl.String, "pair_id": pl.String, "annotator": pl.String, "role": pl.String,
     "created_at": pl.Datetime("us", "UTC"), "order_shown": pl.String, "choice": pl.String, "prefers": pl.String,

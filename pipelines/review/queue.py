@@ -7,12 +7,24 @@ import random
 
 import polars as pl
 
-QUEUE = "review_queue"
+from pipelines.tables import QUEUE  # noqa: F401  (re-exported)
 QUEUE_SCHEMA = {"pair_id": pl.String, "queue_version": pl.String, "priority": pl.Int64, "task_category": pl.String,
                 "objectivity": pl.String, "controversiality": pl.String, "why": pl.String,
                 "overlap": pl.Boolean}
 
 _CONTRO = {"low": 0, "medium": 1, "high": 2}
+
+
+def queue_candidates(pool: pl.LazyFrame, exclude: pl.LazyFrame, per_category: int, seed: int = 0) -> pl.DataFrame:
+    """At most `per_category` candidates per task category, objective and low-controversy first (the order
+    `build_queue` ranks by), picked lazily so the Stage-1 pool is never materialized whole. pool: pair_id,
+    task_category, objectivity, controversiality."""
+    tier = ((pl.col("objectivity") != "objective").cast(pl.Int64) * 3
+            + pl.col("controversiality").replace_strict(_CONTRO, default=1, return_dtype=pl.Int64))
+    order = tier.cast(pl.Float64) * 2.0 ** 40 + (pl.col("pair_id").hash(seed=seed) % (1 << 40)).cast(pl.Float64)
+    return (pool.join(exclude, on="pair_id", how="anti").filter(pl.col("task_category").is_not_null())
+            .with_columns(_rank=order.rank("ordinal").over("task_category"))
+            .filter(pl.col("_rank") <= per_category).drop("_rank").collect())
 
 
 def build_queue(annotated: pl.DataFrame, *, size: int, queue_version: str, quotas: dict[str, int] | None = None,

@@ -1,5 +1,12 @@
 """The human-verified seed: resolved, non-discarded human labels joined back to their pairs, oriented so that
-`chosen` is what humans preferred, split into a gold validation slice and the rest (D_gold of the paper)."""
+`chosen` is what humans preferred (D_gold of the paper), in three splits:
+
+- `train`: the gold RM trains on it, and (as the LLMs labelled it) it starts Stage 1's silver set;
+- `gold_val`: checkpoint selection of every RM and Stage 1's error-driven retrieval;
+- `gold_test`: reported only — never trained on, selected on, shown to a judge as an exemplar, or put in silver.
+
+A pair's split is a hash of its id, so it never moves as the seed grows: a pair reported once is never trained on
+later."""
 
 from __future__ import annotations
 
@@ -7,33 +14,39 @@ import hashlib
 
 import polars as pl
 
-from pipelines.annotate.runner import latest_attributes
+from pipelines.annotate.runner import ATTRIBUTE_COLUMNS
 from pipelines.review.ledger import resolve
 
-SEED = "human_verified_seed"
+from pipelines.tables import SEED  # noqa: F401  (re-exported)
 
 
-def gold_split(pair_id: str, gold_frac: float) -> str:
+SPLITS = ("train", "gold_val", "gold_test")
+
+
+def gold_split(pair_id: str, val_frac: float, test_frac: float) -> str:
     h = int(hashlib.sha256(f"gold|{pair_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "gold" if h < gold_frac else "train"
+    return "gold_test" if h < test_frac else ("gold_val" if h < test_frac + val_frac else "train")
 
 
-def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame, annotations: pl.DataFrame | None,
-               gold_frac: float = 0.3) -> pl.DataFrame:
-    """pairs: raw_pairs rows. Humans may flip a pair: `chosen` here is always the human-preferred response, and
-    `label_flipped` says whether that differs from the source's label."""
+def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame | pl.LazyFrame, attributes: pl.DataFrame | None,
+               val_frac: float = 0.2, test_frac: float = 0.2) -> pl.DataFrame:
+    """pairs: raw_pairs rows (a lazy scan is fine: only the verdicts' pairs are read). Humans may flip a pair:
+    `chosen` here is always the human-preferred response, and `label_flipped` says whether that differs from the
+    source's label. attributes: pair_id + the latest attributes (`pipelines.pool.attributes`) of these pairs."""
     res = resolve(verdicts).filter(pl.col("resolved") != "discard")
-    df = res.join(pairs.select("pair_id", "history", "chosen", "rejected", "source"), on="pair_id", how="inner")
+    picked = (pairs.lazy().select("pair_id", "history", "chosen", "rejected", "source")
+              .join(res.select("pair_id").lazy(), on="pair_id", how="semi").collect())
+    df = res.join(picked, on="pair_id", how="inner")
     flip = pl.col("resolved") == "rejected"
     df = df.with_columns(
         chosen=pl.when(flip).then(pl.col("rejected")).otherwise(pl.col("chosen")),
         rejected=pl.when(flip).then(pl.col("chosen")).otherwise(pl.col("rejected")),
         label_flipped=flip,
         label_origin=pl.when(pl.col("origin") == "simulated").then(pl.lit("simulated")).otherwise(pl.lit("human")),
-        split=pl.col("pair_id").map_elements(lambda p: gold_split(p, gold_frac), return_dtype=pl.String),
+        split=pl.col("pair_id").map_elements(lambda p: gold_split(p, val_frac, test_frac), return_dtype=pl.String),
     )
-    if annotations is not None and annotations.height:
-        df = df.join(latest_attributes(annotations), on="pair_id", how="left")
+    if attributes is not None and attributes.height:
+        df = df.join(attributes.select("pair_id", *ATTRIBUTE_COLUMNS), on="pair_id", how="left")
     else:
         df = df.with_columns(task_category=pl.lit(None, pl.String), objectivity=pl.lit(None, pl.String),
                              controversiality=pl.lit(None, pl.String),

@@ -1,0 +1,144 @@
+"""Which pool a pair belongs to, bounded reads of it, and sending unusable pairs to quarantine.
+
+The paper draws Stage 1 (human review, error-driven retrieval) from a small pool D_un (~1M pairs) and Stage 2 from
+the rest, D_wild (tens of millions). A pair's pool is a stable hash of its id, so every asset and every rerun puts
+it in the same pool without a lookup table.
+
+Reads here are lazy (polars LazyFrames over Delta): a caller filters to a shard or a set of ids before collecting,
+so nothing in this module holds a whole table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from pipelines.lake import Lake, now_utc
+from pipelines.schema import QUARANTINE_SCHEMA
+from pipelines.tables import ANNOTATIONS, QUARANTINE, RAW, SEED, SILVER, SYNTH_TRUTH
+
+PAIR_COLUMNS = ["pair_id", "history", "chosen", "rejected"]
+
+
+def pool_stage_expr(stage1_fraction: float) -> pl.Expr:
+    """'stage1' | 'stage2' by a stable hash of pair_id (the first 32 bits of the XXH3-128 id)."""
+    h = pl.col("pair_id").str.slice(0, 8).str.to_integer(base=16).cast(pl.Float64) / float(0xFFFFFFFF)
+    return pl.when(h < stage1_fraction).then(pl.lit("stage1")).otherwise(pl.lit("stage2"))
+
+
+def pool_pairs(lake: Lake, stage: str, stage1_fraction: float,
+               columns: list[str] | None = None) -> pl.LazyFrame:
+    """Raw pairs of one pool, lazily (filter further before collecting)."""
+    cols = columns or [*PAIR_COLUMNS, "source", "shard", "source_row", "category_hint"]
+    return lake.scan(RAW).filter(pool_stage_expr(stage1_fraction) == stage).select(cols)
+
+
+def latest_by_key(lf: pl.LazyFrame, keys: list[str], order: str = "created_at") -> pl.LazyFrame:
+    """The newest row per key of an append-only table (later rows supersede earlier ones, history kept)."""
+    return lf.sort(order).unique(keys, keep="last")
+
+
+ATTRIBUTES_SCHEMA = {"pair_id": pl.String, "task_category": pl.String, "objectivity": pl.String,
+                     "controversiality": pl.String, "desired_attributes": pl.List(pl.String), "guideline": pl.String}
+
+
+def attributes(lake: Lake, ids: pl.DataFrame | pl.LazyFrame | None = None, table: str = ANNOTATIONS) -> pl.LazyFrame:
+    """pair_id + the latest successful attributes, lazily; of `ids` only when given (the semi-join comes before
+    the latest-row sort, so a bounded caller never sorts the whole table)."""
+    from pipelines.annotate.runner import ATTRIBUTE_COLUMNS
+
+    if not lake.exists(table):
+        return pl.LazyFrame(schema=ATTRIBUTES_SCHEMA)
+    ok = lake.scan(table).filter(pl.col("status") == "ok")
+    if ids is not None:
+        ok = ok.join(ids.select("pair_id").lazy(), on="pair_id", how="semi")
+    return latest_by_key(ok, ["pair_id"]).select("pair_id", *ATTRIBUTE_COLUMNS)
+
+
+def with_attributes(pairs: pl.LazyFrame, lake: Lake) -> pl.LazyFrame:
+    """Pairs joined with their latest attributes; pairs without attributes are dropped."""
+    return pairs.join(attributes(lake, pairs.select("pair_id")), on="pair_id", how="inner")
+
+
+def verified_ids(lake: Lake) -> pl.LazyFrame:
+    """pair ids a later stage must leave alone: every human-verified pair and every silver pair."""
+    parts = [lake.scan(t).select("pair_id") for t in (SEED, SILVER) if lake.exists(t)]
+    return pl.concat(parts).unique() if parts else pl.LazyFrame(schema={"pair_id": pl.String})
+
+
+def truth_of(lake: Lake, ids: pl.DataFrame | pl.Series) -> dict[str, bool]:
+    """pair_id -> the stored label is right, for the given ids of project-made pairs (empty for real data).
+    Bounded by `ids`: callers ask per chunk, never for the whole pool."""
+    if not lake.exists(SYNTH_TRUTH):
+        return {}
+    want = (ids.select("pair_id") if isinstance(ids, pl.DataFrame) else ids.rename("pair_id").to_frame()).lazy()
+    t = lake.scan(SYNTH_TRUTH).join(want, on="pair_id", how="semi").select("pair_id", "label_correct").collect()
+    return dict(zip(t["pair_id"].to_list(), t["label_correct"].to_list()))
+
+
+def truth_categories(lake: Lake, ids: pl.DataFrame) -> dict[str, str]:
+    """pair_id -> the generator's task category (project-made data; feeds the simulated annotator only)."""
+    if not lake.exists(SYNTH_TRUTH):
+        return {}
+    t = lake.scan(SYNTH_TRUTH).join(ids.select("pair_id").lazy(), on="pair_id", how="semi").collect()
+    return dict(zip(t["pair_id"].to_list(), t["category"].to_list()))
+
+
+def quarantine_pairs(lake: Lake, refused: pl.DataFrame, *, stage: str, reason: str, run_id: str) -> int:
+    """Send already-ingested pairs a later stage cannot use to `quarantine`, keyed like ingest's rows, with their
+    provenance (source, shard, row). refused: pair_id, detail, payload, and source/shard/source_row when the caller
+    has them (Stage 2 does: it read them with the pair), else they are looked up. Idempotent. Returns how many."""
+    if refused.height == 0:
+        return 0
+    if {"source", "shard", "source_row"} <= set(refused.columns):
+        q = refused
+    else:
+        where = (lake.scan(RAW).select("pair_id", "source", "shard", "source_row")
+                 .join(refused.select("pair_id").lazy(), on="pair_id", how="semi").collect())
+        q = refused.join(where, on="pair_id")
+    lake.merge_insert(QUARANTINE, q.select(
+        "source", "shard", "source_row", stage=pl.lit(stage), reason=pl.lit(reason),
+        detail=pl.col("detail").cast(pl.String).fill_null(""), payload=pl.col("payload").cast(pl.String).fill_null(""),
+        pair_id="pair_id", run_id=pl.lit(run_id), quarantined_at=pl.lit(now_utc(), dtype=pl.Datetime("us", "UTC"))
+    ).to_arrow(), keys=["shard", "source_row", "stage", "reason", "pair_id"], schema=QUARANTINE_SCHEMA)
+    return refused.height
+
+
+# --- work units: bounded slices of the raw table ------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkUnit:
+    shard: str
+    lo: int  # first source_row (inclusive)
+    hi: int  # last source_row (exclusive)
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard}#{self.lo}"
+
+
+def work_units(lake: Lake, unit_rows: int) -> list[WorkUnit]:
+    """Every unit of the raw table: each shard cut into source-row ranges of `unit_rows`. Enumerated from a
+    two-column aggregate (one row per shard), so it costs a column scan, not the table."""
+    if not lake.exists(RAW):
+        return []
+    per = (lake.scan(RAW).group_by("shard").agg(lo=pl.col("source_row").min(), hi=pl.col("source_row").max() + 1)
+           .sort("shard").collect())
+    units = []
+    for shard, lo, hi in per.iter_rows():
+        start = (lo // unit_rows) * unit_rows
+        units += [WorkUnit(shard, a, a + unit_rows) for a in range(start, hi, unit_rows)]
+    return units
+
+
+def read_unit(lake: Lake, unit: WorkUnit, stage: str, stage1_fraction: float,
+              exclude_verified: bool = True) -> pl.DataFrame:
+    """The unit's pairs of one pool: one shard's row range (Delta skips the other files by their statistics),
+    minus anything verified (seed, silver) unless `exclude_verified` is off."""
+    lf = (lake.scan(RAW).filter((pl.col("shard") == unit.shard) & (pl.col("source_row") >= unit.lo)
+                                & (pl.col("source_row") < unit.hi))
+          .filter(pool_stage_expr(stage1_fraction) == stage)
+          .select(*PAIR_COLUMNS, "source", "shard", "source_row", "category_hint"))
+    if exclude_verified:
+        lf = lf.join(verified_ids(lake), on="pair_id", how="anti")
+    return lf.collect()
