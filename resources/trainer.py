@@ -1,7 +1,8 @@
 """TrainerResource: device, precision and launcher for RM training and scoring.
 
 `inprocess` trains inside the Dagster step (CPU default, one GPU); `torchrun` launches
-`torchrun --nproc_per_node N -m pipelines.rm.launch` for FSDP across the GPUs of the node.
+`torchrun --nproc_per_node N -m pipelines.rm.launch` for data-parallel FSDP across the node's GPUs (gloo on CPU):
+each rank trains on its own slice of every global batch.
 """
 
 import json
@@ -47,14 +48,16 @@ class TrainerResource(dg.ConfigurableResource):
             raise ValueError(f"unknown launcher {self.launcher!r}")
         with tempfile.TemporaryDirectory() as d:
             cols = ["pair_id", "history", "chosen", "rejected"]
-            pl.DataFrame(train_rows).select(cols).write_parquet(f"{d}/train.parquet")
+            extra = [c for c in ("margin", "rejected_more") if train_rows and c in train_rows[0]]
+            pl.DataFrame(train_rows).select(cols + extra).write_parquet(f"{d}/train.parquet")
             (pl.DataFrame(val_rows).select(cols) if val_rows else pl.DataFrame(schema={c: pl.String for c in cols})
              ).write_parquet(f"{d}/val.parquet")
             spec = {"backbone": backbone, "train": f"{d}/train.parquet", "val": f"{d}/val.parquet",
                     "config": asdict(cfg), "out_dir": out_dir, "result": f"{d}/result.json",
                     "attn_implementation": self.attn_implementation or None}
             Path(f"{d}/spec.json").write_text(json.dumps(spec))
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}",
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={self.nproc_per_node}",
                             "-m", "pipelines.rm.launch", f"{d}/spec.json"], check=True)
             res = json.loads(Path(f"{d}/result.json").read_text())
         if log:

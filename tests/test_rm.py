@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -9,12 +10,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipelines.evaluate.harness import wilson_interval
 from pipelines.rm.data import LengthPolicy, OverLength, Renderer, encode_pairs
-from pipelines.rm.losses import bradley_terry, center_reward, listwise, reward_loss
+from pipelines.rm.losses import pair_losses, reward_loss
 from pipelines.rm.model import PAD_TOKEN, load_reward_model
 from pipelines.rm.score import score_rows, score_texts
 from pipelines.rm.tiny import build_tiny_decoder
-from pipelines.rm.train import (TrainConfig, choose_layout, forward_packed, forward_pairs, forward_shared_prefix,
-                                 train_reward_model)
+from pipelines.rm.train import (LAYOUTS, TrainConfig, choose_layout, forward_packed, forward_pairs,
+                                 forward_shared_prefix, train_reward_model)
 from pipelines.settings import minilm_path
 from tests.rm_helpers import synth_rows
 from tests.servers import free_port
@@ -27,17 +28,53 @@ def tiny_qwen(tmp_path_factory):
     return build_tiny_decoder(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3")
 
 
-def test_losses():
-    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
-    expected = -(torch.log(torch.sigmoid(torch.tensor(2.0))) + torch.log(torch.sigmoid(torch.tensor(-1.0)))) / 2
-    assert torch.isclose(bradley_terry(rc, rr), expected)
-    assert bradley_terry(rc, rr, margin=1.0) > bradley_terry(rc, rr)
-    assert torch.isclose(center_reward(rc, rr), torch.tensor((4.0 + 1.0) / 2))
-    k = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
-    assert torch.isclose(reward_loss(rc, k, kind="bt"), bradley_terry(rc, rr))
-    assert listwise(torch.tensor([5.0]), torch.tensor([[0.0, 0.0]])) < listwise(torch.tensor([0.0]), torch.tensor([[0.0, 0.0]]))
+def test_each_loss_matches_its_definition_on_a_fixed_batch():
+    import math
+
+    rc = torch.tensor([2.0, 0.0])
+    rr = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # two rejected each; the second pair's second is padding
+    mask = torch.tensor([[True, True], [True, False]])
+    ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731  log sigmoid
+    bt = [-(ls(2.0) + ls(1.0)) / 2, -ls(-1.0)]  # K-negative BT: mean over a pair's real rejected
+    got = pair_losses(rc, rr, kind="bt", mask=mask)
+    assert got.tolist() == pytest.approx(bt)
+    margin = torch.tensor([0.5, 1.0])
+    mbt = [-(ls(2.0 - 0.5) + ls(1.0 - 0.5)) / 2, -ls(-1.0 - 1.0)]
+    assert pair_losses(rc, rr, kind="margin_bt", margin=margin, mask=mask).tolist() == pytest.approx(mbt)
+    assert all(m > b for m, b in zip(mbt, bt))  # a margin asks for a larger gap: same rewards, larger loss
+    lw = [-(2.0 - math.log(math.exp(2.0) + math.exp(0.0) + math.exp(1.0))),
+          -(0.0 - math.log(math.exp(0.0) + math.exp(1.0)))]  # -log softmax([r_w, r_l...])[0], padding excluded
+    assert pair_losses(rc, rr, kind="listwise", mask=mask).tolist() == pytest.approx(lw)
+    c = pair_losses(rc, rr, kind="bt", mask=mask, center_coef=0.1)
+    assert c.tolist() == pytest.approx([bt[0] + 0.1 * (2.0 + 0.5) ** 2, bt[1] + 0.1 * (0.0 + 1.0) ** 2])
+    assert reward_loss(rc, rr, kind="bt", mask=mask) == pytest.approx(sum(bt) / 2)
+    with pytest.raises(ValueError, match="margin"):
+        pair_losses(rc, rr, kind="margin_bt")
     with pytest.raises(ValueError):
-        reward_loss(rc, rr, kind="nope")
+        pair_losses(rc, rr, kind="nope")
+
+
+def test_margin_and_several_rejected_reach_the_trainer(tiny_qwen, tmp_path):
+    """`margin` and `rejected_more` columns of the training rows reach the loss; margin_bt without margins fails."""
+    rows = synth_rows(12, seed=9)
+    wide = [{**r, "margin": 1.0, "rejected_more": [r["rejected"] + " also wrong"]} for r in rows]
+    rm = load_reward_model(tiny_qwen)
+    enc, _ = encode_pairs(Renderer(rm, 256), wide)
+    assert all(len(p.rejected_all) == 2 and p.margin == 1.0 for p in enc)
+    for layout in ("pairs", "shared_prefix", "packed"):
+        with torch.no_grad():
+            rc, rr, mask = LAYOUTS[layout](rm, enc[:4])
+        assert rr.shape == (4, 2) and mask.all()
+        if layout == "pairs":
+            ref = rr.clone()
+        else:
+            assert torch.allclose(rr, ref, atol=1e-4), layout  # every layout gives the same rewards
+    cfg = TrainConfig(lr=1e-3, batch_size=4, epochs=1, max_len=256, loss="listwise", progress=False, eval_every=100)
+    res = train_reward_model(rm, wide, wide[:4], cfg, str(tmp_path / "lw"))
+    assert res.steps == 3 and all(math.isfinite(h["loss"]) for h in res.history)
+    with pytest.raises(ValueError, match="margin_bt needs"):
+        train_reward_model(load_reward_model(tiny_qwen), rows, [], TrainConfig(loss="margin_bt", progress=False),
+                           str(tmp_path / "m"))
 
 
 def test_decoder_gets_a_dedicated_pad_token_and_single_bos(tiny_qwen):
@@ -75,9 +112,10 @@ def test_shared_prefix_layout_equals_separate_rows(tiny_qwen):
     rm.model.eval()
     enc, _ = encode_pairs(Renderer(rm, 512), synth_rows(6, seed=3))
     with torch.no_grad():
-        a, b, c = forward_pairs(rm, enc), forward_shared_prefix(rm, enc), forward_packed(rm, enc)
-    assert torch.allclose(torch.stack(a), torch.stack(b), atol=1e-4)
-    assert torch.allclose(torch.stack(a), torch.stack(c), atol=1e-4)  # padding-free packing: same rewards
+        a, b, c = (torch.cat([x[0], x[1][:, 0]]) for x in (forward_pairs(rm, enc), forward_shared_prefix(rm, enc),
+                                                           forward_packed(rm, enc)))
+    assert torch.allclose(a, b, atol=1e-4)
+    assert torch.allclose(a, c, atol=1e-4)  # padding-free packing: same rewards
 
 
 def test_packed_layout_learns_and_auto_picks_it_only_for_varlen_kernels(tiny_qwen, tmp_path):
@@ -129,7 +167,8 @@ def test_train_and_score_tokenize_identically(tiny_qwen):
     enc, _ = encode_pairs(Renderer(rm, 256), rows)
     rm.model.eval()
     with torch.no_grad():
-        rc, rr = forward_pairs(rm, enc)
+        rc, rr, _ = forward_pairs(rm, enc)
+        rr = rr[:, 0]
     scored, _ = score_rows(rm, rows, "v", max_len=256)
     by_id = {r["pair_id"]: r for r in scored.iter_rows(named=True)}
     for e, c, r in zip(enc, rc.tolist(), rr.tolist()):

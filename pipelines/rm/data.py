@@ -20,6 +20,9 @@ from pipelines.rm.model import RewardModel
 from pipelines.chat import prompt_text
 
 
+PROMPT_TAIL = 16  # prompt tokens kept when a response alone overflows an evaluation budget (turn end + header)
+
+
 class LengthPolicy(str, enum.Enum):
     TRUNCATE = "truncate"
     DROP = "drop"
@@ -90,6 +93,34 @@ class Renderer:
         ids, prefix = self.render(history, response)
         return self._fit([(ids, prefix)])[0]
 
+    def encode_for_eval(self, history: list[dict], response: str) -> tuple[Encoded, str]:
+        """One (history, response) for scoring a benchmark, never refused: returns (encoded, how) with how =
+        'none' | 'history' (the history was cut from the left) | 'response' (the response alone does not fit: the
+        history is cut to the last PROMPT_TAIL prompt tokens — the turn boundary and assistant header — and the
+        response's end is cut). Either way the special tokens the model reads survive: the leading BOS/CLS and the
+        tokens the template puts after the response (EOS, SEP, end-of-turn), so the score is read where it always
+        is."""
+        ids, prefix = self.render(history, response)
+        if len(ids) <= self.max_len:
+            return Encoded(ids, prefix), "none"
+        head = 1 if ids and ids[0] in (self.tok.bos_token_id, self.tok.cls_token_id) else 0
+        excess = len(ids) - self.max_len
+        if excess <= prefix - head - 1:
+            return Encoded(ids[:head] + ids[head + excess:], prefix - excess, truncated=excess), "history"
+        tail = self.suffix_len(history)
+        keep = min(prefix - head, PROMPT_TAIL)
+        budget = self.max_len - head - keep - tail
+        if budget < 1:
+            raise OverLength(f"max_len {self.max_len} leaves no room for a response")
+        out = ids[:head] + ids[prefix - keep:prefix] + ids[prefix:len(ids) - tail][:budget] + ids[len(ids) - tail:]
+        return Encoded(out, head + keep, truncated=len(ids) - len(out)), "response"
+
+    def suffix_len(self, history: list[dict]) -> int:
+        """Tokens the rendering puts after the response: a one-token sentinel response shows them (an empty one
+        would not: a tokenizer drops an empty text pair together with its [SEP])."""
+        ids, prefix = self.render(history, "x")
+        return max(len(ids) - prefix - len(self.tok("x", add_special_tokens=False)["input_ids"]), 0)
+
     def encode_pair(self, history: list[dict], chosen: str, rejected: str) -> tuple[Encoded, Encoded]:
         c, r = self._fit([self.render(history, chosen), self.render(history, rejected)])
         return c, r
@@ -116,50 +147,66 @@ class Renderer:
 
 @dataclass
 class EncodedPair:
+    """A chosen response and its rejected one(s) (several for best-of-N data, `more`), encoded on one history,
+    with the pair's margin when the data carries one."""
+
     pair_id: str
     chosen: Encoded
     rejected: Encoded
+    more: list[Encoded] = field(default_factory=list)  # further rejected responses (K-negative / listwise losses)
+    margin: float | None = None
+
+    @property
+    def rejected_all(self) -> list[Encoded]:
+        return [self.rejected, *self.more]
+
+    @property
+    def sequences(self) -> list[Encoded]:
+        return [self.chosen, *self.rejected_all]
 
     @property
     def tokens(self) -> int:
-        return len(self.chosen.ids) + len(self.rejected.ids)
+        return sum(len(e.ids) for e in self.sequences)
 
     @cached_property  # read by batch grouping and by every shared-prefix forward
     def shared(self) -> int:
-        """Leading tokens chosen and rejected share (the history; at least one token of each response is left)."""
-        c, r = self.chosen.ids, self.rejected.ids
-        k = min(self.chosen.prefix_len, self.rejected.prefix_len)
-        if c[:k] != r[:k]:
+        """Leading tokens every response's sequence shares (the history; at least one token of each is left)."""
+        seqs = [e.ids for e in self.sequences]
+        k = min(e.prefix_len for e in self.sequences)
+        if any(s[:k] != seqs[0][:k] for s in seqs[1:]):
             k = 0
-            while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+            while k < min(map(len, seqs)) - 1 and all(s[k] == seqs[0][k] for s in seqs[1:]):
                 k += 1
-        return min(k, len(c) - 1, len(r) - 1)
+        return min(k, *(len(s) - 1 for s in seqs))
 
     def row_len(self, layout: str) -> int:
-        """Length of this pair's padded row(s) in a layout: `pairs` pads both to the longer one, `shared_prefix`
-        lays history + chosen + rejected in one row."""
+        """Length of this pair's padded row(s) in a layout: `pairs` pads every sequence to the longest one,
+        `shared_prefix` lays the history once then every response in one row, `packed` concatenates all."""
         if layout == "shared_prefix":
-            return self.tokens - self.shared
+            return self.tokens - self.shared * (len(self.sequences) - 1)
         if layout == "packed":
             return self.tokens
-        return max(len(self.chosen.ids), len(self.rejected.ids))
+        return max(len(e.ids) for e in self.sequences)
 
 
 def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair], LengthReport]:
-    """rows: dicts with pair_id, history, chosen, rejected. Over-length pairs are counted, not silently lost."""
+    """rows: dicts with pair_id, history, chosen, rejected, and optionally `rejected_more` (a list of further
+    rejected responses) and `margin`. Over-length pairs are counted, not silently lost."""
     out, rep = [], LengthReport()
     for r in rows:
         rep.total += 1
+        extra = [x for x in (r.get("rejected_more") or []) if x is not None]
         try:
-            c, j = renderer.encode_pair(r["history"], r["chosen"], r["rejected"])
+            enc = renderer._fit([renderer.render(r["history"], x) for x in (r["chosen"], r["rejected"], *extra)])
         except OverLength:
             if renderer.policy is LengthPolicy.FAIL:
                 raise
             rep.dropped += 1
             rep.dropped_ids.append(r["pair_id"])
             continue
-        rep.truncated += int(bool(c.truncated or j.truncated))
-        out.append(EncodedPair(r["pair_id"], c, j))
+        rep.truncated += int(any(e.truncated for e in enc))
+        margin = r.get("margin")
+        out.append(EncodedPair(r["pair_id"], enc[0], enc[1], enc[2:], None if margin is None else float(margin)))
     return out, rep
 
 

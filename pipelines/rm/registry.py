@@ -1,7 +1,10 @@
 """Train, log to MLflow, register, and record in the `rm_registry` table: one call used by every RM asset.
 
-Tables refer to models by `rm_version` = "<registered name>:<version>"; the registry row holds the local
-folder and the MLflow run, so later stages load by version and anyone can trace a score to its model.
+Tables refer to models by `rm_version` = "<registered name>:<version>". The registry row holds the MLflow model URI
+(`models:/<name>/<version>`), which any worker with access to the tracking server and its artifact store can fetch
+(`fetch_model`: once per node, into a local cache), plus the folder the model was trained into (provenance only:
+it is a path on the training machine). `rm_data_manifest` records which pair ids each RM trained on and was
+selected on, so a report can prove it never scores a pair a model has seen.
 """
 
 from __future__ import annotations
@@ -15,20 +18,26 @@ from typing import Callable
 import mlflow
 import polars as pl
 
+from pipelines.tables import RM_DATA
+
 from pipelines.lake import Lake
 from pipelines.rm import tracking
 from pipelines.rm.train import TrainConfig, TrainResult
 
-REGISTRY = "rm_registry"
+from pipelines.tables import RM_REGISTRY as REGISTRY
 REGISTRY_SCHEMA = {"rm_version": pl.String, "name": pl.String, "role": pl.String, "backbone": pl.String,
-                   "path": pl.String, "mlflow_run_id": pl.String, "registered_version": pl.String,
+                   "model_uri": pl.String, "path": pl.String, "mlflow_run_id": pl.String, "registered_version": pl.String,
                    "val_accuracy": pl.Float64, "train_pairs": pl.Int64, "extra": pl.String,
                    "created_at": pl.Datetime("us", "UTC")}
+
+
+DATA_SCHEMA = {"rm_version": pl.String, "pair_id": pl.String, "use": pl.String}  # use: train | select
 
 
 @dataclass
 class RegisteredRM:
     rm_version: str
+    model_uri: str
     path: str
     mlflow_run_id: str
     val_accuracy: float
@@ -50,12 +59,18 @@ def train_and_register(lake: Lake, *, tracking_uri: str, experiment: str, name: 
         version = tracking.log_model_folder(res.best_dir, name)
         run_id = run.info.run_id
     rm_version = f"{name}:{version}"
+    uri = f"models:/{name}/{version}"
+    manifest = pl.concat([pl.DataFrame({"pair_id": [r["pair_id"] for r in rows], "use": use},
+                                       schema={"pair_id": pl.String, "use": pl.String})
+                          for rows, use in ((train_rows, "train"), (val_rows, "select"))])
+    lake.append(RM_DATA, manifest.select(pl.lit(rm_version).alias("rm_version"), "pair_id", "use").to_arrow())
     lake.append(REGISTRY, pl.DataFrame([{
-        "rm_version": rm_version, "name": name, "role": role, "backbone": backbone, "path": res.best_dir,
+        "rm_version": rm_version, "name": name, "role": role, "backbone": backbone, "model_uri": uri,
+        "path": res.best_dir,
         "mlflow_run_id": run_id, "registered_version": version, "val_accuracy": res.best_val_accuracy,
         "train_pairs": len(train_rows), "extra": json.dumps(extra or {}), "created_at": datetime.now(timezone.utc),
     }], schema=REGISTRY_SCHEMA).to_arrow())
-    return RegisteredRM(rm_version, res.best_dir, run_id, res.best_val_accuracy, res)
+    return RegisteredRM(rm_version, uri, res.best_dir, run_id, res.best_val_accuracy, res)
 
 
 def latest(lake: Lake, *, name: str | None = None, role: str | None = None) -> dict | None:
@@ -81,3 +96,54 @@ def model_dir(home: Path, name: str, run_key: str) -> str:
     p = home / "models" / name / run_key
     p.mkdir(parents=True, exist_ok=True)
     return str(p)
+
+
+def fetch_model(uri: str, tracking_uri: str, cache_root: str | Path) -> str:
+    """A local folder holding the model at `uri`: a local folder is returned as is; `models:/<name>/<version>` is
+    downloaded from MLflow once into `<cache_root>/<name>/<version>` (written beside, then renamed, so two workers
+    on one node never see half a model) and reused after that."""
+    if not uri.startswith("models:/"):
+        return uri
+    name, version = uri[len("models:/"):].split("/")
+    dst = Path(cache_root) / name / version
+    if (dst / "config.json").exists():
+        return str(dst)
+    import tempfile
+
+    from pipelines.rm.tracking import download_model
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=dst.parent, prefix=f".{version}-")
+    folder = download_model(tracking_uri, name, version=version, dst=tmp)
+    try:
+        Path(folder).rename(dst)
+    except OSError:  # another worker finished first: use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dst)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a worker needs to load a registered RM anywhere: picklable, no local path baked in."""
+
+    rm_version: str
+    uri: str
+    tracking_uri: str
+    cache_root: str
+
+    def local_path(self) -> str:
+        return fetch_model(self.uri, self.tracking_uri, self.cache_root)
+
+
+def ref_of(row: dict, tracking_uri: str, cache_root: str | Path) -> ModelRef:
+    """The ModelRef of a registry row."""
+    return ModelRef(row["rm_version"], row.get("model_uri") or row["path"], tracking_uri, str(cache_root))
+
+
+def data_manifest(lake: Lake) -> pl.LazyFrame:
+    """rm_version, pair_id, use (train | select) of every registered RM."""
+    if not lake.exists(RM_DATA):
+        return pl.LazyFrame(schema=DATA_SCHEMA)
+    return lake.scan(RM_DATA)

@@ -13,7 +13,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.rm.data import Encoded, LengthPolicy, OverLength, Renderer, encode_pairs
+from pipelines.rm.data import Encoded, LengthPolicy, Renderer, encode_pairs
 from pipelines.rm.model import RewardModel
 from pipelines.rm.train import collate
 
@@ -43,17 +43,26 @@ def score_rows(rm: RewardModel, rows: list[dict], rm_version: str, *, max_len: i
 def score_texts(rm: RewardModel, conversations: list[tuple[list[dict], str]], max_len: int = 256,
                 batch_size: int = 64) -> list[float]:
     """One reward per (history, response): for best-of-N benchmarks where one chosen meets several rejected.
-    A response that alone exceeds max_len is scored on its last max_len tokens (callers report it)."""
+    Over-length texts are cut as `Renderer.encode_for_eval` says (special tokens kept); `score_texts_detailed`
+    also says how each was cut."""
+    return [r for r, _, _ in score_texts_detailed(rm, conversations, max_len, batch_size)]
+
+
+@torch.inference_mode()
+def score_texts_detailed(rm: RewardModel, conversations: list[tuple[list[dict], str]], max_len: int = 256,
+                         batch_size: int = 64) -> list[tuple[float, int, str]]:
+    """(reward, tokens scored, truncation: none | history | response) per (history, response)."""
     rm.model.eval()
     renderer = Renderer(rm, max_len, LengthPolicy.TRUNCATE)
-    encoded = []
-    for h, r in conversations:
-        try:
-            encoded.append(renderer.encode(h, r))
-        except OverLength:
-            ids, prefix = renderer.render(h, r)
-            encoded.append(Encoded(ids[-max_len:], 0, truncated=len(ids) - max_len))
-    return _score_encoded(rm, encoded, batch_size)
+    fitted = [renderer.encode_for_eval(h, r) for h, r in conversations]
+    rewards = _score_encoded(rm, [e for e, _ in fitted], batch_size)
+    return [(rw, len(e.ids), how) for rw, (e, how) in zip(rewards, fitted)]
+
+
+def model_context(rm: RewardModel, cap: int) -> int:
+    """The model's own context length (its position embeddings), capped at `cap`."""
+    n = getattr(rm.model.config, "max_position_embeddings", None) or cap
+    return int(min(n, cap))
 
 
 def _score_encoded(rm: RewardModel, encoded: list[Encoded], batch_size: int, progress: bool = False) -> list[float]:

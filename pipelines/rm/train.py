@@ -1,24 +1,33 @@
-"""Bradley–Terry reward-model training: one loop, nanoGPT-plain.
+"""Bradley–Terry reward-model training: one loop, nanoGPT-plain, data-parallel under torchrun.
 
-Per step, chosen and rejected of a micro-batch go through the model in one forward pass. Three layouts:
-- `pairs`: 2B padded rows [chosen_1..chosen_B, rejected_1..rejected_B] from length-grouped batches (any model).
-- `shared_prefix` (decoders): one row per pair, history + chosen + rejected, with a block mask so the rejected
-  tokens see the history but not the chosen ones and positions restart after the history; the history is
-  computed once per pair instead of twice. Batches are grouped by the length of that row, not of the pair.
-- `packed` (decoders; the GPU varlen path): the 2B sequences of a micro-batch concatenated into one row with
-  restarting position ids and no padding at all; transformers turns the restarts into per-sequence attention —
-  varlen kernels under `flash_attention_2`, a block mask under sdpa/eager (correct, but dense: CPU stays on
+Per step, every response of a micro-batch goes through the model in one forward pass. Three layouts:
+- `pairs`: padded rows [chosen_1..chosen_B, rejected_1..] from length-grouped batches (any model).
+- `shared_prefix` (decoders): one row per pair, history + chosen + rejected(s), with a block mask so each rejected
+  block sees the history but not the other responses and positions restart after the history; the history is
+  computed once per pair. Batches are grouped by the length of that row.
+- `packed` (decoders; the GPU varlen path): every sequence of a micro-batch concatenated into one row with
+  restarting position ids and no padding; transformers turns the restarts into per-sequence attention — varlen
+  kernels under `flash_attention_2`, a block mask under sdpa/eager (correct, but dense: CPU stays on
   `shared_prefix`).
-In every layout rewards are read at each response's last token through the same score head HF uses, so a saved
-model scores identically in plain `AutoModelForSequenceClassification`.
+Rewards are read at each response's last token through the same score head HF uses, so a saved model scores
+identically in plain `AutoModelForSequenceClassification`.
 
-Also: gradient accumulation, AdamW with linear warmup then constant or linear decay (transformers' schedulers),
-bf16 autocast where supported, gradient checkpointing, checkpoint selection by validation accuracy (the paper
-picks by gold accuracy), deterministic seeds, resume from `last/` after a crash, FSDP when launched by torchrun.
+Data parallelism: the schedule of global batches (batch_size pairs = micro-batch x grad_accum x world size) is the
+same on every rank; each global batch is split into world x grad_accum micro-batches of balanced tokens and rank r
+takes its grad_accum of them. The loss of a micro-batch is its pairs' summed loss / pairs in the global batch x world
+size, so FSDP's gradient average over ranks is exactly the mean over the global batch: 2 ranks and 1 process on
+the same global batches give the same weights. Validation is sharded and its counts all-reduced. Checkpoints (model,
+optimizer, scheduler, step) are written by every rank together with torch.distributed.checkpoint, so a resumed
+multi-rank run continues exactly; the best model is exported once, by rank 0, as a plain HF folder.
+
+Also: AdamW with linear warmup then constant or linear decay (transformers' schedulers), bf16 autocast where
+supported, gradient checkpointing, checkpoint selection by validation accuracy (the paper picks by gold accuracy),
+deterministic seeds, FSDP2 per transformer block when launched by torchrun.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,15 +45,15 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from pipelines.rm.data import (Encoded, EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches,
                                random_batches)
-from pipelines.rm.losses import reward_loss
+from pipelines.rm.losses import LOSSES, pair_losses
 from pipelines.rm.model import RewardModel, save_reward_model
 
 
 @dataclass
 class TrainConfig:
     lr: float = 3e-5
-    batch_size: int = 16  # pairs per optimizer step (global, before accumulation split)
-    grad_accum: int = 1
+    batch_size: int = 16  # pairs per optimizer step over all ranks (the global batch)
+    grad_accum: int = 1  # micro-batches per rank per step: micro-batch = batch_size / (grad_accum x world size)
     epochs: float = 1.0  # the paper trains one epoch
     max_steps: int | None = None
     warmup_ratio: float = 0.05
@@ -52,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_len: int = 256
     length_policy: str = "truncate"
-    loss: str = "bt"
+    loss: str = "bt"  # bt | margin_bt | listwise (see pipelines.rm.losses)
     center_coef: float = 0.0
     layout: str = "auto"  # auto | pairs | shared_prefix | packed
     group_by_length: bool = True  # False: plain shuffled batches (TRL's way; the benchmarks' peer)
@@ -60,9 +69,10 @@ class TrainConfig:
     grad_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL, OpenRLHF and open-instruct do for reward models
     eval_every: int = 50
-    save_last_every: int = 50
+    save_last_every: int = 50  # steps between resumable checkpoints in out_dir/last
     seed: int = 0
     progress: bool = True
+    record_order: bool = False  # each rank appends the pair ids of every micro-batch to out_dir/order-rank<r>.jsonl
 
 
 @dataclass
@@ -74,6 +84,8 @@ class TrainResult:
     tokens_per_s: float = 0.0
     length: dict = field(default_factory=dict)
     resumed_from_step: int = 0
+    world_size: int = 1
+    tokens_per_s_per_rank: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -108,56 +120,80 @@ def collate(rm: RewardModel, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def forward_pairs(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards (chosen, rejected) of a micro-batch in one forward pass of 2B padded rows."""
-    out = rm.model(**collate(rm, [p.chosen for p in batch] + [p.rejected for p in batch])).logits[:, 0]
-    return out[: len(batch)], out[len(batch):]
+def _rewards(batch: list[EncodedPair], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores of every sequence, laid out [chosen of each pair..., then each pair's rejected in order] ->
+    (r_chosen [B], r_rejected [B, K], mask [B, K])."""
+    B = len(batch)
+    K = max(len(p.rejected_all) for p in batch)
+    rr = flat.new_zeros((B, K))
+    mask = torch.zeros((B, K), dtype=torch.bool, device=flat.device)
+    i = B
+    for b, p in enumerate(batch):
+        n = len(p.rejected_all)
+        rr[b, :n] = flat[i:i + n]
+        mask[b, :n] = True
+        i += n
+    return flat[:B], rr, mask
 
 
-def forward_shared_prefix(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row per pair: [history | chosen | rejected]; the rejected block attends to history + itself only."""
+def _layout_order(batch: list[EncodedPair]) -> list[Encoded]:
+    return [p.chosen for p in batch] + [e for p in batch for e in p.rejected_all]
+
+
+def forward_pairs(rm: RewardModel, batch: list[EncodedPair]):
+    """Rewards (chosen [B], rejected [B, K], mask) of a micro-batch in one forward pass of padded rows."""
+    out = rm.model(**collate(rm, _layout_order(batch))).logits[:, 0]
+    return _rewards(batch, out)
+
+
+def forward_shared_prefix(rm: RewardModel, batch: list[EncodedPair]):
+    """One row per pair: [history | chosen | rejected_1 | ...]; each response block attends to the history and
+    itself only, its positions continuing from the history."""
     rows, meta = [], []
     for p in batch:
         k = p.shared
-        hist, c, r = p.chosen.ids[:k], p.chosen.ids[k:], p.rejected.ids[k:]
-        rows.append(hist + c + r)
-        meta.append((k, len(c), len(r)))
+        blocks = [e.ids[k:] for e in p.sequences]
+        rows.append(p.chosen.ids[:k] + [t for blk in blocks for t in blk])
+        meta.append((k, [len(blk) for blk in blocks]))
     L = max(len(x) for x in rows)
     B = len(rows)
     ids = torch.full((B, L), rm.tokenizer.pad_token_id, dtype=torch.long)
     pos = torch.zeros((B, L), dtype=torch.long)
     allow = torch.zeros((B, L, L), dtype=torch.bool)
-    idx_c, idx_r = [], []
-    for b, (row, (k, nc, nr)) in enumerate(zip(rows, meta)):
+    ends: list[list[int]] = []
+    for b, (row, (k, lens)) in enumerate(zip(rows, meta)):
         n = len(row)
         ids[b, :n] = torch.tensor(row)
-        pos[b, : k + nc] = torch.arange(k + nc)
-        pos[b, k + nc: n] = torch.arange(k, k + nr)
-        causal = torch.tril(torch.ones((n, n), dtype=torch.bool))
-        causal[k + nc: n, k: k + nc] = False  # rejected tokens never see chosen tokens
-        allow[b, :n, :n] = causal
+        pos[b, :k] = torch.arange(k)
+        allow[b, :k, :k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
+        start, e = k, []
+        for m in lens:
+            pos[b, start:start + m] = torch.arange(k, k + m)
+            allow[b, start:start + m, :k] = True  # every response sees the history ...
+            allow[b, start:start + m, start:start + m] = torch.tril(torch.ones((m, m), dtype=torch.bool))  # ... and itself
+            start += m
+            e.append(start - 1)
         allow[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # pad rows attend to themselves (no NaN)
-        idx_c.append(k + nc - 1)
-        idx_r.append(n - 1)
+        ends.append(e)
     dtype = next(rm.model.parameters()).dtype
     mask4d = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
     scores = _all_position_scores(rm, input_ids=ids.to(rm.device), attention_mask=mask4d.to(rm.device),
                                   position_ids=pos.to(rm.device))
-    ar = torch.arange(B, device=rm.device)
-    return scores[ar, torch.tensor(idx_c, device=rm.device)], scores[ar, torch.tensor(idx_r, device=rm.device)]
+    flat_c = torch.stack([scores[b, e[0]] for b, e in enumerate(ends)])
+    flat_r = torch.stack([scores[b, j] for b, e in enumerate(ends) for j in e[1:]])
+    return _rewards(batch, torch.cat([flat_c, flat_r]))
 
 
-def forward_packed(rm: RewardModel, batch: list[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padding-free: every chosen then every rejected sequence back to back in one row, positions restarting at
-    each sequence; rewards read at each sequence's last token."""
-    seqs = [p.chosen.ids for p in batch] + [p.rejected.ids for p in batch]
+def forward_packed(rm: RewardModel, batch: list[EncodedPair]):
+    """Padding-free: every sequence of the micro-batch back to back in one row, positions restarting at each
+    sequence; rewards read at each sequence's last token."""
+    seqs = [e.ids for e in _layout_order(batch)]
     ids = torch.tensor([[t for s in seqs for t in s]], device=rm.device)
     pos = torch.cat([torch.arange(len(s)) for s in seqs])[None].to(rm.device)
     ends = torch.tensor(np.cumsum([len(s) for s in seqs]) - 1, device=rm.device)
     # no cache: transformers only reads restarting positions as packed sequences in a cache-free forward
     scores = _all_position_scores(rm, input_ids=ids, position_ids=pos, use_cache=False)[0]
-    out = scores[ends]
-    return out[: len(batch)], out[len(batch):]
+    return _rewards(batch, scores[ends])
 
 
 def _all_position_scores(rm: RewardModel, **inputs) -> torch.Tensor:
@@ -191,53 +227,139 @@ def choose_layout(rm: RewardModel, layout: str) -> str:
 
 @torch.inference_mode()
 def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int = 32) -> dict[str, float]:
+    """Accuracy (the chosen response beats every rejected one) and mean margin over `pairs`. Under torchrun each
+    rank scores its own shard (padded to equal length so every rank runs the same forwards) and the counts are
+    all-reduced: every rank returns the global figures."""
     was = rm.model.training
     rm.model.eval()
-    correct, margins = 0, []
-    for b in length_grouped_batches(pairs, batch_size):
-        rc, rr = forward_pairs(rm, [pairs[i] for i in b])
-        m = (rc - rr).float()
-        correct += int((m > 0).sum())
-        margins += m.tolist()
+    world, rank = world_size(), rank_index()
+    per = math.ceil(len(pairs) / world) if pairs else 0
+    shard = pairs[rank * per:(rank + 1) * per]
+    weight = [1.0] * len(shard) + [0.0] * (per - len(shard))
+    shard = shard + [pairs[0]] * (per - len(shard))  # dummies, not counted
+    stats = torch.zeros(3, dtype=torch.float64)  # correct, n, margin sum
+    for b in length_grouped_batches(shard, batch_size):
+        rc, rr, mask = forward_pairs(rm, [shard[i] for i in b])
+        best_rej = rr.float().masked_fill(~mask, float("-inf")).max(1).values
+        m = (rc.float() - best_rej).cpu()
+        w = torch.tensor([weight[i] for i in b], dtype=torch.float64)
+        stats += torch.stack([((m > 0).double() * w).sum(), w.sum(), (m.double() * w).sum()])
+    stats = all_reduce_sum(stats)
     rm.model.train(was)
-    n = max(len(pairs), 1)
-    return {"accuracy": correct / n, "mean_margin": float(np.mean(margins)) if margins else 0.0, "n": len(pairs)}
+    n = max(float(stats[1]), 1.0)
+    return {"accuracy": float(stats[0]) / n, "mean_margin": float(stats[2]) / n, "n": int(stats[1])}
 
 
-def _save_state(path: Path, rm: RewardModel, opt, sched, step: int, epoch_batches: list, cfg: TrainConfig,
-                best: float) -> None:
+def balanced_split(batch: list[int], lens: list[int], pieces: int) -> list[list[int]]:
+    """Split one global batch into `pieces` micro-batches of near-equal size (counts differ by at most one) and
+    balanced tokens: longest first, each to the piece with the fewest tokens that still has room."""
+    cap = math.ceil(len(batch) / pieces) if batch else 0
+    out: list[list[int]] = [[] for _ in range(pieces)]
+    load = [0] * pieces
+    for i in sorted(batch, key=lambda i: (-lens[i], i)):
+        j = min((k for k in range(pieces) if len(out[k]) < cap), key=lambda k: (load[k], k))
+        out[j].append(i)
+        load[j] += lens[i]
+    return out
+
+
+def plan(train: list[EncodedPair], cfg: TrainConfig, layout: str, world: int) -> list[list[list[int]]]:
+    """The whole run's data, the same on every rank: for each optimizer step, world x grad_accum micro-batches
+    (lists of indices into `train`); rank r takes micro-batches [r * grad_accum, (r + 1) * grad_accum). Global
+    batches are length-grouped over the whole set (or shuffled: group_by_length=False), reshuffled every epoch."""
+    pieces = world * cfg.grad_accum
+    if cfg.batch_size < pieces:
+        raise ValueError(f"batch_size {cfg.batch_size} < world size x grad_accum = {pieces}: a global batch must give "
+                         "every micro-batch at least one pair")
+    n_global = math.ceil(len(train) / cfg.batch_size)
+    steps = max(1, int(math.ceil(n_global * cfg.epochs)))
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    lens = [p.row_len(layout) for p in train]
+    out: list[list[list[int]]] = []
+    epoch = 0
+    while len(out) < steps:
+        seed = cfg.seed + epoch
+        batches = (length_grouped_batches(train, cfg.batch_size, shuffle_seed=seed, layout=layout)
+                   if cfg.group_by_length else random_batches(len(train), cfg.batch_size, seed))
+        out += [balanced_split(b, lens, pieces) for b in batches[:steps - len(out)]]
+        epoch += 1
+    return out
+
+
+def _plan_key(train: list[EncodedPair], cfg: TrainConfig, layout: str, world: int) -> str:
+    """Identifies a run's data and plan (the plan is a function of these): a checkpoint resumes only its own run."""
+    h = hashlib.sha256(json.dumps([world, layout, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed,
+                                   cfg.group_by_length, cfg.max_len, len(train)]).encode())
+    for p in train:
+        h.update(p.pair_id.encode())
+    return h.hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, rm: RewardModel, opt, sched, step: int, best: float, key: str) -> None:
+    """Model + optimizer through torch.distributed.checkpoint (every rank writes its shards), scheduler and position
+    by rank 0; written beside, then swapped in, so a crash mid-save leaves the previous `last/` whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_reward_model(rm, str(tmp))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "batches": epoch_batches, "best": best, "torch_rng": torch.get_rng_state(),
-                "config": asdict(cfg)}, tmp / "trainer_state.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)  # atomic swap: a crash mid-save leaves the previous `last/` intact
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(rm.model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if is_main_process():
+        torch.save({"scheduler": sched.state_dict(), "step": step, "best": best, "plan": key,
+                    "world_size": world_size()}, tmp / "trainer_state.pt")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    barrier()
+
+
+def _load_checkpoint(path: Path, rm: RewardModel, opt, sched, key: str) -> tuple[int, float] | None:
+    """(step, best) after restoring `path` into the model/optimizer/scheduler, or None when there is no checkpoint
+    of this run (a different plan: new data or settings start over)."""
+    state_file = path / "trainer_state.pt"
+    if not state_file.exists():
+        return None
+    state = torch.load(state_file, weights_only=False)
+    if state.get("plan") != key:
+        return None
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(rm.model, opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(rm.model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"]), float(state["best"])
 
 
 def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig,
                        out_dir: str, log: Callable[[dict, int], None] | None = None) -> TrainResult:
-    """Train on `train_rows`, select the checkpoint by accuracy on `val_rows`; best model saved to out_dir/best."""
+    """Train on `train_rows`, select the checkpoint by accuracy on `val_rows`; best model saved to out_dir/best.
+    Under torchrun (WORLD_SIZE set) every rank calls this with the same rows; each trains on its slice."""
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}: one of {LOSSES}")
     renderer = Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy))
     train, length = encode_pairs(renderer, train_rows)
     val, _ = encode_pairs(renderer, val_rows)
     if not train:
         raise ValueError("no trainable pairs after the length policy")
+    if cfg.loss == "margin_bt" and any(p.margin is None for p in train):
+        raise ValueError("loss margin_bt needs a numeric `margin` on every training pair (e.g. a rating gap); "
+                         f"{sum(p.margin is None for p in train)} of {len(train)} have none")
     layout = choose_layout(rm, cfg.layout)
     fwd = LAYOUTS[layout]
     distributed = maybe_wrap_fsdp(rm)
-
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
-    batches = (length_grouped_batches(train, micro, shuffle_seed=cfg.seed, layout=layout) if cfg.group_by_length
-               else random_batches(len(train), micro, cfg.seed))
-    total_micro = int(math.ceil(len(batches) * cfg.epochs))
-    steps = total_micro // cfg.grad_accum if cfg.max_steps is None else min(cfg.max_steps, total_micro // cfg.grad_accum)
-    steps = max(steps, 1)
-    schedule = [batches[i % len(batches)] for i in range(steps * cfg.grad_accum)]
+    world, rank = world_size(), rank_index()
+    steps_plan = plan(train, cfg, layout, world)
+    steps = len(steps_plan)
+    key = _plan_key(train, cfg, layout, world)
 
     decay, no_decay = [], []
     for n, p in rm.model.named_parameters():
@@ -257,40 +379,51 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
 
     start, best = 0, -1.0
     last = out / "last"
-    if (last / "trainer_state.pt").exists():  # resume after a crash
-        from pipelines.rm.model import load_reward_model
-
-        state = torch.load(last / "trainer_state.pt", weights_only=False)
-        resumed = load_reward_model(str(last), device=rm.device)
-        rm.model.load_state_dict(resumed.model.state_dict())
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, best, schedule = state["step"], state["best"], state["batches"]
+    resumed = _load_checkpoint(last, rm, opt, sched, key)
+    if resumed is not None:  # resume after a crash: same plan, so the same batches follow
+        start, best = resumed
 
     history: list[dict] = []
+    order = open(out / f"order-rank{rank}.jsonl", "a") if cfg.record_order else None
     rm.model.train()
     tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(range(start, steps), disable=not cfg.progress, desc="rm-train", initial=start, total=steps)
+    total_tokens = 0.0
+    bar = tqdm(range(start, steps), disable=not (cfg.progress and is_main_process()), desc="rm-train",
+               initial=start, total=steps)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        loss_sum, acc_sum = 0.0, 0.0
+        pieces = steps_plan[step]
+        n_global = sum(len(x) for x in pieces)
+        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, pairs, tokens (this rank)
         for a in range(cfg.grad_accum):
-            mb = [train[i] for i in schedule[step * cfg.grad_accum + a]]
+            idx = pieces[rank * cfg.grad_accum + a]
+            mb = [train[i] for i in idx] or [train[0]]  # an empty micro-batch still runs (FSDP collectives)
+            w = torch.tensor([1.0] * len(idx) or [0.0], device=rm.device)
             with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16):
-                rc, rr = fwd(rm, mb)
-            loss = reward_loss(rc, rr, kind=cfg.loss, center_coef=cfg.center_coef) / cfg.grad_accum
+                rc, rr, mask = fwd(rm, mb)
+            margin = (torch.tensor([p.margin or 0.0 for p in mb], device=rm.device)
+                      if cfg.loss == "margin_bt" else None)
+            per = pair_losses(rc, rr, kind=cfg.loss, margin=margin, mask=mask, center_coef=cfg.center_coef)
+            loss = (per * w).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
             loss.backward()
-            loss_sum += float(loss.detach())
-            acc_sum += float((rc > rr).float().mean()) / cfg.grad_accum
-            tokens += sum(p.tokens for p in mb)
+            best_rej = rr.detach().float().masked_fill(~mask, float("-inf")).max(1).values
+            stats += torch.stack([(per.detach() * w).sum().cpu().double(),
+                                  ((rc.detach().float() > best_rej).double() * w).sum().cpu(),
+                                  w.sum().cpu().double(),
+                                  torch.tensor(float(sum(train[i].tokens for i in idx)), dtype=torch.float64)])
+            if order is not None:
+                order.write(json.dumps({"step": step + 1, "pair_ids": [train[i].pair_id for i in idx]}) + "\n")
         torch.nn.utils.clip_grad_norm_(rm.model.parameters(), 1.0)
         opt.step()
         sched.step()
-        tps = tokens / max(time.perf_counter() - t0, 1e-9)
-        rec = {"step": step + 1, "loss": loss_sum, "train_accuracy": acc_sum, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": tps}
-        bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{acc_sum:.2f}", tok_s=f"{tps:,.0f}")
+        tokens += int(stats[3])
+        glob = all_reduce_sum(stats)
+        total_tokens += float(glob[3])
+        dt = max(time.perf_counter() - t0, 1e-9)
+        rec = {"step": step + 1, "loss": float(glob[0]) / n_global, "train_accuracy": float(glob[1]) / n_global,
+               "lr": sched.get_last_lr()[0], "tokens_per_s": total_tokens / dt, "tokens_per_s_per_rank": tokens / dt,
+               "global_batch": n_global}
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.2f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
         last_step = step + 1 == steps
         if val and ((step + 1) % cfg.eval_every == 0 or last_step):
             ev = evaluate_accuracy(rm, val)
@@ -302,21 +435,50 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
         elif not val and last_step:
             save_reward_model(rm, str(out / "best"))
         history.append(rec)
-        if log:
+        if log and is_main_process():
             log(rec, step + 1)
-        if is_main_process() and ((step + 1) % cfg.save_last_every == 0) and not last_step:
-            _save_state(last, rm, opt, sched, step + 1, schedule, cfg, best)
-    shutil.rmtree(last, ignore_errors=True)
-    (out / "train_summary.json").write_text(json.dumps({"best_val_accuracy": best, "steps": steps,
-                                                         "layout": layout, "length": length.as_dict()}))
+        if (step + 1) % cfg.save_last_every == 0 and not last_step:
+            _save_checkpoint(last, rm, opt, sched, step + 1, best, key)  # every rank takes part
+    if order is not None:
+        order.close()
+    barrier()
+    if is_main_process():
+        shutil.rmtree(last, ignore_errors=True)
+        (out / "train_summary.json").write_text(json.dumps({"best_val_accuracy": best, "steps": steps,
+                                                             "layout": layout, "world_size": world,
+                                                             "length": length.as_dict()}))
     del distributed
-    return TrainResult(str(out / "best"), best, steps, history, tokens / max(time.perf_counter() - t0, 1e-9),
-                       length.as_dict(), start)
+    dt = max(time.perf_counter() - t0, 1e-9)
+    return TrainResult(str(out / "best"), best, steps, history, total_tokens / dt, length.as_dict(), start,
+                       world, tokens / dt)
 
 
 # --- distributed -------------------------------------------------------------------------------------------------
 def is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank_index() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (t itself when not distributed). On NCCL the tensor travels through the GPU."""
+    if not torch.distributed.is_initialized():
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else t.device
+    x = t.to(dev)
+    torch.distributed.all_reduce(x)
+    return x.cpu()
 
 
 def maybe_wrap_fsdp(rm: RewardModel) -> bool:
