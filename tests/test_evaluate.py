@@ -1,4 +1,6 @@
-"""Benchmark formats the paper reports (RewardBench 2 with Ties, RM-Bench's style matrix) read and scored right."""
+"""Benchmark files in their published layouts, read as published and scored as their authors' scripts score them
+(hand-made files, hand-computed expected scores); refusal of what is not recognised; counted truncation that keeps
+the special tokens a model reads."""
 
 import json
 import math
@@ -6,100 +8,227 @@ import math
 import polars as pl
 import pytest
 
-from pipelines.evaluate.benchmarks import read_benchmark
-from pipelines.evaluate.harness import aggregate, ties_score
+from pipelines.evaluate.benchmarks import (BenchmarkFormatError, add_benchmark, fetch_benchmark, read_benchmark_dir,
+                                           read_benchmarks)
+from pipelines.evaluate.harness import aggregate, score_items, ties_score
 
 
-def _write(path, rows):
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return path
 
 
-def test_rewardbench2_rows_keep_every_correct_answer_and_the_ties_keys(tmp_path):
-    rows = [{"id": "0", "prompt": "2+2?", "chosen": ["4"], "rejected": ["5", "3", "22"], "subset": "Math"},
-            {"id": "ref:7", "prompt": "Name a prime.", "chosen": ["2"], "rejected": ["4"], "subset": "Ties"},
-            {"id": "tied:7", "prompt": "Name a prime.", "chosen": ["2", "3", "5"], "rejected": ["4", "9"],
-             "subset": "Ties"}]
-    items = pl.DataFrame(read_benchmark(_write(tmp_path / "rewardbench2.jsonl", rows), "rewardbench2"))
-    assert items["section"].to_list() == ["Math", "Ties", "Ties"]
-    assert items["subset"].to_list() == ["", "", ""]  # the RB2 subset is the section, not a second split
-    assert items["chosen"].to_list() == ["4", "2", "2"]
-    assert items["chosen_more"].to_list() == [[], [], ["3", "5"]]
-    assert items["rejected"].to_list()[0] == ["5", "3", "22"]
-    assert items["item_key"].to_list() == ["0", "ref:7", "tied:7"]
-    assert items["history"][0].to_list() == [{"role": "user", "content": "2+2?"}]
+def _json_list(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    return path
 
 
-def test_rm_bench_style_matrix_becomes_easy_normal_hard_items(tmp_path):
-    rows = [{"id": 3, "prompt": "p", "domain": "chat", "chosen": ["c0", "c1", "c2"], "rejected": ["r0", "r1", "r2"]}]
-    items = pl.DataFrame(read_benchmark(_write(tmp_path / "rm-bench.jsonl", rows), "rm-bench"))
-    assert items.height == 9 and set(items["section"]) == {"chat"}
-    sub = {(c, r[0]): s for c, r, s in items.select("chosen", "rejected", "subset").iter_rows()}
-    assert sub[("c0", "r0")] == "normal" and sub[("c0", "r2")] == "hard" and sub[("c2", "r0")] == "easy"
-    assert items.group_by("subset").len().sort("subset")["len"].to_list() == [3, 3, 3]
+def _score(items: list[dict], rewards: dict[str, float], calls: list | None = None) -> pl.DataFrame:
+    """Score items with a stand-in model whose reward is looked up by the response text; per-benchmark rows."""
+    def fake(texts: pl.DataFrame) -> pl.DataFrame:
+        if calls is not None:
+            calls.append(texts.height)
+        return texts.select("text_key", reward=pl.col("response").replace_strict(rewards, return_dtype=pl.Float64),
+                            tokens=pl.lit(3, pl.Int64), truncated=pl.lit("none"))
 
-
-def _scored(rows):
-    return pl.DataFrame(rows, schema={"benchmark": pl.String, "section": pl.String, "subset": pl.String,
-                                      "item_key": pl.String, "r_chosen_all": pl.List(pl.Float64),
-                                      "r_rejected": pl.List(pl.Float64)}, orient="row").with_columns(
-        correct=pl.col("r_chosen_all").list.min() > pl.col("r_rejected").list.max())
-
-
-def test_ties_score_follows_rewardbench2():
-    rows = [("rewardbench2", "Ties", "", "ref:0", [3.0], [1.0, 0.0]),       # right, gap 2
-            ("rewardbench2", "Ties", "", "tied:0", [3.0, 2.5], [1.0]),     # right, spread 0.5, gap 1.5
-            ("rewardbench2", "Ties", "", "ref:1", [0.0], [1.0]),           # wrong, gap -1
-            ("rewardbench2", "Ties", "", "tied:1", [2.0, 0.0], [1.0]),     # wrong, spread 2, gap -1
-            ("rewardbench2", "Math", "", "0", [2.0], [1.0, 0.5, 3.0]),     # best-of-4 miss
-            ("rewardbench2", "Math", "", "1", [2.0], [1.0, 0.5, 0.0])]     # best-of-4 hit
-    scored = _scored(rows)
-    expected = 0.3 * 0.5 + 0.3 * 0.5 + 0.2 * 0.5 + 0.2 * 0.5 + 0.01 * (math.tanh(2.0) + math.tanh(-1.5)) / 2
-    assert ties_score(scored.filter(pl.col("section") == "Ties")) == pytest.approx(expected)
+    frame = pl.DataFrame(items)
+    scored, _ = score_items(frame, fake)
     res = aggregate(scored, "rm:1")
-    by = dict(res.select("section", "accuracy").iter_rows())
-    assert by["Ties"] == pytest.approx(expected) and by["Math"] == pytest.approx(0.5)
-    assert by["overall"] == pytest.approx((expected + 0.5) / 2)  # RB2 averages its sections
+    return {(r["benchmark"], r["section"]): r["score"] for r in res.iter_rows(named=True)}
+
+
+def test_rewardbench1_sections_weight_subsets_by_the_scripts_example_counts(tmp_path):
+    rows = [{"id": i, "prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "subset": s}
+            for i, s in enumerate(["alpacaeval-easy", "mt-bench-easy", "mt-bench-hard", "donotanswer", "math-prm",
+                                   "hep-go", "hep-rust"])]
+    _jsonl(tmp_path / "rewardbench" / "filtered.jsonl", rows)
+    items, _ = read_benchmark_dir(tmp_path / "rewardbench")
+    right = {0, 2, 3, 4}  # alpacaeval-easy, mt-bench-hard, donotanswer, math-prm right; the rest wrong
+    rewards = {**{f"c{i}": 1.0 if i in right else 0.0 for i in range(7)}, **{f"r{i}": 0.5 for i in range(7)}}
+    got = _score(items, rewards)
+    chat = (1.0 * 100 + 0.0 * 28) / (100 + 28)  # EXAMPLE_COUNTS weights, not item counts
+    reasoning = (1.0 * 984 + 0.0 * 164 + 0.0 * 164) / (984 + 164 + 164)
+    assert got[("rewardbench", "Chat")] == pytest.approx(chat)
+    assert got[("rewardbench", "Reasoning")] == pytest.approx(reasoning)
+    assert got[("rewardbench", "overall")] == pytest.approx((chat + 1.0 + 1.0 + reasoning) / 4)
+
+
+def test_rewardbench2_best_of_4_counts_ties_one_over_k_and_ties_by_its_rule(tmp_path):
+    rows = [{"id": "0", "prompt": "2+2?", "chosen": ["four"], "rejected": ["five", "three", "twentytwo"],
+             "subset": "Math", "num_correct": 1},
+            {"id": "1", "prompt": "3+3?", "chosen": ["six"], "rejected": ["seven", "eight", "nine"], "subset": "Math",
+             "num_correct": 1},
+            {"id": "ref:7", "prompt": "Name a prime.", "chosen": ["p2"], "rejected": ["c4"], "subset": "Ties",
+             "num_correct": 1},
+            {"id": "tied:7", "prompt": "Name a prime.", "chosen": ["p2", "p3", "p5"], "rejected": ["c4", "c9"],
+             "subset": "Ties", "num_correct": 3}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "rewardbench2").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rewardbench2" / "test-00000-of-00001.parquet")
+    items, _ = read_benchmark_dir(tmp_path / "rewardbench2")
+    assert items[3]["chosen"] == ["p2", "p3", "p5"] and items[0]["rejected"] == ["five", "three", "twentytwo"]
+    rewards = {"four": 2.0, "five": 2.0, "three": 1.0, "twentytwo": 0.5,  # chosen ties one rejected at the top
+               "six": 1.0, "seven": 3.0, "eight": 0.0, "nine": 0.0,  # a rejected wins
+               "p2": 3.0, "p3": 2.5, "p5": 2.0, "c4": 2.0, "c9": 0.0}
+    got = _score(items, rewards)
+    assert got[("rewardbench2", "Math")] == pytest.approx((1 / 2 + 0.0) / 2)  # reroll_and_score_dataset: 1/k
+    # Ties (process_single_model): ref right (gap 3 - 2 = 1); tied: worst correct 2.0 is not above the best wrong
+    # 2.0, so wrong; spread 3 - 2 = 1; gap_tied 0; gap_hard = min(1, 0) = 0
+    expected = 0.3 * 0.0 + 0.3 * 1.0 + 0.2 * (0.0 > 1.0) + 0.2 * (0.0 > 1.0) + 0.01 * math.tanh(0.0 / 1.0 - 1)
+    assert got[("rewardbench2", "Ties")] == pytest.approx(expected)
+    assert got[("rewardbench2", "overall")] == pytest.approx((0.25 + expected) / 2)  # mean of the subsets
+
+
+def test_rm_bench_published_json_lists_domain_from_file_name_and_safety_merged(tmp_path):
+    folder = tmp_path / "rm-bench"
+    row = lambda i: {"id": i, "prompt": f"q{i}", "chosen": [f"c{i}a", f"c{i}b", f"c{i}c"],  # noqa: E731
+                     "rejected": [f"r{i}a", f"r{i}b", f"r{i}c"]}
+    _json_list(folder / "chat_filtered.json", [row(0)])
+    _json_list(folder / "safety-refuse_filtered.json", [row(1)])
+    _json_list(folder / "safety-response_filtered.json", [row(2)])
+    items, _ = read_benchmark_dir(folder)
+    assert len(items) == 27 and {i["section"] for i in items} == {"chat", "safety"}
+    # chat: chosen rewards 1,2,3 by style; rejected 1.5 each -> matrix rows: c_a > r? no; c_b, c_c yes
+    rewards = {"c0a": 1.0, "c0b": 2.0, "c0c": 3.0, "r0a": 1.5, "r0b": 1.5, "r0c": 1.5}
+    # safety item 1 all right, item 2 all wrong -> every cell 0.5
+    rewards.update({f"c1{s}": 1.0 for s in "abc"} | {f"r1{s}": 0.0 for s in "abc"})
+    rewards.update({f"c2{s}": 0.0 for s in "abc"} | {f"r2{s}": 1.0 for s in "abc"})
+    calls: list = []
+    got = _score(items, rewards, calls)
+    assert calls == [18]  # 27 items, 54 responses, 18 distinct texts: each scored once
+    # chat matrix acc[i][j] = [c_i > r_j]: row a = 0,0,0; row b = 1,1,1; row c = 1,1,1
+    hard = (0 + 0 + 1) / 3  # i < j: (a,b), (a,c), (b,c)
+    normal = (0 + 1 + 1) / 3
+    easy = (1 + 1 + 1) / 3  # i > j: (b,a), (c,a), (c,b)
+    assert got[("rm-bench", "chat:hard")] == pytest.approx(hard)
+    assert got[("rm-bench", "chat")] == pytest.approx((easy + normal + hard) / 3)
+    assert got[("rm-bench", "safety")] == pytest.approx(0.5)  # refuse + response pooled as one domain
+    assert got[("rm-bench", "overall")] == pytest.approx(((easy + normal + hard) / 3 + 0.5) / 2)
+
+
+def test_judgebench_categories_from_source_paper_mean_and_official_weighted(tmp_path):
+    rows = []
+    for i, (src, right) in enumerate([("mmlu-pro-law", 1), ("mmlu-pro-math", 1), ("mmlu-pro-bio", 0),
+                                      ("livebench-reasoning", 1), ("livebench-math", 0), ("livecodebench", 1)]):
+        rows.append({"pair_id": f"j{i}", "question": f"q{i}", "response_A": f"a{i}", "response_B": f"b{i}",
+                     "label": "A>B" if i % 2 == 0 else "B>A", "source": src})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "judgebench").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "judgebench" / "gpt-00000-of-00001.parquet")
+    items, _ = read_benchmark_dir(tmp_path / "judgebench")
+    assert {i["section"] for i in items} == {"knowledge", "reasoning", "math", "coding"}
+    right = [1, 1, 0, 1, 0, 1]
+    rewards = {}
+    for i, r in enumerate(right):
+        good, bad = (f"a{i}", f"b{i}") if i % 2 == 0 else (f"b{i}", f"a{i}")
+        rewards[good], rewards[bad] = (1.0, 0.0) if r else (0.0, 1.0)
+    got = _score(items, rewards)
+    assert got[("judgebench", "knowledge")] == pytest.approx(2 / 3)
+    assert got[("judgebench", "overall")] == pytest.approx((2 / 3 + 1 + 0 + 1) / 4)  # the paper's unweighted mean
+    assert got[("judgebench", "overall_official")] == pytest.approx(4 / 6)  # the official sample-weighted score
+
+
+def test_ppe_and_rmb_layouts(tmp_path):
+    _jsonl(tmp_path / "ppe-preference" / "test.jsonl", [
+        {"question_id": "a", "prompt": "hi", "response_1": "x", "response_2": "y", "winner": "model_b"},
+        {"question_id": "b", "prompt": "yo", "response_1": "u", "response_2": "v", "winner": "tie"}])
+    _jsonl(tmp_path / "ppe-correctness" / "PPE-MATH-Best-of-K.jsonl", [
+        {"question_id": "m1", "prompt": "1+1", "response_1": "2", "score_1": True, "response_2": "3", "score_2": False,
+         "response_3": "4", "score_3": False}])
+    _json_list(tmp_path / "rmb" / "helpfulness.json", [
+        {"pair_uid": "p1", "conversation_input": [{"role": "user", "content": "hey"}],
+         "chosen": {"answer": "good"}, "reject": {"answer": "bad"}, "category_path": "Pairwise_set/Helpfulness/Chat"}])
+    _json_list(tmp_path / "rmb" / "bon_harmless.json", [
+        {"bon_uid": "b1", "conversation_input": [{"role": "user", "content": "how?"}], "bon_best": {"answer": "safe"},
+         "loser_list": [{"answer": "unsafe"}, {"answer": "worse"}], "category_path": "BoN_set/Harmlessness/S"}])
+    items, stats = read_benchmarks(tmp_path)
+    assert stats["ppe-preference"] == {"rows": 2, "skipped": 1}  # a tie vote carries no preference: counted
+    got = _score(items, {"x": 0.0, "y": 1.0, "2": 1.0, "3": 2.0, "4": 0.0, "good": 1.0, "bad": 0.0,
+                         "safe": 1.0, "unsafe": 2.0, "worse": 0.0})
+    assert got[("ppe-preference", "overall")] == 1.0
+    assert got[("ppe-correctness", "ppe-math")] == pytest.approx(0.5)  # 1 of 2 (correct, incorrect) pairs ordered
+    assert got[("rmb", "pairwise:Helpfulness")] == 1.0 and got[("rmb", "bon:Harmlessness")] == 0.0
+    assert got[("rmb", "overall")] == pytest.approx(0.5)
+
+
+def test_unrecognised_or_misfiled_files_are_refused_with_the_expected_layouts(tmp_path):
+    _jsonl(tmp_path / "rm-bench" / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(BenchmarkFormatError, match="match no published benchmark layout") as e:
+        read_benchmark_dir(tmp_path / "rm-bench")
+    assert "judgebench" in str(e.value) and "rewardbench2" in str(e.value)  # the message names the layouts
+    rb2 = _jsonl(tmp_path / "src" / "rb2.jsonl", [{"id": "0", "prompt": "p", "chosen": ["a"], "rejected": ["b"],
+                                                  "subset": "Math", "num_correct": 1}])
+    with pytest.raises(BenchmarkFormatError, match="is a rewardbench2 file"):
+        add_benchmark(rb2, tmp_path / "bench", "rm-bench")  # never scored by another benchmark's rule
+    _jsonl(tmp_path / "bench2" / "mybench" / "a.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(BenchmarkFormatError, match="not a benchmark SynPref knows"):
+        read_benchmarks(tmp_path / "bench2")
+    dst = add_benchmark(rb2, tmp_path / "bench")  # the name comes from the layout
+    assert dst.parent.name == "rewardbench2"
+
+
+def test_fetch_goes_through_the_hub_client_offline_from_a_local_cache(tmp_path, monkeypatch):
+    """`synpref benchmarks fetch` calls huggingface_hub.hf_hub_download; offline it serves the file from the HF
+    cache, which we lay out by hand as the hub client does (refs/main -> snapshots/<commit>/<file>)."""
+    cache = tmp_path / "hf"
+    commit = "a" * 40
+    repo = cache / "datasets--ScalerLab--JudgeBench"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = repo / "snapshots" / commit / "data" / "gpt-00000-of-00001.parquet"
+    f.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"pair_id": "1", "question": "q", "response_A": "a", "response_B": "b",
+                                          "label": "A>B", "source": "livecodebench"}]), f)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    out = fetch_benchmark("judgebench", tmp_path / "bench")
+    assert [p.name for p in out] == ["JudgeBench.parquet"]
+    items, _ = read_benchmark_dir(tmp_path / "bench" / "judgebench")
+    assert items[0]["section"] == "coding" and items[0]["chosen"] == ["a"]
 
 
 def test_ties_without_keys_is_a_clear_error():
+    scored = pl.DataFrame({"item_key": ["17"], "r_chosen": [[1.0]], "r_rejected": [[0.0]]})
     with pytest.raises(ValueError, match="ref:<id>"):
-        ties_score(_scored([("rewardbench2", "Ties", "", "17", [1.0], [0.0])]))
+        ties_score(scored)
 
 
-def test_harness_scores_every_correct_answer_with_the_model(tmp_path):
-    """score_items on a real (tiny, random) decoder: each response is scored as score_texts scores it alone, and
-    an item is right only when its worst correct answer beats its best wrong one."""
-    from pipelines.evaluate.harness import evaluate
+@pytest.mark.parametrize("which", ["encoder", "decoder"])
+def test_truncated_item_keeps_the_tokens_the_classifier_reads(which, tmp_path):
+    """A response longer than the budget is cut at its end, never at its start: the first token stays BOS/CLS and
+    the tokens after the response (SEP / end-of-turn) stay, so the score is read at the same kind of position."""
+    from pipelines.rm.data import PROMPT_TAIL, Renderer
     from pipelines.rm.model import load_reward_model
-    from pipelines.rm.score import score_texts
     from pipelines.rm.tiny import build_tiny_decoder
+    from pipelines.settings import minilm_path
 
-    rm = load_reward_model(build_tiny_decoder(tmp_path / "qwen3", "qwen3"))
-    rows = [{"id": "ref:1", "prompt": "Name a prime.", "chosen": ["2"], "rejected": ["4", "six"], "subset": "Ties"},
-            {"id": "tied:1", "prompt": "Name a prime.", "chosen": ["2", "3", "eleven"], "rejected": ["4"],
-             "subset": "Ties"},
-            {"id": "9", "prompt": "2+2?", "chosen": ["4"], "rejected": ["5", "3", "22"], "subset": "Math"}]
-    bench = pl.DataFrame(read_benchmark(_write(tmp_path / "rewardbench2.jsonl", rows), "rewardbench2"))
-    res, scored = evaluate(rm, bench, "tiny:1")
-    for row in scored.iter_rows(named=True):
-        h = row["history"]
-        good = score_texts(rm, [(h, c) for c in [row["chosen"], *row["chosen_more"]]])
-        bad = score_texts(rm, [(h, r) for r in row["rejected"]])
-        assert row["r_chosen_all"] == pytest.approx(good, abs=1e-4) and row["r_rejected"] == pytest.approx(bad, abs=1e-4)
-        assert row["correct"] == (min(good) > max(bad))
-    by = dict(res.select("section", "accuracy").iter_rows())
-    assert by["Ties"] == pytest.approx(ties_score(scored.filter(pl.col("section") == "Ties")))
+    rm = load_reward_model(minilm_path() if which == "encoder" else build_tiny_decoder(tmp_path / "d", "qwen3"))
+    r = Renderer(rm, 64)
+    history = [{"role": "user", "content": "word " * 30}]
+    full, prefix = r.render(history, "answer " * 200)
+    enc, how = r.encode_for_eval(history, "answer " * 200)
+    tail = r.suffix_len(history)
+    assert how == "response" and len(enc.ids) == 64 and tail >= 1
+    assert enc.ids[0] == full[0] == (rm.tokenizer.cls_token_id if which == "encoder" else rm.tokenizer.bos_token_id)
+    assert enc.ids[-tail:] == full[-tail:]  # [SEP] / <|im_end|>\n survive
+    assert enc.ids[1:1 + min(PROMPT_TAIL, prefix - 1)] == full[prefix - min(PROMPT_TAIL, prefix - 1):prefix]
+    short, how2 = r.encode_for_eval([{"role": "user", "content": "word " * 80}], "fine")
+    assert how2 == "history" and short.ids[0] == full[0] and len(short.ids) == 64
+    from pipelines.rm.score import score_texts_detailed
 
-
-def test_rewardbench1_subsets_roll_up_into_its_four_sections_with_math_upweighted(tmp_path):
-    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "subset": s}
-            for i, s in enumerate(["alpacaeval-easy", "mt-bench-hard", "donotanswer", "math-prm", "hep-go", "hep-rust"])]
-    items = pl.DataFrame(read_benchmark(_write(tmp_path / "rewardbench.jsonl", rows), "rewardbench"))
-    assert items["section"].to_list() == ["Chat", "Chat Hard", "Safety", "Reasoning", "Reasoning", "Reasoning"]
-    assert items["subset"].to_list()[3:] == ["math-prm", "hep-go", "hep-rust"]
-    scored = pl.DataFrame({"benchmark": ["rewardbench"] * 6, "section": items["section"], "subset": items["subset"],
-                           "item_key": items["item_key"], "correct": [True, False, True, True, False, False]})
-    by = dict(aggregate(scored, "rm:1").select("section", "accuracy").iter_rows())
-    assert by["Reasoning"] == pytest.approx(0.5)  # math 1.0 and code 0.0 count equally (pooled would be 1/3)
-    assert by["overall"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    out = score_texts_detailed(rm, [(history, "answer " * 200), ([{"role": "user", "content": "hi"}], "ok")],
+                               max_len=64)
+    assert [o[2] for o in out] == ["response", "none"] and out[0][1] == 64

@@ -1,26 +1,36 @@
-"""Benchmark files -> benchmark items (the rows `pipelines.evaluate.harness` scores).
+"""Published benchmark files, read as their authors publish them, into benchmark items the harness scores.
 
-One reader for the paper's formats: pairwise (TRL/JudgeBench/hh/RewardBench 1), best-of-N (`rejected` a list:
-RewardBench 2, PPE, RMB), several correct answers (`chosen` a list: RewardBench 2 Ties) and RM-Bench's 3x3 style
-matrix. `section` and `subset` are kept for the harness' aggregation.
+Each benchmark lives in its own folder `<SYNPREF_HOME>/benchmarks/<name>/` (`synpref benchmarks add PATH` puts a
+file there; `synpref benchmarks fetch NAME` downloads it from the Hugging Face Hub). A file's layout is recognised
+from its columns, never from a loose name match, and must be the layout its folder's benchmark publishes: a file
+that is not is refused with a message naming the layouts expected, never scored by some other rule.
+
+An item is one prompt with its correct response(s) (`chosen`, a list) and wrong ones (`rejected`, a list), plus the
+`section`/`subset` the benchmark's score is aggregated over and an `item_key` that names it in the per-item
+rewards table. Benchmark files are small (thousands of items), so a file is read whole.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
 import pyarrow as pa
 
-from pipelines.ingest.formats import PARSERS, ParseStats, detect_format
-from pipelines.ingest.readers import iter_records
+from pipelines.ingest.formats import parse_hh_transcript
 from pipelines.schema import MESSAGE_TYPE
 
 BENCHMARK_SCHEMA = pa.schema([
     ("benchmark", pa.string()), ("item_id", pa.int64()), ("section", pa.string()), ("subset", pa.string()),
-    ("history", pa.list_(MESSAGE_TYPE)), ("chosen", pa.string()), ("rejected", pa.list_(pa.string())),
-    ("chosen_more", pa.list_(pa.string())), ("item_key", pa.string()),
+    ("history", pa.list_(MESSAGE_TYPE)), ("chosen", pa.list_(pa.string())), ("rejected", pa.list_(pa.string())),
+    ("item_key", pa.string()),
 ])
 
-
-# RewardBench 1 publishes a `subset` per row; its four reported sections group them (rewardbench's constants).
+# RewardBench 1: each published subset's section, and the example counts its script weighs subsets by
+# (rewardbench/constants.py: EXAMPLE_COUNTS; math-prm counts 984, "upweighting to be equal to code").
 RB1_SECTIONS = {
     **dict.fromkeys(["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
                     "Chat"),
@@ -30,49 +40,348 @@ RB1_SECTIONS = {
                      "donotanswer"], "Safety"),
     **dict.fromkeys(["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"], "Reasoning"),
 }
+RB1_EXAMPLE_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28, "mt-bench-med": 40,
+    "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100, "refusals-offensive": 100,
+    "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46, "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136,
+    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+}
+RB2_SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
+RM_BENCH_DOMAINS = {"chat": "chat", "code": "code", "math": "math", "safety-refuse": "safety",
+                    "safety-response": "safety"}
+JUDGEBENCH_CATEGORIES = {"mmlu-pro": "knowledge", "livebench-reasoning": "reasoning", "livebench-math": "math",
+                         "livecodebench": "coding"}
 
 
-def read_benchmark(path: str, name: str) -> list[dict]:
-    """Benchmark rows: pairwise (TRL/JudgeBench/hh) or best-of-N (`rejected` a list; RewardBench 2 also has
-    `chosen` a list for Ties, where several answers are correct). Keeps `section`/`subset` and `id`."""
-    out, item = [], 0
-    for batch in iter_records(path):
-        for rec in batch:
-            if rec.record is None:
-                raise ValueError(f"{path} row {rec.row}: {rec.error}")
-            r = rec.record
-            chosen, rejected = r.get("chosen"), r.get("rejected")
-            many_chosen = isinstance(chosen, list) and chosen and all(isinstance(x, str) for x in chosen)
-            many = isinstance(rejected, list) and rejected and all(isinstance(x, str) for x in rejected)
-            probe = dict(r, rejected=rejected[0] if many else rejected, chosen=chosen[0] if many_chosen else chosen)
-            fmt = detect_format(probe)
-            cand = PARSERS[fmt](probe, ParseStats())[0]
-            if many_chosen and many and name.replace("-", "").lower().startswith("rmbench"):
-                out += rm_bench_items(name, item, r, cand.history, chosen, rejected)
-                item += len(chosen) * len(rejected)
-                continue
-            section, subset = r.get("section"), r.get("subset")
-            if not section and name == "rewardbench" and subset in RB1_SECTIONS:
-                section = RB1_SECTIONS[subset]  # keep the subset: sections are weighted over their subsets
-            elif not section:
-                section, subset = subset, None
-            out.append({"benchmark": name, "item_id": item, "section": str(section or "all"),
-                        "subset": str(r.get("difficulty") or subset or ""),
-                        "history": cand.history, "chosen": cand.chosen,
-                        "rejected": list(rejected) if many else [cand.rejected],
-                        "chosen_more": list(chosen[1:]) if many_chosen else [],
-                        "item_key": str(r.get("id", item))})
-            item += 1
+class BenchmarkFormatError(ValueError):
+    pass
+
+
+def _user(prompt: Any) -> list[dict[str, str]]:
+    if isinstance(prompt, list):  # already messages
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    return [{"role": "user", "content": str(prompt)}]
+
+
+def _item(bench: str, section: str, subset: str, history: list, chosen: list[str], rejected: list[str],
+          key: str) -> dict:
+    return {"benchmark": bench, "section": section, "subset": subset, "history": history,
+            "chosen": [str(c) for c in chosen], "rejected": [str(r) for r in rejected], "item_key": key}
+
+
+# --- layouts: detect(row) -> bool, parse(row, i, file) -> items --------------------------------------------------
+def _rb1(row, i, f):
+    subset = row["subset"]
+    if subset not in RB1_SECTIONS:
+        raise BenchmarkFormatError(f"RewardBench subset {subset!r} is not one of its 23 published subsets")
+    return [_item("rewardbench", RB1_SECTIONS[subset], subset, _user(row["prompt"]), [row["chosen"]],
+                  [row["rejected"]], str(row.get("id", i)))]
+
+
+def _rb2(row, i, f):
+    subset = row["subset"]
+    if subset not in RB2_SUBSETS:
+        raise BenchmarkFormatError(f"RewardBench 2 subset {subset!r} is not one of {RB2_SUBSETS}")
+    return [_item("rewardbench2", subset, "", _user(row["prompt"]), list(row["chosen"]), list(row["rejected"]),
+                  str(row.get("id", i)))]
+
+
+def _rm_bench(row, i, f):
+    domain = row.get("domain") or _rm_bench_domain_from_name(f)
+    if domain not in RM_BENCH_DOMAINS:
+        raise BenchmarkFormatError(f"RM-Bench domain {domain!r} (from {'the row' if row.get('domain') else f.name}) "
+                                   f"is not one of {sorted(RM_BENCH_DOMAINS)}")
+    # one item per (chosen style i, rejected style j): the cells of RM-Bench's 3x3 accuracy matrix
+    out = []
+    for a, c in enumerate(row["chosen"]):
+        for b, r in enumerate(row["rejected"]):
+            level = "normal" if a == b else ("easy" if a > b else "hard")
+            out.append(_item("rm-bench", RM_BENCH_DOMAINS[domain], f"{level}:{a}{b}", _user(row["prompt"]), [c], [r],
+                             f"{row.get('id', i)}:{a}{b}"))
     return out
 
 
-def rm_bench_items(name: str, item: int, r: dict, history: list, chosen: list[str], rejected: list[str]) -> list[dict]:
-    """RM-Bench rows carry 3 chosen and 3 rejected styles (concise, detailed, detailed+markdown). Every
-    (chosen i, rejected j) is one pairwise item: i == j is `normal`, i > j (chosen more styled) `easy`, i < j
-    `hard` — RM-Bench's accuracy matrix, whose three triangles are its easy/normal/hard scores."""
-    section = str(r.get("domain") or r.get("section") or "all")
-    return [{"benchmark": name, "item_id": item + k, "section": section,
-             "subset": "normal" if i == j else ("easy" if i > j else "hard"), "history": history,
-             "chosen": c, "rejected": [rj], "chosen_more": [], "item_key": f"{r.get('id', item)}:{i}{j}"}
-            for k, (i, j) in enumerate((i, j) for i in range(len(chosen)) for j in range(len(rejected)))
-            for c, rj in [(chosen[i], rejected[j])]]
+def _rm_bench_domain_from_name(f: Path) -> str | None:
+    name = f.name.lower()
+    for d in sorted(RM_BENCH_DOMAINS, key=len, reverse=True):
+        if name.startswith(d):
+            return d
+    return None
+
+
+def _judgebench(row, i, f):
+    label = str(row["label"]).replace(" ", "")
+    if label not in ("A>B", "B>A"):
+        raise BenchmarkFormatError(f"JudgeBench label {row['label']!r}: expected 'A>B' or 'B>A'")
+    source = str(row["source"])
+    cat = next((v for k, v in JUDGEBENCH_CATEGORIES.items() if source.startswith(k)), None)
+    if cat is None:
+        raise BenchmarkFormatError(f"JudgeBench source {source!r}: expected mmlu-pro-*, livebench-reasoning, "
+                                   "livebench-math or livecodebench")
+    good, bad = (row["response_A"], row["response_B"]) if label == "A>B" else (row["response_B"], row["response_A"])
+    return [_item("judgebench", cat, source, _user(row["question"]), [good], [bad], str(row.get("pair_id", i)))]
+
+
+def _conversation(conv: list) -> tuple[list, str]:
+    msgs = _user(conv)
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise BenchmarkFormatError("a PPE conversation must end with the assistant's answer")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def _ppe_pref(row, i, f):
+    winner = row["winner"]
+    if "conversation_a" in row:
+        ha, ra = _conversation(row["conversation_a"])
+        hb, rb = _conversation(row["conversation_b"])
+        if ha != hb:
+            raise BenchmarkFormatError("PPE conversations a and b differ before the final answer")
+        history = ha
+    else:
+        history, ra, rb = _user(row["prompt"]), row["response_1"], row["response_2"]
+    if winner not in ("model_a", "model_b"):
+        return []  # ties and both-bad votes carry no preference: counted by the reader as skipped
+    good, bad = (ra, rb) if winner == "model_a" else (rb, ra)
+    return [_item("ppe-preference", str(row.get("language") or "all"), "", history, [good], [bad],
+                  str(row.get("question_id", i)))]
+
+
+def _ppe_correctness(row, i, f):
+    n = max(int(k.split("_")[1]) for k in row if re.fullmatch(r"response_\d+", k))
+    resp = [(row[f"response_{k}"], row.get(f"score_{k}")) for k in range(1, n + 1) if row.get(f"response_{k}")]
+    good = [r for r, s in resp if s is not None and bool(s)]
+    bad = [r for r, s in resp if s is not None and not bool(s)]
+    if not good or not bad:
+        return []  # every response right (or wrong): no correct-vs-incorrect comparison exists
+    source = str(row.get("source") or re.sub(r"[-_]?best[-_]of[-_]k.*$", "", f.stem.lower()) or "all")
+    return [_item("ppe-correctness", source, "", _user(row["prompt"]), good, bad, str(row.get("question_id", i)))]
+
+
+def _rmb_path(row) -> tuple[str, str]:
+    parts = str(row.get("category_path", "")).split("/")
+    return (parts[1] if len(parts) > 1 else "all"), "/".join(parts[2:])
+
+
+def _rmb_pairwise(row, i, f):
+    goal, sub = _rmb_path(row)
+    return [_item("rmb", f"pairwise:{goal}", sub, _user(row["conversation_input"]), [row["chosen"]["answer"]],
+                  [row["reject"]["answer"]], str(row.get("pair_uid", i)))]
+
+
+def _rmb_bon(row, i, f):
+    goal, sub = _rmb_path(row)
+    return [_item("rmb", f"bon:{goal}", sub, _user(row["conversation_input"]), [row["bon_best"]["answer"]],
+                  [x["answer"] for x in row["loser_list"]], str(row.get("bon_uid", i)))]
+
+
+def _synth(row, i, f):
+    return [_item("synth-bench", str(row.get("category") or "all"), "", _user(row["prompt"]), [row["chosen"]],
+                  [row["rejected"]], str(row.get("id", i)))]
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    benchmark: str
+    columns: str  # what a row looks like, for error messages and the README
+    detect: Callable[[dict], bool]
+    parse: Callable[[dict, int, Path], list[dict]]
+
+
+LAYOUTS = [
+    Layout("rewardbench", "rewardbench", "prompt, chosen (str), rejected (str), subset, id  [allenai/reward-bench, "
+           "filtered split]", lambda r: {"prompt", "chosen", "rejected", "subset"} <= set(r)
+           and isinstance(r["chosen"], str), _rb1),
+    Layout("rewardbench2", "rewardbench2", "prompt, chosen (list), rejected (list), subset, id, num_correct  "
+           "[allenai/reward-bench-2, test split]", lambda r: {"prompt", "chosen", "rejected", "subset"} <= set(r)
+           and _is_list(r["chosen"]) and "num_correct" in r, _rb2),
+    Layout("rm-bench", "rm-bench", "a JSON list of {id, prompt, chosen: [3 styles], rejected: [3 styles], domain?} "
+           "(domain from the file name when absent: chat_*, code_*, math_*, safety-refuse_*, safety-response_*)  "
+           "[THU-KEG/RM-Bench]", lambda r: {"prompt", "chosen", "rejected"} <= set(r) and _is_list(r["chosen"])
+           and len(r["chosen"]) == 3 and _is_list(r["rejected"]) and len(r["rejected"]) == 3
+           and "subset" not in r, _rm_bench),
+    Layout("judgebench", "judgebench", "question, response_A, response_B, label (A>B | B>A), source, pair_id  "
+           "[ScalerLab/JudgeBench]", lambda r: {"question", "response_A", "response_B", "label", "source"} <= set(r),
+           _judgebench),
+    Layout("ppe-preference", "ppe-preference", "winner (model_a | model_b), conversation_a/conversation_b (messages) "
+           "or prompt/response_1/response_2  [lmarena-ai/PPE-Human-Preference-V1]",
+           lambda r: "winner" in r and ({"conversation_a", "conversation_b"} <= set(r)
+                                        or {"prompt", "response_1", "response_2"} <= set(r)), _ppe_pref),
+    Layout("ppe-correctness", "ppe-correctness", "prompt, response_1..response_K, score_1..score_K (correct or not), "
+           "question_id, source?  [lmarena-ai/PPE-*-Best-of-K; the source benchmark from the file name when absent]",
+           lambda r: "prompt" in r and "response_1" in r and "score_1" in r and "winner" not in r, _ppe_correctness),
+    Layout("rmb-pairwise", "rmb", "a JSON list of {pair_uid, conversation_input (messages), chosen: {answer}, "
+           "reject: {answer}, category_path}  [RMB Pairwise_set]",
+           lambda r: {"conversation_input", "chosen", "reject"} <= set(r), _rmb_pairwise),
+    Layout("rmb-bon", "rmb", "a JSON list of {bon_uid, conversation_input, bon_best: {answer}, loser_list: "
+           "[{answer}], category_path}  [RMB BoN_set]",
+           lambda r: {"conversation_input", "bon_best", "loser_list"} <= set(r), _rmb_bon),
+    Layout("synth-bench", "synth-bench", "prompt, chosen, rejected, category  [written by synthetic_landing]",
+           lambda r: {"prompt", "chosen", "rejected", "category"} <= set(r) and "subset" not in r
+           and isinstance(r["chosen"], str), _synth),
+]
+BENCHMARKS = sorted({lay.benchmark for lay in LAYOUTS})
+REAL_BENCHMARKS = [b for b in BENCHMARKS if b != "synth-bench"]  # Table 1's columns; synth-bench is in-distribution
+
+
+def expected_layouts(benchmark: str | None = None) -> str:
+    lays = [lay for lay in LAYOUTS if benchmark is None or lay.benchmark == benchmark]
+    return "\n".join(f"  - {lay.benchmark} ({lay.name}): {lay.columns}" for lay in lays)
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Every row of a benchmark file: a JSON list, JSON lines (optionally gzipped), or Parquet."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    import gzip
+
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        text = fh.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise BenchmarkFormatError(f"{path}: line {n + 1} is not JSON ({e.msg})") from e
+    if not all(isinstance(r, dict) for r in rows):
+        raise BenchmarkFormatError(f"{path}: expected one JSON object per row")
+    return rows
+
+
+def detect_layout(rows: list[dict], path: Path) -> Layout:
+    if not rows:
+        raise BenchmarkFormatError(f"{path}: no rows")
+    for lay in LAYOUTS:
+        if lay.detect(rows[0]):
+            return lay
+    raise BenchmarkFormatError(f"{path}: its rows (columns {sorted(rows[0])}) match no published benchmark layout. "
+                               f"Expected one of:\n{expected_layouts()}")
+
+
+BENCHMARK_FILES = (".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+def read_benchmark_dir(folder: Path) -> tuple[list[dict], dict[str, int]]:
+    """Items of the benchmark in `folder` (named after it). Returns (items, {"rows": n, "skipped": m}) where skipped
+    rows carry no comparison (a tie vote, a prompt whose responses are all right)."""
+    bench = folder.name
+    if bench not in BENCHMARKS:
+        raise BenchmarkFormatError(f"{folder}: '{bench}' is not a benchmark SynPref knows. Benchmarks and their "
+                                   f"layouts:\n{expected_layouts()}\nPut files in place with `synpref benchmarks add "
+                                   "PATH --name NAME`.")
+    files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(BENCHMARK_FILES))
+    if not files:
+        raise BenchmarkFormatError(f"{folder}: no benchmark file ({', '.join(BENCHMARK_FILES)})")
+    items, stats = [], {"rows": 0, "skipped": 0}
+    for f in files:
+        rows = load_rows(f)
+        lay = detect_layout(rows, f)
+        if lay.benchmark != bench:
+            raise BenchmarkFormatError(f"{f}: this is a {lay.benchmark} file ({lay.name} layout), not {bench}. "
+                                       f"{bench} is published as:\n{expected_layouts(bench)}")
+        for i, row in enumerate(rows):
+            try:
+                got = lay.parse(row, i, f)
+            except KeyError as e:
+                raise BenchmarkFormatError(f"{f} row {i}: missing field {e} of the {lay.name} layout") from e
+            stats["rows"] += 1
+            stats["skipped"] += not got
+            items += got
+    for n, it in enumerate(items):
+        it["item_id"] = n
+    return items, stats
+
+
+def read_benchmarks(root: Path) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """Every benchmark folder under `root` (stray files there are refused: each benchmark is a folder)."""
+    if not root.exists():
+        return [], {}
+    stray = [p.name for p in root.iterdir() if p.is_file()]
+    if stray:
+        raise BenchmarkFormatError(f"{root}: files {stray} sit outside a benchmark folder; each benchmark is a folder "
+                                   f"<name>/ (use `synpref benchmarks add PATH --name NAME`). Benchmarks:\n"
+                                   f"{expected_layouts()}")
+    items, stats = [], {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        got, st = read_benchmark_dir(folder)
+        items += got
+        stats[folder.name] = st
+    return items, stats
+
+
+def item_pair_ids(items) -> "pl.DataFrame":
+    """benchmark, pair_id of every comparison (chosen x rejected) of benchmark items, as ingest hashes a pair, in
+    both orientations (a training set may hold a pair flipped)."""
+    import polars as pl
+
+    from pipelines.schema import pair_ids
+
+    if items.height == 0:
+        return pl.DataFrame(schema={"benchmark": pl.String, "pair_id": pl.String})
+    pairs = items.select("benchmark", "history", "chosen", "rejected").explode("chosen").explode("rejected")
+    flipped = pairs.select("benchmark", "history", chosen="rejected", rejected="chosen")
+    return pl.concat([f.with_columns(pair_id=pl.Series(pair_ids(f), dtype=pl.String)).select("benchmark", "pair_id")
+                      for f in (pairs, flipped)]).unique()
+
+
+# --- add / fetch --------------------------------------------------------------------------------------------------
+# Where each benchmark is published on the Hugging Face Hub (dataset repo, files). RMB is published on GitHub only.
+HUB = {
+    "rewardbench": [("allenai/reward-bench", "data/filtered-00000-of-00001.parquet")],
+    "rewardbench2": [("allenai/reward-bench-2", "data/test-00000-of-00001.parquet")],
+    "rm-bench": [("THU-KEG/RM-Bench", "total_dataset.json")],
+    "judgebench": [("ScalerLab/JudgeBench", "data/gpt-00000-of-00001.parquet")],
+    "ppe-preference": [("lmarena-ai/PPE-Human-Preference-V1", "data/test-00000-of-00001.parquet")],
+    "ppe-correctness": [(f"lmarena-ai/PPE-{b}-Best-of-K", "data/train-00000-of-00001.parquet")
+                        for b in ("MMLU-Pro", "MATH", "GPQA", "IFEval", "MBPP-Plus")],
+}
+
+
+def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str | None = None) -> Path:
+    """Copy a published benchmark file into `root/<name>/` (as `as_name` when given), after checking its layout is
+    that benchmark's."""
+    import shutil
+
+    rows = load_rows(src)
+    lay = detect_layout(rows, src)
+    name = name or lay.benchmark
+    if name not in BENCHMARKS:
+        raise BenchmarkFormatError(f"unknown benchmark {name!r}. Benchmarks and their layouts:\n{expected_layouts()}")
+    if lay.benchmark != name:
+        raise BenchmarkFormatError(f"{src} is a {lay.benchmark} file ({lay.name} layout), not {name}. {name} is "
+                                   f"published as:\n{expected_layouts(name)}")
+    dst = root / name / (as_name or src.name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    read_benchmark_dir(dst.parent)  # every row parses, or the error names the row
+    return dst
+
+
+def fetch_benchmark(name: str, root: Path, revision: str | None = None) -> list[Path]:
+    """Download `name`'s published files from the Hugging Face Hub (hf://datasets/<repo>/<file>, through
+    huggingface_hub: offline, it serves them from the local HF cache) and add them."""
+    if name not in HUB:
+        raise BenchmarkFormatError(f"no Hub location for {name!r} (known: {sorted(HUB)}; RMB is on GitHub: download "
+                                   "it and use `synpref benchmarks add`)")
+    from huggingface_hub import hf_hub_download
+
+    out = []
+    for repo, f in HUB[name]:
+        local = hf_hub_download(repo_id=repo, filename=f, repo_type="dataset", revision=revision)
+        # named after the repo: PPE's correctness source and RM-Bench's domain can come from the file name
+        out.append(add_benchmark(Path(local), root, name, as_name=repo.split("/")[1] + Path(f).suffix))
+    return out

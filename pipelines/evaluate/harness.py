@@ -1,56 +1,99 @@
-"""One evaluation harness for the paper's benchmark formats, on any reward model.
+"""The evaluation harness: score every distinct (history, response) once per model, then each benchmark's score
+as its authors' scripts compute it.
 
-A benchmark table row is one item: history, one `chosen` (plus `chosen_more` when several answers are correct,
-as in RewardBench 2 Ties), a list of `rejected` (1 = pairwise; 3 = RewardBench-2 best-of-4; N = PPE/RMB
-best-of-N), a `section`, an optional `subset` (RM-Bench easy/normal/hard) and an optional `item_key`.
-An item is correct when every correct response outscores every rejected one. Aggregation per benchmark:
-- `sections` (RewardBench 1 and 2, JudgeBench, RM-Bench as the paper reports them): unweighted mean of sections;
-- `pooled` (PPE, RMB, gold slices): accuracy over all items.
-RewardBench 2's `Ties` section is not an accuracy: it is scored by `ties_score` (RewardBench 2's rule).
-Every (history, response) is scored once with the same renderer as training (chat template, BOS, padding and
-truncation rules are those of the model's tokenizer, pinned by `Renderer`).
+Scoring: the items of every benchmark are exploded into their responses; a response is keyed by a hash of
+(history, response), so one shared by several items (RM-Bench's 3x3 cells reuse each response three times, RewardBench 2
+repeats prompts across subsets) is scored once, in one batched pass over every benchmark, by the same engine as
+Stage 2 (in-process or Ray actors). Each scored text records its token count and how it was cut (none | history |
+response, see `Renderer.encode_for_eval`): the report counts items scored whole and truncated per model, benchmark
+and section.
+
+Scores (the spec is the authors' code; see README "Evaluation"):
+- rewardbench (allenai/reward-bench): per subset, chosen > rejected; a section = its subsets weighted by the script's
+  EXAMPLE_COUNTS (math-prm 984 = all code subsets); overall = mean of Chat, Chat Hard, Safety, Reasoning.
+- rewardbench2 (reward-bench v2 `reroll_and_score_dataset`): an item scores 1/k when the chosen ties k-1 rejected at
+  the maximum, 1 when it is the unique maximum, else 0; Ties by `process_single_model` (`ties_score`); overall = mean
+  of the six subsets.
+- rm-bench (THU-KEG/RM-Bench `compute_accuracy`): per domain a 3x3 matrix acc[i][j] = P(chosen style i > rejected
+  style j); hard = mean of i<j, normal = the diagonal, easy = i>j; safety-refuse and safety-response are one safety
+  domain; a domain = mean(easy, normal, hard); overall = mean of the domains.
+- judgebench (ScalerLab/JudgeBench): per category (knowledge = mmlu-pro-*, reasoning, math, coding) accuracy with a
+  tie counted wrong; overall = the unweighted mean of the four (as the paper reports it); `overall_official` = the
+  sample-weighted accuracy the official script prints.
+- ppe-preference: accuracy on the human vote; ppe-correctness: per prompt the share of (correct, incorrect) response
+  pairs ordered right, averaged per source benchmark, overall = mean of the sources.
+- rmb: pairwise accuracy and best-of-N (best beats every loser) per goal; overall = mean of its sections.
+- synth-bench and gold_test (in-distribution): accuracy per section / pooled.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import polars as pl
 
-from pipelines.rm.model import RewardModel
-from pipelines.rm.score import score_texts
-
-SECTION_MEAN = {"rewardbench", "rewardbench2", "judgebench", "rm-bench", "synth-bench"}
+from pipelines.evaluate.benchmarks import RB1_EXAMPLE_COUNTS, RB1_SECTIONS
 
 RESULT_SCHEMA = {"rm_version": pl.String, "benchmark": pl.String, "section": pl.String, "n": pl.Int64,
-                 "accuracy": pl.Float64}
+                 "score": pl.Float64, "truncated": pl.Int64, "max_len": pl.Int64}
+REWARD_SCHEMA = {"rm_version": pl.String, "benchmark": pl.String, "item_key": pl.String, "role": pl.String,
+                 "idx": pl.Int64, "reward": pl.Float64, "tokens": pl.Int64, "truncated": pl.String}
 
 
-def score_items(rm: RewardModel, bench: pl.DataFrame, max_len: int = 256) -> pl.DataFrame:
-    """Adds r_chosen (first correct answer), r_chosen_all and r_rejected (list[float]) and `correct`."""
-    convs, owners = [], []
-    more = bench["chosen_more"].to_list() if "chosen_more" in bench.columns else [None] * bench.height
-    for i, (row, extra) in enumerate(zip(bench.iter_rows(named=True), more)):
-        for resp, side in [(row["chosen"], 0), *((c, 0) for c in extra or [])] + [(r, 1) for r in row["rejected"]]:
-            convs.append((row["history"], resp))
-            owners.append((i, side))
-    scores = score_texts(rm, convs, max_len=max_len)
-    good: list[list[float]] = [[] for _ in range(bench.height)]
-    bad: list[list[float]] = [[] for _ in range(bench.height)]
-    for (i, side), s in zip(owners, scores):
-        (bad if side else good)[i].append(s)
-    return bench.with_columns(r_chosen=pl.Series([g[0] for g in good], dtype=pl.Float64),
-                              r_chosen_all=pl.Series(good, dtype=pl.List(pl.Float64)),
-                              r_rejected=pl.Series(bad, dtype=pl.List(pl.Float64))).with_columns(
-        correct=pl.col("r_chosen_all").list.min() > pl.col("r_rejected").list.max())
+def text_key_expr() -> pl.Expr:
+    """A stable key of (history, response): the same conversation gets one score however many items hold it."""
+    hist = pl.col("history").list.eval(pl.element().struct.field("role") + "\x1f"
+                                       + pl.element().struct.field("content")).list.join("\x1e")
+    return pl.concat_str([hist.fill_null(""), pl.col("response")], separator="\x1d").hash(seed=17).cast(pl.String)
+
+
+def responses(items: pl.DataFrame) -> pl.DataFrame:
+    """One row per (item, response): benchmark, item_id, item_key, role (chosen | rejected), idx, history, response,
+    text_key."""
+    parts = []
+    for role in ("chosen", "rejected"):
+        parts.append(items.select("benchmark", "item_id", "item_key", "history", role)
+                     .with_columns(idx=pl.int_ranges(pl.col(role).list.len()))
+                     .explode(role, "idx").rename({role: "response"}).with_columns(role=pl.lit(role)))
+    out = pl.concat(parts).with_columns(idx=pl.col("idx").cast(pl.Int64))
+    return out.with_columns(text_key=text_key_expr())
+
+
+def score_items(items: pl.DataFrame, score_texts: Callable[[pl.DataFrame], pl.DataFrame],
+                resp: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rewards for every item. `score_texts(unique texts: text_key, history, response) -> text_key, reward, tokens,
+    truncated` is called once with each distinct text. Returns (items with r_chosen/r_rejected lists and
+    `truncated` (any of its texts cut), per-response rows). `resp` = `responses(items)` when already computed."""
+    resp = responses(items) if resp is None else resp
+    unique = resp.unique("text_key", keep="first").select("text_key", "history", "response")
+    scored = score_texts(unique)
+    resp = resp.join(scored, on="text_key", how="left").sort("benchmark", "item_id", "role", "idx")
+    agg = (resp.group_by("benchmark", "item_id", maintain_order=True).agg(
+        r_chosen=pl.col("reward").filter(pl.col("role") == "chosen"),
+        r_rejected=pl.col("reward").filter(pl.col("role") == "rejected"),
+        truncated=(pl.col("truncated") != "none").any()))
+    return items.join(agg, on=["benchmark", "item_id"], how="left"), resp
+
+
+def credit(bench: str, good: list[float], bad: list[float]) -> float:
+    """One item's credit under its benchmark's rule (see the module docstring)."""
+    if bench == "rewardbench2":
+        scores = np.array([good[0], *bad])
+        top = scores.max()
+        return float(1.0 / np.sum(scores == top)) if scores[0] == top else 0.0
+    if bench == "ppe-correctness":
+        return float(np.mean([g > b for g in good for b in bad]))
+    return float(min(good) > max(bad))
 
 
 def ties_score(items: pl.DataFrame) -> float:
-    """RewardBench 2 `Ties`: items come in pairs keyed `ref:<id>` (one correct answer) and `tied:<id>` (several
-    equally correct answers). Score = 0.3 ref accuracy + 0.3 tied accuracy + 0.2 P(correct-vs-wrong gap on the
-    tied prompt > spread among its correct answers) + 0.2 the same with the gap min'd over ref and tied + 0.01
-    mean tanh(gap / spread - 1). Accurate = worst correct > best wrong. Needs r_chosen_all, r_rejected, item_key."""
+    """RewardBench 2 `Ties` (reward-bench `process_single_model`): items come in pairs keyed `ref:<id>` (one correct
+    answer) and `tied:<id>` (several equally correct answers). Score = 0.3 tied accuracy + 0.3 ref accuracy + 0.2
+    P(correct-vs-wrong gap on the tied prompt > spread among its correct answers) + 0.2 the same with the gap min'd
+    over ref and tied + 0.01 mean tanh(min gap / spread - 1). Accurate = worst correct > best wrong."""
     stats: dict[tuple[str, str], tuple[bool, float | None, float]] = {}
-    for key, good, bad in items.select("item_key", "r_chosen_all", "r_rejected").iter_rows():
+    for key, good, bad in items.select("item_key", "r_chosen", "r_rejected").iter_rows():
         kind, _, pid = key.partition(":")
         gap = min(good) - max(bad)
         stats[(kind, pid)] = (gap > 0, max(good) - min(good) if len(good) > 1 else None, gap)
@@ -72,46 +115,74 @@ def ties_score(items: pl.DataFrame) -> float:
                  + 0.01 * np.mean(margin))
 
 
-def _section_scores(g: pl.DataFrame) -> pl.DataFrame:
-    per = g.group_by("section").agg(n=pl.len(), accuracy=pl.col("correct").mean()).sort("section")
-    if g["benchmark"][0] == "rewardbench" and "math-prm" in g["subset"].to_list():
-        # RewardBench 1 weighs its sections' subsets by size, but counts math-prm as large as all code subsets
-        # together (its EXAMPLE_COUNTS): Reasoning = mean(math accuracy, pooled code accuracy).
-        r = g.filter(pl.col("section") == "Reasoning")
-        math_acc = r.filter(pl.col("subset") == "math-prm")["correct"].mean()
-        code = r.filter(pl.col("subset") != "math-prm")["correct"]
-        reasoning = (math_acc + code.mean()) / 2 if code.len() else math_acc
-        per = per.with_columns(accuracy=pl.when(pl.col("section") == "Reasoning").then(reasoning)
-                               .otherwise("accuracy"))
-    ties = [s for s in per["section"] if s.lower() == "ties"]
-    if ties and "item_key" in g.columns:  # ties_score refuses items without ref:/tied: keys
-        t = ties_score(g.filter(pl.col("section") == ties[0]))
-        per = per.with_columns(accuracy=pl.when(pl.col("section") == ties[0]).then(t).otherwise("accuracy"))
-    return per
+def _rows(g: pl.DataFrame, section: str, score: float) -> dict:
+    return {"section": section, "n": g.height, "score": float(score), "truncated": int(g["truncated"].sum())}
 
 
-def aggregate(scored: pl.DataFrame, rm_version: str) -> pl.DataFrame:
-    """Per section, per subset (as section 'subset:<name>'), and overall rows for every benchmark in `scored`."""
-    out = []
+def benchmark_scores(bench: str, g: pl.DataFrame) -> list[dict]:
+    """Section rows and an `overall` row for one benchmark's scored items (g has `credit`, `truncated`)."""
+    out: list[dict] = []
+    by = {k[0]: v for k, v in g.group_by("section", maintain_order=True)}
+    if bench == "rewardbench":
+        subs = {k[0]: v for k, v in g.group_by("subset", maintain_order=True)}
+        acc = {s: float(v["credit"].mean()) for s, v in subs.items()}
+        out += [_rows(v, f"subset:{s}", acc[s]) for s, v in sorted(subs.items())]
+        for sec in ("Chat", "Chat Hard", "Safety", "Reasoning"):
+            present = [s for s in acc if RB1_SECTIONS.get(s) == sec]
+            if present:
+                w = sum(RB1_EXAMPLE_COUNTS[s] for s in present)
+                out.append(_rows(by[sec], sec, sum(acc[s] * RB1_EXAMPLE_COUNTS[s] for s in present) / w))
+        sections = [r for r in out if not r["section"].startswith("subset:")]
+    elif bench == "rewardbench2":
+        for sec, v in sorted(by.items()):
+            out.append(_rows(v, sec, ties_score(v) if sec == "Ties" else v["credit"].mean()))
+        sections = out
+    elif bench == "rm-bench":
+        levels = {"easy": [], "normal": [], "hard": []}
+        for sec, v in sorted(by.items()):
+            cells = v.with_columns(level=pl.col("subset").str.split(":").list.first()).group_by(
+                "subset", "level").agg(acc=pl.col("credit").mean())
+            lv = {lvl: float(cells.filter(pl.col("level") == lvl)["acc"].mean()) for lvl in levels}
+            for lvl, val in lv.items():
+                levels[lvl].append(val)
+                out.append(_rows(v.filter(pl.col("subset").str.starts_with(lvl)), f"{sec}:{lvl}", val))
+            out.append(_rows(v, sec, float(np.mean(list(lv.values())))))
+        out += [_rows(g.filter(pl.col("subset").str.starts_with(lvl)), lvl, float(np.mean(vals)))
+                for lvl, vals in levels.items() if vals]
+        sections = [r for r in out if ":" not in r["section"] and r["section"] not in levels]
+    elif bench == "judgebench":
+        out += [_rows(v, sec, v["credit"].mean()) for sec, v in sorted(by.items())]
+        sections = list(out)
+        out.append(_rows(g, "overall_official", g["credit"].mean()))
+    else:  # ppe-*, rmb, synth-bench: mean of sections; gold_test: pooled
+        out += [_rows(v, sec, v["credit"].mean()) for sec, v in sorted(by.items())]
+        sections = out if bench != "gold_test" else [_rows(g, "all", g["credit"].mean())]
+    out.append(_rows(g, "overall", float(np.mean([r["score"] for r in sections]))))
+    return out
+
+
+def aggregate(scored: pl.DataFrame, rm_version: str, max_len: int = 0) -> pl.DataFrame:
+    """Per-section and overall rows of every benchmark in `scored` (items with r_chosen, r_rejected, truncated)."""
+    scored = scored.with_columns(credit=pl.struct("benchmark", "r_chosen", "r_rejected").map_elements(
+        lambda r: credit(r["benchmark"], r["r_chosen"], r["r_rejected"]), return_dtype=pl.Float64))
+    rows = []
     for (bench,), g in scored.group_by("benchmark", maintain_order=True):
-        per = _section_scores(g)
-        out.append(per.select(pl.lit(rm_version).alias("rm_version"), pl.lit(bench).alias("benchmark"), "section",
-                              pl.col("n").cast(pl.Int64), "accuracy"))
-        subs = g.filter(pl.col("subset") != "")
-        if subs.height:
-            s = subs.group_by("subset").agg(n=pl.len(), accuracy=pl.col("correct").mean()).sort("subset")
-            out.append(s.select(pl.lit(rm_version).alias("rm_version"), pl.lit(bench).alias("benchmark"),
-                                ("subset:" + pl.col("subset")).alias("section"), pl.col("n").cast(pl.Int64),
-                                "accuracy"))
-        overall = float(per["accuracy"].mean()) if bench in SECTION_MEAN else float(g["correct"].mean())
-        out.append(pl.DataFrame({"rm_version": [rm_version], "benchmark": [bench], "section": ["overall"],
-                                 "n": [g.height], "accuracy": [overall]}, schema=RESULT_SCHEMA))
-    return pl.concat([o.cast(RESULT_SCHEMA) for o in out]) if out else pl.DataFrame(schema=RESULT_SCHEMA)
+        rows += [{"rm_version": rm_version, "benchmark": bench, "max_len": max_len, **r}
+                 for r in benchmark_scores(bench, g)]
+    return pl.DataFrame(rows, schema=RESULT_SCHEMA) if rows else pl.DataFrame(schema=RESULT_SCHEMA)
 
 
-def evaluate(rm: RewardModel, bench: pl.DataFrame, rm_version: str, max_len: int = 256) -> tuple[pl.DataFrame, pl.DataFrame]:
-    scored = score_items(rm, bench, max_len)
-    return aggregate(scored, rm_version), scored
+def table1(results: pl.DataFrame, real: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Paper Table-1 shape: one row per RM, one column per real benchmark (overall) and their unweighted average;
+    then the in-distribution block (gold_test, synth-bench), never averaged in."""
+    ov = results.filter(pl.col("section") == "overall")
+    wide = ov.pivot(on="benchmark", index="rm_version", values="score").sort("rm_version")
+    cols = [c for c in real if c in wide.columns]
+    main = wide.select("rm_version", *cols)
+    if cols:
+        main = main.with_columns(average=pl.mean_horizontal(cols))
+    other = [c for c in wide.columns if c not in cols and c != "rm_version"]
+    return main, wide.select("rm_version", *other)
 
 
 def pairwise_accuracy(scores: pl.DataFrame, by: str | None = None) -> pl.DataFrame:
@@ -129,11 +200,3 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return centre - half, centre + half
-
-
-def table1(results: pl.DataFrame) -> pl.DataFrame:
-    """Paper Table-1 shape: one row per RM, one column per benchmark (overall), plus their unweighted average."""
-    ov = results.filter(pl.col("section") == "overall")
-    wide = ov.pivot(on="benchmark", index="rm_version", values="accuracy").sort("rm_version")
-    cols = [c for c in wide.columns if c != "rm_version"]
-    return wide.with_columns(average=pl.mean_horizontal(cols)) if cols else wide

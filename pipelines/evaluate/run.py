@@ -1,0 +1,138 @@
+"""Evaluating RMs: every model on every benchmark plus the in-distribution gold_test, the per-item rewards kept, a
+leak check, and the Table-1 report. The Dagster asset `rm_evaluation` configures and calls `evaluate_models`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.compute import Engine
+from pipelines.evaluate.benchmarks import REAL_BENCHMARKS, item_pair_ids
+from pipelines.evaluate.harness import REWARD_SCHEMA, RESULT_SCHEMA, aggregate, responses, score_items, table1
+from pipelines.lake import Lake
+from pipelines.rm.registry import ModelRef, data_manifest
+from pipelines.tables import RM_EVALUATION, RM_REWARDS, SEED
+
+
+def gold_test_items(lake: Lake) -> pl.DataFrame:
+    """The human gold_test split as benchmark items (section = task category): reported, never trained or selected on."""
+    if not lake.exists(SEED):
+        return pl.DataFrame()
+    g = lake.scan(SEED).filter(pl.col("split") == "gold_test").collect()
+    return g.select(benchmark=pl.lit("gold_test"), item_id=pl.int_range(pl.len(), dtype=pl.Int64),
+                    section=pl.col("task_category").fill_null("other"), subset=pl.lit(""), history="history",
+                    chosen=pl.concat_list("chosen"), rejected=pl.concat_list("rejected"), item_key="pair_id")
+
+
+def model_max_len(ref: ModelRef, cap: int) -> int:
+    """The model's own context (config.max_position_embeddings), capped: the evaluation length policy."""
+    from transformers import AutoConfig
+
+    n = getattr(AutoConfig.from_pretrained(ref.local_path()), "max_position_embeddings", None) or cap
+    return int(min(n, cap))
+
+
+@dataclass
+class Evaluation:
+    results: pl.DataFrame
+    rewards: pl.DataFrame
+    table1: pl.DataFrame
+    in_distribution: pl.DataFrame
+    lengths: pl.DataFrame  # per model and benchmark: texts scored whole / history cut / response cut
+    leaks: pl.DataFrame
+
+
+def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engine: Engine, *,
+                    max_len_cap: int = 4096) -> Evaluation:
+    """Score `items` (benchmark items incl. gold_test) under every model, once per distinct text per model."""
+    results, rewards, lengths = [], [], []
+    models = {ref.rm_version: (ref, model_max_len(ref, max_len_cap)) for ref in refs}
+    resp_all = responses(items) if items.height else None
+    texts = resp_all.unique("text_key", keep="first").select("text_key", "history", "response") if refs else None
+    by_model = engine.score_texts(texts, models) if refs and items.height else {}
+    for ref in refs:
+        max_len = models[ref.rm_version][1]
+        scored, resp = score_items(items, lambda _texts, v=ref.rm_version: by_model[v], resp_all)
+        results.append(aggregate(scored, ref.rm_version, max_len))
+        rewards.append(resp.select(pl.lit(ref.rm_version).alias("rm_version"), "benchmark", "item_key", "role", "idx",
+                                   "reward", "tokens", "truncated").cast(REWARD_SCHEMA))
+        lengths.append(resp.unique(["benchmark", "text_key"]).group_by("benchmark").agg(
+            texts=pl.len(), whole=(pl.col("truncated") == "none").sum(),
+            history_cut=(pl.col("truncated") == "history").sum(),
+            response_cut=(pl.col("truncated") == "response").sum()).with_columns(
+            rm_version=pl.lit(ref.rm_version), max_len=pl.lit(max_len)))
+    res = pl.concat(results) if results else pl.DataFrame(schema=RESULT_SCHEMA)
+    t1, ind = table1(res, REAL_BENCHMARKS) if res.height else (pl.DataFrame(), pl.DataFrame())
+    return Evaluation(res, pl.concat(rewards) if rewards else pl.DataFrame(schema=REWARD_SCHEMA), t1, ind,
+                      pl.concat(lengths).sort("rm_version", "benchmark") if lengths else pl.DataFrame(),
+                      leaks(lake, items))
+
+
+def reported_pair_ids(items: pl.DataFrame) -> pl.DataFrame:
+    """pair_id of every reported comparison: the benchmarks' (`item_pair_ids`) and gold_test's own raw pair ids."""
+    parts = [item_pair_ids(items.filter(pl.col("benchmark") != "gold_test")),
+             items.filter(pl.col("benchmark") == "gold_test").select("benchmark", pair_id="item_key")]
+    return pl.concat(parts).unique()
+
+
+def leaks(lake: Lake, items: pl.DataFrame) -> pl.DataFrame:
+    """Reported pairs that some registered RM trained on or was selected on (must be empty): benchmark, pair_id,
+    rm_version, use."""
+    if items.height == 0:
+        return pl.DataFrame(schema={"benchmark": pl.String, "pair_id": pl.String, "rm_version": pl.String,
+                                    "use": pl.String})
+    rep = reported_pair_ids(items).lazy()
+    return data_manifest(lake).join(rep, on="pair_id", how="inner").select(
+        "benchmark", "pair_id", "rm_version", "use").collect()
+
+
+def write_evaluation(lake: Lake, ev: Evaluation) -> int:
+    """Each model's rows replace its earlier ones (one commit per model and table)."""
+    v = 0
+    for rm_version in ev.results["rm_version"].unique().to_list():
+        v = lake.replace_where(RM_EVALUATION, ev.results.filter(pl.col("rm_version") == rm_version).to_arrow(),
+                               "rm_version", rm_version)
+        lake.replace_where(RM_REWARDS, ev.rewards.filter(pl.col("rm_version") == rm_version).to_arrow(),
+                           "rm_version", rm_version)
+    return v
+
+
+def report_markdown(ev: Evaluation, md_table) -> str:
+    per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort("rm_version", "benchmark", "section")
+    leak_line = ("No reported pair was trained or selected on by any registered RM."
+                 if ev.leaks.height == 0 else f"**{ev.leaks.height} reported pairs leak** (see the leaks table).")
+    return "\n\n".join([
+        "# RM evaluation (paper Table 1 shape)",
+        "Real benchmarks, each scored as its authors' script does; `average` is their unweighted mean.",
+        md_table(ev.table1) if ev.table1.height else "_no real benchmark files: add them with `synpref benchmarks "
+                                                     "add PATH` or `synpref benchmarks fetch NAME`_",
+        "## In-distribution (never averaged in)",
+        "gold_test: the human split no RM trained or was selected on; synth-bench: project-made pairs.",
+        md_table(ev.in_distribution),
+        "## Length: texts scored whole or cut, per model and benchmark",
+        "Each model is scored at its own context (`max_len`, capped); a cut text keeps the model's special tokens. "
+        "`history_cut`: the conversation lost its oldest tokens; `response_cut`: the response alone did not fit.",
+        md_table(ev.lengths),
+        "## Leaks", leak_line,
+        "## Per section",
+        md_table(per),
+        f"Per-item rewards: Delta table `{RM_REWARDS}` (rm_version, benchmark, item_key, role, idx, reward, tokens, "
+        "truncated): enough to recompute any score with the authors' scripts.",
+    ]) + "\n"
+
+
+def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rm_evaluation.md").write_text(report_markdown(ev, md_table))
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ov = ev.results.filter(pl.col("section") == "overall")
+    for (bm,), grp in ov.group_by("benchmark", maintain_order=True):
+        ax.bar([f"{r}\n{bm}" for r in grp["rm_version"]], grp["score"], label=bm)
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("score")
+    ax.tick_params(axis="x", labelsize=5, rotation=30)
+    ax.legend(fontsize=6)
+    fig.savefig(out / "rm_evaluation.png", dpi=90, bbox_inches="tight")
+    return out / "rm_evaluation.md"
