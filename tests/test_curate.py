@@ -75,19 +75,26 @@ def test_stage2_keep_rule_and_recycling():
     assert "llm=not-asked" in c["why"] and c["judge_version"] is None and c["gold_rm_version"] == "g:1"
 
 
-def test_benchmark_aggregation_sections_best_of_n_and_table1():
-    scored = pl.DataFrame({
-        "benchmark": ["rewardbench"] * 4 + ["ppe"] * 3,
-        "section": ["chat", "chat", "chat", "safety", "all", "all", "all"],
-        "subset": ["", "", "", "", "easy", "hard", "hard"],
-        "correct": [True, True, False, False, True, False, True]})
+def test_benchmark_aggregation_best_of_n_and_table1_keeps_in_distribution_out_of_the_average():
+    def items(bench, section, chosen, rejected):
+        return {"benchmark": bench, "section": section, "subset": "", "r_chosen": chosen, "r_rejected": rejected,
+                "truncated": False, "item_key": "k"}
+
+    scored = pl.DataFrame([
+        items("ppe-correctness", "math", [2.0], [1.0, 3.0]),  # 1 of 2 pairs right
+        items("ppe-correctness", "gpqa", [2.0], [1.0]),
+        items("rmb", "bon:Helpfulness", [2.0], [1.0, 0.5]),  # best of N: beats every loser
+        items("rmb", "bon:Harmlessness", [2.0], [1.0, 2.5]),
+        items("gold_test", "math", [1.0], [0.0]), items("gold_test", "math", [0.0], [1.0]),
+        items("gold_test", "coding", [1.0], [0.0])])
     res = aggregate(scored, "rm:1")
-    ov = dict(res.filter(pl.col("section") == "overall").select("benchmark", "accuracy").iter_rows())
-    assert ov["rewardbench"] == pytest.approx((2 / 3 + 0) / 2)  # mean over sections, not over items
-    assert ov["ppe"] == pytest.approx(2 / 3)
-    assert res.filter(pl.col("section") == "subset:hard")["accuracy"][0] == pytest.approx(0.5)
-    t = table1(res)
-    assert t["average"][0] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    ov = dict(res.filter(pl.col("section") == "overall").select("benchmark", "score").iter_rows())
+    assert ov["ppe-correctness"] == pytest.approx((0.5 + 1.0) / 2) and ov["rmb"] == pytest.approx(0.5)
+    assert ov["gold_test"] == pytest.approx(2 / 3)  # pooled, not a mean of sections
+    main, ind = table1(res, ["rewardbench", "ppe-correctness", "rmb"])
+    assert main.columns == ["rm_version", "ppe-correctness", "rmb", "average"]
+    assert main["average"][0] == pytest.approx((0.75 + 0.5) / 2)  # real benchmarks only
+    assert ind.columns == ["rm_version", "gold_test"]
     lo, hi = wilson_interval(60, 100)
     assert 0.50 < lo < 0.6 < hi < 0.7
     assert pairwise_accuracy(pl.DataFrame({"margin": [1.0, -1.0, 2.0]}))["accuracy"][0] == pytest.approx(2 / 3)

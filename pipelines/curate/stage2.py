@@ -1,16 +1,54 @@
-"""Stage 2 (paper §3.3): the consistency filter over the in-the-wild pool, and flip-recycling.
+"""Stage 2 (paper §3.3): the consistency filter over the in-the-wild pool, shard by shard, and flip-recycling.
 
-A pair keeps its ORIGINAL label iff the gold RM agrees AND (the LLM judges agree OR the best Stage-1 RM agrees).
-Confident pairs (best-RM p > 0.5 + margin) skip LLM judging. Discarded pairs are recycled with chosen/rejected
-swapped (the paper's 40M mixture; never verified, kept in a separate table).
+Per work unit (at most `unit_rows` pairs of one raw shard, by source row):
+ 1. read the unit's Stage-2 pool pairs (never a verified or silver pair);
+ 2. score them under the best Stage-1 RM and the gold RM (the engine: in-process or Ray actors);
+    pairs an RM cannot score (a response alone longer than max_len, a non-finite reward) go to quarantine;
+ 3. confident = best-RM p > 0.5 + margin: no attributes, no embedding, no LLM call;
+ 4. the unconfident get attributes, an embedding, their nearest human exemplars and the judge ensemble;
+ 5. keep rule: a pair keeps its ORIGINAL label iff the gold RM agrees AND (the judges agree OR the best RM agrees);
+    discarded pairs are recycled with chosen/rejected swapped (the paper's 40M mixture; never verified);
+ 6. commit: `rm_scores`, `curated_pairs`, `recycled_pairs` each replace the unit's rows in one Delta commit, then the
+    unit's row in `stage2_units` (counts, versions) marks it done.
+
+Memory is one unit. A rerun, or a restart after kill -9, skips units already marked done for the same decision key
+(RM versions, margin, judges, prompt), and a unit cut short is redone from scratch: its rows are replaced, not
+appended, so nothing is duplicated or lost. Counts reconcile per unit: pool = curated + recycled + quarantined.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
 import polars as pl
 
-CURATED = "curated_pairs"
-RECYCLED = "recycled_pairs"
+from pipelines.annotate.backends import Backend
+from pipelines.annotate.prompts import Prompt
+from pipelines.annotate.runner import annotate_attributes, annotation_failures
+from pipelines.compute import Engine
+from pipelines.curate.embed import pair_text
+from pipelines.curate.judge import JudgeSetup, exemplar_index, judge_with_exemplars
+from pipelines.lake import Lake
+from pipelines.pool import (ATTRIBUTES_SCHEMA, WorkUnit, attributes, quarantine_pairs, read_unit,
+                            truth_categories, work_units)
+from pipelines.rm.registry import ModelRef
+from pipelines.tables import (CURATED, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
+                             STAGE2_UNITS)
+
+SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
+                "margin": pl.Float64, "p": pl.Float64, "work_unit": pl.String}
+UNIT_SCHEMA = {"work_unit": pl.String, "decision_key": pl.String, "shard": pl.String, "row_lo": pl.Int64,
+               "row_hi": pl.Int64, "pool": pl.Int64, "curated": pl.Int64, "recycled": pl.Int64,
+               "quarantined": pl.Int64, "quarantined_by_reason": pl.String, "confident": pl.Int64,
+               "annotated": pl.Int64, "judged": pl.Int64, "best_rm_version": pl.String,
+               "gold_rm_version": pl.String, "seconds": pl.Float64, "run_id": pl.String,
+               "done_at": pl.Datetime("us", "UTC")}
+STAGE1_UNIT = "stage1"  # the work unit holding the Stage-1 verified data in curated_pairs
 
 
 def split_confident(scores: pl.DataFrame, margin: float) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -50,3 +88,251 @@ def keep_rule(pool: pl.DataFrame, best: pl.DataFrame, gold: pl.DataFrame, llm: p
     recycled = (df.filter(~keep).select(cols)
                 .with_columns(chosen=pl.col("rejected"), rejected=pl.col("chosen"), why="flipped: " + pl.col("why")))
     return curated, recycled
+
+
+@dataclass
+class Stage2Config:
+    confidence_margin: float = 0.1  # confident iff best-RM p > 0.5 + margin
+    unit_rows: int = 50_000  # pairs per work unit (the memory bound)
+    stage1_fraction: float = 0.4  # pairs hashed below it belong to Stage 1's pool, the rest to Stage 2's
+    include_stage1: bool = True  # curated = Stage-1 verified data (human train split + silver) + Stage-2 survivors
+    embed_model: str = ""  # embedding model folder for the unconfident pairs' exemplar retrieval
+
+
+@dataclass
+class Stage2Inputs:
+    """The models and LLMs Stage 2 runs with."""
+
+    best: ModelRef
+    gold: ModelRef
+    annotator: Backend
+    attributes_prompt: Prompt
+    judging: JudgeSetup
+
+
+@dataclass
+class Stage2Report:
+    units_total: int = 0
+    units_skipped: int = 0  # already committed under the same decision key
+    units_run: int = 0
+    pool: int = 0
+    curated: int = 0
+    recycled: int = 0
+    quarantined: int = 0
+    confident: int = 0
+    annotated: int = 0
+    judged: int = 0
+    stage1_rows: int = 0
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    max_unit_rows: int = 0
+    seconds: float = 0.0
+    decision_key: str = ""
+
+    @property
+    def reconciles(self) -> bool:
+        return self.pool == self.curated + self.recycled + self.quarantined
+
+    @property
+    def skipped_annotation_share(self) -> float:
+        """Share of the pool decided without any LLM call (confident pairs)."""
+        return self.confident / self.pool if self.pool else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "reconciles": self.reconciles,
+                "skipped_annotation_share": round(self.skipped_annotation_share, 4)}
+
+
+def decision_key(cfg: Stage2Config, inputs: Stage2Inputs) -> str:
+    """Everything that decides a unit's rows: a unit done under another key is recomputed."""
+    blob = json.dumps({"best": inputs.best.rm_version, "gold": inputs.gold.rm_version,
+                       "margin": cfg.confidence_margin, "stage1_fraction": cfg.stage1_fraction,
+                       "judges": inputs.judging.model_ids, "prompt": inputs.judging.prompt.version,
+                       "samples": inputs.judging.samples, "sampling": inputs.judging.sampling,
+                       "exemplars": inputs.judging.exemplars, "attributes": inputs.attributes_prompt.version,
+                       "annotator": inputs.annotator.model_id}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def done_units(lake: Lake, key: str) -> set[str]:
+    """Names of the units committed under `key` (one row per unit: bounded by the number of units)."""
+    if not lake.exists(STAGE2_UNITS):
+        return set()
+    return set(lake.scan(STAGE2_UNITS).filter(pl.col("decision_key") == key).select("work_unit").collect()
+               ["work_unit"].to_list())
+
+
+def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engine, *, run_id: str,
+               on_unit: Callable[[dict], None] | None = None, log: Callable[[str], None] = lambda m: None
+               ) -> Stage2Report:
+    """Stage 2 over every work unit not yet committed under the current decision key."""
+    t0 = time.perf_counter()
+    report = Stage2Report(decision_key=decision_key(cfg, inputs))
+    units = work_units(lake, cfg.unit_rows)
+    done = done_units(lake, report.decision_key)
+    report.units_total = len(units)
+    exemplars = exemplar_index(lake, exemplar_pool(lake))
+    pending = [u for u in units if u.name not in done]
+    report.units_skipped = len(units) - len(pending)
+    reader = UnitRead(lake.root, lake.storage_options, cfg.stage1_fraction)
+    scored = engine.score_units(pending, reader, {"best": inputs.best, "gold": inputs.gold})
+    for unit, pairs, scores in scored:
+        row = _run_unit(lake, cfg, inputs, engine, unit, pairs, scores, exemplars, report.decision_key, run_id)
+        for k in ("pool", "curated", "recycled", "quarantined", "confident", "annotated", "judged"):
+            setattr(report, k, getattr(report, k) + row[k])
+        for reason, n in json.loads(row["quarantined_by_reason"]).items():
+            report.quarantined_by_reason[reason] = report.quarantined_by_reason.get(reason, 0) + n
+        report.max_unit_rows = max(report.max_unit_rows, row["pool"])
+        report.units_run += 1
+        log(f"stage2 {unit.name}: {row['pool']} pairs -> {row['curated']} kept, {row['recycled']} recycled, "
+            f"{row['quarantined']} quarantined ({row['confident']} confident, {row['judged']} judged)")
+        if on_unit:
+            on_unit(row)
+    if cfg.include_stage1:
+        report.stage1_rows = write_stage1_verified(lake)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def exemplar_pool(lake: Lake) -> pl.DataFrame:
+    """Human-verified pairs that may be shown to the judges: the train and gold_val splits, never gold_test."""
+    if not lake.exists(SEED):
+        return pl.DataFrame(schema={"pair_id": pl.String})
+    return lake.scan(SEED).filter(pl.col("split") != "gold_test").collect()
+
+
+@dataclass(frozen=True)
+class UnitRead:
+    """Reads a work unit's Stage-2 pool pairs; picklable, so Ray workers read their units themselves."""
+
+    root: str
+    storage_options: dict
+    stage1_fraction: float
+
+    def __call__(self, unit: WorkUnit) -> pl.DataFrame:
+        return read_unit(Lake(self.root, dict(self.storage_options)), unit, "stage2", self.stage1_fraction)
+
+
+def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engine, unit: WorkUnit,
+              pairs: pl.DataFrame, scores: dict[str, pl.DataFrame], exemplars, key: str, run_id: str) -> dict:
+    """Steps 2-6 for one unit whose pairs the engine has read and scored."""
+    t0 = time.perf_counter()
+    best, gold = scores["best"], scores["gold"]
+    # 2. what an RM cannot score is quarantined with the reason, under either RM
+    unscorable = pl.concat([s.filter(pl.col("status") != "ok").select(
+        "pair_id", reason="status", detail=pl.col("detail") + pl.lit(f" ({ref.rm_version})"))
+        for s, ref in ((best, inputs.best), (gold, inputs.gold))]).unique("pair_id", keep="first")
+    by_reason: dict[str, int] = {}
+    for reason, grp in unscorable.group_by("reason"):
+        bad = pairs.join(grp, on="pair_id").with_columns(payload=pl.lit(""))
+        by_reason[reason[0]] = quarantine_pairs(lake, bad, stage="score", reason=reason[0], run_id=run_id)
+    ok = pairs.join(unscorable.select("pair_id"), on="pair_id", how="anti")
+    best_ok, gold_ok = (s.filter(pl.col("status") == "ok") for s in (best, gold))
+    # 3. confident pairs need nothing more; 4. the unconfident get attributes, an embedding and the judges
+    confident, unconfident = split_confident(best_ok.join(ok.select("pair_id"), on="pair_id", how="semi"),
+                                             cfg.confidence_margin)
+    unconf = ok.join(unconfident.select("pair_id"), on="pair_id", how="semi")
+    annotated, failed = _annotate(lake, unconf, inputs, run_id)
+    if failed.height:
+        by_reason["annotation_failed"] = quarantine_pairs(lake, failed, stage="annotate", reason="annotation_failed",
+                                                          run_id=run_id)
+    vectors = None
+    if annotated.height and cfg.embed_model:
+        texts = annotated.select(text=pl.struct("history", "task_category", "guideline").map_elements(
+            lambda r: pair_text(r["history"], r["task_category"], r["guideline"]), return_dtype=pl.String))
+        vectors = engine.embed(texts, cfg.embed_model)
+    agg = judge_with_exemplars(lake, annotated, inputs.judging, exemplars, run_id=run_id, context="stage2",
+                               table=STAGE2_JUDGMENTS, vectors=vectors)
+    # 5. keep rule over every scored pair that was not quarantined
+    decided = ok.join(failed.select("pair_id"), on="pair_id", how="anti").join(
+        annotated.select("pair_id", "task_category"), on="pair_id", how="left")
+    curated, recycled = keep_rule(decided, best_ok, gold_ok, agg, margin=cfg.confidence_margin,
+                                  best_version=inputs.best.rm_version, gold_version=inputs.gold.rm_version,
+                                  judge_version=inputs.judging.prompt.version)
+    # 6. one commit per table for the unit, then the unit's row (the resume marker) last
+    stamp = dict(stage=pl.lit("stage2"), work_unit=pl.lit(unit.name))
+    scored_rows = pl.concat([s.join(pairs.select("pair_id"), on="pair_id", how="semi").filter(
+        pl.col("status") == "ok").select("pair_id", rm_version=pl.lit(ref.rm_version), r_chosen="r_chosen",
+                                         r_rejected="r_rejected", margin="margin", p="p",
+                                         work_unit=pl.lit(unit.name))
+        for s, ref in ((best, inputs.best), (gold, inputs.gold))]).cast(SCORE_SCHEMA)
+    lake.replace_where(SCORES, scored_rows.to_arrow(), "work_unit", unit.name)
+    lake.replace_where(CURATED, _curated_frame(curated.with_columns(**stamp)).to_arrow(), "work_unit", unit.name)
+    lake.replace_where(RECYCLED, _curated_frame(recycled.with_columns(**stamp)).to_arrow(), "work_unit", unit.name)
+    quarantined = sum(by_reason.values())
+    row = {"work_unit": unit.name, "decision_key": key, "shard": unit.shard, "row_lo": unit.lo, "row_hi": unit.hi,
+           "pool": pairs.height, "curated": curated.height, "recycled": recycled.height, "quarantined": quarantined,
+           "quarantined_by_reason": json.dumps(by_reason, sort_keys=True), "confident": confident.height,
+           "annotated": annotated.height + failed.height, "judged": annotated.height,
+           "best_rm_version": inputs.best.rm_version, "gold_rm_version": inputs.gold.rm_version,
+           "seconds": time.perf_counter() - t0, "run_id": run_id, "done_at": datetime.now(timezone.utc)}
+    lake.append(STAGE2_UNITS, pl.DataFrame([row], schema=UNIT_SCHEMA).to_arrow())
+    return row
+
+
+def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Attributes for the unconfident pairs only. Returns (pairs with attributes, failed: pair_id/detail/payload
+    with provenance)."""
+    if unconf.height == 0:
+        empty = unconf.select("pair_id", "source", "shard", "source_row").with_columns(
+            detail=pl.lit(None, pl.String), payload=pl.lit(None, pl.String))
+        return unconf.head(0).join(pl.DataFrame(schema=ATTRIBUTES_SCHEMA), on="pair_id"), empty
+    cats = truth_categories(lake, unconf)
+    annotate_attributes(lake, unconf, inputs.annotator, inputs.attributes_prompt, run_id, table=STAGE2_ANNOTATIONS,
+                        category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
+    attrs = attributes(lake, unconf, table=STAGE2_ANNOTATIONS).collect()
+    annotated = unconf.join(attrs, on="pair_id", how="inner")
+    failed = annotation_failures(lake, unconf.join(attrs.select("pair_id"), on="pair_id", how="anti"),
+                                 inputs.annotator.model_id, inputs.attributes_prompt.version, STAGE2_ANNOTATIONS)
+    return annotated, failed
+
+
+CURATED_SCHEMA = {"pair_id": pl.String, "history": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
+                  "chosen": pl.String, "rejected": pl.String, "task_category": pl.String, "p_best": pl.Float64,
+                  "p_gold": pl.Float64, "llm_final": pl.String, "llm_agree": pl.Float64, "why": pl.String,
+                  "best_rm_version": pl.String, "gold_rm_version": pl.String, "judge_version": pl.String,
+                  "stage": pl.String, "work_unit": pl.String}
+
+
+def _curated_frame(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows in the curated/recycled schema (columns a source lacks are null)."""
+    return df.select([(pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c)
+                      for c, t in CURATED_SCHEMA.items()])
+
+
+def write_stage1_verified(lake: Lake) -> int:
+    """The Stage-1 verified data into curated_pairs as work unit 'stage1': the human train split (never gold_val
+    or gold_test: those select and report models) and every silver pair. Replaced on every run."""
+    parts = []
+    if lake.exists(SEED):
+        parts.append(lake.scan(SEED).filter(pl.col("split") == "train").select(
+            "pair_id", "history", "chosen", "rejected", "task_category", why=pl.lit("stage1: human-verified")))
+    if lake.exists(SILVER):
+        parts.append(lake.scan(SILVER).select("pair_id", "history", "chosen", "rejected", "task_category",
+                                              why=pl.lit("stage1: llm-verified")))
+    if not parts:
+        return 0
+    rows = pl.concat([p.with_columns(pl.col("task_category").cast(pl.String)) for p in parts]).unique(
+        "pair_id", keep="first").collect()
+    frame = _curated_frame(rows.with_columns(stage=pl.lit("stage1"), work_unit=pl.lit(STAGE1_UNIT)))
+    lake.replace_where(CURATED, frame.to_arrow(), "work_unit", STAGE1_UNIT)
+    return frame.height
+
+
+def unit_rows_table(lake: Lake) -> pl.DataFrame:
+    """The latest row per committed unit (for reports)."""
+    if not lake.exists(STAGE2_UNITS):
+        return pl.DataFrame(schema=UNIT_SCHEMA)
+    return lake.scan(STAGE2_UNITS).sort("done_at").unique("work_unit", keep="last").collect()
+
+
+def curated_mix(lake: Lake, include_recycled: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The RM family's data: train = curated_pairs (+ recycled_pairs, the 40M mix) minus every gold_val and
+    gold_test pair; val = gold_val (checkpoint selection). gold_test stays for the report only."""
+    cols = ["pair_id", "history", "chosen", "rejected"]
+    seed = lake.scan(SEED)
+    held_out = seed.filter(pl.col("split") != "train").select("pair_id")
+    parts = [lake.scan(CURATED).select(cols)]
+    if include_recycled and lake.exists(RECYCLED):
+        parts.append(lake.scan(RECYCLED).select(cols))
+    train = pl.concat(parts).join(held_out, on="pair_id", how="anti").unique("pair_id", keep="first").collect()
+    return train, seed.filter(pl.col("split") == "gold_val").select(cols).collect()

@@ -1,0 +1,302 @@
+"""The heavy maps (RM scoring, embedding) behind one interface: in this process, or on Ray.
+
+`RayEngine` runs them as Ray Data `map_batches` over an actor pool: each actor loads its models once (fetching a
+registered RM from MLflow into the node's cache on first use) and scores record batches; one actor per GPU on a
+cluster, CPU actors on the embedded default. `InProcessEngine` runs the same per-batch function here. Both return
+one row per input pair, so callers (Stage 2, evaluation) cannot tell them apart except by speed; the driver alone
+writes to the lake.
+
+Ray is imported only by `RayEngine`: the in-process path needs no Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipelines.rm.registry import ModelRef
+
+SCORE_COLUMNS = {"pair_id": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64, "margin": pl.Float64,
+                 "p": pl.Float64, "status": pl.String, "detail": pl.String}
+PAIR_INPUT = ["pair_id", "history", "chosen", "rejected"]
+
+
+def score_pair_batch(rm, rows: list[dict], *, max_len: int, batch_size: int) -> pl.DataFrame:
+    """Rewards of one batch of pairs under one RM, one row per input pair. `status`: ok | over_length (a
+    response alone does not fit `max_len`: not scorable, never silently skipped) | non_finite (NaN/inf reward)."""
+    from pipelines.rm.score import score_rows
+
+    scored, length = score_rows(rm, rows, "", max_len=max_len, batch_size=batch_size)
+    finite = scored.filter(pl.col("r_chosen").is_finite() & pl.col("r_rejected").is_finite())
+    bad = scored.join(finite.select("pair_id"), on="pair_id", how="anti")
+    parts = [finite.select("pair_id", "r_chosen", "r_rejected", "margin", "p", status=pl.lit("ok"),
+                           detail=pl.lit(None, pl.String)),
+             bad.select("pair_id", "r_chosen", "r_rejected", "margin", "p", status=pl.lit("non_finite"),
+                        detail=pl.lit("reward is not finite"))]
+    if length["unscored_ids"]:
+        parts.append(pl.DataFrame({"pair_id": length["unscored_ids"]}, schema={"pair_id": pl.String}).select(
+            "pair_id", r_chosen=pl.lit(None, pl.Float64), r_rejected=pl.lit(None, pl.Float64),
+            margin=pl.lit(None, pl.Float64), p=pl.lit(None, pl.Float64), status=pl.lit("over_length"),
+            detail=pl.lit(f"a response alone exceeds max_len={max_len}")))
+    return pl.concat([x.cast(SCORE_COLUMNS) for x in parts])
+
+
+TEXT_COLUMNS = {"text_key": pl.String, "reward": pl.Float64, "tokens": pl.Int64, "truncated": pl.String}
+
+
+def score_text_batch(rm, rows: list[dict], *, max_len: int, batch_size: int) -> pl.DataFrame:
+    """One reward per (text_key, history, response) row, with the tokens scored and how it was cut."""
+    from pipelines.rm.score import score_texts_detailed
+
+    out = score_texts_detailed(rm, [(r["history"], r["response"]) for r in rows], max_len=max_len,
+                               batch_size=batch_size)
+    return pl.DataFrame({"text_key": [r["text_key"] for r in rows], "reward": [o[0] for o in out],
+                         "tokens": [o[1] for o in out], "truncated": [o[2] for o in out]}, schema=TEXT_COLUMNS)
+
+
+UnitReader = Callable[[object], pl.DataFrame]  # a work unit -> its pairs (run where the engine runs it)
+
+
+class Engine(Protocol):
+    def score(self, pairs: pl.DataFrame, refs: dict[str, ModelRef]) -> dict[str, pl.DataFrame]: ...
+
+    def score_units(self, units: list, read: UnitReader, refs: dict[str, ModelRef]
+                    ) -> Iterator[tuple[object, pl.DataFrame, dict[str, pl.DataFrame]]]: ...
+
+    def score_texts(self, texts: pl.DataFrame, models: dict[str, tuple[ModelRef, int]]) -> dict[str, pl.DataFrame]: ...
+
+    def embed(self, texts: pl.DataFrame, model_path: str) -> np.ndarray: ...
+
+
+def _load_rm(path: str, device: str):
+    from pipelines.rm.model import load_reward_model
+
+    return load_reward_model(path, device=device)
+
+
+@dataclass
+class InProcessEngine:
+    """Scores and embeds in this process (tests, tiny data, one GPU). Models are loaded once per engine."""
+
+    max_len: int = 128
+    batch_size: int = 64
+    device: str = "cpu"
+    load: Callable[[str, str], object] = _load_rm
+    rows_per_batch: int = 4096  # bounds the Python rows materialized at a time
+    _models: dict = field(default_factory=dict, repr=False)
+
+    def _model(self, ref: ModelRef):
+        if ref.rm_version not in self._models:
+            self._models[ref.rm_version] = self.load(ref.local_path(), self.device)
+        return self._models[ref.rm_version]
+
+    def score(self, pairs: pl.DataFrame, refs: dict[str, ModelRef]) -> dict[str, pl.DataFrame]:
+        out = {}
+        for role, ref in refs.items():
+            rm = self._model(ref)
+            parts = [score_pair_batch(rm, pairs.slice(i, self.rows_per_batch).select(PAIR_INPUT).to_dicts(),
+                                      max_len=self.max_len, batch_size=self.batch_size)
+                     for i in range(0, pairs.height, self.rows_per_batch)]
+            out[role] = pl.concat(parts) if parts else pl.DataFrame(schema=SCORE_COLUMNS)
+        return out
+
+    def score_units(self, units: list, read: UnitReader, refs: dict[str, ModelRef]):
+        """Each unit in turn: read it, score it under every model. Yields (unit, pairs, {role: scores})."""
+        for unit in units:
+            pairs = read(unit)
+            yield unit, pairs, self.score(pairs, refs)
+
+    def score_texts(self, texts: pl.DataFrame, models: dict[str, tuple[ModelRef, int]]) -> dict[str, pl.DataFrame]:
+        """One reward per text (text_key, history, response) under each model {name: (ref, max_len)}."""
+        out = {}
+        for name, (ref, max_len) in models.items():
+            rm = self._model(ref)
+            parts = [score_text_batch(rm, texts.slice(i, self.rows_per_batch).select(
+                "text_key", "history", "response").to_dicts(), max_len=max_len, batch_size=self.batch_size)
+                for i in range(0, texts.height, self.rows_per_batch)]
+            out[name] = pl.concat(parts) if parts else pl.DataFrame(schema=TEXT_COLUMNS)
+        return out
+
+    def embed(self, texts: pl.DataFrame, model_path: str) -> np.ndarray:
+        from pipelines.curate.embed import Embedder
+
+        key = ("embed", model_path)
+        if key not in self._models:
+            self._models[key] = Embedder(model_path, device=self.device)
+        return self._models[key].encode(texts["text"].to_list())
+
+
+def _read_units(batch: pa.Table, units: list, read: UnitReader) -> pa.Table:
+    """Ray task: the pairs of the work unit(s) named in the batch, tagged with the unit's index."""
+    parts = [read(units[k]).with_columns(_unit=pl.lit(k, pl.Int64)) for k in batch.column("_unit").to_pylist()]
+    return pl.concat(parts).to_arrow()
+
+
+class _PairScorer:
+    """Ray actor: loads one RM once, then scores record batches; adds `<role>_*` columns."""
+
+    def __init__(self, ref: ModelRef, role: str, max_len: int, batch_size: int, device: str):
+        self.rm = _load_rm(ref.local_path(), device)
+        self.role, self.max_len, self.batch_size = role, max_len, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(PAIR_INPUT).to_pylist()
+        s = score_pair_batch(self.rm, rows, max_len=self.max_len, batch_size=self.batch_size)
+        s = s.rename({c: f"{self.role}__{c}" for c in s.columns if c != "pair_id"})
+        return pl.from_arrow(batch).join(s, on="pair_id", how="left").to_arrow()
+
+
+class _TextScorer:
+    """Ray actor: one model's rewards for a batch of texts, added as `<tag>__*` columns."""
+
+    def __init__(self, ref: ModelRef, tag: str, max_len: int, batch_size: int, device: str):
+        self.rm = _load_rm(ref.local_path(), device)
+        self.tag, self.max_len, self.batch_size = tag, max_len, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = score_text_batch(self.rm, batch.select(["text_key", "history", "response"]).to_pylist(),
+                             max_len=self.max_len, batch_size=self.batch_size)
+        s = s.rename({c: f"{self.tag}__{c}" for c in s.columns if c != "text_key"})
+        return pl.from_arrow(batch).join(s, on="text_key", how="left").to_arrow()
+
+
+@dataclass
+class RayEngine:
+    """Ray Data map_batches over an actor pool. Needs a running Ray (`ray.init`, done by the Dagster resource);
+    `actors` actors per model, each with `gpus_per_actor` GPUs (0 = CPU actors)."""
+
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    batch_rows: int = 1024  # pairs per map batch
+    max_len: int = 128
+    batch_size: int = 64  # sequences per forward inside an actor
+    _embedders: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    def _ray(self):
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("RayEngine needs a running Ray: ray.init(...) first (the `ray` resource does it)")
+        return ray
+
+    def _map(self, ds, cls, kwargs: dict, num_cpus: float = 1.0):
+        import ray
+
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=self.batch_rows, batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=self.actors),
+                              num_gpus=self.gpus_per_actor or None, num_cpus=num_cpus)
+
+    def score(self, pairs: pl.DataFrame, refs: dict[str, ModelRef]) -> dict[str, pl.DataFrame]:
+        """Both RMs in one pipeline: the texts are shipped once and every batch passes both actor pools."""
+        ray = self._ray()
+        if pairs.height == 0:
+            return {role: pl.DataFrame(schema=SCORE_COLUMNS) for role in refs}
+        ds = ray.data.from_arrow(pairs.select(PAIR_INPUT).to_arrow())
+        for role, ref in refs.items():
+            ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
+                                                 batch_size=self.batch_size, device=self.device))
+        cols = ["pair_id", *(f"{role}__{c}" for role in refs for c in SCORE_COLUMNS if c != "pair_id")]
+        table = pa.concat_tables([ray.get(r) for r in ds.select_columns(cols).to_arrow_refs()])
+        wide = pl.from_arrow(table)
+        return {role: wide.select("pair_id", *(pl.col(f"{role}__{c}").alias(c) for c in SCORE_COLUMNS
+                                               if c != "pair_id")).cast(SCORE_COLUMNS)
+                for role in refs}
+
+    def score_units(self, units: list, read: UnitReader, refs: dict[str, ModelRef]):
+        """Every unit through ONE Ray Data pipeline: read tasks -> one actor pool per model (loaded once for the
+        whole run, not once per unit) -> the driver, in unit order (preserve_order), so it can commit each unit as
+        soon as its last row arrives while later units are still being scored. Yields (unit, pairs, scores)."""
+        ray = self._ray()
+        if not units:
+            return
+        ds = ray.data.from_items([{"_unit": k} for k in range(len(units))], override_num_blocks=len(units))
+        ds.context.execution_options.preserve_order = True
+        ds = ds.map_batches(_read_units, fn_kwargs={"units": units, "read": read}, batch_size=1,
+                            batch_format="pyarrow")
+        for role, ref in refs.items():
+            ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
+                                                 batch_size=self.batch_size, device=self.device))
+        pending: list[pl.DataFrame] = []
+        nxt = 0  # the next unit to hand over
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            t = pl.from_arrow(batch)
+            if t.height == 0:
+                continue
+            top = int(t["_unit"].max())
+            pending.append(t)
+            if top > nxt:  # order is preserved: every unit below `top` is complete
+                done = pl.concat(pending)
+                for k in range(nxt, top):
+                    yield self._split(units[k], done.filter(pl.col("_unit") == k), refs, read)
+                pending, nxt = [done.filter(pl.col("_unit") >= top)], top
+        done = pl.concat(pending) if pending else None
+        for k in range(nxt, len(units)):
+            part = done.filter(pl.col("_unit") == k) if done is not None else None
+            yield self._split(units[k], part, refs, read)
+
+    @staticmethod
+    def _split(unit, rows: pl.DataFrame | None, refs: dict[str, ModelRef], read: UnitReader):
+        if rows is None or rows.height == 0:  # a unit with no pool pair sends no rows
+            pairs = read(unit).head(0)
+            return unit, pairs, {role: pl.DataFrame(schema=SCORE_COLUMNS) for role in refs}
+        scores = {role: rows.select("pair_id", *(pl.col(f"{role}__{c}").alias(c) for c in SCORE_COLUMNS
+                                                 if c != "pair_id")).cast(SCORE_COLUMNS) for role in refs}
+        pairs = rows.drop("_unit", *(c for c in rows.columns if "__" in c))
+        return unit, pairs, scores
+
+    def score_texts(self, texts: pl.DataFrame, models: dict[str, tuple[ModelRef, int]]) -> dict[str, pl.DataFrame]:
+        """Every model in one pipeline (texts shipped once; all actor pools start together)."""
+        ray = self._ray()
+        if texts.height == 0:
+            return {name: pl.DataFrame(schema=TEXT_COLUMNS) for name in models}
+        ds = ray.data.from_arrow(texts.select("text_key", "history", "response").to_arrow())
+        cpus = self._cpus_per_actor(len(models))
+        for k, (ref, max_len) in enumerate(models.values()):
+            ds = self._map(ds, _TextScorer, dict(ref=ref, tag=f"m{k}", max_len=max_len, batch_size=self.batch_size,
+                                                 device=self.device), num_cpus=cpus)
+        wide = pl.from_arrow(pa.concat_tables([ray.get(r) for r in ds.drop_columns(["history", "response"])
+                                              .to_arrow_refs()]))
+        return {name: wide.select("text_key", *(pl.col(f"m{k}__{c}").alias(c) for c in TEXT_COLUMNS
+                                                if c != "text_key")).cast(TEXT_COLUMNS)
+                for k, name in enumerate(models)}
+
+    def _cpus_per_actor(self, pools: int) -> float:
+        """CPU actors share the machine when several pools must run at once (each needs >= 1 actor)."""
+        if self.gpus_per_actor > 0:
+            return 1.0
+        import ray
+
+        return max(0.25, min(1.0, ray.cluster_resources().get("CPU", 1) / max(pools * self.actors, 1)))
+
+    def embed(self, texts: pl.DataFrame, model_path: str) -> np.ndarray:
+        """Embeddings on long-lived actors (one pool per model for the engine's life): Stage 2 embeds a few
+        unconfident pairs per unit, so per-unit actor start-up would cost more than the work."""
+        ray = self._ray()
+        if texts.height == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        if model_path not in self._embedders:
+            actor = ray.remote(num_cpus=1, num_gpus=self.gpus_per_actor or None)(_EmbedActor)
+            self._embedders[model_path] = [actor.remote(model_path, self.device) for _ in range(self.actors)]
+        pool = self._embedders[model_path]
+        rows = texts["text"].to_list()
+        size = max(1, -(-len(rows) // len(pool)))
+        parts = [pool[i % len(pool)].encode.remote(rows[j:j + size]) for i, j in enumerate(range(0, len(rows), size))]
+        return np.concatenate(ray.get(parts)).astype(np.float32)
+
+
+class _EmbedActor:
+    def __init__(self, model_path: str, device: str):
+        from pipelines.curate.embed import Embedder
+
+        self.emb = Embedder(model_path, device=device)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.emb.encode(texts)

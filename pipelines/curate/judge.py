@@ -1,0 +1,85 @@
+"""Judging with retrieved human exemplars (paper §3.2, D.3): every pair to be judged is shown to the LLM ensemble
+with its nearest human-verified pairs and their human labels; the verdicts are aggregated by two-step
+self-consistency. Used by the seed judgments, every Stage-1 iteration and Stage 2's unconfident pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from pipelines.annotate.backends import Backend
+from pipelines.annotate.prompts import Prompt
+from pipelines.annotate.runner import JUDGMENTS, aggregate_judgments, judge_pairs
+from pipelines.curate.embed import vectors_of
+from pipelines.curate.retrieve import VectorIndex
+from pipelines.curate.stage1 import exemplars_for
+from pipelines.lake import Lake
+from pipelines.pool import truth_of
+from pipelines.tables import EMBEDDINGS
+
+
+@dataclass
+class JudgeSetup:
+    """The ensemble and how it samples: one object passed to every stage that judges."""
+
+    judges: list[Backend]
+    prompt: Prompt
+    samples: int = 3
+    temperature: float = 0.7
+    exemplars: int = 8
+    seed: int = 0
+
+    @property
+    def sampling(self) -> str:  # as judge_pairs records it
+        return f"t={self.temperature},seed={self.seed}"
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [j.model_id for j in self.judges]
+
+
+def embedded(lake: Lake, frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+    """`frame` restricted to rows with a stored embedding (order kept) and their vectors, row-aligned. Reads the
+    embeddings of `frame`'s ids only (a semi-join), never the whole table."""
+    if not lake.exists(EMBEDDINGS) or frame.height == 0:
+        return frame.head(0), np.zeros((0, 0), dtype=np.float32)
+    emb = (lake.scan(EMBEDDINGS).join(frame.select("pair_id").lazy(), on="pair_id", how="semi")
+           .select("pair_id", "vector").unique("pair_id").collect())
+    joined = frame.join(emb, on="pair_id", how="inner", maintain_order="left")
+    return joined.drop("vector"), vectors_of(joined)
+
+
+def exemplar_index(lake: Lake, exemplar_pool: pl.DataFrame) -> tuple[pl.DataFrame, VectorIndex]:
+    """Human-verified pairs that may be shown as exemplars (never gold_test), with their ANN index."""
+    ex, vecs = embedded(lake, exemplar_pool)
+    return ex, VectorIndex(ex["pair_id"].to_list(), vecs)
+
+
+def judge_with_exemplars(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, exemplars: tuple[pl.DataFrame, VectorIndex],
+                         *, run_id: str, context: str, table: str, vectors: np.ndarray | None = None) -> pl.DataFrame:
+    """Judge `pairs` (attributes attached), nearest exemplars in each prompt; returns their aggregate verdicts.
+    `vectors` (row-aligned with `pairs`) are used when given, else the stored embeddings are looked up."""
+    if pairs.height == 0:
+        return aggregate_judgments(pl.DataFrame())
+    if vectors is None:
+        pairs_e, vectors = embedded(lake, pairs)
+    else:
+        pairs_e = pairs
+    gold, index = exemplars
+    ex = exemplars_for(pairs_e, vectors, gold, index, setup.exemplars) if pairs_e.height else {}
+    truth = truth_of(lake, pairs)
+    judge_pairs(lake, pairs, setup.judges, setup.prompt, run_id, samples=setup.samples,
+                temperature=setup.temperature, seed=setup.seed, context=context, table=table, exemplars=ex, truth_of=lambda r: truth.get(r["pair_id"]))
+    return aggregate_judgments(judgments_of(lake, pairs, setup, table))
+
+
+def judgments_of(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, table: str = JUDGMENTS) -> pl.DataFrame:
+    """Stored judgments of `pairs` by this ensemble, prompt version and sampling (every sample)."""
+    if not lake.exists(table):
+        return pl.DataFrame()
+    return (lake.scan(table).filter((pl.col("prompt_version") == setup.prompt.version)
+                                        & (pl.col("sampling") == setup.sampling)
+                                        & pl.col("model").is_in(setup.model_ids))
+            .join(pairs.select("pair_id").lazy(), on="pair_id", how="semi").collect())

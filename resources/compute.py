@@ -1,0 +1,75 @@
+"""RayResource: where the heavy maps (RM scoring, embedding) run. Built on dagster-ray's `RayResource`, which
+owns the lifecycle (ray.init when a step starts, disconnect when it ends): a local Ray started for the step on the
+embedded default, or an existing cluster attached by address (`ray start --head` on a node, or a KubeRay head)."""
+
+import os
+
+from dagster_ray import RayResource
+from pydantic import Field
+
+from pipelines.compute import Engine, InProcessEngine, RayEngine
+
+
+class ComputeResource(RayResource):
+    engine: str = Field(default="ray", description="ray | inprocess (inprocess: no Ray; for one GPU or debugging)")
+    address: str = Field(default="", description="'' = start a local Ray for the step; 'auto' or "
+                                                 "'ray://head:10001' = attach to a running cluster")
+    local_cpus: int = Field(default=0, description="CPUs of the local Ray (0 = every core); ignored with an address")
+    actors: int = Field(default=0, description="Actors per model (0 = one per GPU on a cluster, one locally)")
+    gpus_per_actor: float = Field(default=0.0, description="GPUs per actor (0 = CPU actors)")
+    batch_rows: int = Field(default=1024, description="Pairs per Ray Data batch")
+    batch_size: int = Field(default=64, description="Sequences per forward inside an actor")
+
+    @property
+    def host(self) -> str:
+        return self.address.removeprefix("ray://").split(":")[0] if "://" in self.address else "127.0.0.1"
+
+    @property
+    def ray_address(self):  # None makes ray.init start a local instance
+        return self.address or None
+
+    @property
+    def name(self) -> str:
+        return f"ray at {self.address}" if self.address else "local ray"
+
+    @property
+    def created(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def connect(self, context):
+        if self.engine == "inprocess":
+            return None
+        import ray
+
+        if ray.is_initialized():  # a caller (a test, a notebook) already started one: use it
+            return None
+        opts = dict(self.ray_init_options)
+        if not self.address:  # the embedded default: a local Ray on this machine, no dashboard
+            opts.setdefault("num_cpus", self.local_cpus or os.cpu_count())
+            opts.setdefault("include_dashboard", False)
+        if os.environ.get("SYNPREF_QUIET"):  # `synpref demo` without --verbose: worker output stays in Ray's logs
+            opts.setdefault("log_to_driver", False)
+            opts.setdefault("logging_level", "WARNING")
+        if self.get_env_vars_to_inject():
+            opts.setdefault("runtime_env", {"env_vars": self.get_env_vars_to_inject()})
+        self._context = ray.init(address=self.ray_address, **opts)  # dagster-ray disconnects it after the step
+        return self._context
+
+    def make_engine(self, max_len: int) -> Engine:
+        if self.engine == "inprocess":
+            return InProcessEngine(max_len=max_len, batch_size=self.batch_size,
+                                   device="cuda" if self.gpus_per_actor > 0 else "cpu")
+        if self.engine != "ray":
+            raise ValueError(f"engine must be ray or inprocess, not {self.engine!r}")
+        actors = self.actors
+        if not actors:
+            import ray
+
+            gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+            actors = max(1, int(gpus // self.gpus_per_actor)) if self.gpus_per_actor > 0 and gpus else 1
+        return RayEngine(actors=actors, gpus_per_actor=self.gpus_per_actor, batch_rows=self.batch_rows,
+                         max_len=max_len, batch_size=self.batch_size)
