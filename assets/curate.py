@@ -1,315 +1,249 @@
-"""Curation assets: embeddings, the Stage-1 human-in-the-loop iterations, RM scores, the Stage-2 filter."""
+"""Curation assets: embeddings of Stage 1's pool, the seed judgments, the Stage-1 iterations, and Stage 2.
+Each is config -> one `pipelines` call -> metadata; the steps themselves live in `pipelines/curate/`."""
 
-import json
-from datetime import datetime, timezone
-
-import numpy as np
 import polars as pl
 from pydantic import Field
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.common import GPU_POOL, RMTrainConfig, annotated_pool, quarantine_pairs, truth_map
+from assets.common import GPU_POOL, RMTrainConfig, judge_setup, label_origin, reward_models
+from assets.ingest import raw_pairs
 from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
 from assets.rm import gold_rm
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import JUDGMENTS, aggregate_judgments, judge_pairs
-from pipelines.curate.embed import EMBEDDINGS, Embedder, embedding_frame, pair_text, vectors_of
-from pipelines.curate.retrieve import VectorIndex
-from pipelines.curate.stage1 import SILVER, exemplars_for, judged_to_silver, retrieve_for_gold
-from pipelines.curate.stage2 import CURATED, RECYCLED, keep_rule, split_confident
+from pipelines.curate.embed import EMBEDDINGS, Embedder, embed_pool, model_name
+from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgments_of
+from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
+from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, unit_rows_table
+from pipelines.evaluate.gates import judge_gates
 from pipelines.review.seed import SEED
-from pipelines.rm import tracking
-from pipelines.rm.registry import best_of, latest, model_dir, train_and_register
-from pipelines.rm.score import score_rows
+from pipelines.rm.registry import best_of, latest, ref_of
 from pipelines.settings import home, minilm_path
+from pipelines.tables import (CURATED, JUDGMENTS, RAW, RECYCLED, RM_REGISTRY, SCORES, SILVER, STAGE1_JUDGMENTS,
+                              STAGE1_METRICS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS, STAGE2_UNITS, SYNTH_TRUTH)
+from resources.compute import ComputeResource
 from resources.lake import LakeResource
 from resources.llm import LLMResource
 from resources.mlflow import MlflowResource
+from resources.pool import PoolResource
 from resources.trainer import TrainerResource
-
-STAGE1_METRICS = "stage1_metrics"
-SCORES = "rm_scores"
 
 
 class EmbedConfig(dg.Config):
     model: str = Field(default="", description="Embedding model folder/hub id; empty = MiniLM (paper: jina-embeddings-v3)")
     max_len: int = Field(default=96, description="Tokens per embedded text")
-    batch_size: int = 128
+    unit_rows: int = Field(default=50_000, description="Raw rows read at a time (the memory bound)")
 
 
-@dg.asset(group_name="curation", kinds={"deltalake", "faiss"}, deps=[llm_annotations], pool=GPU_POOL,
-          description="One embedding of (conversation, attributes) per pair and model, computed once; the ANN "
-                      "index is rebuilt from this table.")
-def pair_embeddings(context: dg.AssetExecutionContext, config: EmbedConfig, lake_store: LakeResource):
+@dg.asset(group_name="curation", kinds={"deltalake", "faiss"}, deps=[llm_annotations, RAW], pool=GPU_POOL,
+          description="One embedding of (conversation, attributes) per pair of Stage 1's pool and model, computed "
+                      "once; the ANN index for retrieval and exemplars is rebuilt from this table.")
+def pair_embeddings(context: dg.AssetExecutionContext, config: EmbedConfig, lake_store: LakeResource,
+                    pool: PoolResource):
     lake = lake_store.lake()
-    pool = annotated_pool(lake)
     emb = Embedder(config.model or minilm_path(), config.max_len)
-    have = set()
-    if lake.exists(EMBEDDINGS):
-        have = set(lake.scan(EMBEDDINGS).filter(pl.col("embed_model") == emb.name).select("pair_id").collect()["pair_id"])
-    todo = pool.filter(~pl.col("pair_id").is_in(list(have)))
-    if todo.height:
-        texts = [pair_text(r["history"], r["task_category"], r["guideline"]) for r in todo.iter_rows(named=True)]
-        vecs = emb.encode(texts, config.batch_size)
-        lake.upsert(EMBEDDINGS, embedding_frame(todo["pair_id"].to_list(), vecs, emb.name).to_arrow(),
-                    keys=["pair_id", "embed_model"])
-    return dg.MaterializeResult(metadata={"embedded": todo.height, "cached": len(have), "embed_model": emb.name,
-                                          "delta_version": lake.version(EMBEDDINGS)})
-
-
-def _vectors(lake, frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
-    """`frame` restricted to rows that have an embedding (order kept) and their vectors, row-aligned."""
-    emb = lake.read(EMBEDDINGS).filter(pl.col("pair_id").is_in(frame["pair_id"].to_list())).unique("pair_id")
-    joined = frame.join(emb.select("pair_id", "vector"), on="pair_id", how="inner", maintain_order="left")
-    return joined.drop("vector"), vectors_of(joined)
-
-
-class Stage1Config(RMTrainConfig):
-    iterations: int = Field(default=2, description="Iterations to run now (continues from the last one recorded)")
-    k_max: int = Field(default=8, description="Neighbours retrieved for a gold pair the RM gets wrong (paper: 8)")
-    exemplars: int = Field(default=8, description="Human-verified examples in each judge prompt (paper: up to 8)")
-    min_agree: float = Field(default=0.5, description="Vote share needed for an LLM label to join silver")
-    judge_prompt: str = "judge_v1"
-
-
-def _judge(lake, llm: LLMResource, pairs: pl.DataFrame, gold: pl.DataFrame, n_ex: int, run_id: str, context: str,
-           prompt) -> pl.DataFrame:
-    """Judge `pairs` with the ensemble, nearest gold pairs as exemplars; returns aggregate verdicts."""
-    embedded, vecs = _vectors(lake, pairs)
-    gold_e, gvecs = _vectors(lake, gold.select("pair_id"))
-    ex = exemplars_for(embedded, vecs, gold, VectorIndex(gold_e["pair_id"].to_list(), gvecs), n_ex)
-    truth = truth_map(lake)
-    judge_pairs(lake, pairs, llm.backends(), prompt, run_id, samples=llm.samples, temperature=llm.temperature,
-                context=context, exemplars=ex, truth_of=lambda r: truth.get(r["pair_id"]))
-    j = lake.read(JUDGMENTS).filter(pl.col("pair_id").is_in(pairs["pair_id"].to_list())
-                                    & (pl.col("prompt_version") == prompt.version))
-    return aggregate_judgments(j)
+    counts = embed_pool(lake, emb.encode, emb.name, stage1_fraction=pool.stage1_fraction, unit_rows=config.unit_rows)
+    lake.record_lineage(run_id=context.run.run_id, asset="pair_embeddings", partition=None, table=EMBEDDINGS,
+                        version_written=lake.version(EMBEDDINGS), inputs=lake.input_versions([RAW, "llm_annotations"]),
+                        config={**config.model_dump(), **pool.model_dump()}, counts=counts)
+    return dg.MaterializeResult(metadata={**counts, "embed_model": emb.name, "delta_version": lake.version(EMBEDDINGS)})
 
 
 class JudgeConfig(dg.Config):
     judge_prompt: str = Field(default="judge_v1", description="Prompt file under pipelines/annotate/prompts")
     exemplars: int = Field(default=8, description="Human-verified examples per prompt (paper: up to 8)")
+    position_bias_band: list[float] = Field(default=[0.35, 0.65], description="Blocking gate: the share of "
+                                            "'Candidate 1' verdicts on order-balanced pairs must lie in this band")
+    min_human_agreement: float = Field(default=0.6, description="Blocking gate: the ensemble's final verdicts must "
+                                                                "agree with the human seed at least this often")
 
 
-@dg.asset(group_name="annotate", kinds={"deltalake", "vllm"}, deps=[human_verified_seed, pair_embeddings],
-          pool=GPU_POOL,
+JUDGE_GATES = [
+    dg.AssetCheckSpec("position_bias", asset="llm_judgments", blocking=True,
+                      description="share of 'Candidate 1' on pairs shown in both orders lies in the configured band"),
+    dg.AssetCheckSpec("human_agreement", asset="llm_judgments", blocking=True,
+                      description="the ensemble agrees with the human-verified labels at least the configured floor"),
+]
+
+
+@dg.asset(group_name="annotate", kinds={"deltalake", "vllm"}, deps=[human_verified_seed, pair_embeddings, SYNTH_TRUTH],
+          pool=GPU_POOL, check_specs=JUDGE_GATES,
           description="Pairwise verdicts of the judge ensemble (k samples per model, seeded Candidate 1/2 order, "
-                      "un-swapped) on the human-reviewed seed pool: the D_silver view of the seed. Stage 1 and "
-                      "Stage 2 append their own judgments to the same table (column `context`).")
+                      "un-swapped) on the human-verified seed: Stage 1's silver starts from its train split, and "
+                      "the blocking gates stop a judge that cannot judge (position bias, agreement with humans) "
+                      "before it feeds Stage 1 or Stage 2.")
 def llm_judgments(context: dg.AssetExecutionContext, config: JudgeConfig, lake_store: LakeResource,
-                  llm: LLMResource) -> dg.MaterializeResult:
+                  llm: LLMResource):
     lake = lake_store.lake()
-    prompt = load_prompt(config.judge_prompt)
-    gold = lake.read(SEED)
-    seed_pool = annotated_pool(lake, "stage1").filter(pl.col("pair_id").is_in(gold["pair_id"].to_list()))
-    agg = _judge(lake, llm, seed_pool, gold, config.exemplars, context.run.run_id, "seed", prompt)
-    j = lake.read(JUDGMENTS).filter(pl.col("pair_id").is_in(seed_pool["pair_id"].to_list())
-                                    & (pl.col("prompt_version") == prompt.version) & (pl.col("status") == "ok"))
-    # how far the judges agree with the humans, and whether the order shown sways them
-    human = gold.select("pair_id", human=pl.when(pl.col("label_flipped")).then(pl.lit("rejected")).otherwise(pl.lit("chosen")))
-    vs_human = agg.join(human, on="pair_id").filter(pl.col("final") != "undecidable")
-    first = j.filter(pl.col("verdict_raw") != "undecidable").select((pl.col("verdict_raw") == "1").mean()).item()
-    per_model = j.group_by("model").agg(samples=pl.len(), undecidable=(pl.col("prefers") == "undecidable").mean(),
-                                        picks_candidate_1=(pl.col("verdict_raw") == "1").mean()).sort("model")
+    judging = judge_setup(llm, config.judge_prompt, config.exemplars)
+    seed = lake.read(SEED)
+    exemplars = exemplar_index(lake, seed.filter(pl.col("split") != "gold_test"))
+    stored = as_stored(seed)  # judged as raw_pairs stores them; exemplars show the human orientation
+    agg = judge_with_exemplars(lake, stored, judging, exemplars, run_id=context.run.run_id, context="seed",
+                               table=JUDGMENTS)
+    samples = judgments_of(lake, stored, judging)
+    gates = judge_gates(samples, agg, seed, band=tuple(config.position_bias_band),
+                        min_agreement=config.min_human_agreement)
     lake.record_lineage(run_id=context.run.run_id, asset="llm_judgments", partition=None, table=JUDGMENTS,
                         version_written=lake.version(JUDGMENTS), inputs=lake.input_versions([SEED, EMBEDDINGS]),
-                        config=config.model_dump(), counts={"pairs": seed_pool.height, "samples": j.height})
-    return dg.MaterializeResult(metadata={
-        "pairs": seed_pool.height, "samples": j.height, "models": ", ".join(b.model_id for b in llm.backends()),
-        "prompt_version": prompt.version,
-        "agreement_with_humans": float((vs_human["final"] == vs_human["human"]).mean()) if vs_human.height else 0.0,
-        "decisive_share": vs_human.height / max(agg.height, 1),
-        "share_candidate_1": float(first or 0.0),  # 0.5 = no position bias
-        "per_model": dg.MetadataValue.md(md_table(per_model))})
+                        config={**config.model_dump(), "judges": judging.model_ids},
+                        counts={"pairs": seed.height, "samples": samples.height})
+    yield dg.MaterializeResult(metadata={
+        "pairs": seed.height, "samples": samples.height, "models": ", ".join(judging.model_ids),
+        "prompt_version": judging.prompt.version, "agreement_with_humans": gates.agreement,
+        "decisive_share": gates.decisive_share, "share_candidate_1": gates.share_candidate_1,
+        "order_balanced_pairs": gates.balanced_pairs, "per_model": dg.MetadataValue.md(md_table(gates.per_model))})
+    lo, hi = config.position_bias_band
+    yield dg.AssetCheckResult(check_name="position_bias", passed=gates.position_ok(lo, hi),
+                              metadata={"share_candidate_1": gates.share_candidate_1, "band": f"[{lo}, {hi}]",
+                                        "order_balanced_pairs": gates.balanced_pairs})
+    yield dg.AssetCheckResult(check_name="human_agreement", passed=gates.agreement >= config.min_human_agreement,
+                              metadata={"agreement": gates.agreement, "floor": config.min_human_agreement,
+                                        "decided_pairs": gates.decided_pairs})
 
 
-@dg.asset(group_name="curation", kinds={"pytorch", "mlflow", "deltalake"},
-          deps=[llm_judgments], pool=GPU_POOL,
-          description="Stage 1 iterations: train on silver, pick by gold accuracy, error-driven retrieval with "
-                      "k = 8 if p <= 0.5 else ceil(8(1-p)), judge with gold exemplars, grow silver. Each iteration "
-                      "writes a stage1_metrics row and an MLflow run.")
-def stage1(context: dg.AssetExecutionContext, config: Stage1Config, lake_store: LakeResource,
-           trainer: TrainerResource, mlflow_store: MlflowResource, llm: LLMResource):
-    lake = lake_store.lake()
-    prompt = load_prompt(config.judge_prompt)
-    gold = lake.read(SEED)  # D_gold: every human-verified pair, oriented by the human label
-    silver = lake.read(SILVER) if lake.exists(SILVER) else None
-    done = lake.read(STAGE1_METRICS) if lake.exists(STAGE1_METRICS) else None
-    start = int(done["iteration"].max()) if done is not None and done.height else 0
-    pool_all = annotated_pool(lake, "stage1")
-    if silver is None or silver.height == 0:
-        # iteration 0: the seed pool as the LLMs labelled it in `llm_judgments` (paper: the seed is verified into
-        # D_gold by humans and into D_silver by LLMs)
-        raw_seed = pool_all.filter(pl.col("pair_id").is_in(gold["pair_id"].to_list()))
-        j = lake.read(JUDGMENTS).filter(pl.col("pair_id").is_in(raw_seed["pair_id"].to_list())
-                                        & (pl.col("prompt_version") == prompt.version))
-        agg = aggregate_judgments(j)
-        silver = judged_to_silver(raw_seed, agg, 0, prompt.version, config.min_agree,
-                                  "simulated" if llm.backend == "simulated" else "llm")
-        lake.overwrite(SILVER, silver.to_arrow())
-    curve = []
-    for it in range(start + 1, start + config.iterations + 1):
-        reg = train_and_register(
-            lake, tracking_uri=mlflow_store.uri, experiment=mlflow_store.experiment, name="synpref-stage1-rm",
-            role="stage1", backbone=config.backbone_path(), train_rows=silver.to_dicts(), val_rows=gold.to_dicts(),
-            cfg=config.train_config(), out_dir=model_dir(home(), "stage1", f"{context.run.run_id}-it{it}"),
-            train_fn=trainer.train, artifact_root=mlflow_store.artifacts, extra={"iteration": it})
-        scored, _ = score_rows(trainer.load(reg.path), gold.to_dicts(), reg.rm_version, max_len=config.max_len)
-        gold_p = gold.select("pair_id").join(scored.select("pair_id", "p"), on="pair_id", how="inner")
-        used = set(gold["pair_id"]) | set(silver["pair_id"])
-        if lake.exists(JUDGMENTS):
-            used |= set(lake.read(JUDGMENTS).filter(pl.col("context").str.starts_with("stage1"))["pair_id"])
-        pool = pool_all.filter(~pl.col("pair_id").is_in(list(used)))
-        pool_e, pvecs = _vectors(lake, pool.select("pair_id"))
-        gold_p, gvecs = _vectors(lake, gold_p)
-        retrieved = retrieve_for_gold(gold_p, gvecs, VectorIndex(pool_e["pair_id"].to_list(), pvecs), config.k_max)
-        targets = pool.filter(pl.col("pair_id").is_in(retrieved["pair_id"].unique().to_list()))
-        agg = _judge(lake, llm, targets, gold, config.exemplars, context.run.run_id, f"stage1-it{it}", prompt) \
-            if targets.height else aggregate_judgments(pl.DataFrame())
-        new = judged_to_silver(targets, agg, it, prompt.version, config.min_agree,
-                               "simulated" if llm.backend == "simulated" else "llm")
-        silver = pl.concat([silver, new]).unique("pair_id", keep="first")
-        lake.overwrite(SILVER, silver.to_arrow())
-        per_cat = new.group_by("task_category").len().sort("task_category")
-        row = {"iteration": it, "rm_version": reg.rm_version, "gold_accuracy": reg.val_accuracy,
-               "gold_wrong": int((gold_p["p"] <= 0.5).sum()), "retrieved": retrieved.height,
-               "judged": targets.height, "added": new.height, "silver_size": silver.height,
-               "added_per_category": json.dumps(dict(per_cat.iter_rows())), "created_at": datetime.now(timezone.utc)}
-        truth = truth_map(lake)
-        if truth and new.height:  # project-made data: how clean is what the LLMs added?
-            row["added_label_precision"] = float(np.mean([truth.get(p, True) != f for p, f in
-                                                          zip(new["pair_id"], new["label_flipped"])]))
-        lake.append(STAGE1_METRICS, pl.DataFrame([row]).to_arrow())
-        with tracking.run(mlflow_store.uri, mlflow_store.experiment, f"stage1-iteration-{it}",
-                          mlflow_store.artifacts, tags={"role": "stage1-iteration"}):
-            import mlflow
-
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))}, step=it)
-        curve.append(row)
-        context.log.info(f"stage1 iteration {it}: gold accuracy {reg.val_accuracy:.3f}, +{new.height} silver")
-    lake.record_lineage(run_id=context.run.run_id, asset="stage1", partition=str(start + config.iterations),
-                        table=SILVER, version_written=lake.version(SILVER),
-                        inputs=lake.input_versions([SEED, EMBEDDINGS, "llm_annotations"]),
-                        config=config.model_dump(), counts={"silver": silver.height})
-    allm = lake.read(STAGE1_METRICS).sort("iteration")
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(allm["iteration"], allm["gold_accuracy"], marker="o")
-    ax.set_xlabel("Stage-1 iteration")
-    ax.set_ylabel("gold accuracy")
-    ax.grid(alpha=0.3)
-    return dg.MaterializeResult(metadata={
-        "iterations_run": len(curve), "silver_size": silver.height,
-        "curve": dg.MetadataValue.md(md_table(allm.drop("created_at", "added_per_category"))),
-        "gold_accuracy_plot": png_md(fig)})
-
-
-def wild_pool(lake) -> pl.DataFrame:
-    """D_wild for Stage 2: the Stage-2 share of annotated pairs, minus anything human-verified or in silver."""
-    pool = annotated_pool(lake, "stage2")
-    used = set(lake.read(SEED)["pair_id"]) | (set(lake.read(SILVER)["pair_id"]) if lake.exists(SILVER) else set())
-    return pool.filter(~pl.col("pair_id").is_in(list(used)))
-
-
-class ScoreConfig(dg.Config):
-    max_len: int = 128
-    batch_size: int = 64
-
-
-@dg.asset(group_name="curation", kinds={"pytorch", "deltalake"}, deps=[stage1, gold_rm], pool=GPU_POOL,
-          description="r_chosen, r_rejected, margin and p = σ(margin) of every Stage-2 pool pair under the best "
-                      "Stage-1 RM and the gold RM, keyed by (pair_id, rm_version); only missing scores are computed.")
-def rm_scores(context: dg.AssetExecutionContext, config: ScoreConfig, lake_store: LakeResource,
-              trainer: TrainerResource):
-    lake = lake_store.lake()
-    pool = wild_pool(lake)
-    meta = {}
-    for role, reg in (("best_stage1", best_of(lake, "stage1")), ("gold", latest(lake, role="gold"))):
-        if reg is None:
-            raise dg.Failure(f"no registered {role} RM: materialize stage1 and gold_rm first")
-        have = set()
-        if lake.exists(SCORES):
-            have = set(lake.scan(SCORES).filter(pl.col("rm_version") == reg["rm_version"]).select("pair_id")
-                       .collect()["pair_id"])
-        todo = pool.filter(~pl.col("pair_id").is_in(list(have)))
-        if todo.height:
-            scored, length = score_rows(trainer.load(reg["path"]), todo.to_dicts(), reg["rm_version"],
-                                        max_len=config.max_len, batch_size=config.batch_size)
-            lake.upsert(SCORES, scored.to_arrow(), keys=["pair_id", "rm_version"])
-            # a response longer than max_len on its own cannot be scored: quarantined, not silently skipped
-            meta[f"{role}_unscored_over_length"] = quarantine_pairs(
-                lake, pl.DataFrame({"pair_id": length["unscored_ids"]}, schema={"pair_id": pl.String}).with_columns(
-                    detail=pl.lit(f"response alone exceeds max_len={config.max_len} for {reg['rm_version']}"),
-                    payload=pl.lit("")), stage="score", reason="over_length", run_id=context.run.run_id)
-        meta[f"{role}_rm_version"] = reg["rm_version"]
-        meta[f"{role}_scored_now"] = todo.height
-    return dg.MaterializeResult(metadata={**meta, "pool": pool.height, "delta_version": lake.version(SCORES)})
-
-
-class Stage2Config(dg.Config):
-    confidence_margin: float = Field(default=0.1, description="Confident iff p > 0.5 + margin (skips LLM judging)")
-    exemplars: int = 8
+class Stage1AssetConfig(RMTrainConfig):
+    iterations: int = Field(default=2, description="Iterations to run now (continues from the last one recorded)")
+    k_max: int = Field(default=8, description="Neighbours retrieved for a gold_val pair the RM gets wrong (paper: 8)")
+    exemplars: int = Field(default=8, description="Human-verified examples in each judge prompt (paper: up to 8)")
+    min_agree: float = Field(default=0.5, description="Vote share needed for an LLM label to join silver")
     judge_prompt: str = "judge_v1"
-    include_stage1: bool = Field(default=True, description="Curated pool = Stage-1 verified data + Stage-2 survivors")
+
+
+STAGE1_DEPS = [llm_judgments, SYNTH_TRUTH, EMBEDDINGS, SEED, RAW, "llm_annotations"]
 
 
 @dg.multi_asset(
-    group_name="curation", can_subset=False, pool=GPU_POOL,
-    specs=[dg.AssetSpec("curated_pairs", kinds={"deltalake"}, deps=[rm_scores],
-                        description="Pairs whose original label the gold RM AND (the judges OR the best RM) agree "
-                                    "with, plus the Stage-1 verified data: the paper's 26M subset."),
-           dg.AssetSpec("recycled_pairs", kinds={"deltalake"}, deps=[rm_scores],
-                        description="Discarded pairs with chosen/rejected swapped (the 40M mixture); unverified.")])
-def stage2(context: dg.AssetExecutionContext, config: Stage2Config, lake_store: LakeResource, llm: LLMResource):
+    group_name="curation", can_subset=False, pool=GPU_POOL, name="stage1",
+    specs=[dg.AssetSpec(SILVER, kinds={"deltalake"}, deps=STAGE1_DEPS, description="D_silver: LLM-verified pairs (seed train split "
+                        "as judged, plus every iteration's retrieved and judged pairs), oriented by the verdict"),
+           dg.AssetSpec(STAGE1_METRICS, kinds={"deltalake"}, deps=STAGE1_DEPS,
+                        description="One row per Stage-1 iteration"),
+           dg.AssetSpec(STAGE1_JUDGMENTS, kinds={"deltalake"}, deps=STAGE1_DEPS, description="The ensemble's verdicts on the pairs "
+                        "Stage 1 retrieved")],
+    description="Stage 1 iterations (pipelines/curate/stage1.py): train on silver, pick by gold_val accuracy, "
+                "error-driven retrieval with k = 8 if p <= 0.5 else ceil(8(1-p)), judge with human exemplars, grow "
+                "silver. Each iteration writes a stage1_metrics row and MLflow runs.")
+def stage1(context: dg.AssetExecutionContext, config: Stage1AssetConfig, lake_store: LakeResource,
+           trainer: TrainerResource, mlflow_store: MlflowResource, llm: LLMResource, pool: PoolResource):
     lake = lake_store.lake()
-    prompt = load_prompt(config.judge_prompt)
-    best, gold_reg = best_of(lake, "stage1"), latest(lake, role="gold")
-    pool = wild_pool(lake)
-    scores = lake.read(SCORES)
-    best_s = scores.filter(pl.col("rm_version") == best["rm_version"])
-    gold_s = scores.filter(pl.col("rm_version") == gold_reg["rm_version"])
-    _, unconf = split_confident(best_s.filter(pl.col("pair_id").is_in(pool["pair_id"].to_list())),
-                                config.confidence_margin)
-    gold = lake.read(SEED)
-    to_judge = pool.filter(pl.col("pair_id").is_in(unconf["pair_id"].to_list()))
-    agg = _judge(lake, llm, to_judge, gold, config.exemplars, context.run.run_id, "stage2", prompt) \
-        if to_judge.height else aggregate_judgments(pl.DataFrame())
-    curated, recycled = keep_rule(pool, best_s, gold_s, agg, margin=config.confidence_margin,
-                                  best_version=best["rm_version"], gold_version=gold_reg["rm_version"],
-                                  judge_version=prompt.version)
-    curated = curated.with_columns(stage=pl.lit("stage2"))
-    if config.include_stage1:
-        s1 = [gold.select("pair_id", "history", "chosen", "rejected", "task_category",
-                          why=pl.lit("stage1: human-verified"), stage=pl.lit("stage1"))]
-        if lake.exists(SILVER):
-            s1.append(lake.read(SILVER).select("pair_id", "history", "chosen", "rejected", "task_category",
-                                               why=pl.lit("stage1: llm-verified"), stage=pl.lit("stage1")))
-        curated = pl.concat([curated, *[x.cast({"task_category": pl.String}) for x in s1]], how="diagonal_relaxed")
-        curated = curated.unique("pair_id", keep="first")
-    v1 = lake.overwrite(CURATED, curated.to_arrow())
-    v2 = lake.overwrite(RECYCLED, recycled.to_arrow())
-    inputs = lake.input_versions([SCORES, SEED, SILVER, JUDGMENTS, "raw_pairs"])
-    for t, v, n in ((CURATED, v1, curated.height), (RECYCLED, v2, recycled.height)):
-        lake.record_lineage(run_id=context.run.run_id, asset=t, partition=None, table=t, version_written=v,
-                            inputs=inputs, config=config.model_dump(), counts={"rows": n})
-    meta = {"pool": pool.height, "unconfident_judged": to_judge.height, "kept_stage2": int((curated["stage"] == "stage2").sum()),
-            "curated_total": curated.height, "recycled": recycled.height, "best_rm": best["rm_version"],
-            "gold_rm": gold_reg["rm_version"]}
-    truth = truth_map(lake)
-    if truth:  # project-made data: report how well the filter found the wrong labels
-        s2 = curated.filter(pl.col("stage") == "stage2")
-        kept_right = sum(truth.get(p, True) for p in s2["pair_id"])
-        dropped_wrong = sum(not truth.get(p, True) for p in recycled["pair_id"])
-        all_wrong = sum(not truth.get(p, True) for p in pool["pair_id"])
-        meta.update({"kept_label_precision": kept_right / max(s2.height, 1),
-                     "flip_detection_precision": dropped_wrong / max(recycled.height, 1),
-                     "flip_detection_recall": dropped_wrong / max(all_wrong, 1),
-                     "pool_label_precision": 1 - all_wrong / max(pool.height, 1)})
-    why = curated.group_by("why").len().sort("len", descending=True)
-    yield dg.MaterializeResult(asset_key="curated_pairs", metadata={**meta, "delta_version": v1,
-                                                                    "why": dg.MetadataValue.md(md_table(why))})
-    yield dg.MaterializeResult(asset_key="recycled_pairs", metadata={"rows": recycled.height, "delta_version": v2})
+    cfg = Stage1Config(iterations=config.iterations, k_max=config.k_max, min_agree=config.min_agree,
+                       stage1_fraction=pool.stage1_fraction, label_origin=label_origin(llm))
+    res = run_stage1(lake, cfg, reward_models(lake, config, trainer, mlflow_store),
+                     judge_setup(llm, config.judge_prompt, config.exemplars), run_id=context.run.run_id,
+                     log=context.log.info)
+    lake.record_lineage(run_id=context.run.run_id, asset="stage1", partition=None, table=SILVER,
+                        version_written=lake.version(SILVER),
+                        inputs=lake.input_versions([SEED, EMBEDDINGS, "llm_annotations", JUDGMENTS]),
+                        config={**config.model_dump(), **pool.model_dump()}, counts={"silver": res.silver_size})
+    allm = lake.read(STAGE1_METRICS).sort("iteration")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(allm["iteration"], allm["gold_val_accuracy"], marker="o")
+    ax.set_xlabel("Stage-1 iteration")
+    ax.set_ylabel("gold_val accuracy (selection split)")
+    ax.grid(alpha=0.3)
+    yield dg.MaterializeResult(asset_key=SILVER, metadata={
+        "iterations_run": res.iterations_run, "silver_size": res.silver_size,
+        "curve": dg.MetadataValue.md(md_table(allm.drop("created_at", "added_per_category", "run_id"))),
+        "gold_val_accuracy_plot": png_md(fig)})
+    yield dg.MaterializeResult(asset_key=STAGE1_METRICS, metadata={"iterations": allm.height})
+    yield dg.MaterializeResult(asset_key=STAGE1_JUDGMENTS, metadata={"delta_version": lake.version(STAGE1_JUDGMENTS)})
 
 
-CURATE_ASSETS = [pair_embeddings, llm_judgments, stage1, rm_scores, stage2]
+class Stage2AssetConfig(dg.Config):
+    confidence_margin: float = Field(default=0.1, description="Confident iff best-RM p > 0.5 + margin: such a pair "
+                                                              "gets no attributes and no LLM call")
+    unit_rows: int = Field(default=50_000, description="Pairs per work unit: the memory bound and the commit unit")
+    max_len: int = Field(default=128, description="Tokens per scored conversation")
+    exemplars: int = 8
+    judge_prompt: str = "judge_v1"
+    attributes_prompt: str = "attributes_v1"
+    embed_model: str = Field(default="", description="Embedding model for exemplar retrieval; empty = MiniLM "
+                                                     "(the pair_embeddings model)")
+    include_stage1: bool = Field(default=True, description="Curated = Stage-1 verified data + Stage-2 survivors")
+
+
+STAGE2_DEPS = [SILVER, "gold_rm", "raw_pairs", SEED, EMBEDDINGS, SYNTH_TRUTH]
+STAGE2_SPECS = [spec.replace_attributes(deps=STAGE2_DEPS) for spec in [
+    dg.AssetSpec(SCORES, kinds={"deltalake"}, description="r_chosen, r_rejected, margin, p of every Stage-2 pool "
+                 "pair under the best Stage-1 RM and the gold RM, keyed (pair_id, rm_version), per work unit"),
+    dg.AssetSpec(CURATED, kinds={"deltalake"}, description="Pairs whose original label the gold RM AND (the judges "
+                 "OR the best RM) agree with, plus the Stage-1 verified data: the paper's 26M subset"),
+    dg.AssetSpec(RECYCLED, kinds={"deltalake"}, description="Discarded pairs with chosen/rejected swapped (the 40M "
+                 "mixture); unverified"),
+    dg.AssetSpec(STAGE2_UNITS, kinds={"deltalake"}, description="One row per committed work unit: counts that "
+                 "reconcile (pool = curated + recycled + quarantined) and the versions that decided it"),
+    dg.AssetSpec(STAGE2_ANNOTATIONS, kinds={"deltalake"}, description="Attributes of the unconfident pairs only"),
+    dg.AssetSpec(STAGE2_JUDGMENTS, kinds={"deltalake"}, description="Verdicts on the unconfident pairs only"),
+]]
+
+
+@dg.multi_asset(
+    group_name="curation", can_subset=False, pool=GPU_POOL, name="stage2", specs=STAGE2_SPECS,
+    check_specs=[dg.AssetCheckSpec("counts_reconcile", asset=CURATED, blocking=True,
+                                   description="every pool pair of every unit is curated, recycled or quarantined")],
+    description="Stage 2 (pipelines/curate/stage2.py), one work unit of the raw table at a time: score under the "
+                "best Stage-1 RM and the gold RM (Ray actors), annotate and judge only the unconfident, keep rule, "
+                "flip-recycling; one commit per unit, resumable.")
+def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_store: LakeResource,
+           llm: LLMResource, pool: PoolResource, compute: ComputeResource, mlflow_store: MlflowResource):
+    lake = lake_store.lake()
+    best, gold = best_of(lake, "stage1"), latest(lake, role="gold")
+    if best is None or gold is None:
+        raise dg.Failure("Stage 2 needs a registered Stage-1 RM and gold RM: materialize stage1 and gold_rm first")
+    cache = home() / "model_cache"
+    inputs = Stage2Inputs(best=ref_of(best, mlflow_store.uri, cache), gold=ref_of(gold, mlflow_store.uri, cache),
+                          annotator=llm.annotator(), attributes_prompt=load_prompt(config.attributes_prompt),
+                          judging=judge_setup(llm, config.judge_prompt, config.exemplars))
+    cfg = Stage2Config(confidence_margin=config.confidence_margin, unit_rows=config.unit_rows,
+                       stage1_fraction=pool.stage1_fraction, include_stage1=config.include_stage1,
+                       embed_model=config.embed_model or minilm_path())
+    report = run_stage2(lake, cfg, inputs, compute.make_engine(config.max_len), run_id=context.run.run_id,
+                        log=context.log.info)
+    units = unit_rows_table(lake).filter(pl.col("decision_key") == report.decision_key)
+    unreconciled = units.filter(pl.col("pool") != pl.col("curated") + pl.col("recycled") + pl.col("quarantined"))
+    inputs_v = lake.input_versions([RAW, SILVER, SEED, RM_REGISTRY, STAGE2_JUDGMENTS])
+    for t in (SCORES, CURATED, RECYCLED, STAGE2_UNITS):
+        lake.record_lineage(run_id=context.run.run_id, asset="stage2", partition=None, table=t,
+                            version_written=lake.version(t), inputs=inputs_v,
+                            config={**config.model_dump(), **pool.model_dump(), "engine": compute.engine},
+                            counts={k: v for k, v in report.as_dict().items() if isinstance(v, int)})
+    meta = {**{k: v for k, v in report.as_dict().items() if isinstance(v, (int, float, bool, str))},
+            "quarantined_by_reason": dg.MetadataValue.json(report.quarantined_by_reason),
+            "best_rm": best["rm_version"], "gold_rm": gold["rm_version"], "engine": compute.engine}
+    meta.update(_known_truth(lake, report.decision_key))
+    why = (lake.scan(CURATED).group_by("why").len().sort("len", descending=True).collect()
+           if lake.exists(CURATED) else pl.DataFrame())
+    yield dg.MaterializeResult(asset_key=CURATED, metadata={**meta, "delta_version": lake.version(CURATED),
+                                                             "why": dg.MetadataValue.md(md_table(why))})
+    for key in (SCORES, RECYCLED, STAGE2_UNITS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS):
+        yield dg.MaterializeResult(asset_key=key, metadata={"delta_version": lake.version(key) or 0})
+    yield dg.AssetCheckResult(check_name="counts_reconcile", asset_key=CURATED, passed=unreconciled.height == 0,
+                              metadata={"units": units.height, "units_not_reconciling": unreconciled.height,
+                                        "pool": int(units["pool"].sum()), "curated": int(units["curated"].sum()),
+                                        "recycled": int(units["recycled"].sum()),
+                                        "quarantined": int(units["quarantined"].sum())})
+
+
+def _known_truth(lake, key: str) -> dict:
+    """Project-made data carries its truth: how well did the filter find the wrong labels? Aggregated by polars
+    joins over the Stage-2 rows (no per-pair Python)."""
+    if not lake.exists(SYNTH_TRUTH) or not lake.exists(CURATED):
+        return {}
+    truth = lake.scan(SYNTH_TRUTH).select("pair_id", "label_correct")
+    kept = lake.scan(CURATED).filter(pl.col("stage") == "stage2").select("pair_id").join(truth, on="pair_id")
+    rec = lake.scan(RECYCLED).select("pair_id").join(truth, on="pair_id")
+    scored = lake.scan(SCORES).select("pair_id").unique().join(truth, on="pair_id")
+    k = kept.select(n=pl.len(), right=pl.col("label_correct").sum()).collect().row(0, named=True)
+    r = rec.select(n=pl.len(), wrong=(~pl.col("label_correct")).sum()).collect().row(0, named=True)
+    s = scored.select(n=pl.len(), wrong=(~pl.col("label_correct")).sum()).collect().row(0, named=True)
+    if not s["n"]:
+        return {}
+    return {"kept_label_precision": (k["right"] or 0) / max(k["n"], 1),
+            "flip_detection_precision": (r["wrong"] or 0) / max(r["n"], 1),
+            "flip_detection_recall": (r["wrong"] or 0) / max(s["wrong"] or 0, 1),
+            "pool_label_precision": 1 - (s["wrong"] or 0) / s["n"]}
+
+
+CURATE_ASSETS = [pair_embeddings, llm_judgments, stage1, stage2]

@@ -1,42 +1,46 @@
-"""The RM family trained on the curated mix (one asset per backbone) and the Table-1-style evaluation.
+"""The RM family trained on the curated mix (one asset per backbone of the catalog) and the Table-1 evaluation.
 
 Why one asset per backbone rather than a partition per backbone: a Dagster job may hold only one partitions
 definition, and the main job must run raw shard ingest (partitioned by shard) through the family and the report
 in one run. An asset per backbone keeps what a partition gave (materialize one backbone alone, its own history
-and metadata) and lets `main_job` select everything."""
+and metadata). The catalog is fixed in code (every asset is visible in the UI); each member's weights are its run
+config `backbone`. `main_job` trains the CPU members; `family_job` every member."""
 
-import os
 import re
+from pathlib import Path
 
 import polars as pl
 from pydantic import Field
 
 import dagster as dg
-from assets.common import GPU_POOL, RMTrainConfig
-from assets.curate import stage2
+from assets.common import GPU_POOL, RMTrainConfig, reward_models
 from assets.ingest import benchmarks
-from assets.meta import md_table, plt, png_md
+from assets.meta import md_table, plt
 from assets.rm import gold_rm
-from pipelines.curate.stage2 import CURATED, RECYCLED
-from pipelines.evaluate.harness import RESULT_SCHEMA, evaluate, table1
-from pipelines.review.seed import SEED
+from pipelines.curate.stage2 import curated_mix
+from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, read_benchmarks
+from pipelines.evaluate.run import evaluate_models, gold_test_items, write_evaluation, write_report
 from pipelines.rm import tracking
-from pipelines.rm.registry import best_of, latest, model_dir, train_and_register
+from pipelines.rm.registry import best_of, latest, ref_of
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import home, minilm_path
+from pipelines.tables import (BENCHMARK_ITEMS, CURATED, RECYCLED, RM_EVALUATION, RM_REGISTRY, RM_REWARDS, SEED,
+                              SILVER)
+from resources.compute import ComputeResource
 from resources.lake import LakeResource
 from resources.mlflow import MlflowResource
 from resources.trainer import TrainerResource
 
-# Backbone name -> where its weights come from. The CPU default family is small; the production names are
-# the paper's (load from the hub cache or a local mirror: set SYNPREF_BACKBONE_<NAME>=/path to override).
-BACKBONES = {
+# The family catalog: one asset per backbone. The CPU members run in `main_job` on the embedded default; the
+# paper's members (Qwen3 0.6B-8B, Llama 3.x) are in `family_job` for GPU machines. Each member's weights come from
+# its config's `backbone` (a hub id resolved from the local cache, or a local mirror folder), shown in the UI.
+CATALOG = {
     "minilm": "minilm", "tiny-qwen3": "tiny-qwen3",
     "qwen3-0.6b": "Qwen/Qwen3-0.6B", "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen3-8b": "Qwen/Qwen3-8B", "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
     "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct", "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
 }
-FAMILY = [b.strip() for b in os.environ.get("SYNPREF_RM_FAMILY", "minilm,tiny-qwen3").split(",") if b.strip()]
+CPU_MEMBERS = ["minilm", "tiny-qwen3"]
 
 
 def family_key(name: str) -> dg.AssetKey:
@@ -44,11 +48,8 @@ def family_key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["rm_family", re.sub(r"[^A-Za-z0-9_]", "_", name)])
 
 
-def resolve_backbone(name: str) -> str:
-    override = os.environ.get("SYNPREF_BACKBONE_" + name.upper().replace("-", "_").replace(".", "_"))
-    if override:
-        return override
-    src = BACKBONES.get(name, name)
+def resolve_backbone(src: str) -> str:
+    """A catalog source -> a loadable folder or hub id (the two CPU members are built or shipped locally)."""
     if src == "minilm":
         return minilm_path()
     if src == "tiny-qwen3":
@@ -67,101 +68,87 @@ class FamilyConfig(RMTrainConfig):
 def family_member(name: str) -> dg.AssetsDefinition:
     """The asset that trains backbone `name` on the curated mix and registers it as synpref-rm-<name>."""
 
+    class MemberConfig(FamilyConfig):
+        backbone: str = Field(default=CATALOG[name], description="Hub id (from the local cache) or local folder; "
+                                                                 "'minilm' / 'tiny-qwen3' are built locally")
+
+    MemberConfig.__name__ = f"FamilyConfig_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"
+
     @dg.asset(key=family_key(name), group_name="reward_models", kinds={"pytorch", "mlflow"},
-              deps=[stage2], pool=GPU_POOL, tags={"gpu": "1"},
-              description=f"BT RM on backbone {name} ({BACKBONES.get(name, name)}) trained on the curated mix, "
-                          f"checkpoint picked on the gold slice, registered in MLflow as synpref-rm-{name}.")
-    def _member(context: dg.AssetExecutionContext, config: FamilyConfig, lake_store: LakeResource,
+              deps=[CURATED, RECYCLED], pool=GPU_POOL, tags={"gpu": "1"},
+              description=f"BT RM on backbone {name} ({CATALOG[name]}) trained on the curated mix, checkpoint "
+                          f"picked on gold_val, registered in MLflow as synpref-rm-{name}.")
+    def _member(context: dg.AssetExecutionContext, config: MemberConfig, lake_store: LakeResource,
                 trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
-        return train_member(context, name, config, lake_store, trainer, mlflow_store)
+        lake = lake_store.lake()
+        rms = reward_models(lake, config, trainer, mlflow_store, backbone=resolve_backbone(config.backbone))
+        train, val = curated_mix(lake, include_recycled=config.include_recycled)
+        reg = rms.train(name=f"synpref-rm-{name}", role="family", train=train, val=val, run_key=context.run.run_id,
+                        extra={"curated_version": lake.version(CURATED), "include_recycled": config.include_recycled})
+        lake.record_lineage(run_id=context.run.run_id, asset="rm_family", partition=name, table=RM_REGISTRY,
+                            version_written=lake.version(RM_REGISTRY),
+                            inputs=lake.input_versions([CURATED, RECYCLED, SEED]), config=config.model_dump(),
+                            counts={"train": train.height, "gold_val": val.height})
+        return dg.MaterializeResult(metadata={"rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy,
+                                              "train_pairs": train.height, "tokens_per_s": reg.result.tokens_per_s,
+                                              "mlflow_run_id": reg.mlflow_run_id, "backbone": config.backbone})
 
     return _member
 
 
-def train_member(context: dg.AssetExecutionContext, name: str, config: FamilyConfig, lake_store: LakeResource,
-                 trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
-    lake = lake_store.lake()
-    train = lake.read(CURATED)
-    if config.include_recycled and lake.exists(RECYCLED):
-        train = pl.concat([train, lake.read(RECYCLED)], how="diagonal_relaxed")
-    cols = ["pair_id", "history", "chosen", "rejected"]
-    gold = lake.read(SEED).filter(pl.col("split") == "gold").select(cols)
-    train = train.filter(~pl.col("pair_id").is_in(gold["pair_id"].to_list())).select(cols)
-    reg = train_and_register(
-        lake, tracking_uri=mlflow_store.uri, experiment=mlflow_store.experiment, name=f"synpref-rm-{name}",
-        role="family", backbone=resolve_backbone(config.backbone or name), train_rows=train.to_dicts(),
-        val_rows=gold.to_dicts(), cfg=config.train_config(),
-        out_dir=model_dir(home(), f"family-{name}", context.run.run_id), train_fn=trainer.train,
-        artifact_root=mlflow_store.artifacts, extra={"curated_version": lake.version(CURATED),
-                                                     "include_recycled": config.include_recycled})
-    lake.record_lineage(run_id=context.run.run_id, asset="rm_family", partition=name, table="rm_registry",
-                        version_written=lake.version("rm_registry"),
-                        inputs=lake.input_versions([CURATED, RECYCLED, SEED]), config=config.model_dump(),
-                        counts={"train": train.height, "gold": gold.height})
-    return dg.MaterializeResult(metadata={"rm_version": reg.rm_version, "gold_accuracy": reg.val_accuracy,
-                                          "train_pairs": train.height, "tokens_per_s": reg.result.tokens_per_s,
-                                          "mlflow_run_id": reg.mlflow_run_id})
-
-
 class EvalConfig(dg.Config):
-    max_len: int = 256
-    include_gold_slice: bool = Field(default=True, description="Also score the held-out human gold slice")
+    max_len_cap: int = Field(default=4096, description="Each model is scored at its own context length, capped here")
+    benchmarks_dir: str = Field(default="", description="Folder of benchmark folders; default <SYNPREF_HOME>/benchmarks")
 
 
 @dg.asset(group_name="evaluation", kinds={"deltalake", "mlflow"},
-          deps=[*(family_key(b) for b in FAMILY), gold_rm, benchmarks],
-          description="Every family member, the gold RM and the best Stage-1 RM on every benchmark table plus the "
-                      "gold slice: per-section accuracy (Delta), a Table-1 Markdown report and a plot.")
+          deps=[*(family_key(b) for b in CATALOG), gold_rm, SILVER, SEED, benchmarks],
+          check_specs=[dg.AssetCheckSpec("no_leaks", asset="rm_evaluation", blocking=True,
+                                         description="no reported pair is in any RM's training or selection rows")],
+          description="Every family member, the gold RM and the best Stage-1 RM on every benchmark (scored as its "
+                      "authors' script does, each distinct text once, on the Ray path) plus gold_test: scores per "
+                      "section, per-item rewards (rm_item_rewards), counted truncation, Table 1 report and plot.")
 def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_store: LakeResource,
-                  trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
+                  compute: ComputeResource, mlflow_store: MlflowResource):
     lake = lake_store.lake()
-    bench = lake.read("benchmark_pairs") if lake.exists("benchmark_pairs") else pl.DataFrame()
-    if config.include_gold_slice:
-        g = lake.read(SEED).filter(pl.col("split") == "gold")
-        gb = g.select(benchmark=pl.lit("gold-slice"), item_id=pl.int_range(pl.len(), dtype=pl.Int64),
-                      section=pl.col("task_category").fill_null("other"), subset=pl.lit(""), history="history",
-                      chosen="chosen", rejected=pl.concat_list("rejected"),
-                      chosen_more=pl.lit([], dtype=pl.List(pl.String)), item_key=pl.col("pair_id"))
-        bench = pl.concat([bench, gb], how="diagonal_relaxed") if bench.height else gb  # older tables lack columns
-    models = [latest(lake, name=f"synpref-rm-{b}") for b in FAMILY]
-    models += [latest(lake, role="gold"), best_of(lake, "stage1")]
-    models = [m for m in models if m is not None]
-    results = []
-    for m in models:
-        res, _ = evaluate(trainer.load(m["path"]), bench, m["rm_version"], config.max_len)
-        results.append(res)
-    results = pl.concat(results) if results else pl.DataFrame(schema=RESULT_SCHEMA)
-    v = lake.upsert("rm_evaluation", results.to_arrow(), keys=["rm_version", "benchmark", "section"])["version"]
-    t1 = table1(results)
-    report = "# RM evaluation (paper Table 1 shape)\n\n" + md_table(t1) + "\n\n## Per section\n\n" + md_table(
-        results.sort("rm_version", "benchmark", "section")) + "\n"
-    out = home() / "reports"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rm_evaluation.md").write_text(report)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ov = results.filter(pl.col("section") == "overall")
-    for i, (bm, grp) in enumerate(ov.group_by("benchmark", maintain_order=True)):
-        ax.bar([f"{r}\n{bm[0]}" for r in grp["rm_version"]], grp["accuracy"], label=bm[0])
-    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_ylabel("accuracy")
-    ax.tick_params(axis="x", labelsize=6, rotation=30)
-    ax.legend(fontsize=7)
-    fig.savefig(out / "rm_evaluation.png", dpi=90, bbox_inches="tight")
+    folder = Path(config.benchmarks_dir) if config.benchmarks_dir else home() / "benchmarks"
+    bench, _ = read_benchmarks(folder)
+    parts = [pl.DataFrame(bench, schema=pl.Schema(BENCHMARK_SCHEMA))] if bench else []
+    gold = gold_test_items(lake)
+    if gold.height:
+        parts.append(gold.cast({"item_id": pl.Int64}))
+    items = pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+    rows = [latest(lake, name=f"synpref-rm-{b}") for b in CATALOG] + [latest(lake, role="gold"),
+                                                                       best_of(lake, "stage1")]
+    cache = home() / "model_cache"
+    refs = [ref_of(r, mlflow_store.uri, cache) for r in rows if r is not None]
+    ev = evaluate_models(lake, items, refs, compute.make_engine(max_len=config.max_len_cap),
+                         max_len_cap=config.max_len_cap)
+    v = write_evaluation(lake, ev)
+    report = write_report(ev, home() / "reports", md_table, plt)
     with tracking.run(mlflow_store.uri, mlflow_store.experiment, "rm-evaluation", mlflow_store.artifacts,
                       tags={"role": "evaluation"}):
         import mlflow
 
-        for r in ov.iter_rows(named=True):
-            mlflow.log_metric(f"{r['rm_version'].replace(':', '_v')}.{r['benchmark']}", r["accuracy"])
-        mlflow.log_artifact(str(out / "rm_evaluation.md"))
-        mlflow.log_artifact(str(out / "rm_evaluation.png"))
-    lake.record_lineage(run_id=context.run.run_id, asset="rm_evaluation", partition=None, table="rm_evaluation",
-                        version_written=v, inputs=lake.input_versions(["benchmark_pairs", SEED, "rm_registry"]),
-                        config=config.model_dump(), counts={"rows": results.height, "models": len(models)})
-    return dg.MaterializeResult(metadata={"table1": dg.MetadataValue.md(md_table(t1)), "plot": png_md(fig),
-                                          "report": dg.MetadataValue.path(str(out / "rm_evaluation.md")),
-                                          "models": len(models), "delta_version": v})
+        for r in ev.results.filter(pl.col("section") == "overall").iter_rows(named=True):
+            mlflow.log_metric(f"{r['rm_version'].replace(':', '_v')}.{r['benchmark']}", r["score"])
+        mlflow.log_artifact(str(report))
+        mlflow.log_artifact(str(report.with_suffix(".png")))
+    lake.record_lineage(run_id=context.run.run_id, asset="rm_evaluation", partition=None, table=RM_EVALUATION,
+                        version_written=v, inputs=lake.input_versions([BENCHMARK_ITEMS, SEED, RM_REGISTRY]),
+                        config=config.model_dump(), counts={"rows": ev.results.height, "models": len(refs),
+                                                            "items": items.height})
+    yield dg.MaterializeResult(metadata={
+        "table1": dg.MetadataValue.md(md_table(ev.table1)),
+        "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
+        "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
+        "report": dg.MetadataValue.path(str(report)), "models": len(refs), "items": items.height,
+        "rewards_table": RM_REWARDS, "delta_version": v})
+    yield dg.AssetCheckResult(check_name="no_leaks", passed=ev.leaks.height == 0,
+                              metadata={"leaked_pairs": ev.leaks.height,
+                                        "by_model": dg.MetadataValue.json(
+                                            dict(ev.leaks.group_by("rm_version").len().iter_rows()))})
 
 
-FAMILY_MEMBERS = [family_member(b) for b in FAMILY]
-FAMILY_ASSETS = [*FAMILY_MEMBERS, rm_evaluation]
+FAMILY_MEMBERS = {b: family_member(b) for b in CATALOG}
+FAMILY_ASSETS = [*FAMILY_MEMBERS.values(), rm_evaluation]

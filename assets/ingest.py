@@ -11,8 +11,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.ingest.decontaminate import words
-from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, read_benchmark
+from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, BenchmarkFormatError, read_benchmarks
 from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard
+from pipelines.tables import BENCHMARK_ITEMS, BENCHMARK_PROMPTS, SYNTH_TRUTH
 from pipelines.schema import RAW_PAIRS_SCHEMA, first_user_turn
 from pipelines.settings import home
 from pipelines.synth.generator import benchmark_records, synthetic_shard_keys, write_shard
@@ -35,10 +36,15 @@ class SyntheticConfig(dg.Config):
     seed: int = 0
 
 
-@dg.asset(group_name="sources", kinds={"python", "jsonl"},
-          description="Project-made verifiable pairs with known truth: the embedded default's D_wild.")
-def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig,
-                      lake_store: LakeResource) -> dg.MaterializeResult:
+@dg.multi_asset(
+    group_name="sources", name="synthetic_landing", can_subset=False,
+    specs=[dg.AssetSpec("synthetic_landing", kinds={"python", "jsonl"},
+                        description="Project-made verifiable pairs with known truth: the embedded default's D_wild "
+                                    "(landing shards + a benchmark file)."),
+           dg.AssetSpec(SYNTH_TRUTH, kinds={"deltalake"},
+                        description="Whether each project-made pair ships with its right label, and its category: "
+                                    "read only by the simulated reviewer/judges and the known-truth figures.")])
+def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig, lake_store: LakeResource):
     lake = lake_store.lake()
     landing = Path(lake_store.landing)
     if "://" in lake_store.landing:
@@ -50,7 +56,7 @@ def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig
         truth += write_shard(landing / key, per, config.seed + 100 * s,
                              config.label_noise, config.bad_rows)
     bench = benchmark_records(config.benchmark_pairs, config.seed + 999_999)
-    bench_dir = home() / "benchmarks"
+    bench_dir = home() / "benchmarks" / "synth-bench"
     bench_dir.mkdir(parents=True, exist_ok=True)
     with (bench_dir / "synth-bench.jsonl").open("w") as fh:
         for r in bench:
@@ -61,40 +67,44 @@ def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig
         for r in long_prompts[: config.contaminated]:
             fh.write(json.dumps({"prompt": r["prompt"] + " Please answer carefully.", "chosen": r["chosen"] + " ",
                                  "rejected": r["rejected"] + " (contaminated copy)", "category": r["category"]}) + "\n")
-    v = lake.overwrite("synth_truth", pa.Table.from_pylist(truth, TRUTH_SCHEMA), TRUTH_SCHEMA)
+    v = lake.overwrite(SYNTH_TRUTH, pa.Table.from_pylist(truth, TRUTH_SCHEMA), TRUTH_SCHEMA)
     # Register the shards as raw_pairs partitions right away (the landing sensor would find them too, later).
     context.instance.add_dynamic_partitions(raw_shards.name, [*keys, contaminated])
-    return dg.MaterializeResult(metadata={"pairs": len(truth), "shards": config.n_shards, "truth_version": v,
-                                          "landing": dg.MetadataValue.path(str(landing))})
+    yield dg.MaterializeResult(asset_key="synthetic_landing", metadata={
+        "pairs": len(truth), "shards": config.n_shards, "landing": dg.MetadataValue.path(str(landing))})
+    yield dg.MaterializeResult(asset_key=SYNTH_TRUTH, metadata={"rows": len(truth), "delta_version": v})
 
 
 class BenchmarksConfig(dg.Config):
-    directory: str = Field(default="", description="Folder of benchmark files (<name>.jsonl[.gz]|.parquet); "
-                                                   "default <SYNPREF_HOME>/benchmarks")
+    directory: str = Field(default="", description="Folder of benchmark folders (<name>/<published files>, put there "
+                                                   "by `synpref benchmarks add|fetch`); default <SYNPREF_HOME>/benchmarks")
 
 
 @dg.asset(group_name="sources", kinds={"deltalake"}, deps=[synthetic_landing],
-          description="Benchmark pairs (evaluation) and their first-turn prompts (decontamination input).")
+          description="Benchmark items as their authors publish them (RewardBench 1/2, RM-Bench, JudgeBench, PPE, RMB; "
+                      "a file of another layout is refused) and their first-turn prompts (decontamination input).")
 def benchmarks(context: dg.AssetExecutionContext, config: BenchmarksConfig,
                lake_store: LakeResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
     folder = Path(config.directory) if config.directory else home() / "benchmarks"
-    rows: list[dict] = []
-    for f in sorted(folder.glob("*")):
-        if f.suffix in (".jsonl", ".gz", ".parquet", ".json"):
-            name = f.name.split(".")[0]
-            rows += read_benchmark(str(f), name)
+    try:
+        rows, stats = read_benchmarks(folder)
+    except BenchmarkFormatError as e:
+        raise dg.Failure(str(e)) from e
+    for i, r in enumerate(rows):  # item ids unique across benchmarks in the table
+        r["item_id"] = i
     bench = pa.Table.from_pylist(rows, BENCHMARK_SCHEMA)
     prompts = pa.Table.from_pylist(
         [{"benchmark": r["benchmark"], "prompt": first_user_turn(r["history"])} for r in rows], BENCHMARK_PROMPTS_SCHEMA)
-    v1 = lake.overwrite("benchmark_pairs", bench, BENCHMARK_SCHEMA)
-    v2 = lake.overwrite("benchmark_prompts", prompts, BENCHMARK_PROMPTS_SCHEMA)
+    v1 = lake.overwrite(BENCHMARK_ITEMS, bench, BENCHMARK_SCHEMA)
+    v2 = lake.overwrite(BENCHMARK_PROMPTS, prompts, BENCHMARK_PROMPTS_SCHEMA)
     per = pl.from_arrow(bench).group_by("benchmark").len().sort("benchmark")
-    for table, version in (("benchmark_pairs", v1), ("benchmark_prompts", v2)):
+    for table, version in ((BENCHMARK_ITEMS, v1), (BENCHMARK_PROMPTS, v2)):
         lake.record_lineage(run_id=context.run.run_id, asset="benchmarks", partition=None, table=table,
                             version_written=version, inputs={}, config={"directory": str(folder)},
                             counts={"rows": len(rows)})
-    return dg.MaterializeResult(metadata={"rows": len(rows), "per_benchmark": dg.MetadataValue.md(md_table(per))})
+    return dg.MaterializeResult(metadata={"items": len(rows), "per_benchmark": dg.MetadataValue.md(md_table(per)),
+                                          "files": dg.MetadataValue.json(stats)})
 
 
 class RawPairsConfig(dg.Config):
@@ -126,7 +136,7 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
     reports = []
     for key in context.partition_keys:
         source = key.split("/", 1)[0]
-        inputs = lake.input_versions(["benchmark_prompts", RAW])
+        inputs = lake.input_versions([BENCHMARK_PROMPTS, RAW])
         report = ingest_shard(lake, lake_store.landing_path(key), source=source, shard=key,
                               run_id=context.run.run_id, fmt=config.format or None, mapping=config.mapping or None,
                               decontam=decontam, max_chars=config.max_chars)

@@ -5,17 +5,22 @@ from pydantic import Field
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.common import annotated_pool, truth_map
+from assets.common import RMTrainConfig, reward_models
 from assets.meta import md_table
 from pipelines.annotate.prompts import load_prompt
 from pipelines.annotate.runner import precheck_responses
 from pipelines.review.ledger import VERDICTS, agreement_by_annotator, append_verdicts, read_verdicts
-from pipelines.review.queue import QUEUE, build_queue
-from pipelines.review.seed import SEED, build_seed
+from pipelines.pool import attributes, pool_pairs, truth_of, with_attributes
+from pipelines.review.queue import QUEUE, build_queue, queue_candidates
+from pipelines.review.seed import SEED, SPLITS, build_seed
 from pipelines.rm.registry import best_of
 from pipelines.synth.reviewer import simulated_verdicts
+from pipelines.tables import ANNOTATIONS, RAW, RM_REGISTRY, SYNTH_TRUTH
 from resources.lake import LakeResource
 from resources.llm import LLMResource
+from resources.mlflow import MlflowResource
+from resources.pool import PoolResource
+from resources.trainer import TrainerResource
 
 
 class QueueConfig(dg.Config):
@@ -23,24 +28,25 @@ class QueueConfig(dg.Config):
     quotas: dict[str, int] = Field(default_factory=dict, description="Max pairs per task category; empty = equal shares")
     overlap_frac: float = Field(default=0.15, description="Share of items given to 2+ annotators (agreement)")
     precheck: bool = Field(default=True, description="Batched LLM pre-check of each response of objective items")
+    candidates_per_category: int = Field(default=400, description="Pairs per category ranked for the queue "
+                                                                  "(objective/low-controversy first)")
     force_new: bool = Field(default=False, description="Queue a new batch even while the latest one has unreviewed "
                                                        "items (normally a rerun leaves an open queue as it is)")
     seed: int = 0
 
 
-@dg.asset(group_name="review", kinds={"deltalake"}, deps=[llm_annotations],
+@dg.asset(group_name="review", kinds={"deltalake"}, deps=[llm_annotations, RAW, SYNTH_TRUTH],
           description="Pairs chosen for humans: objective/low-controversy first, category quotas, RM-uncertain "
                       "pairs preferred once a Stage-1 RM exists. A materialization appends the next batch as a new "
-                      "queue version once the latest one is fully reviewed; while it is open, it is left as it is.")
+                      "queue version once the latest one is fully reviewed; while it is open, it is left as it is. "
+                      "Reads the best registered Stage-1 RM when there is one: a feedback edge of the human-in-the-"
+                      "loop cycle, which an acyclic asset graph cannot declare (recorded in lineage instead).")
 def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_store: LakeResource,
-                 llm: LLMResource) -> dg.MaterializeResult:
+                 llm: LLMResource, pool: PoolResource, trainer: TrainerResource,
+                 mlflow_store: MlflowResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
-    pool = annotated_pool(lake, "stage1")
-    done = set(read_verdicts(lake)["pair_id"].to_list())
-    scores = None
-    best = best_of(lake, "stage1")
-    if best is not None and lake.exists("rm_scores"):
-        scores = lake.read("rm_scores").filter(pl.col("rm_version") == best["rm_version"])
+    verdicts = read_verdicts(lake)
+    done = set(verdicts["pair_id"].to_list())  # the ledger: human-sized, not pool-sized
     queued = lake.read(QUEUE) if lake.exists(QUEUE) else None
     if queued is not None and not config.force_new:
         latest = queued.filter(pl.col("queue_version") == queued["queue_version"].max())
@@ -49,23 +55,32 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
             return dg.MaterializeResult(metadata={
                 "queue_version": latest["queue_version"][0], "queued": latest.height, "open": open_items,
                 "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
+    candidates = queue_candidates(with_attributes(pool_pairs(lake, "stage1", pool.stage1_fraction), lake),
+                                  verdicts.select("pair_id").lazy(), config.candidates_per_category, config.seed)
+    scores, best = None, best_of(lake, "stage1")
+    if best is not None and candidates.height:  # prefer what the current Stage-1 RM is unsure of or gets wrong
+        rms = reward_models(lake, RMTrainConfig(), trainer, mlflow_store)
+        scores = rms.score(best["rm_version"], candidates)
     prev = queued["queue_version"].n_unique() if queued is not None else 0
     version = f"q{prev + 1:03d}"
-    q = build_queue(pool, size=config.size, queue_version=version, quotas=config.quotas or None, rm_scores=scores,
-                    exclude=done, overlap_frac=config.overlap_frac, seed=config.seed)
+    q = build_queue(candidates, size=config.size, queue_version=version, quotas=config.quotas or None,
+                    rm_scores=scores, overlap_frac=config.overlap_frac, seed=config.seed)
     v = lake.append(QUEUE, q.to_arrow())
     lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
-                        version_written=v, inputs=lake.input_versions(["raw_pairs", "llm_annotations", VERDICTS]),
-                        config=config.model_dump(), counts={"queued": q.height})
+                        version_written=v, inputs=lake.input_versions([RAW, ANNOTATIONS, VERDICTS, RM_REGISTRY]),
+                        config={**config.model_dump(), **pool.model_dump(),
+                                "rm": best["rm_version"] if best else None}, counts={"queued": q.height})
     checked = 0
     if config.precheck:
-        objective = pool.join(q.filter(pl.col("objectivity") == "objective").select("pair_id"), on="pair_id")
-        truth = truth_map(lake)
+        objective = candidates.join(q.filter(pl.col("objectivity") == "objective").select("pair_id"), on="pair_id")
+        truth = truth_of(lake, objective)
         stats = precheck_responses(lake, objective, llm.annotator(), load_prompt("precheck_v1"), context.run.run_id,
                                    truth_of=lambda r: truth.get(r["pair_id"]))
         checked = stats.ok
     per = q.group_by("task_category", "objectivity").len().sort("task_category")
     return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height, "prechecked_responses": checked,
+                                          "candidates": candidates.height,
+                                          "ranked_by_rm": best["rm_version"] if best is not None else "none yet",
                                           "per_category": dg.MetadataValue.md(md_table(per))})
 
 
@@ -77,7 +92,7 @@ class SimulatedReviewConfig(dg.Config):
     seed: int = 0
 
 
-@dg.asset(group_name="review", kinds={"deltalake"}, deps=[review_queue],
+@dg.asset(group_name="review", kinds={"deltalake"}, deps=[review_queue, SYNTH_TRUTH],
           description="Simulated reviewer verdicts for the latest queue (project-made data only), written through "
                       "the same ledger path as the review app and marked origin=simulated.")
 def simulated_review(context: dg.AssetExecutionContext, config: SimulatedReviewConfig,
@@ -87,9 +102,8 @@ def simulated_review(context: dg.AssetExecutionContext, config: SimulatedReviewC
         return dg.MaterializeResult(metadata={"verdicts": 0, "note": "disabled: humans label in the review app"})
     q = lake.read(QUEUE)
     q = q.filter(pl.col("queue_version") == q["queue_version"].max())
-    already = set(read_verdicts(lake)["pair_id"].to_list())
-    q = q.filter(~pl.col("pair_id").is_in(list(already)))
-    vs = simulated_verdicts(q, truth_map(lake), annotators=config.annotators, error_rate=config.error_rate,
+    q = q.join(read_verdicts(lake).select("pair_id"), on="pair_id", how="anti")
+    vs = simulated_verdicts(q, truth_of(lake, q), annotators=config.annotators, error_rate=config.error_rate,
                             seed=config.seed)
     v = append_verdicts(lake, vs)
     return dg.MaterializeResult(metadata={"verdicts": len(vs), "ledger_version": v,
@@ -97,27 +111,29 @@ def simulated_review(context: dg.AssetExecutionContext, config: SimulatedReviewC
 
 
 class SeedConfig(dg.Config):
-    gold_frac: float = Field(default=0.35, description="Share of verified pairs held out as the gold validation slice")
+    val_frac: float = Field(default=0.2, description="Share of verified pairs in gold_val (checkpoint selection, "
+                                                     "Stage-1 retrieval)")
+    test_frac: float = Field(default=0.2, description="Share of verified pairs in gold_test (reported only)")
     min_agreement: float = Field(default=0.7, description="Blocking check: mean annotator agreement on overlap items")
     min_per_category: int = Field(default=5, description="Warn when a category has fewer verified pairs")
 
 
-@dg.asset(group_name="review", kinds={"deltalake"}, deps=[simulated_review],
+@dg.asset(group_name="review", kinds={"deltalake"}, deps=[simulated_review, RAW, ANNOTATIONS],
           check_specs=[
               dg.AssetCheckSpec("agreement_rate", asset="human_verified_seed", blocking=True,
                                 description="annotators agree on overlap items"),
               dg.AssetCheckSpec("size_per_category", asset="human_verified_seed",
                                 description="every task category has enough verified pairs")],
           description="Resolved, non-discarded human labels joined to their pairs (label_origin human, or "
-                      "simulated in the demo), split into the gold validation slice and the rest.")
+                      "simulated in the demo), split into train, gold_val (selection) and gold_test (report only).")
 def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, lake_store: LakeResource):
     lake = lake_store.lake()
-    inputs = lake.input_versions([VERDICTS, "raw_pairs", "llm_annotations"])
+    inputs = lake.input_versions([VERDICTS, RAW, ANNOTATIONS])
     verdicts = read_verdicts(lake)
-    ann = lake.read("llm_annotations") if lake.exists("llm_annotations") else None
-    seed = build_seed(verdicts, lake.read("raw_pairs"), ann, config.gold_frac)
+    attrs = attributes(lake, verdicts.select("pair_id").unique()).collect()
+    seed = build_seed(verdicts, lake.scan(RAW), attrs, config.val_frac, config.test_frac)
     v = lake.overwrite(SEED, seed.to_arrow())
-    counts = {"verified": seed.height, "gold": int((seed["split"] == "gold").sum()),
+    counts = {"verified": seed.height, **{s: int((seed["split"] == s).sum()) for s in SPLITS},
               "flipped_by_humans": int(seed["label_flipped"].sum()),
               "discarded": int(verdicts["pair_id"].n_unique() - seed.height) if verdicts.height else 0}
     lake.record_lineage(run_id=context.run.run_id, asset="human_verified_seed", partition=None, table=SEED,

@@ -1,6 +1,7 @@
 """`synpref` command line: the end-to-end demo on the embedded default, and the review app.
 
-    synpref demo                       # everything, on project-made data, CPU, local lake/Dagster/MLflow
+    synpref demo [--scale tiny|small|medium] [--verbose]   # everything, on project-made data, CPU, local
+    synpref benchmarks add PATH [--name NAME] | fetch NAME [--revision REV] | list
     synpref review add-annotator NAME [--lead]
     synpref review serve [--port 8000]
     synpref review export FILE [--format jsonl|csv|labelstudio]
@@ -13,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from pipelines.settings import default_lake_root, default_mlflow_uri, home
@@ -47,9 +49,14 @@ def _ok(result, what: str) -> None:
         raise SystemExit(f"{what} failed (see the Dagster UI / logs above)")
 
 
-def demo(scale: str = "small") -> dict:
-    """Run `main_job` once over every synthetic shard: the whole pipeline is one Dagster run."""
-    from assets.family import FAMILY, family_key
+def demo(scale: str = "small", verbose: bool = False) -> dict:
+    """Run `main_job` once over every synthetic shard: the whole pipeline is one Dagster run. By default one line
+    per finished step; `verbose` streams Dagster's event log and the libraries' own output."""
+    from jobs.progress import StepPrinter, quiet_libraries
+
+    if not verbose:
+        quiet_libraries()
+    from assets.family import CPU_MEMBERS, family_key
     from assets.ingest import raw_shards
     from definitions import defs
     from pipelines.lake import Lake
@@ -66,10 +73,24 @@ def demo(scale: str = "small") -> dict:
         "synthetic_landing": {"config": cfg["synthetic"]},
         "review_queue": {"config": {"size": cfg["queue"]}},
         "stage1": {"config": {"iterations": cfg["stage1_iterations"]}},
-        **{family_key(b).to_python_identifier(): {"config": {"epochs": cfg["family_epochs"]}} for b in FAMILY},
+        **{family_key(b).to_python_identifier(): {"config": {"epochs": cfg["family_epochs"]}} for b in CPU_MEMBERS},
     }
+    run_config = {"ops": ops}
+    if not verbose:  # the event log is still stored in full in the run; only the console stream is quiet
+        run_config["loggers"] = {"console": {"config": {"log_level": "ERROR"}}}
     tags = {"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]}
-    result = defs.get_job_def("main_job").execute_in_process(instance=instance, run_config={"ops": ops}, tags=tags)
+    run_id = str(uuid.uuid4())  # known before the run starts, so its event log can be followed
+    print(f"[synpref] main_job run {run_id}: one line per step below (the full event log is in the run)",
+          flush=True)
+    printer = StepPrinter(instance, run_id, t0) if not verbose else None
+    if printer:
+        printer.__enter__()
+    try:
+        result = defs.get_job_def("main_job").execute_in_process(instance=instance, run_config=run_config, tags=tags,
+                                                                 run_id=run_id, raise_on_error=False)
+    finally:
+        if printer:
+            printer.__exit__(None, None, None)
     _ok(result, "main_job")
     print(f"[synpref] main_job run {result.run_id} succeeded ({time.time() - t0:.0f}s)", flush=True)
     report = home() / "reports" / "rm_evaluation.md"
@@ -80,15 +101,35 @@ def demo(scale: str = "small") -> dict:
     meta = {k: v.value for k, v in curated[0].metadata.items()} if curated else {}
     if "kept_label_precision" in meta:  # project-made data carries its truth: how much cleaner did Stage 2 make it?
         print(f"[synpref] Stage 2 on {meta['pool']} pool pairs (known truth): label precision "
-              f"{meta['pool_label_precision']:.3f} -> {meta['kept_label_precision']:.3f} in the {meta['kept_stage2']} "
+              f"{meta['pool_label_precision']:.3f} -> {meta['kept_label_precision']:.3f} in the {meta['curated']} "
               f"kept; wrong labels found: recall {meta['flip_detection_recall']:.3f}, precision "
-              f"{meta['flip_detection_precision']:.3f} ({meta['recycled']} flipped into recycled_pairs)", flush=True)
+              f"{meta['flip_detection_precision']:.3f} ({meta['recycled']} flipped into recycled_pairs); "
+              f"{100 * meta['skipped_annotation_share']:.0f}% of the pool needed no LLM call", flush=True)
     print(f"[synpref] finished in {summary['seconds']}s. Where to look:\n"
           f"  Dagster UI : make ui   (DAGSTER_HOME={os.environ['DAGSTER_HOME']}) -> http://127.0.0.1:3000\n"
           f"  MLflow UI  : .venv/bin/mlflow ui --backend-store-uri {default_mlflow_uri()}\n"
           f"  Report     : {report} (+ rm_evaluation.png)\n"
           f"  Lake       : {lake.root} (Delta tables; lineage in {lake.root}/lineage)", flush=True)
     return summary
+
+
+def benchmarks_cmd(args: argparse.Namespace) -> None:
+    from pipelines.evaluate.benchmarks import (BenchmarkFormatError, add_benchmark, expected_layouts,
+                                               fetch_benchmark)
+
+    root = home() / "benchmarks"
+    try:
+        if args.bench_cmd == "add":
+            dst = add_benchmark(Path(args.path), root, args.name)
+            print(f"added {args.path} as {dst.parent.name}: {dst}")
+        elif args.bench_cmd == "fetch":
+            for dst in fetch_benchmark(args.name, root, args.revision):
+                print(f"fetched {args.name}: {dst}")
+        else:
+            print(f"benchmarks under {root}: {sorted(p.name for p in root.iterdir()) if root.exists() else []}\n"
+                  f"layouts:\n{expected_layouts()}")
+    except BenchmarkFormatError as e:
+        raise SystemExit(f"refused: {e}") from None
 
 
 def review(args: argparse.Namespace) -> None:
@@ -106,16 +147,17 @@ def review(args: argparse.Namespace) -> None:
     elif args.review_cmd == "export":
         import polars as pl
 
+        from pipelines.pool import attributes
         from pipelines.review.exchange import export_tasks
         from pipelines.review.queue import QUEUE
+        from pipelines.tables import RAW
 
         lake = Lake(default_lake_root())
         q = lake.read(QUEUE)
         q = q.filter(pl.col("queue_version") == q["queue_version"].max())
-        items = q.join(lake.read("raw_pairs"), on="pair_id")
-        if lake.exists("llm_annotations"):
-            ann = lake.read("llm_annotations").filter(pl.col("status") == "ok").unique("pair_id").select("pair_id", "guideline")
-            items = items.join(ann, on="pair_id", how="left")
+        items = q.join(lake.scan(RAW).join(q.select("pair_id").lazy(), on="pair_id", how="semi").collect(),
+                       on="pair_id")
+        items = items.join(attributes(lake, q).select("pair_id", "guideline").collect(), on="pair_id", how="left")
         print(f"exported {export_tasks(items, args.file, args.format)} tasks to {args.file}")
     elif args.review_cmd == "import":
         from pipelines.review.exchange import import_verdicts
@@ -133,6 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
     d.add_argument("--scale", choices=["tiny", "small", "medium"], default="small")
+    d.add_argument("--verbose", action="store_true", help="stream Dagster's event log and the libraries' output")
+    b = sub.add_parser("benchmarks", help="put published benchmark files where rm_evaluation finds them")
+    bs = b.add_subparsers(dest="bench_cmd", required=True)
+    ba = bs.add_parser("add", help="copy a published benchmark file (its layout is checked)")
+    ba.add_argument("path")
+    ba.add_argument("--name", default=None, help="benchmark name (default: recognised from the file's layout)")
+    bf = bs.add_parser("fetch", help="download a benchmark from the Hugging Face Hub (its published files)")
+    bf.add_argument("name")
+    bf.add_argument("--revision", default=None)
+    bs.add_parser("list", help="the benchmarks present and the layouts SynPref reads")
     r = sub.add_parser("review", help="the human review app")
     rs = r.add_subparsers(dest="review_cmd", required=True)
     a = rs.add_parser("add-annotator")
@@ -147,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "labelstudio"])
     args = ap.parse_args(argv)
     if args.cmd == "demo":
-        demo(args.scale)
+        demo(args.scale, args.verbose)
+    elif args.cmd == "benchmarks":
+        benchmarks_cmd(args)
     else:
         review(args)
 

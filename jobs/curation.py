@@ -3,8 +3,8 @@
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.curate import llm_judgments, pair_embeddings, rm_scores, stage1, stage2
-from assets.family import FAMILY_MEMBERS, rm_evaluation
+from assets.curate import llm_judgments, pair_embeddings, stage1, stage2
+from assets.family import CPU_MEMBERS, FAMILY_MEMBERS, rm_evaluation
 from assets.review import human_verified_seed, review_queue, simulated_review
 from assets.rm import gold_rm
 from pipelines.review.ledger import VERDICTS
@@ -12,24 +12,26 @@ from pipelines.rm.registry import best_of
 from resources.lake import LakeResource
 
 CURATION = dg.AssetSelection.assets(llm_annotations, review_queue, simulated_review, human_verified_seed, gold_rm,
-                                    pair_embeddings, llm_judgments, stage1, rm_scores, stage2)
+                                    pair_embeddings, llm_judgments, stage1, stage2)
+GPU_MEMBERS = [m for b, m in FAMILY_MEMBERS.items() if b not in CPU_MEMBERS]
 
 curation_job = dg.define_asset_job(
     "curation_job", selection=CURATION,
     description="Annotate -> review queue -> (simulated) verdicts -> seed -> gold RM -> embeddings -> LLM judgments "
                 "of the seed -> Stage 1 -> "
-                "RM scores -> Stage 2 (curated + recycled pairs).")
-stage2_job = dg.define_asset_job("stage2_job", selection=dg.AssetSelection.assets(llm_annotations, pair_embeddings,
-                                                                                  rm_scores, stage2),
-                                 description="Annotate and embed new pairs, score them, rerun the Stage-2 filter.")
+                "Stage 2 (RM scores, curated + recycled pairs).")
+stage2_job = dg.define_asset_job("stage2_job", selection=dg.AssetSelection.assets(stage2),
+                                 description="Stage 2 over every work unit not yet committed under the current best "
+                                             "RMs (new raw shards, or every unit after a new best Stage-1 RM).")
 seed_job = dg.define_asset_job("seed_job", selection=dg.AssetSelection.assets(human_verified_seed))
-family_job = dg.define_asset_job("family_job", selection=dg.AssetSelection.assets(*FAMILY_MEMBERS),
-                                 description="Train every family member (select one rm_family/<backbone> asset "
-                                             "in the UI to train one).")
+family_job = dg.define_asset_job("family_job", selection=dg.AssetSelection.assets(*FAMILY_MEMBERS.values()),
+                                 description="Train every family member, the paper's backbones included (GPU "
+                                             "machines; select one rm_family/<backbone> asset in the UI to train one).")
 main_job = dg.define_asset_job(
-    "main_job", selection=dg.AssetSelection.all(),
+    "main_job", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*GPU_MEMBERS),
     description="Everything end to end in one run: sources -> raw_pairs (launch over a range of shards; one run) "
-                "-> annotation -> review -> seed -> gold RM -> Stage 1 -> Stage 2 -> RM family -> evaluation report.")
+                "-> annotation -> review -> seed -> gold RM -> Stage 1 -> Stage 2 -> the CPU family members -> "
+                "evaluation report.")
 evaluation_job = dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.assets(rm_evaluation))
 
 

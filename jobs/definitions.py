@@ -11,9 +11,11 @@ from assets.rm import gold_rm
 from jobs.curation import (curation_job, evaluation_job, family_job, main_job, new_best_rm_sensor, new_verdicts_sensor,
                            nightly_stage2, seed_job, stage2_job)
 from jobs.ingest import backfill_pending_shards, ingest_job, landing_sensor
+from resources.compute import ComputeResource
 from resources.lake import LakeResource
 from resources.llm import LLMResource
 from resources.mlflow import MlflowResource
+from resources.pool import PoolResource
 from resources.trainer import TrainerResource
 
 defs = dg.Definitions(
@@ -22,5 +24,5 @@ defs = dg.Definitions(
     schedules=[backfill_pending_shards, nightly_stage2],
     sensors=[landing_sensor, new_verdicts_sensor, new_best_rm_sensor],
     resources={"lake_store": LakeResource(), "llm": LLMResource(), "trainer": TrainerResource(),
-               "mlflow_store": MlflowResource()},
+               "mlflow_store": MlflowResource(), "pool": PoolResource(), "compute": ComputeResource()},
 )
