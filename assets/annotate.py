@@ -8,6 +8,7 @@ from assets.common import GPU_POOL
 from assets.ingest import raw_pairs
 from pipelines.annotate.prompts import load_prompt
 from pipelines.annotate.runner import ANNOTATIONS, annotate_pool
+from pipelines.ingest.checks import Reason
 from pipelines.pool import quarantine_pairs, truth_categories
 from pipelines.tables import RAW, SYNTH_TRUTH
 from resources.lake import LakeResource
@@ -40,7 +41,7 @@ def llm_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
 
     def on_failed(failed: pl.DataFrame) -> None:  # nothing is lost: the reason and the raw output go along
         nonlocal quarantined
-        quarantined += quarantine_pairs(lake, failed, stage="annotate", reason="annotation_failed",
+        quarantined += quarantine_pairs(lake, failed, stage="annotate", reason=Reason.ANNOTATION_FAILED,
                                         run_id=context.run.run_id)
 
     stats = annotate_pool(lake, backend, prompt, context.run.run_id, stage1_fraction=pool.stage1_fraction,

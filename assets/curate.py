@@ -12,7 +12,7 @@ from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
 from assets.rm import gold_rm
 from pipelines.annotate.prompts import load_prompt
-from pipelines.curate.embed import EMBEDDINGS, Embedder, embed_pool, model_name
+from pipelines.curate.embed import EMBEDDINGS, embed_pool, model_name
 from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgments_of
 from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
 from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, unit_rows_table
@@ -40,14 +40,18 @@ class EmbedConfig(dg.Config):
           description="One embedding of (conversation, attributes) per pair of Stage 1's pool and model, computed "
                       "once; the ANN index for retrieval and exemplars is rebuilt from this table.")
 def pair_embeddings(context: dg.AssetExecutionContext, config: EmbedConfig, lake_store: LakeResource,
-                    pool: PoolResource):
+                    pool: PoolResource, compute: ComputeResource):
     lake = lake_store.lake()
-    emb = Embedder(config.model or minilm_path(), config.max_len)
-    counts = embed_pool(lake, emb.encode, emb.name, stage1_fraction=pool.stage1_fraction, unit_rows=config.unit_rows)
+    model = config.model or minilm_path()
+    engine = compute.make_engine(max_len=config.max_len)  # Ray actors (GPU ones when configured) or in-process
+    counts = embed_pool(lake, lambda texts: engine.embed(pl.DataFrame({"text": texts}), model, config.max_len),
+                        model_name(model),
+                        stage1_fraction=pool.stage1_fraction, unit_rows=config.unit_rows)
     lake.record_lineage(run_id=context.run.run_id, asset="pair_embeddings", partition=None, table=EMBEDDINGS,
                         version_written=lake.version(EMBEDDINGS), inputs=lake.input_versions([RAW, "llm_annotations"]),
                         config={**config.model_dump(), **pool.model_dump()}, counts=counts)
-    return dg.MaterializeResult(metadata={**counts, "embed_model": emb.name, "delta_version": lake.version(EMBEDDINGS)})
+    return dg.MaterializeResult(metadata={**counts, "embed_model": model_name(model),
+                                          "delta_version": lake.version(EMBEDDINGS)})
 
 
 class JudgeConfig(dg.Config):

@@ -69,7 +69,7 @@ class Engine(Protocol):
 
     def score_texts(self, texts: pl.DataFrame, models: dict[str, tuple[ModelRef, int]]) -> dict[str, pl.DataFrame]: ...
 
-    def embed(self, texts: pl.DataFrame, model_path: str) -> np.ndarray: ...
+    def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray: ...
 
 
 def _load_rm(path: str, device: str):
@@ -121,12 +121,12 @@ class InProcessEngine:
             out[name] = pl.concat(parts) if parts else pl.DataFrame(schema=TEXT_COLUMNS)
         return out
 
-    def embed(self, texts: pl.DataFrame, model_path: str) -> np.ndarray:
+    def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray:
         from pipelines.curate.embed import Embedder
 
-        key = ("embed", model_path)
+        key = ("embed", model_path, max_len)
         if key not in self._models:
-            self._models[key] = Embedder(model_path, device=self.device)
+            self._models[key] = Embedder(model_path, max_len, device=self.device)
         return self._models[key].encode(texts["text"].to_list())
 
 
@@ -276,16 +276,17 @@ class RayEngine:
 
         return max(0.25, min(1.0, ray.cluster_resources().get("CPU", 1) / max(pools * self.actors, 1)))
 
-    def embed(self, texts: pl.DataFrame, model_path: str) -> np.ndarray:
+    def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray:
         """Embeddings on long-lived actors (one pool per model for the engine's life): Stage 2 embeds a few
         unconfident pairs per unit, so per-unit actor start-up would cost more than the work."""
         ray = self._ray()
         if texts.height == 0:
             return np.zeros((0, 0), dtype=np.float32)
-        if model_path not in self._embedders:
+        key = (model_path, max_len)
+        if key not in self._embedders:
             actor = ray.remote(num_cpus=1, num_gpus=self.gpus_per_actor or None)(_EmbedActor)
-            self._embedders[model_path] = [actor.remote(model_path, self.device) for _ in range(self.actors)]
-        pool = self._embedders[model_path]
+            self._embedders[key] = [actor.remote(model_path, max_len, self.device) for _ in range(self.actors)]
+        pool = self._embedders[key]
         rows = texts["text"].to_list()
         size = max(1, -(-len(rows) // len(pool)))
         parts = [pool[i % len(pool)].encode.remote(rows[j:j + size]) for i, j in enumerate(range(0, len(rows), size))]
@@ -293,10 +294,10 @@ class RayEngine:
 
 
 class _EmbedActor:
-    def __init__(self, model_path: str, device: str):
+    def __init__(self, model_path: str, max_len: int, device: str):
         from pipelines.curate.embed import Embedder
 
-        self.emb = Embedder(model_path, device=device)
+        self.emb = Embedder(model_path, max_len, device=device)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return self.emb.encode(texts)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from pipelines.ingest.checks import Reason
 from pipelines.lake import Lake, now_utc
 from pipelines.schema import QUARANTINE_SCHEMA
 from pipelines.tables import ANNOTATIONS, QUARANTINE, RAW, SEED, SILVER, SYNTH_TRUTH
@@ -85,10 +86,11 @@ def truth_categories(lake: Lake, ids: pl.DataFrame) -> dict[str, str]:
     return dict(zip(t["pair_id"].to_list(), t["category"].to_list()))
 
 
-def quarantine_pairs(lake: Lake, refused: pl.DataFrame, *, stage: str, reason: str, run_id: str) -> int:
+def quarantine_pairs(lake: Lake, refused: pl.DataFrame, *, stage: str, reason: Reason | str, run_id: str) -> int:
     """Send already-ingested pairs a later stage cannot use to `quarantine`, keyed like ingest's rows, with their
     provenance (source, shard, row). refused: pair_id, detail, payload, and source/shard/source_row when the caller
     has them (Stage 2 does: it read them with the pair), else they are looked up. Idempotent. Returns how many."""
+    reason = Reason(reason).value  # a known reason code, or a clear error
     if refused.height == 0:
         return 0
     if {"source", "shard", "source_row"} <= set(refused.columns):

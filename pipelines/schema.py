@@ -9,17 +9,12 @@ the same id and re-ingesting a source changes nothing.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import xxhash
 
 from pipelines.chat import first_user_turn, prompt_text  # noqa: F401  (re-exported)
-
-ROLES = ("system", "user", "assistant", "tool")
-
 
 class LabelOrigin(str, enum.Enum):
     """Who decided which response is `chosen`."""
@@ -29,31 +24,6 @@ class LabelOrigin(str, enum.Enum):
     LLM = "llm"  # an LLM judge ensemble
     RM = "rm"  # a reward model
     SIMULATED = "simulated"  # the offline simulated reviewer/judge (demo only)
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass
-class PreferencePair:
-    history: list[Message]
-    chosen: str
-    rejected: str
-    source: str
-    source_row: int
-    shard: str = ""
-    label_origin: LabelOrigin = LabelOrigin.DATASET
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pair_id(self) -> str:
-        return pair_id([m.as_dict() for m in self.history], self.chosen, self.rejected)
 
 
 HISTORY_DTYPE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))

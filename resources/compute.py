@@ -45,7 +45,7 @@ class ComputeResource(RayResource):
             return None
         import ray
 
-        if ray.is_initialized():  # a caller (a test, a notebook) already started one: use it
+        if ray.is_initialized():  # started by an earlier step of this process, a test or a notebook: reuse it
             return None
         opts = dict(self.ray_init_options)
         if not self.address:  # the embedded default: a local Ray on this machine, no dashboard
@@ -56,8 +56,12 @@ class ComputeResource(RayResource):
             opts.setdefault("logging_level", "WARNING")
         if self.get_env_vars_to_inject():
             opts.setdefault("runtime_env", {"env_vars": self.get_env_vars_to_inject()})
-        self._context = ray.init(address=self.ray_address, **opts)  # dagster-ray disconnects it after the step
-        return self._context
+        context = ray.init(address=self.ray_address, **opts)
+        if self.address:  # attached to a cluster: dagster-ray disconnects after the step
+            self._context = context
+        # a local Ray lives as long as this process: the steps of one in-process run (`synpref demo`) share it
+        # instead of paying its start-up (and its actors') at every step; it stops when the process exits
+        return context
 
     def make_engine(self, max_len: int) -> Engine:
         if self.engine == "inprocess":

@@ -56,7 +56,9 @@ def serve_review():
                                                log_level="warning"))
         th = threading.Thread(target=server.run, daemon=True)
         th.start()
-        while not server.started:
+        deadline = time.monotonic() + 60
+        while not server.started:  # uvicorn offers no startup event; bounded, and fails with a reason
+            assert th.is_alive() and time.monotonic() < deadline, "review app did not start within 60 s"
             time.sleep(0.05)
         servers.append((server, th))
         return f"http://127.0.0.1:{port}"

@@ -3,7 +3,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -75,6 +74,7 @@ class FaultyServer(BaseHTTPRequestHandler):
     """An OpenAI-compatible /chat/completions whose behaviour is chosen by a marker in the prompt."""
 
     calls: dict = {}
+    release = threading.Event()  # set at teardown: the first "slow" request is never answered before that
 
     def log_message(self, *a):
         pass
@@ -86,7 +86,8 @@ class FaultyServer(BaseHTTPRequestHandler):
         n = FaultyServer.calls[key] = FaultyServer.calls.get(key, 0) + 1
         assert self.headers.get("Authorization") == "Bearer sk-test"
         if key == "slow" and n == 1:
-            time.sleep(1.5)
+            FaultyServer.release.wait()  # the client must time out and retry; no race with the machine's speed
+            return
         if key == "err500" and n <= 2:
             return self._send(500, {"error": "boom"})
         if key == "ratelimit" and n == 1:
@@ -114,16 +115,18 @@ class FaultyServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def faulty_server(monkeypatch):
     FaultyServer.calls = {}
+    FaultyServer.release.clear()
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FaultyServer)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     monkeypatch.setenv("TEST_KEY", "sk-test")
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    FaultyServer.release.set()
     srv.shutdown()
 
 
 @pytest.mark.integration
 def test_openai_backend_retries_repairs_and_records_failures(faulty_server):
-    be = OpenAIBackend(base_url=faulty_server, model="judge-x", api_key_env="TEST_KEY", timeout_s=0.5,
+    be = OpenAIBackend(base_url=faulty_server, model="judge-x", api_key_env="TEST_KEY", timeout_s=2.0,
                        max_retries=3, concurrency=4)
     marks = ["ok", "slow", "err500", "ratelimit", "malformed", "offschema", "refuse"]
     reqs = [Request(f"judge this MARK:{m} please", VERDICT_SCHEMA, n=2) for m in marks]
@@ -136,14 +139,20 @@ def test_openai_backend_retries_repairs_and_records_failures(faulty_server):
     assert all(p is None and err.startswith("off-schema") for p, _, err, _ in res["offschema"])
     assert all(p is None and err == "refusal" for p, _, err, _ in res["refuse"])
     assert stats.tokens_in > 0 and stats.tokens_out > 0
-    # a dead endpoint gives a recorded failure, not an exception or a default verdict
-    dead = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=2, timeout_s=0.5)
-    (c,) = dead.generate([Request("x", VERDICT_SCHEMA)])
-    assert c.texts == [] and "gave up" in c.error
+    # a dead endpoint gives a recorded failure, not an exception or a default verdict: a port we hold bound but
+    # never listen on refuses every connection (no assumption about what runs on the machine)
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        dead = OpenAIBackend(base_url=f"http://127.0.0.1:{held.getsockname()[1]}/v1", model="m", max_retries=2,
+                             timeout_s=2.0)
+        (c,) = dead.generate([Request("x", VERDICT_SCHEMA)])
+    assert c.texts == [] and "gave up" in c.error and "ConnectError" in c.error
 
 
 KILL_SCRIPT = """
-import sys, time, polars as pl
+import sys, threading, polars as pl
 sys.path.insert(0, {root!r})
 from pipelines.lake import Lake
 from pipelines.annotate.backends import SimulatedBackend
@@ -151,13 +160,19 @@ from pipelines.annotate.prompts import load_prompt
 from pipelines.annotate.runner import annotate_attributes
 from tests.rm_helpers import synth_rows
 
-class Slow(SimulatedBackend):
+class StopsAfterTwoChunks(SimulatedBackend):  # a fixed fault schedule: chunk 3 never comes back
+    calls = 0
+
     def generate(self, reqs):
-        time.sleep(0.4)
+        StopsAfterTwoChunks.calls += 1
+        if StopsAfterTwoChunks.calls == 3:
+            print("BLOCKED", flush=True)
+            threading.Event().wait()
         return super().generate(reqs)
 
-annotate_attributes(Lake({lake!r}), pl.DataFrame(synth_rows(200, seed=9)).unique("pair_id", maintain_order=True).head(120), Slow(), load_prompt("attributes_v1"),
-                    "killed", chunk=10, category_of=lambda r: r["category"])
+annotate_attributes(Lake({lake!r}), pl.DataFrame(synth_rows(200, seed=9)).unique("pair_id", maintain_order=True).head(120),
+                    StopsAfterTwoChunks(), load_prompt("attributes_v1"), "killed", chunk=10,
+                    category_of=lambda r: r["category"])
 """
 
 
@@ -165,14 +180,14 @@ annotate_attributes(Lake({lake!r}), pl.DataFrame(synth_rows(200, seed=9)).unique
 def test_killed_run_resumes_without_duplicates_or_gaps(lake, tmp_path):
     script = tmp_path / "annotate.py"
     script.write_text(KILL_SCRIPT.format(root=str(ROOT), lake=lake.root))
-    proc = subprocess.Popen([sys.executable, str(script)])
-    deadline = time.time() + 120
-    while time.time() < deadline and (lake.version(ANNOTATIONS) or 0) < 2:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "BLOCKED"  # two chunks written, the third hangs for good
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
     partial = lake.read(ANNOTATIONS).height
-    assert 0 < partial < 120
+    assert partial == 20  # exactly the two finished chunks
     pairs = pl.DataFrame(synth_rows(200, seed=9)).unique("pair_id", maintain_order=True).head(120)
     st = annotate_attributes(lake, pairs, SimulatedBackend(),
                              load_prompt("attributes_v1"), "resume", chunk=50, category_of=lambda r: r["category"])

@@ -22,7 +22,10 @@ def test_demo_runs_every_asset_end_to_end(tmp_path):
                          text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Where to look" in out.stdout and "| rm_version |" in out.stdout
-    assert "Stage 2 on" in out.stdout and "(known truth): label precision" in out.stdout
+    assert "Stage 2 on" in out.stdout and "(known truth): label precision" in out.stdout  # the figure, printed
+    # a readable run: a line per step, not Dagster's event stream or transformers' load reports
+    assert "done stage2" in out.stdout and "STEP_START" not in out.stdout + out.stderr
+    assert "LOAD REPORT" not in out.stdout + out.stderr
     # the whole pipeline was one run of main_job, which ingested every synthetic shard as a partition
     import dagster as dg
 
@@ -40,32 +43,48 @@ def test_demo_runs_every_asset_end_to_end(tmp_path):
     lake = Lake(str(home / "lake"))
     for t in ("raw_pairs", "quarantine", "duplicates", "llm_annotations", "llm_judgments", "pair_embeddings",
               "review_queue", "human_verdicts", "human_verified_seed", "silver_pairs", "stage1_metrics",
-              "rm_registry", "rm_scores", "curated_pairs", "recycled_pairs", "rm_evaluation", "lineage"):
+              "stage1_judgments", "rm_registry", "rm_data_manifest", "rm_scores", "curated_pairs", "recycled_pairs",
+              "stage2_units", "stage2_annotations", "stage2_judgments", "rm_evaluation", "rm_item_rewards",
+              "lineage"):
         assert lake.exists(t), t
     # every ingest reconciles; nothing silently lost
     lin = lake.lineage("raw_pairs")
     for c in lin["counts"].to_list():
         c = json.loads(c)
         assert c["candidates"] == c["kept"] + c["already_present"] + c["duplicates"] + c["quarantined"]
-    # the ensemble judged the seed pool (both orders shown), then Stage 1 and Stage 2 added their own judgments
+    # the ensemble judged the seed (both orders shown); Stage 1 and Stage 2 wrote their own verdicts
     j = lake.read("llm_judgments")
-    assert {"seed", "stage2"} <= set(j["context"]) and any(c.startswith("stage1-it") for c in j["context"])
-    assert set(j["order_shown"]) == {"chosen_first", "rejected_first"}
-    # curated rows say why they were kept and which models decided
+    assert set(j["context"]) == {"seed"} and set(j["order_shown"]) == {"chosen_first", "rejected_first"}
+    assert lake.read("stage1_judgments")["context"].str.starts_with("stage1-it").all()
+    # Stage 2: every unit reconciles, and only pairs its best RM was unsure of were annotated or judged
+    units = lake.read("stage2_units")
+    assert (units["pool"] == units["curated"] + units["recycled"] + units["quarantined"]).all()
+    asked = set(lake.read("stage2_judgments")["pair_id"]) | set(lake.read("stage2_annotations")["pair_id"])
+    decided = pl.concat([lake.read("curated_pairs").filter(pl.col("stage") == "stage2")
+                         .with_columns(kept=pl.lit(True)), lake.read("recycled_pairs").with_columns(kept=pl.lit(False))])
+    confident = decided.filter(pl.col("p_best") > 0.6)  # the default confidence margin 0.1
+    assert not asked & set(confident["pair_id"])
+    # the keep rule holds on the stored rows, whatever the judges said (the simulation decides verdicts, not this)
+    rule = (decided["p_gold"] > 0.5) & ((decided["llm_final"] == "chosen").fill_null(False) | (decided["p_best"] > 0.5))
+    assert (decided["kept"] == rule).all()
+    assert decided["best_rm_version"].is_not_null().all() and decided["gold_rm_version"].is_not_null().all()
     cur = lake.read("curated_pairs")
-    s2 = cur.filter(pl.col("stage") == "stage2")
-    assert s2.height > 0 and s2["best_rm_version"].is_not_null().all() and s2["gold_rm_version"].is_not_null().all()
     assert set(cur["why"].str.split(" ").list.first()) <= {"confident", "unconfident", "stage1:"}
-    # the simulated pipeline curates cleaner data than it was given (known ground truth)
-    truth = dict(lake.read("synth_truth").select("pair_id", "label_correct").iter_rows())
-    raw_precision = sum(truth.get(p, True) for p in lake.read("raw_pairs")["pair_id"]) / lake.read("raw_pairs").height
-    kept_precision = sum(truth.get(p, True) for p in s2["pair_id"]) / s2.height
-    assert kept_precision > raw_precision + 0.05, (kept_precision, raw_precision)
-    # the evaluation has every model on every benchmark, better than chance
+    # nothing reported was trained or selected on (the blocking check passed; recomputed here from the tables)
+    seed = lake.read("human_verified_seed")
+    manifest = lake.read("rm_data_manifest")
+    test_ids = seed.filter(pl.col("split") == "gold_test")["pair_id"]
+    assert test_ids.len() > 0 and manifest.filter(pl.col("pair_id").is_in(test_ids.implode())).height == 0
+    assert not set(cur["pair_id"]) & set(seed.filter(pl.col("split") != "train")["pair_id"])
+    # the evaluation: every model on the in-distribution block, per-item rewards kept, lengths counted
     ev = lake.read("rm_evaluation").filter(pl.col("section") == "overall")
-    assert set(ev["benchmark"]) == {"synth-bench", "gold-slice"}
-    assert ev.filter(pl.col("rm_version").str.starts_with("synpref-rm-minilm"))["accuracy"].min() > 0.6
-    assert (home / "reports" / "rm_evaluation.md").exists() and (home / "reports" / "rm_evaluation.png").exists()
+    assert set(ev["benchmark"]) == {"synth-bench", "gold_test"}
+    assert ev.filter(pl.col("rm_version").str.starts_with("synpref-rm-minilm"))["score"].min() > 0.6
+    rewards = lake.read("rm_item_rewards")
+    assert set(rewards["rm_version"]) == set(ev["rm_version"]) and rewards["reward"].is_finite().all()
+    report = (home / "reports" / "rm_evaluation.md").read_text()
+    assert "## In-distribution (never averaged in)" in report and "history_cut" in report
+    assert (home / "reports" / "rm_evaluation.png").exists()
     # models are registered in MLflow and load back as HF folders
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -33,6 +33,7 @@ from pipelines.annotate.runner import annotate_attributes, annotation_failures
 from pipelines.compute import Engine
 from pipelines.curate.embed import pair_text
 from pipelines.curate.judge import JudgeSetup, exemplar_index, judge_with_exemplars
+from pipelines.ingest.checks import Reason
 from pipelines.lake import Lake
 from pipelines.pool import (ATTRIBUTES_SCHEMA, WorkUnit, attributes, quarantine_pairs, read_unit,
                             truth_categories, work_units)
@@ -127,6 +128,8 @@ class Stage2Report:
     max_unit_rows: int = 0
     seconds: float = 0.0
     decision_key: str = ""
+    step_seconds: dict[str, float] = field(default_factory=lambda: {"read_score": 0.0, "annotate_judge": 0.0,
+                                                                     "keep_commit": 0.0})
 
     @property
     def reconciles(self) -> bool:
@@ -174,9 +177,16 @@ def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engi
     pending = [u for u in units if u.name not in done]
     report.units_skipped = len(units) - len(pending)
     reader = UnitRead(lake.root, lake.storage_options, cfg.stage1_fraction)
-    scored = engine.score_units(pending, reader, {"best": inputs.best, "gold": inputs.gold})
-    for unit, pairs, scores in scored:
-        row = _run_unit(lake, cfg, inputs, engine, unit, pairs, scores, exemplars, report.decision_key, run_id)
+    scored = iter(engine.score_units(pending, reader, {"best": inputs.best, "gold": inputs.gold}))
+    while True:
+        t = time.perf_counter()
+        got = next(scored, None)  # the time the driver waits on the engine: reading and scoring not yet overlapped
+        report.step_seconds["read_score"] += time.perf_counter() - t
+        if got is None:
+            break
+        unit, pairs, scores = got
+        row = _run_unit(lake, cfg, inputs, engine, unit, pairs, scores, exemplars, report.decision_key, run_id,
+                        report.step_seconds)
         for k in ("pool", "curated", "recycled", "quarantined", "confident", "annotated", "judged"):
             setattr(report, k, getattr(report, k) + row[k])
         for reason, n in json.loads(row["quarantined_by_reason"]).items():
@@ -213,8 +223,9 @@ class UnitRead:
 
 
 def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engine, unit: WorkUnit,
-              pairs: pl.DataFrame, scores: dict[str, pl.DataFrame], exemplars, key: str, run_id: str) -> dict:
-    """Steps 2-6 for one unit whose pairs the engine has read and scored."""
+              pairs: pl.DataFrame, scores: dict[str, pl.DataFrame], exemplars, key: str, run_id: str,
+              steps: dict[str, float]) -> dict:
+    """Steps 2-6 for one unit whose pairs the engine has read and scored (`steps` accumulates seconds per step)."""
     t0 = time.perf_counter()
     best, gold = scores["best"], scores["gold"]
     # 2. what an RM cannot score is quarantined with the reason, under either RM
@@ -233,8 +244,8 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
     unconf = ok.join(unconfident.select("pair_id"), on="pair_id", how="semi")
     annotated, failed = _annotate(lake, unconf, inputs, run_id)
     if failed.height:
-        by_reason["annotation_failed"] = quarantine_pairs(lake, failed, stage="annotate", reason="annotation_failed",
-                                                          run_id=run_id)
+        by_reason[Reason.ANNOTATION_FAILED.value] = quarantine_pairs(
+            lake, failed, stage="annotate", reason=Reason.ANNOTATION_FAILED, run_id=run_id)
     vectors = None
     if annotated.height and cfg.embed_model:
         texts = annotated.select(text=pl.struct("history", "task_category", "guideline").map_elements(
@@ -242,6 +253,8 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
         vectors = engine.embed(texts, cfg.embed_model)
     agg = judge_with_exemplars(lake, annotated, inputs.judging, exemplars, run_id=run_id, context="stage2",
                                table=STAGE2_JUDGMENTS, vectors=vectors)
+    t1 = time.perf_counter()
+    steps["annotate_judge"] += t1 - t0
     # 5. keep rule over every scored pair that was not quarantined
     decided = ok.join(failed.select("pair_id"), on="pair_id", how="anti").join(
         annotated.select("pair_id", "task_category"), on="pair_id", how="left")
@@ -266,6 +279,7 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
            "best_rm_version": inputs.best.rm_version, "gold_rm_version": inputs.gold.rm_version,
            "seconds": time.perf_counter() - t0, "run_id": run_id, "done_at": datetime.now(timezone.utc)}
     lake.append(STAGE2_UNITS, pl.DataFrame([row], schema=UNIT_SCHEMA).to_arrow())
+    steps["keep_commit"] += time.perf_counter() - t1
     return row
 
 

@@ -25,8 +25,10 @@ class Reason(str, enum.Enum):
     TOO_LONG = "too_long"
     BAD_LABEL = "bad_label"
     CONTAMINATED = "contaminated"  # shares a 13-gram with a benchmark prompt
-    OVER_LENGTH = "over_length"  # RM length policy "drop" (see pipelines.rm.data)
-    ANNOTATION_FAILED = "annotation_failed"
+    # refused after ingest, by a later stage (pipelines.pool.quarantine_pairs)
+    OVER_LENGTH = "over_length"  # a response alone longer than the RM's max_len: cannot be scored
+    NON_FINITE = "non_finite"  # an RM returned NaN or inf for it
+    ANNOTATION_FAILED = "annotation_failed"  # no valid attributes after every retry
 
 
 class RowError(Exception):

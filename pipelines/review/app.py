@@ -4,9 +4,11 @@
     synpref review serve --port 8000
 
 Security: every page and API needs a valid token (401 otherwise); tokens are stored as SHA-256 hashes; an
-annotator sees other verdicts on a pair only after submitting their own (blind review) and can never change or
-delete a verdict (the ledger is append-only and the author is always the token's owner); every text is
-HTML-escaped by the template engine (autoescape), so a response containing markup renders as text.
+annotator sees other verdicts on a pair only after submitting their own (blind review); the author of a verdict is
+always the token's owner; nothing is ever changed or deleted: the ledger is append-only, so an annotator who
+revises a verdict adds a new row (the response says `revised`), the earlier one stays as history and the
+resolution counts each annotator's latest; every text is HTML-escaped by the template engine (autoescape), so a
+response containing markup renders as text.
 """
 
 from __future__ import annotations
@@ -200,8 +202,9 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
             v.prefers()
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
+        earlier = read_verdicts(lake).filter((pl.col("pair_id") == body.pair_id) & (pl.col("annotator") == user.name))
         version_written = append_verdicts(lake, [v])
-        return {"ok": True, "ledger_version": version_written}
+        return {"ok": True, "ledger_version": version_written, "revised": earlier.height > 0}
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):

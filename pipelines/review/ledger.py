@@ -1,9 +1,11 @@
 """The verdict ledger: every human (or simulated-reviewer) verdict appended to `human_verdicts`, never updated.
 
-A pair may collect several verdicts; the resolved label is derived: a lead's adjudication wins, otherwise the
-majority of annotators (ties and majority-undecidable resolve to `discard`, as the paper discards pairs humans
-cannot decide). Writes go through one lock per process, so several annotators on one review server are safe;
-Delta's optimistic commits make appends from several processes safe too.
+A pair may collect several verdicts, and an annotator may revise theirs: a revision is a new row, the earlier one
+stays (the history is the audit trail) and only each annotator's latest verdict counts. The resolved label is
+derived: a lead's adjudication wins, otherwise the majority of annotators (ties and majority-undecidable resolve
+to `discard`, as the paper discards pairs humans cannot decide). Writes go through one lock per process, so several
+annotators on one review server are safe; Delta's optimistic commits make appends from several processes (two
+review servers, a Dagster run importing verdicts) safe too.
 """
 
 from __future__ import annotations

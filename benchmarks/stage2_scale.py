@@ -1,0 +1,222 @@
+"""Stage 2 at scale: time and memory of the shard-at-a-time Stage 2 (pipelines.curate.stage2.run_stage2) on a local
+Ray, against the whole-table path this project had before (kept below as `legacy_stage2`, the named peer).
+
+Data: N project-made pairs (benchmarks/ingest.py's generator: unique ~1 KB TRL rows), ingested with the product's
+ingest; a small random-init decoder (built locally, fresh score head scaled so rewards spread) plays both RMs, so
+the RM costs little and the plumbing shows; the simulated judge answers for the unconfident pairs. Every run is its
+own process, so peak RSS (ru_maxrss of the driver, plus the largest sampled sum over Ray's worker processes) is its
+own.
+
+    python benchmarks/stage2_scale.py --n 100000 --n 1000000 --n 4000000 --peer-max 1000000
+
+Prints, per N and path: pairs/s end to end and per step (read+score, annotate+judge, keep+commit), peak RSS, and
+the share of pairs that skipped annotation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_rm(path: Path, seed: int) -> str:
+    """A 2-layer, 64-wide random decoder whose score head is scaled up: random rewards spread, so some pairs are
+    confident and skip the LLM, as a trained RM would make most of them."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipelines.rm.tiny import build_tiny_decoder
+
+    build_tiny_decoder(path, "qwen3", seed=seed, hidden=64, layers=1)
+    m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        m.score.weight.normal_(0.0, 0.5)
+    m.save_pretrained(path)
+    return str(path)
+
+
+def prepare(work: Path, n: int) -> dict:
+    from benchmarks.ingest import make_file
+    from pipelines.ingest.run import ingest_shard
+    from pipelines.lake import Lake
+
+    lake = Lake(str(work / "lake"))
+    shard_rows = 250_000
+    t = time.perf_counter()
+    for s in range(0, n, shard_rows):
+        f = work / f"shard-{s // shard_rows:03d}.jsonl"
+        make_file(f, min(shard_rows, n - s), dup_rate=0.0, seed=s)
+        ingest_shard(lake, str(f), source="bench", shard=f"bench/{f.name}", run_id="prep", batch_size=100_000)
+        f.unlink()
+    return {"ingest_s": time.perf_counter() - t, "rms": [build_rm(work / "rm_a", 1), build_rm(work / "rm_b", 2)]}
+
+
+def _inputs(work: Path, rms: list[str]):
+    from pipelines.annotate.backends import SimulatedBackend
+    from pipelines.annotate.prompts import load_prompt
+    from pipelines.curate.judge import JudgeSetup
+    from pipelines.curate.stage2 import Stage2Inputs
+    from pipelines.rm.registry import ModelRef
+
+    judges = [SimulatedBackend(name="judge-a"), SimulatedBackend(name="judge-b")]
+    return Stage2Inputs(best=ModelRef("best:1", rms[0], "", str(work / "cache")),
+                        gold=ModelRef("gold:1", rms[1], "", str(work / "cache")),
+                        annotator=SimulatedBackend(name="annotator"), attributes_prompt=load_prompt("attributes_v1"),
+                        judging=JudgeSetup(judges=judges, prompt=load_prompt("judge_v1"), samples=1))
+
+
+class RSSWatch:
+    """Samples the summed RSS of this process's children (Ray's workers) every 0.5 s; keeps the peak."""
+
+    def __init__(self):
+        import psutil
+
+        self.me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            try:
+                self.peak = max(self.peak, sum(c.memory_info().rss for c in self.me.children(recursive=True)))
+            except Exception:
+                pass
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+
+
+def run_ours(work: Path, rms: list[str], unit_rows: int) -> dict:
+    import ray
+
+    from pipelines.compute import RayEngine
+    from pipelines.curate.stage2 import Stage2Config, run_stage2
+    from pipelines.lake import Lake
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with RSSWatch() as watch:
+        t = time.perf_counter()
+        rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
+                                                                 stage1_fraction=0.0, include_stage1=False),
+                         _inputs(work, rms), RayEngine(actors=1, batch_rows=2048, max_len=96, batch_size=128),
+                         run_id="bench")
+        dt = time.perf_counter() - t
+    ray.shutdown()
+    assert rep.reconciles
+    return {"pairs": rep.pool, "seconds": dt, "steps": rep.step_seconds, "skipped_annotation": rep.skipped_annotation_share,
+            "workers_peak_mb": watch.peak / 2**20, "units": rep.units_run}
+
+
+def legacy_stage2(work: Path, rms: list[str]) -> dict:
+    """The whole-table path of the previous code (assets/curate.py before this change), condensed: annotate every
+    pair, score the whole pool from to_dicts() in one process keeping every score in memory, one write at the end,
+    then judge the unconfident and apply the keep rule over the whole pool in one frame."""
+    import polars as pl
+
+    from pipelines.annotate.runner import aggregate_judgments, annotate_attributes, judge_pairs
+    from pipelines.curate.stage2 import keep_rule, split_confident
+    from pipelines.lake import Lake
+    from pipelines.rm.model import load_reward_model
+    from pipelines.rm.score import score_rows
+
+    inputs = _inputs(work, rms)
+    lake = Lake(str(work / "lake"))
+    steps = {}
+    t0 = time.perf_counter()
+    pool = lake.read("raw_pairs", columns=["pair_id", "history", "chosen", "rejected"])
+    annotate_attributes(lake, pool, inputs.annotator, inputs.attributes_prompt, "legacy", chunk=4096)
+    steps["annotate_all"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    rows = pool.to_dicts()
+    best, _ = score_rows(load_reward_model(rms[0]), rows, "best:1", max_len=96, batch_size=128)
+    gold, _ = score_rows(load_reward_model(rms[1]), rows, "gold:1", max_len=96, batch_size=128)
+    lake.upsert("rm_scores", pl.concat([best, gold]).to_arrow(), keys=["pair_id", "rm_version"])
+    steps["score"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _, unconf = split_confident(best, 0.1)
+    to_judge = pool.filter(pl.col("pair_id").is_in(unconf["pair_id"].to_list()))
+    judge_pairs(lake, to_judge, inputs.judging.judges, inputs.judging.prompt, "legacy", samples=1, chunk=4096)
+    agg = aggregate_judgments(lake.read("llm_judgments"))
+    steps["judge"] = time.perf_counter() - t
+    t = time.perf_counter()
+    curated, recycled = keep_rule(pool, best, gold, agg, margin=0.1, best_version="best:1", gold_version="gold:1",
+                                  judge_version="j")
+    lake.overwrite("curated_pairs", curated.to_arrow())
+    lake.overwrite("recycled_pairs", recycled.to_arrow())
+    steps["keep_commit"] = time.perf_counter() - t
+    return {"pairs": pool.height, "seconds": time.perf_counter() - t0, "steps": steps,
+            "skipped_annotation": 0.0, "workers_peak_mb": 0.0, "units": 1}
+
+
+def child(args) -> None:
+    work = Path(args.work)
+    meta = json.loads((work / "meta.json").read_text())
+    out = run_ours(work, meta["rms"], args.unit_rows) if args.path == "ours" else legacy_stage2(work, meta["rms"])
+    out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, action="append")
+    ap.add_argument("--peer-max", type=int, default=1_000_000, help="largest N the whole-table peer runs at")
+    ap.add_argument("--unit-rows", type=int, default=50_000)
+    ap.add_argument("--child", choices=["ours", "legacy"])
+    ap.add_argument("--work")
+    a = ap.parse_args()
+    if a.child:
+        a.path = a.child
+        return child(a)
+    rows = []
+    for n in a.n or [100_000]:
+        for path in ("ours", "legacy"):
+            if path == "legacy" and n > a.peer_max:
+                continue
+            with tempfile.TemporaryDirectory(prefix=f"s2-{n}-") as d:
+                work = Path(d)
+                meta = prepare(work, n)
+                (work / "meta.json").write_text(json.dumps(meta))
+                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "TRANSFORMERS_VERBOSITY": "error"}
+                out = subprocess.run([sys.executable, __file__, "--child", path, "--work", d, "--unit-rows",
+                                      str(a.unit_rows)], env=env, capture_output=True, text=True)
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(out.stderr[-3000:])
+                    raise SystemExit(f"{path} at N={n} failed")
+                r = {"n": n, "path": path, **json.loads(line[len("RESULT "):])}
+                rows.append(r)
+                steps = ", ".join(f"{k} {r['pairs'] / max(v, 1e-9):,.0f}/s" for k, v in r["steps"].items())
+                print(f"N={n:>9,} {path:6s}: {r['pairs'] / r['seconds']:>8,.0f} pairs/s end to end ({r['seconds']:.0f} s; "
+                      f"{steps}); driver peak RSS {r['driver_peak_mb']:,.0f} MB, Ray workers {r['workers_peak_mb']:,.0f} MB; "
+                      f"skipped annotation {100 * r['skipped_annotation']:.1f}%; units {r['units']}", flush=True)
+    by = {(r["n"], r["path"]): r for r in rows}
+    for n in a.n or []:
+        if (n, "legacy") in by:
+            o, p = by[(n, "ours")], by[(n, "legacy")]
+            print(f"N={n:,}: ours / legacy pairs/s = {(o['pairs'] / o['seconds']) / (p['pairs'] / p['seconds']):.2f}x; "
+                  f"driver peak RSS {o['driver_peak_mb']:,.0f} vs {p['driver_peak_mb']:,.0f} MB")
+    ours = sorted((r for r in rows if r["path"] == "ours"), key=lambda r: r["n"])
+    if len(ours) >= 2:
+        lo, hi = ours[-2], ours[-1]
+        print(f"driver peak RSS {lo['n']:,} -> {hi['n']:,}: {100 * (hi['driver_peak_mb'] / lo['driver_peak_mb'] - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
