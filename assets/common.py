@@ -48,9 +48,9 @@ def reward_models(lake: Lake, config: RMTrainConfig, trainer: TrainerResource, m
                               train_fn=trainer.train, load_fn=trainer.load)
 
 
-def judge_setup(llm: LLMResource, prompt_name: str, exemplars: int) -> JudgeSetup:
+def judge_setup(llm: LLMResource, prompt_name: str, exemplars: int, retry_failed: bool = True) -> JudgeSetup:
     return JudgeSetup(judges=llm.backends(), prompt=load_prompt(prompt_name), samples=llm.samples,
-                      temperature=llm.temperature, exemplars=exemplars)
+                      temperature=llm.temperature, exemplars=exemplars, retry_failed=retry_failed)
 
 
 def label_origin(llm: LLMResource) -> str:

@@ -61,6 +61,8 @@ class JudgeConfig(dg.Config):
                                             "'Candidate 1' verdicts on order-balanced pairs must lie in this band")
     min_human_agreement: float = Field(default=0.6, description="Blocking gate: the ensemble's final verdicts must "
                                                                 "agree with the human seed at least this often")
+    retry_failed: bool = Field(default=True, description="Re-ask samples that failed every attempt before; off: a "
+                                                         "recorded failure is final (it stays counted as failed)")
 
 
 JUDGE_GATES = [
@@ -80,7 +82,7 @@ JUDGE_GATES = [
 def llm_judgments(context: dg.AssetExecutionContext, config: JudgeConfig, lake_store: LakeResource,
                   llm: LLMResource):
     lake = lake_store.lake()
-    judging = judge_setup(llm, config.judge_prompt, config.exemplars)
+    judging = judge_setup(llm, config.judge_prompt, config.exemplars, config.retry_failed)
     seed = lake.read(SEED)
     exemplars = exemplar_index(lake, seed.filter(pl.col("split") != "gold_test"))
     stored = as_stored(seed)  # judged as raw_pairs stores them; exemplars show the human orientation

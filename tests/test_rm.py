@@ -245,7 +245,7 @@ def test_minilm_learns_real_hh_rlhf_pairs(lake, hh_path, tmp_path):
 
     ingest_shard(lake, hh_path, source="hh", shard="hh/test", run_id="r")
     rows = sorted(lake.read("raw_pairs").to_dicts(), key=lambda r: r["pair_id"])
-    train, test = rows[:900], rows[-500:]
+    train, test = rows[:700], rows[-500:]
     rm = load_reward_model(minilm_path())
     cfg = TrainConfig(lr=5e-5, batch_size=16, max_len=128, eval_every=1000, progress=False)
     res = train_reward_model(rm, train, [], cfg, str(tmp_path / "hh"))

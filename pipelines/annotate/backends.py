@@ -126,6 +126,7 @@ class VLLMBackend:
     dtype: str = "auto"
     seed: int = 0
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True skips torch.compile/graph capture: minutes less start-up, slower decoding
     kind: str = "vllm"
     _llm: Any = None
 
@@ -143,6 +144,7 @@ class VLLMBackend:
             self._llm = LLM(model=self.model, gpu_memory_utilization=self.gpu_memory_utilization,
                             max_model_len=self.max_model_len, tensor_parallel_size=self.tensor_parallel_size,
                             dtype=self.dtype, seed=self.seed, enable_prefix_caching=self.enable_prefix_caching,
+                            enforce_eager=self.enforce_eager,
                             # no free whitespace in JSON: a weak model would otherwise spend max_tokens on it
                             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         return self._llm

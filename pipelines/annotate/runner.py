@@ -161,13 +161,15 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 
 def done_keys(lake: Lake, table: str, model: str, prompt_version: str, pairs: pl.DataFrame,
-              extra: list[str] | None = None) -> set:
-    """Keys already answered (status ok) among `pairs` only: a semi-join, bounded by the caller's chunk."""
+              extra: list[str] | None = None, retry_failed: bool = True) -> set:
+    """Keys already answered among `pairs` only (a semi-join, bounded by the caller's chunk): status ok, or any
+    recorded outcome when `retry_failed` is off (a failure after every attempt is then final)."""
     if not lake.exists(table) or pairs.height == 0:
         return set()
     cols = ["pair_id", *(extra or [])]
+    status = pl.col("status") == "ok" if retry_failed else pl.col("status").is_in(["ok", "failed"])
     df = (lake.scan(table).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)
-                                  & (pl.col("status") == "ok"))
+                                  & status)
           .join(pairs.select("pair_id").unique().lazy(), on="pair_id", how="semi").select(cols).collect())
     return set(df.iter_rows()) if extra else set(df["pair_id"].to_list())
 
@@ -312,6 +314,7 @@ def format_exemplars(exemplars: list[dict], seed: int) -> str:
 
 def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt: Prompt, run_id: str, *,
                 samples: int = 3, temperature: float = 0.7, seed: int = 0, context: str = "", table: str = JUDGMENTS,
+                retry_failed: bool = True,
                 exemplars: dict[str, list[dict]] | None = None, chunk: int = 256, max_attempts: int = 3,
                 truth_of: Callable[[dict], bool | None] | None = None) -> RunStats:
     """pairs: pair_id, history, chosen, rejected, task_category, objectivity, controversiality, desired_attributes,
@@ -321,7 +324,7 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
     t0 = time.perf_counter()
     sampling = f"t={temperature},seed={seed}"
     for backend in backends:
-        done = done_keys(lake, table, backend.model_id, prompt.version, pairs, ["sample", "sampling"])
+        done = done_keys(lake, table, backend.model_id, prompt.version, pairs, ["sample", "sampling"], retry_failed)
         todo = [(r, s) for r in pairs.iter_rows(named=True) for s in range(samples)
                 if (r["pair_id"], s, sampling) not in done]
         stats.skipped_cached += pairs.height * samples - len(todo)

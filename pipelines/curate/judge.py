@@ -30,6 +30,7 @@ class JudgeSetup:
     temperature: float = 0.7
     exemplars: int = 8
     seed: int = 0
+    retry_failed: bool = True  # re-ask samples that failed before (False: a recorded failure is final)
 
     @property
     def sampling(self) -> str:  # as judge_pairs records it
@@ -71,7 +72,8 @@ def judge_with_exemplars(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, exe
     ex = exemplars_for(pairs_e, vectors, gold, index, setup.exemplars) if pairs_e.height else {}
     truth = truth_of(lake, pairs)
     judge_pairs(lake, pairs, setup.judges, setup.prompt, run_id, samples=setup.samples,
-                temperature=setup.temperature, seed=setup.seed, context=context, table=table, exemplars=ex, truth_of=lambda r: truth.get(r["pair_id"]))
+                temperature=setup.temperature, seed=setup.seed, context=context, table=table,
+                retry_failed=setup.retry_failed, exemplars=ex, truth_of=lambda r: truth.get(r["pair_id"]))
     return aggregate_judgments(judgments_of(lake, pairs, setup, table))
 
 
