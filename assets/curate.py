@@ -7,10 +7,8 @@ from pydantic import Field
 import dagster as dg
 from assets.annotate import llm_annotations
 from assets.common import GPU_POOL, RMTrainConfig, judge_setup, label_origin, reward_models
-from assets.ingest import raw_pairs
 from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
-from assets.rm import gold_rm
 from pipelines.annotate.prompts import load_prompt
 from pipelines.curate.embed import EMBEDDINGS, embed_pool, model_name
 from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgments_of

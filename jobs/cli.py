@@ -49,7 +49,7 @@ def _ok(result, what: str) -> None:
         raise SystemExit(f"{what} failed (see the Dagster UI / logs above)")
 
 
-def demo(scale: str = "small", verbose: bool = False) -> dict:
+def demo(scale: str = "small", verbose: bool = False, engine: str = "ray") -> dict:
     """Run `main_job` once over every synthetic shard: the whole pipeline is one Dagster run. By default one line
     per finished step; `verbose` streams Dagster's event log and the libraries' own output."""
     from jobs.progress import StepPrinter, quiet_libraries
@@ -75,7 +75,7 @@ def demo(scale: str = "small", verbose: bool = False) -> dict:
         "stage1": {"config": {"iterations": cfg["stage1_iterations"]}},
         **{family_key(b).to_python_identifier(): {"config": {"epochs": cfg["family_epochs"]}} for b in CPU_MEMBERS},
     }
-    run_config = {"ops": ops}
+    run_config = {"ops": ops, "resources": {"compute": {"config": {"engine": engine}}}}
     if not verbose:  # the event log is still stored in full in the run; only the console stream is quiet
         run_config["loggers"] = {"console": {"config": {"log_level": "ERROR"}}}
     tags = {"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]}
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
     d.add_argument("--scale", choices=["tiny", "small", "medium"], default="small")
     d.add_argument("--verbose", action="store_true", help="stream Dagster's event log and the libraries' output")
+    d.add_argument("--engine", choices=["ray", "inprocess"], default="ray",
+                   help="where RM scoring and embedding run: a local Ray (default) or this process")
     b = sub.add_parser("benchmarks", help="put published benchmark files where rm_evaluation finds them")
     bs = b.add_subparsers(dest="bench_cmd", required=True)
     ba = bs.add_parser("add", help="copy a published benchmark file (its layout is checked)")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "labelstudio"])
     args = ap.parse_args(argv)
     if args.cmd == "demo":
-        demo(args.scale, args.verbose)
+        demo(args.scale, args.verbose, args.engine)
     elif args.cmd == "benchmarks":
         benchmarks_cmd(args)
     else:

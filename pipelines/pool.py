@@ -140,7 +140,7 @@ def read_unit(lake: Lake, unit: WorkUnit, stage: str, stage1_fraction: float,
     lf = (lake.scan(RAW).filter((pl.col("shard") == unit.shard) & (pl.col("source_row") >= unit.lo)
                                 & (pl.col("source_row") < unit.hi))
           .filter(pool_stage_expr(stage1_fraction) == stage)
-          .select(*PAIR_COLUMNS, "source", "shard", "source_row", "category_hint"))
+          .select(*PAIR_COLUMNS, "source", "shard", "source_row", "category_hint", "margin"))
     if exclude_verified:
         lf = lf.join(verified_ids(lake), on="pair_id", how="anti")
     return lf.collect()

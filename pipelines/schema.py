@@ -93,6 +93,8 @@ RAW_PAIRS_SCHEMA = pa.schema(
         ("source_row", pa.int64()),
         ("label_origin", pa.string()),
         ("category_hint", pa.string()),  # a category the source itself states (may be null)
+        ("margin", pa.float64()),  # a preference strength the source states (UltraFeedback rating gap; a TRL
+                                   # `margin` column); null when it states none. Feeds the margin_bt loss
         ("ingest_run_id", pa.string()),
         ("ingested_at", pa.timestamp("us", tz="UTC")),
     ]

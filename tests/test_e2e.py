@@ -1,4 +1,6 @@
-"""The README's first command, end to end, at the smallest scale, on a temporary data directory."""
+"""The README's first command, end to end, at the smallest scale, on a temporary data directory. The heavy maps run
+in-process here (`--engine inprocess`): the same Stage 2 and evaluation through Dagster on a real local Ray is
+tests/test_stage2.py's Ray test, and starting Ray's actors three times over would double this test's time."""
 
 import json
 import os
@@ -18,7 +20,7 @@ def test_demo_runs_every_asset_end_to_end(tmp_path):
     env = {**os.environ, "SYNPREF_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
     env.pop("MLFLOW_TRACKING_URI", None)
     synpref = Path(sys.executable).parent / "synpref"
-    out = subprocess.run([str(synpref), "demo", "--scale", "tiny"], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([str(synpref), "demo", "--scale", "tiny", "--engine", "inprocess"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Where to look" in out.stdout and "| rm_version |" in out.stdout

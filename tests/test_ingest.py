@@ -130,3 +130,23 @@ def test_later_stages_quarantine_pairs_with_provenance_idempotently(lake, tmp_pa
     q = lake.read("quarantine").row(0, named=True)
     assert lake.read("quarantine").height == 1
     assert (q["stage"], q["reason"], q["source"], q["shard"], q["source_row"]) == ("score", "over_length", "a", "a/x", 1)
+
+
+def test_a_stated_preference_strength_is_carried_as_margin_and_never_guessed(lake, tmp_path):
+    """UltraFeedback's rating gap and a TRL `margin` column land in raw_pairs.margin (the margin_bt loss reads it);
+    a source that states none leaves it null."""
+    uf = tmp_path / "uf.jsonl"
+    uf.write_text(json.dumps({"instruction": "Name a colour.", "completions": [
+        {"response": "Blue.", "overall_score": 9.0}, {"response": "A car.", "overall_score": 2.5},
+        {"response": "Red!", "overall_score": 7.0}]}) + "\n")
+    trl = tmp_path / "trl.jsonl"
+    trl.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away.", "margin": 1.5}) + "\n"
+                   + json.dumps({"prompt": "Yo?", "chosen": "Hey.", "rejected": "No."}) + "\n")
+    ingest_shard(lake, str(uf), source="uf", shard="uf/a", run_id="r")
+    ingest_shard(lake, str(trl), source="trl", shard="trl/a", run_id="r")
+    raw = lake.read("raw_pairs")
+    gaps = dict(zip(raw.filter(pl.col("source") == "uf")["chosen"] + "|" + raw.filter(pl.col("source") == "uf")["rejected"],
+                    raw.filter(pl.col("source") == "uf")["margin"]))
+    assert gaps == {"Blue.|A car.": 6.5, "Blue.|Red!": 2.0, "Red!|A car.": 4.5}
+    t = dict(zip(raw.filter(pl.col("source") == "trl")["chosen"], raw.filter(pl.col("source") == "trl")["margin"]))
+    assert t == {"Hello!": 1.5, "Hey.": None}

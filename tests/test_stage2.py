@@ -2,7 +2,6 @@
 on a real local Ray as in-process, unscorable pairs quarantined with a reason, confident pairs never sent to an LLM,
 and never more than a unit in memory."""
 
-import json
 import shutil
 import signal
 import subprocess
@@ -209,29 +208,60 @@ def test_kill_9_mid_stage2_then_rerun_gives_identical_tables(rms, tmp_path):
         assert lake.read(t)["pair_id"].n_unique() == lake.read(t).height  # no duplicate row
 
 
+def _register(lake: Lake, inputs: Stage2Inputs) -> None:
+    """Registry rows for the two RMs (their model URIs are local folders here: fetch_model uses a folder as is)."""
+    from datetime import datetime, timezone
+
+    from pipelines.rm.registry import REGISTRY, REGISTRY_SCHEMA
+
+    rows = [{"rm_version": ref.rm_version, "name": ref.rm_version.split(":")[0], "role": role, "backbone": "tiny",
+             "model_uri": ref.uri, "path": ref.uri, "mlflow_run_id": "", "registered_version": "1",
+             "val_accuracy": 0.7, "train_pairs": 0, "extra": "{}", "created_at": datetime.now(timezone.utc)}
+            for ref, role in ((inputs.best, "stage1"), (inputs.gold, "gold"))]
+    lake.append(REGISTRY, pl.DataFrame(rows, schema=REGISTRY_SCHEMA).to_arrow())
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_stage2_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
+def test_stage2_asset_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
+    """The `stage2` asset twice on copies of one lake: ComputeResource starting a real local Ray (2 CPUs, no
+    dashboard) and ComputeResource(engine="inprocess"): the same curated and recycled rows."""
+    import dagster as dg
     import ray
 
-    from pipelines.compute import RayEngine
+    from assets.curate import stage2
+    from resources.compute import ComputeResource
+    from resources.lake import LakeResource
+    from resources.llm import LLMResource
+    from resources.mlflow import MlflowResource
+    from resources.pool import PoolResource
 
     lake, inputs = build_lake(tmp_path / "a", 2400, *rms)
+    _register(lake, inputs)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    lake_b = Lake(str(tmp_path / "b" / "lake"))
-    cfg = Stage2Config(confidence_margin=0.0, unit_rows=700, stage1_fraction=FRACTION)
-    run_stage2(lake, cfg, inputs, InProcessEngine(max_len=128), run_id="local")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    def run(home: Path, compute: ComputeResource):
+        with dg.instance_for_test() as inst:
+            res = dg.materialize([stage2], instance=inst, resources={
+                "lake_store": LakeResource(root=str(home / "lake")), "llm": LLMResource(samples=2),
+                "pool": PoolResource(stage1_fraction=FRACTION), "compute": compute,
+                "mlflow_store": MlflowResource(tracking_uri=f"sqlite:///{home}/mlflow.db")},
+                run_config={"ops": {"stage2": {"config": {"confidence_margin": 0.0, "unit_rows": 700}}}})
+        assert res.success
+        return {m.asset_key.to_user_string(): m.metadata for m in res.asset_materializations_for_node("stage2")}
+
+    local = run(tmp_path / "a", ComputeResource(engine="inprocess"))
     try:
-        report = run_stage2(lake_b, cfg, inputs, RayEngine(actors=1, batch_rows=256, max_len=128), run_id="ray")
+        on_ray = run(tmp_path / "b", ComputeResource(local_cpus=2, actors=1, batch_rows=256))
+        assert ray.is_initialized()  # the resource started it
     finally:
         ray.shutdown()
-    assert report.units_run > 1 and report.reconciles
-    a, b = tables(lake), tables(lake_b)
+    assert on_ray["curated_pairs"]["engine"].value == "ray" and on_ray["curated_pairs"]["units_run"].value > 1
+    a, b = tables(lake), tables(Lake(str(tmp_path / "b" / "lake")))
     for t in (CURATED, RECYCLED):
         assert a[t].select("pair_id", "chosen", "rejected", "why").equals(b[t].select("pair_id", "chosen", "rejected",
                                                                                         "why")), t
     sa, sb = a[SCORES], b[SCORES]
     assert sa.select("pair_id", "rm_version").equals(sb.select("pair_id", "rm_version"))
     assert (sa["p"] - sb["p"]).abs().max() < 1e-5  # batches differ between the paths; rewards agree
-    json.dumps(report.as_dict())  # the report is plain data (asset metadata)
+    assert a["units"].equals(b["units"]) and local["curated_pairs"]["reconciles"].value

@@ -83,8 +83,9 @@ def keep_rule(pool: pl.DataFrame, best: pl.DataFrame, gold: pl.DataFrame, llm: p
                          judge_version=pl.when(pl.col("judged")).then(pl.lit(judge_version)).otherwise(None))
     cols = ["pair_id", "history", "chosen", "rejected", "p_best", "p_gold", "llm_final", "llm_agree", "why",
             "best_rm_version", "gold_rm_version", "judge_version"]
-    if "task_category" in df.columns:
-        cols.insert(4, "task_category")
+    for extra in ("margin", "task_category"):
+        if extra in df.columns:
+            cols.insert(4, extra)
     curated = df.filter(keep).select(cols)
     recycled = (df.filter(~keep).select(cols)
                 .with_columns(chosen=pl.col("rejected"), rejected=pl.col("chosen"), why="flipped: " + pl.col("why")))
@@ -304,7 +305,7 @@ CURATED_SCHEMA = {"pair_id": pl.String, "history": pl.List(pl.Struct({"role": pl
                   "chosen": pl.String, "rejected": pl.String, "task_category": pl.String, "p_best": pl.Float64,
                   "p_gold": pl.Float64, "llm_final": pl.String, "llm_agree": pl.Float64, "why": pl.String,
                   "best_rm_version": pl.String, "gold_rm_version": pl.String, "judge_version": pl.String,
-                  "stage": pl.String, "work_unit": pl.String}
+                  "stage": pl.String, "work_unit": pl.String, "margin": pl.Float64}
 
 
 def _curated_frame(df: pl.DataFrame) -> pl.DataFrame:
@@ -342,11 +343,13 @@ def unit_rows_table(lake: Lake) -> pl.DataFrame:
 def curated_mix(lake: Lake, include_recycled: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The RM family's data: train = curated_pairs (+ recycled_pairs, the 40M mix) minus every gold_val and
     gold_test pair; val = gold_val (checkpoint selection). gold_test stays for the report only."""
-    cols = ["pair_id", "history", "chosen", "rejected"]
+    cols = ["pair_id", "history", "chosen", "rejected", "margin"]
     seed = lake.scan(SEED)
     held_out = seed.filter(pl.col("split") != "train").select("pair_id")
     parts = [lake.scan(CURATED).select(cols)]
-    if include_recycled and lake.exists(RECYCLED):
+    if include_recycled and lake.exists(RECYCLED):  # flipped pairs keep the source's margin: it is still a gap
         parts.append(lake.scan(RECYCLED).select(cols))
     train = pl.concat(parts).join(held_out, on="pair_id", how="anti").unique("pair_id", keep="first").collect()
-    return train, seed.filter(pl.col("split") == "gold_val").select(cols).collect()
+    if train["margin"].null_count() == train.height:
+        train = train.drop("margin")  # no source stated one: the trainer then sees plain pairs
+    return train, seed.filter(pl.col("split") == "gold_val").select(cols[:4]).collect()

@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipelines.ingest.formats import parse_hh_transcript
 from pipelines.schema import MESSAGE_TYPE
 
 BENCHMARK_SCHEMA = pa.schema([
@@ -323,7 +322,7 @@ def read_benchmarks(root: Path) -> tuple[list[dict], dict[str, dict[str, int]]]:
     return items, stats
 
 
-def item_pair_ids(items) -> "pl.DataFrame":
+def item_pair_ids(items):
     """benchmark, pair_id of every comparison (chosen x rejected) of benchmark items, as ingest hashes a pair, in
     both orientations (a training set may hold a pair flipped)."""
     import polars as pl

@@ -133,7 +133,7 @@ def load_id_index(lake: Lake) -> IdIndex:
 
 
 CAND_SCHEMA = {"row": pl.Int64, "history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String,
-               "category_hint": pl.String, "payload": pl.String}
+               "category_hint": pl.String, "margin": pl.Float64, "payload": pl.String}
 
 
 def _q_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -151,12 +151,15 @@ def _columnar_candidates(frame: pl.DataFrame, start: int, mapping: dict[str, str
                for k in ("prompt", "chosen", "rejected")):
         return None
     category = pl.col(cols["category"]).cast(pl.String) if cols["category"] in frame.columns else pl.lit(None, pl.String)
+    mcol = (mapping or {}).get("margin", "margin")
+    margin = pl.col(mcol).cast(pl.Float64, strict=False) if mcol in frame.columns else pl.lit(None, pl.Float64)
     return frame.select(
         row=pl.int_range(start, start + frame.height, dtype=pl.Int64),
         history=pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col(cols["prompt"]).cast(pl.String))),
         chosen=pl.col(cols["chosen"]).cast(pl.String),
         rejected=pl.col(cols["rejected"]).cast(pl.String),
         category_hint=category,
+        margin=margin,
         payload=pl.lit(None, pl.String),  # filled only for refused rows (see _with_payload)
     )
 
@@ -167,6 +170,14 @@ def _with_payload(refused: pl.DataFrame, batch) -> pl.DataFrame:
         return refused
     raw = batch.frame.select(payload=pl.struct(pl.all()).struct.json_encode())["payload"]
     return refused.with_columns(payload=pl.coalesce("payload", raw.gather(refused["row"] - batch.start)))
+
+
+def _margin(v) -> float | None:
+    """A source's stated preference strength as a float, or None (never a guess)."""
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _record_candidates(records: list[RawRecord], parser_box: list, fmt: str | None, mapping: dict[str, str] | None,
@@ -195,6 +206,7 @@ def _record_candidates(records: list[RawRecord], parser_box: list, fmt: str | No
         for c in cands:
             out.append({"row": rec.row, "history": c.history, "chosen": c.chosen, "rejected": c.rejected,
                         "category_hint": None if c.category_hint is None else str(c.category_hint),
+                        "margin": _margin(c.extra.get("score_gap", record.get("margin"))),
                         "payload": payload})
     return pl.DataFrame(out, schema=CAND_SCHEMA)
 
@@ -290,6 +302,7 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
             table = ok.select(
                 "pair_id", "history", "chosen", "rejected", source=pl.lit(source), shard=pl.lit(shard),
                 source_row="row", label_origin=pl.lit(LabelOrigin.DATASET.value), category_hint="category_hint",
+                margin="margin",
                 ingest_run_id=pl.lit(run_id), ingested_at=pl.lit(ingested_at, dtype=pl.Datetime("us", "UTC")),
             )
             if pending is not None:

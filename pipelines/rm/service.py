@@ -37,6 +37,8 @@ class MlflowRewardModels:
     def train(self, *, name: str, role: str, train: pl.DataFrame, val: pl.DataFrame, run_key: str,
               extra: dict | None = None) -> RegisteredRM:
         cols = [c for c in (*TRAIN_COLUMNS, "margin", "rejected_more") if c in train.columns]
+        if "margin" in cols and train["margin"].null_count() == train.height:
+            cols.remove("margin")
         return train_and_register(
             self.lake, tracking_uri=self.tracking_uri, experiment=self.experiment, name=name, role=role,
             backbone=self.backbone, train_rows=train.select(cols).to_dicts(),
