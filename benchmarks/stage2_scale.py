@@ -114,7 +114,7 @@ def run_ours(work: Path, rms: list[str], unit_rows: int) -> dict:
         t = time.perf_counter()
         rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
                                                                  stage1_fraction=0.0, include_stage1=False),
-                         _inputs(work, rms), RayEngine(actors=1, batch_rows=2048, max_len=96, batch_size=128),
+                         _inputs(work, rms), RayEngine(actors=1, batch_rows=2048, max_len=512, batch_size=128),
                          run_id="bench")
         dt = time.perf_counter() - t
     ray.shutdown()
@@ -144,8 +144,8 @@ def legacy_stage2(work: Path, rms: list[str]) -> dict:
     steps["annotate_all"] = time.perf_counter() - t0
     t = time.perf_counter()
     rows = pool.to_dicts()
-    best, _ = score_rows(load_reward_model(rms[0]), rows, "best:1", max_len=96, batch_size=128)
-    gold, _ = score_rows(load_reward_model(rms[1]), rows, "gold:1", max_len=96, batch_size=128)
+    best, _ = score_rows(load_reward_model(rms[0]), rows, "best:1", max_len=512, batch_size=128)
+    gold, _ = score_rows(load_reward_model(rms[1]), rows, "gold:1", max_len=512, batch_size=128)
     lake.upsert("rm_scores", pl.concat([best, gold]).to_arrow(), keys=["pair_id", "rm_version"])
     steps["score"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -198,7 +198,7 @@ def main() -> None:
                                       str(a.unit_rows)], env=env, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
-                    print(out.stderr[-3000:])
+                    print("\n".join(x for x in out.stderr.splitlines() if "Error" in x or "error" in x)[-3000:])
                     raise SystemExit(f"{path} at N={n} failed")
                 r = {"n": n, "path": path, **json.loads(line[len("RESULT "):])}
                 rows.append(r)

@@ -265,3 +265,11 @@ def test_stage2_asset_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
     assert sa.select("pair_id", "rm_version").equals(sb.select("pair_id", "rm_version"))
     assert (sa["p"] - sb["p"]).abs().max() < 1e-5  # batches differ between the paths; rewards agree
     assert a["units"].equals(b["units"]) and local["curated_pairs"]["reconciles"].value
+
+
+def test_a_unit_where_every_pair_is_confident_asks_no_llm(rms, tmp_path):
+    lake, inputs = build_lake(tmp_path, 300, *rms)
+    report = run_stage2(lake, Stage2Config(confidence_margin=-1.0, unit_rows=1000, stage1_fraction=FRACTION),
+                        inputs, InProcessEngine(max_len=128), run_id="all-confident")
+    assert report.pool > 0 and report.confident == report.pool and report.judged == 0 and report.reconciles
+    assert not lake.exists(STAGE2_JUDGMENTS) and report.skipped_annotation_share == 1.0

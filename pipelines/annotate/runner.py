@@ -378,7 +378,7 @@ def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
     (the table is append-only), then its successful ones."""
     if judgments.height and "created_at" in judgments.columns and set(JUDGMENT_KEYS) <= set(judgments.columns):
         judgments = judgments.sort("created_at").unique(JUDGMENT_KEYS, keep="last")
-    ok = judgments.filter(pl.col("status") == "ok")
+    ok = judgments.filter(pl.col("status") == "ok") if "status" in judgments.columns else judgments.head(0)
     if ok.height == 0:
         return pl.DataFrame(schema={"pair_id": pl.String, "final": pl.String, "agree_frac": pl.Float64,
                                     "model_agree_frac": pl.Float64, "n_models": pl.UInt32, "n_votes": pl.UInt32})
