@@ -24,7 +24,8 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu 
          "upsilon phi chi psi omega").split()
 
 
-def make_file(path: Path, n: int, dup_rate: float = 0.05, seed: int = 0) -> None:
+def make_file(path: Path, n: int, dup_rate: float = 0.05, seed: int = 0, prompt_words: int = 40,
+              response_words: int = 60) -> None:
     rng = random.Random(seed)
     with path.open("w") as fh:
         prev = []
@@ -32,9 +33,9 @@ def make_file(path: Path, n: int, dup_rate: float = 0.05, seed: int = 0) -> None
             if prev and rng.random() < dup_rate:
                 fh.write(rng.choice(prev))
                 continue
-            prompt = f"q{i} " + " ".join(rng.choices(WORDS, k=40))
-            rec = {"prompt": prompt, "chosen": " ".join(rng.choices(WORDS, k=60)),
-                   "rejected": " ".join(rng.choices(WORDS, k=60))}
+            prompt = f"q{i} " + " ".join(rng.choices(WORDS, k=prompt_words))
+            rec = {"prompt": prompt, "chosen": " ".join(rng.choices(WORDS, k=response_words)),
+                   "rejected": " ".join(rng.choices(WORDS, k=response_words))}
             line = json.dumps(rec) + "\n"
             if len(prev) < 1000:
                 prev.append(line)

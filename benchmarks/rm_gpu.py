@@ -1,15 +1,16 @@
-"""RM training speed on a GPU: tokens/s, MFU and peak memory of each batch layout on a Qwen3-0.6B-shaped
-random-init model in bf16, measured in one run against TRL-style batches (shuffled, each padded to its longest
-member: what TRL's RewardTrainer feeds the model) through the same trainer, optimizer and step.
+"""RM training speed on GPUs: tokens/s per GPU, MFU and peak memory of each batch layout on a Qwen3-0.6B- or
+1.7B-shaped random-init model in bf16, measured in one run against TRL-style batches (shuffled, each padded to its
+longest member: what TRL's RewardTrainer feeds the model) through the same trainer, optimizer and step.
 
     python benchmarks/rm_gpu.py                                   # one GPU, in-process
-    torchrun --nproc_per_node 1 benchmarks/rm_gpu.py              # the same steps under FSDP2 (NCCL)
+    torchrun --nproc_per_node 8 benchmarks/rm_gpu.py --shape qwen3-1.7b   # data-parallel FSDP2 (NCCL), 8 GPUs
     python benchmarks/rm_gpu.py --attn flash_attention_2          # adds the padding-free `packed` layout
     python benchmarks/rm_gpu.py --shape tiny --pairs 24 --max-len 256 --steps 3 --history-words 20 --response-words 10
 
 Random init is fine for speed (DEVELOPERS.md); the text is synthetic multi-turn chat whose history and response
-lengths are drawn around --history-words / --response-words. MFU = 6 x non-embedding params x real tokens/s over
-the chip's dense bf16 peak (H100/H200 989 TFLOP/s, A100 312; --peak-tflops for others); attention FLOPs are not
+lengths are drawn around --history-words / --response-words. Under torchrun `--batch` is the global batch (split
+over the ranks) and every figure is per GPU. MFU = 6 x non-embedding params x real tokens/s per GPU over the
+chip's dense bf16 peak (H100/H200 989 TFLOP/s, A100 312; --peak-tflops for others); attention FLOPs are not
 counted, so it is a lower bound.
 """
 
@@ -64,6 +65,10 @@ def build_model(shape: str, attn: str | None, device: str, tmp: str):
         dims = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                     num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                     rope_theta=1_000_000.0)
+    elif shape == "qwen3-1.7b":
+        dims = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                    rope_theta=1_000_000.0)
     elif shape == "tiny":
         dims = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096)
@@ -79,7 +84,10 @@ def build_model(shape: str, attn: str | None, device: str, tmp: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="qwen3-0.6b", help="qwen3-0.6b | tiny")
+    ap.add_argument("--shape", default="qwen3-0.6b", help="qwen3-0.6b | qwen3-1.7b | tiny")
+    ap.add_argument("--layouts", default="pairs,shared_prefix",
+                    help="beside the TRL-style peer; `packed` is added by itself under flash_attention_2 (it needs "
+                         "varlen kernels: under sdpa a packed row gets a dense mask over the whole batch)")
     ap.add_argument("--attn", default="", help="'' (sdpa) | flash_attention_2 (adds the packed layout)")
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
@@ -102,10 +110,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = a.peak_tflops * 1e12 or next((v for k, v in PEAK_BF16.items() if k in name), 0.0)
     rows = synthetic_rows(a.pairs, a.history_words, a.response_words)
-    runs = [("trl-style batches", "pairs", False), ("pairs, length-grouped", "pairs", True),
-            ("shared_prefix", "shared_prefix", True)]
-    if a.attn == "flash_attention_2":
-        runs.append(("packed (varlen)", "packed", True))
+    labels = {"pairs": "pairs, length-grouped", "shared_prefix": "shared_prefix", "packed": "packed (varlen)"}
+    layouts = [x for x in a.layouts.split(",") if x]
+    if a.attn == "flash_attention_2" and "packed" not in layouts:
+        layouts.append("packed")
+    runs = [("trl-style batches", "pairs", False), *((labels[x], x, True) for x in layouts)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         probe = build_model(a.shape, a.attn or None, "cpu", tmp)
@@ -126,8 +135,9 @@ def main() -> None:
             wall = time.perf_counter() - t
             if i == 0:
                 continue
-            tps = res.history[-1]["tokens_per_s"]  # measured inside the loop: excludes the final save
-            r = {"layout": label, "tokens_per_s": tps, "mfu": 6 * n_params * tps / peak if peak else None,
+            tps = res.history[-1]["tokens_per_s_per_rank"]  # measured inside the loop: excludes the final save
+            r = {"layout": label, "tokens_per_s_per_gpu": tps, "tokens_per_s_total": res.history[-1]["tokens_per_s"],
+                 "mfu": 6 * n_params * tps / peak if peak else None,
                  "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                  "steps": res.steps, "wall_s": wall, "final_loss": res.history[-1]["loss"]}
             results.append(r)
@@ -136,7 +146,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     if not is_main_process():
         return
-    base = results[0]["tokens_per_s"]
+    base = results[0]["tokens_per_s_per_gpu"]
     world = int(os.environ.get("WORLD_SIZE", 1))
     print(f"device: {name} x{world}{' (FSDP2)' if world > 1 or 'WORLD_SIZE' in os.environ else ''}; shape {a.shape} "
           f"({n_params / 1e6:.1f}M non-embedding params), attn {a.attn or 'sdpa'}, "
@@ -145,7 +155,8 @@ def main() -> None:
     for r in results:
         mfu = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a"
         mem = f"peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else ""
-        print(f"{r['layout']:24s} {r['tokens_per_s']:10,.0f} tok/s  {r['tokens_per_s'] / base:5.2f}x vs TRL-style  "
+        print(f"{r['layout']:24s} {r['tokens_per_s_per_gpu']:10,.0f} tok/s/GPU ({r['tokens_per_s_total']:,.0f} in all)  "
+              f"{r['tokens_per_s_per_gpu'] / base:5.2f}x vs TRL-style  "
               f"{mfu}  {mem}  loss {r['final_loss']:.3f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": name, "args": vars(a), "results": results}, indent=1))

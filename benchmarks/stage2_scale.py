@@ -1,8 +1,8 @@
 """Stage 2 at scale: time and memory of the shard-at-a-time Stage 2 (pipelines.curate.stage2.run_stage2) on a local
 Ray, against the whole-table path this project had before (kept below as `legacy_stage2`, the named peer).
 
-Data: N project-made pairs (benchmarks/ingest.py's generator: unique ~1 KB TRL rows), ingested with the product's
-ingest; a small random-init decoder (built locally, fresh score head scaled so rewards spread) plays both RMs, so
+Data: N project-made pairs (benchmarks/ingest.py's generator: unique TRL rows, by default an 8-word prompt and
+12-word responses, ~120 tokens a sequence under the tiny tokenizer), ingested with the product's ingest; a small random-init decoder (built locally, fresh score head scaled so rewards spread) plays both RMs, so
 the RM costs little and the plumbing shows; the simulated judge answers for the unconfident pairs. Every run is its
 own process, so peak RSS (ru_maxrss of the driver, plus the largest sampled sum over Ray's worker processes) is its
 own.
@@ -47,7 +47,7 @@ def build_rm(path: Path, seed: int) -> str:
     return str(path)
 
 
-def prepare(work: Path, n: int) -> dict:
+def prepare(work: Path, n: int, prompt_words: int, response_words: int) -> dict:
     from benchmarks.ingest import make_file
     from pipelines.ingest.run import ingest_shard
     from pipelines.lake import Lake
@@ -57,7 +57,8 @@ def prepare(work: Path, n: int) -> dict:
     t = time.perf_counter()
     for s in range(0, n, shard_rows):
         f = work / f"shard-{s // shard_rows:03d}.jsonl"
-        make_file(f, min(shard_rows, n - s), dup_rate=0.0, seed=s)
+        make_file(f, min(shard_rows, n - s), dup_rate=0.0, seed=s, prompt_words=prompt_words,
+                  response_words=response_words)
         ingest_shard(lake, str(f), source="bench", shard=f"bench/{f.name}", run_id="prep", batch_size=100_000)
         f.unlink()
     return {"ingest_s": time.perf_counter() - t, "rms": [build_rm(work / "rm_a", 1), build_rm(work / "rm_b", 2)]}
@@ -102,7 +103,7 @@ class RSSWatch:
         self._t.join()
 
 
-def run_ours(work: Path, rms: list[str], unit_rows: int) -> dict:
+def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int) -> dict:
     import ray
 
     from pipelines.compute import RayEngine
@@ -114,7 +115,7 @@ def run_ours(work: Path, rms: list[str], unit_rows: int) -> dict:
         t = time.perf_counter()
         rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
                                                                  stage1_fraction=0.0, include_stage1=False),
-                         _inputs(work, rms), RayEngine(actors=1, batch_rows=2048, max_len=512, batch_size=128),
+                         _inputs(work, rms), RayEngine(actors=1, batch_rows=2048, max_len=max_len, batch_size=128),
                          run_id="bench")
         dt = time.perf_counter() - t
     ray.shutdown()
@@ -123,7 +124,7 @@ def run_ours(work: Path, rms: list[str], unit_rows: int) -> dict:
             "workers_peak_mb": watch.peak / 2**20, "units": rep.units_run}
 
 
-def legacy_stage2(work: Path, rms: list[str]) -> dict:
+def legacy_stage2(work: Path, rms: list[str], max_len: int) -> dict:
     """The whole-table path of the previous code (assets/curate.py before this change), condensed: annotate every
     pair, score the whole pool from to_dicts() in one process keeping every score in memory, one write at the end,
     then judge the unconfident and apply the keep rule over the whole pool in one frame."""
@@ -144,8 +145,8 @@ def legacy_stage2(work: Path, rms: list[str]) -> dict:
     steps["annotate_all"] = time.perf_counter() - t0
     t = time.perf_counter()
     rows = pool.to_dicts()
-    best, _ = score_rows(load_reward_model(rms[0]), rows, "best:1", max_len=512, batch_size=128)
-    gold, _ = score_rows(load_reward_model(rms[1]), rows, "gold:1", max_len=512, batch_size=128)
+    best, _ = score_rows(load_reward_model(rms[0]), rows, "best:1", max_len=max_len, batch_size=128)
+    gold, _ = score_rows(load_reward_model(rms[1]), rows, "gold:1", max_len=max_len, batch_size=128)
     lake.upsert("rm_scores", pl.concat([best, gold]).to_arrow(), keys=["pair_id", "rm_version"])
     steps["score"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -167,7 +168,8 @@ def legacy_stage2(work: Path, rms: list[str]) -> dict:
 def child(args) -> None:
     work = Path(args.work)
     meta = json.loads((work / "meta.json").read_text())
-    out = run_ours(work, meta["rms"], args.unit_rows) if args.path == "ours" else legacy_stage2(work, meta["rms"])
+    out = (run_ours(work, meta["rms"], args.unit_rows, args.max_len) if args.path == "ours"
+           else legacy_stage2(work, meta["rms"], args.max_len))
     out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -177,6 +179,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, action="append")
     ap.add_argument("--peer-max", type=int, default=1_000_000, help="largest N the whole-table peer runs at")
     ap.add_argument("--unit-rows", type=int, default=50_000)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--prompt-words", type=int, default=8)
+    ap.add_argument("--response-words", type=int, default=12)
     ap.add_argument("--child", choices=["ours", "legacy"])
     ap.add_argument("--work")
     a = ap.parse_args()
@@ -190,12 +195,12 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory(prefix=f"s2-{n}-") as d:
                 work = Path(d)
-                meta = prepare(work, n)
+                meta = prepare(work, n, a.prompt_words, a.response_words)
                 (work / "meta.json").write_text(json.dumps(meta))
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "TRANSFORMERS_VERBOSITY": "error"}
                 out = subprocess.run([sys.executable, __file__, "--child", path, "--work", d, "--unit-rows",
-                                      str(a.unit_rows)], env=env, capture_output=True, text=True)
+                                      str(a.unit_rows), "--max-len", str(a.max_len)], env=env, capture_output=True, text=True)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     print("\n".join(x for x in out.stderr.splitlines() if "Error" in x or "error" in x)[-3000:])

@@ -161,6 +161,21 @@ def test_a_pair_is_truncated_as_one_so_both_responses_see_the_same_history(which
     assert pair[0].shared >= c.prefix_len - 1 and pair[0].row_len("shared_prefix") < pair[0].tokens
 
 
+@pytest.mark.parametrize("which", ["encoder", "chat_decoder", "plain_decoder"])
+def test_batched_rendering_equals_one_response_at_a_time(which, tiny_qwen):
+    rm = load_reward_model(minilm_path() if which == "encoder" else tiny_qwen)
+    if which == "plain_decoder":
+        rm.tokenizer.chat_template = None
+    r = Renderer(rm, 128)
+    history = [{"role": "user", "content": "what is a reward model " * 3},
+               {"role": "assistant", "content": "a scorer"}, {"role": "user", "content": "and?"}]
+    responses = ["it ranks answers", "", "x " * 40, "it scores\nlines"]
+    many = r.render_many(history, responses)
+    assert many == [r.render(history, x) for x in responses]
+    assert all(0 < prefix < len(ids) for ids, prefix in many)
+    assert len({tuple(ids[:prefix]) for ids, prefix in many}) == 1  # one rendering of the history for all
+
+
 def test_train_and_score_tokenize_identically(tiny_qwen):
     rm = load_reward_model(tiny_qwen)
     rows = synth_rows(5, seed=4)
