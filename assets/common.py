@@ -50,7 +50,8 @@ def reward_models(lake: Lake, config: RMTrainConfig, trainer: TrainerResource, m
 
 def judge_setup(llm: LLMResource, prompt_name: str, exemplars: int, retry_failed: bool = True) -> JudgeSetup:
     return JudgeSetup(judges=llm.backends(), prompt=load_prompt(prompt_name), samples=llm.samples,
-                      temperature=llm.temperature, exemplars=exemplars, retry_failed=retry_failed)
+                      temperature=llm.temperature, exemplars=exemplars, retry_failed=retry_failed,
+                      chunk=llm.commit_pairs)
 
 
 def label_origin(llm: LLMResource) -> str:

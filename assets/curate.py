@@ -202,7 +202,7 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_st
                           judging=judge_setup(llm, config.judge_prompt, config.exemplars))
     cfg = Stage2Config(confidence_margin=config.confidence_margin, unit_rows=config.unit_rows,
                        stage1_fraction=pool.stage1_fraction, include_stage1=config.include_stage1,
-                       embed_model=config.embed_model or minilm_path())
+                       embed_model=config.embed_model or minilm_path(), annotate_chunk=llm.commit_pairs)
     report = run_stage2(lake, cfg, inputs, compute.make_engine(config.max_len), run_id=context.run.run_id,
                         log=context.log.info)
     units = unit_rows_table(lake).filter(pl.col("decision_key") == report.decision_key)

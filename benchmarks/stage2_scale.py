@@ -75,7 +75,7 @@ def _inputs(work: Path, rms: list[str]):
     return Stage2Inputs(best=ModelRef("best:1", rms[0], "", str(work / "cache")),
                         gold=ModelRef("gold:1", rms[1], "", str(work / "cache")),
                         annotator=SimulatedBackend(name="annotator"), attributes_prompt=load_prompt("attributes_v1"),
-                        judging=JudgeSetup(judges=judges, prompt=load_prompt("judge_v1"), samples=1))
+                        judging=JudgeSetup(judges=judges, prompt=load_prompt("judge_v1"), samples=1, chunk=4096))
 
 
 class RSSWatch:
@@ -103,22 +103,27 @@ class RSSWatch:
         self._t.join()
 
 
-def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int) -> dict:
+def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engine: bool = True) -> dict:
     import ray
 
-    from pipelines.compute import RayEngine
+    from pipelines.compute import InProcessEngine, RayEngine
     from pipelines.curate.stage2 import Stage2Config, run_stage2
     from pipelines.lake import Lake
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if ray_engine:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        engine = RayEngine(actors=1, batch_rows=2048, max_len=max_len, batch_size=128)
+    else:
+        engine = InProcessEngine(max_len=max_len, batch_size=128, rows_per_batch=2048)
     with RSSWatch() as watch:
         t = time.perf_counter()
         rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
-                                                                 stage1_fraction=0.0, include_stage1=False),
-                         _inputs(work, rms), RayEngine(actors=1, batch_rows=2048, max_len=max_len, batch_size=128),
-                         run_id="bench")
+                                                                 stage1_fraction=0.0, include_stage1=False,
+                                                                 annotate_chunk=4096),
+                         _inputs(work, rms), engine, run_id="bench")
         dt = time.perf_counter() - t
-    ray.shutdown()
+    if ray_engine:
+        ray.shutdown()
     assert rep.reconciles
     return {"pairs": rep.pool, "seconds": dt, "steps": rep.step_seconds, "skipped_annotation": rep.skipped_annotation_share,
             "workers_peak_mb": watch.peak / 2**20, "units": rep.units_run}
@@ -168,8 +173,8 @@ def legacy_stage2(work: Path, rms: list[str], max_len: int) -> dict:
 def child(args) -> None:
     work = Path(args.work)
     meta = json.loads((work / "meta.json").read_text())
-    out = (run_ours(work, meta["rms"], args.unit_rows, args.max_len) if args.path == "ours"
-           else legacy_stage2(work, meta["rms"], args.max_len))
+    out = (legacy_stage2(work, meta["rms"], args.max_len) if args.path == "legacy"
+           else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours"))
     out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -182,7 +187,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--prompt-words", type=int, default=8)
     ap.add_argument("--response-words", type=int, default=12)
-    ap.add_argument("--child", choices=["ours", "legacy"])
+    ap.add_argument("--paths", default="ours,ours-inprocess,legacy")
+    ap.add_argument("--child", choices=["ours", "ours-inprocess", "legacy"])
     ap.add_argument("--work")
     a = ap.parse_args()
     if a.child:
@@ -190,7 +196,7 @@ def main() -> None:
         return child(a)
     rows = []
     for n in a.n or [100_000]:
-        for path in ("ours", "legacy"):
+        for path in a.paths.split(","):
             if path == "legacy" and n > a.peer_max:
                 continue
             with tempfile.TemporaryDirectory(prefix=f"s2-{n}-") as d:
@@ -208,19 +214,23 @@ def main() -> None:
                 r = {"n": n, "path": path, **json.loads(line[len("RESULT "):])}
                 rows.append(r)
                 steps = ", ".join(f"{k} {r['pairs'] / max(v, 1e-9):,.0f}/s" for k, v in r["steps"].items())
-                print(f"N={n:>9,} {path:6s}: {r['pairs'] / r['seconds']:>8,.0f} pairs/s end to end ({r['seconds']:.0f} s; "
+                print(f"N={n:>9,} {path:15s}: {r['pairs'] / r['seconds']:>8,.0f} pairs/s end to end ({r['seconds']:.0f} s; "
                       f"{steps}); driver peak RSS {r['driver_peak_mb']:,.0f} MB, Ray workers {r['workers_peak_mb']:,.0f} MB; "
                       f"skipped annotation {100 * r['skipped_annotation']:.1f}%; units {r['units']}", flush=True)
     by = {(r["n"], r["path"]): r for r in rows}
     for n in a.n or []:
-        if (n, "legacy") in by:
-            o, p = by[(n, "ours")], by[(n, "legacy")]
-            print(f"N={n:,}: ours / legacy pairs/s = {(o['pairs'] / o['seconds']) / (p['pairs'] / p['seconds']):.2f}x; "
-                  f"driver peak RSS {o['driver_peak_mb']:,.0f} vs {p['driver_peak_mb']:,.0f} MB")
-    ours = sorted((r for r in rows if r["path"] == "ours"), key=lambda r: r["n"])
-    if len(ours) >= 2:
-        lo, hi = ours[-2], ours[-1]
-        print(f"driver peak RSS {lo['n']:,} -> {hi['n']:,}: {100 * (hi['driver_peak_mb'] / lo['driver_peak_mb'] - 1):+.1f}%")
+        for path in ("ours", "ours-inprocess"):
+            if (n, "legacy") in by and (n, path) in by:
+                o, p = by[(n, path)], by[(n, "legacy")]
+                print(f"N={n:,}: {path} / legacy pairs/s = "
+                      f"{(o['pairs'] / o['seconds']) / (p['pairs'] / p['seconds']):.2f}x; "
+                      f"driver peak RSS {o['driver_peak_mb']:,.0f} vs {p['driver_peak_mb']:,.0f} MB")
+    for path in ("ours", "ours-inprocess"):
+        mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["n"])
+        if len(mine) >= 2:
+            lo, hi = mine[-2], mine[-1]
+            print(f"{path}: driver peak RSS {lo['n']:,} -> {hi['n']:,}: "
+                  f"{100 * (hi['driver_peak_mb'] / lo['driver_peak_mb'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pipelines.rm.registry import ModelRef
 SCORE_COLUMNS = {"pair_id": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64, "margin": pl.Float64,
                  "p": pl.Float64, "status": pl.String, "detail": pl.String}
 PAIR_INPUT = ["pair_id", "history", "chosen", "rejected"]
+READ_CPUS = 0.25  # a unit's read task (Delta scan + arrow): I/O bound
 
 
 def score_pair_batch(rm, rows: list[dict], *, max_len: int, batch_size: int) -> pl.DataFrame:
@@ -220,10 +221,11 @@ class RayEngine:
         ds = ray.data.from_items([{"_unit": k} for k in range(len(units))], override_num_blocks=len(units))
         ds.context.execution_options.preserve_order = True
         ds = ds.map_batches(_read_units, fn_kwargs={"units": units, "read": read}, batch_size=1,
-                            batch_format="pyarrow")
+                            batch_format="pyarrow", num_cpus=READ_CPUS)
+        cpus = self._cpus_per_actor(len(refs), reserve=READ_CPUS)
         for role, ref in refs.items():
             ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
-                                                 batch_size=self.batch_size, device=self.device))
+                                                 batch_size=self.batch_size, device=self.device), num_cpus=cpus)
         pending: list[pl.DataFrame] = []
         nxt = 0  # the next unit to hand over
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -268,13 +270,16 @@ class RayEngine:
                                                 if c != "text_key")).cast(TEXT_COLUMNS)
                 for k, name in enumerate(models)}
 
-    def _cpus_per_actor(self, pools: int) -> float:
-        """CPU actors share the machine when several pools must run at once (each needs >= 1 actor)."""
+    def _cpus_per_actor(self, pools: int, reserve: float = 0.0) -> float:
+        """CPU actors share the machine when several pools must run at once (each needs >= 1 actor); `reserve`
+        CPUs stay free for the read tasks that feed them (else long-lived actors holding every CPU would starve
+        the reads of later units)."""
         if self.gpus_per_actor > 0:
             return 1.0
         import ray
 
-        return max(0.25, min(1.0, ray.cluster_resources().get("CPU", 1) / max(pools * self.actors, 1)))
+        free = ray.cluster_resources().get("CPU", 1) - reserve
+        return max(0.25, min(1.0, free / max(pools * self.actors, 1)))
 
     def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray:
         """Embeddings on long-lived actors (one pool per model for the engine's life): Stage 2 embeds a few

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+from polars.testing import assert_frame_equal
 import pyarrow as pa
 import pytest
 
@@ -71,6 +72,12 @@ def tables(lake: Lake) -> dict[str, pl.DataFrame]:
     out["units"] = lake.read(STAGE2_UNITS).select("work_unit", "pool", "curated", "recycled", "quarantined",
                                                   "confident", "judged").sort("work_unit")
     return out
+
+
+def same_rows(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    """Every non-float column exactly equal; float columns within 1e-5. Rewards computed in another process can
+    differ in the last float32 bits (CPU kernels pick their vector path by memory alignment): 1e-6 seen here."""
+    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-5, abs_tol=1e-6)
 
 
 class Spy(InProcessEngine):
@@ -202,8 +209,8 @@ def test_kill_9_mid_stage2_then_rerun_gives_identical_tables(rms, tmp_path):
     report = run_stage2(lake, cfg, inputs, spy, run_id="resume")
     assert report.units_skipped == 2 and len(spy.units_scored) == report.units_run  # committed ones not redone
     got, want = tables(lake), tables(ref_lake)
-    for t in want:
-        assert got[t].equals(want[t]), t
+    for t in want:  # same rows and decisions; rewards equal up to float noise across processes (see same_rows)
+        same_rows(got[t], want[t])
     for t in (CURATED, RECYCLED):
         assert lake.read(t)["pair_id"].n_unique() == lake.read(t).height  # no duplicate row
 

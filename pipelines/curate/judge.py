@@ -31,6 +31,7 @@ class JudgeSetup:
     exemplars: int = 8
     seed: int = 0
     retry_failed: bool = True  # re-ask samples that failed before (False: a recorded failure is final)
+    chunk: int = 256  # pairs per Delta commit of verdicts: what a crash can lose, and a commit's fixed cost
 
     @property
     def sampling(self) -> str:  # as judge_pairs records it
@@ -73,7 +74,7 @@ def judge_with_exemplars(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, exe
     truth = truth_of(lake, pairs)
     judge_pairs(lake, pairs, setup.judges, setup.prompt, run_id, samples=setup.samples,
                 temperature=setup.temperature, seed=setup.seed, context=context, table=table,
-                retry_failed=setup.retry_failed, exemplars=ex, truth_of=lambda r: truth.get(r["pair_id"]))
+                retry_failed=setup.retry_failed, exemplars=ex, chunk=setup.chunk, truth_of=lambda r: truth.get(r["pair_id"]))
     return aggregate_judgments(judgments_of(lake, pairs, setup, table))
 
 

@@ -99,6 +99,7 @@ class Stage2Config:
     stage1_fraction: float = 0.4  # pairs hashed below it belong to Stage 1's pool, the rest to Stage 2's
     include_stage1: bool = True  # curated = Stage-1 verified data (human train split + silver) + Stage-2 survivors
     embed_model: str = ""  # embedding model folder for the unconfident pairs' exemplar retrieval
+    annotate_chunk: int = 256  # pairs per Delta commit of attributes (what a crash can lose)
 
 
 @dataclass
@@ -243,7 +244,7 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
     confident, unconfident = split_confident(best_ok.join(ok.select("pair_id"), on="pair_id", how="semi"),
                                              cfg.confidence_margin)
     unconf = ok.join(unconfident.select("pair_id"), on="pair_id", how="semi")
-    annotated, failed = _annotate(lake, unconf, inputs, run_id)
+    annotated, failed = _annotate(lake, unconf, inputs, run_id, cfg.annotate_chunk)
     if failed.height:
         by_reason[Reason.ANNOTATION_FAILED.value] = quarantine_pairs(
             lake, failed, stage="annotate", reason=Reason.ANNOTATION_FAILED, run_id=run_id)
@@ -284,7 +285,8 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
     return row
 
 
-def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: str,
+              chunk: int = 256) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Attributes for the unconfident pairs only. Returns (pairs with attributes, failed: pair_id/detail/payload
     with provenance)."""
     if unconf.height == 0:
@@ -293,6 +295,7 @@ def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: st
         return unconf.head(0).join(pl.DataFrame(schema=ATTRIBUTES_SCHEMA), on="pair_id"), empty
     cats = truth_categories(lake, unconf)
     annotate_attributes(lake, unconf, inputs.annotator, inputs.attributes_prompt, run_id, table=STAGE2_ANNOTATIONS,
+                        chunk=chunk,
                         category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
     attrs = attributes(lake, unconf, table=STAGE2_ANNOTATIONS).collect()
     annotated = unconf.join(attrs, on="pair_id", how="inner")
