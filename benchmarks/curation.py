@@ -149,7 +149,7 @@ def main() -> None:
     curated_train, _ = curated_mix(lake)
     print(f"data: hh-rlhf harmless-base test (real); Stage-2 pool {pool.height} pairs with {n_wrong} flipped "
           f"({100 * a.flip:.0f}% target); seed {seed.height} ({', '.join(f'{k} {v.height}' for k, v in splits.items())}); "
-          f"held-out {held_out.height}; judges simulated acc {a.judge_acc}/{a.judge_acc - 0.05}")
+          f"held-out {held_out.height}; judges simulated acc {a.judge_acc:.2f}/{a.judge_acc - 0.05:.2f}")
     print(f"gold RM gold_val acc {gold.val_accuracy:.3f} ({gold.rm_version}); best Stage-1 RM {best['rm_version']} "
           f"gold_val acc {best['val_accuracy']:.3f}; Stage 2 judged {rep.judged} pairs, {100 * rep.skipped_annotation_share:.0f}% "
           f"needed no LLM call; counts reconcile: {rep.reconciles}")
