@@ -79,20 +79,26 @@ def _inputs(work: Path, rms: list[str]):
 
 
 class RSSWatch:
-    """Samples the summed RSS of this process's children (Ray's workers) every 0.5 s; keeps the peak."""
+    """Samples, every 0.5 s, the summed RSS of this process's children (Ray's workers) and this process's own
+    private memory (USS: pages no other process maps). ru_maxrss also counts the shared pages of Ray's object store
+    that the driver touched while reading blocks zero-copy, so on the Ray path it grows with the data read up to the
+    store's size; USS is the driver's own footprint. Keeps the peaks."""
 
     def __init__(self):
         import psutil
 
-        self.me, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.me, self.peak, self.peak_uss, self._stop = psutil.Process(), 0, 0, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        import psutil
+
         while not self._stop.wait(0.5):
             try:
+                self.peak_uss = max(self.peak_uss, self.me.memory_full_info().uss)
                 self.peak = max(self.peak, sum(c.memory_info().rss for c in self.me.children(recursive=True)))
-            except Exception:
-                pass
+            except psutil.Error:  # a worker exited between listing and reading it: skip this sample
+                continue
 
     def __enter__(self):
         self._t.start()
@@ -115,18 +121,17 @@ def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engin
         engine = RayEngine(actors=1, batch_rows=2048, max_len=max_len, batch_size=128)
     else:
         engine = InProcessEngine(max_len=max_len, batch_size=128, rows_per_batch=2048)
-    with RSSWatch() as watch:
-        t = time.perf_counter()
-        rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
-                                                                 stage1_fraction=0.0, include_stage1=False,
-                                                                 annotate_chunk=4096),
-                         _inputs(work, rms), engine, run_id="bench")
-        dt = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
+                                                             stage1_fraction=0.0, include_stage1=False,
+                                                             annotate_chunk=4096),
+                     _inputs(work, rms), engine, run_id="bench")
+    dt = time.perf_counter() - t
     if ray_engine:
         ray.shutdown()
     assert rep.reconciles
     return {"pairs": rep.pool, "seconds": dt, "steps": rep.step_seconds, "skipped_annotation": rep.skipped_annotation_share,
-            "workers_peak_mb": watch.peak / 2**20, "units": rep.units_run}
+            "units": rep.units_run}
 
 
 def legacy_stage2(work: Path, rms: list[str], max_len: int) -> dict:
@@ -167,14 +172,16 @@ def legacy_stage2(work: Path, rms: list[str], max_len: int) -> dict:
     lake.overwrite("recycled_pairs", recycled.to_arrow())
     steps["keep_commit"] = time.perf_counter() - t
     return {"pairs": pool.height, "seconds": time.perf_counter() - t0, "steps": steps,
-            "skipped_annotation": 0.0, "workers_peak_mb": 0.0, "units": 1}
+            "skipped_annotation": 0.0, "units": 1}
 
 
 def child(args) -> None:
     work = Path(args.work)
     meta = json.loads((work / "meta.json").read_text())
-    out = (legacy_stage2(work, meta["rms"], args.max_len) if args.path == "legacy"
-           else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours"))
+    with RSSWatch() as watch:
+        out = (legacy_stage2(work, meta["rms"], args.max_len) if args.path == "legacy"
+               else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours"))
+    out["workers_peak_mb"], out["driver_peak_uss_mb"] = watch.peak / 2**20, watch.peak_uss / 2**20
     out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -215,7 +222,7 @@ def main() -> None:
                 rows.append(r)
                 steps = ", ".join(f"{k} {r['pairs'] / max(v, 1e-9):,.0f}/s" for k, v in r["steps"].items())
                 print(f"N={n:>9,} {path:15s}: {r['pairs'] / r['seconds']:>8,.0f} pairs/s end to end ({r['seconds']:.0f} s; "
-                      f"{steps}); driver peak RSS {r['driver_peak_mb']:,.0f} MB, Ray workers {r['workers_peak_mb']:,.0f} MB; "
+                      f"{steps}); driver peak RSS {r['driver_peak_mb']:,.0f} MB (private {r['driver_peak_uss_mb']:,.0f} MB), Ray workers {r['workers_peak_mb']:,.0f} MB; "
                       f"skipped annotation {100 * r['skipped_annotation']:.1f}%; units {r['units']}", flush=True)
     by = {(r["n"], r["path"]): r for r in rows}
     for n in a.n or []:
@@ -224,13 +231,15 @@ def main() -> None:
                 o, p = by[(n, path)], by[(n, "legacy")]
                 print(f"N={n:,}: {path} / legacy pairs/s = "
                       f"{(o['pairs'] / o['seconds']) / (p['pairs'] / p['seconds']):.2f}x; "
-                      f"driver peak RSS {o['driver_peak_mb']:,.0f} vs {p['driver_peak_mb']:,.0f} MB")
+                      f"driver peak RSS {o['driver_peak_mb']:,.0f} vs {p['driver_peak_mb']:,.0f} MB, private "
+                      f"{o['driver_peak_uss_mb']:,.0f} vs {p['driver_peak_uss_mb']:,.0f} MB")
     for path in ("ours", "ours-inprocess"):
         mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["n"])
         if len(mine) >= 2:
             lo, hi = mine[-2], mine[-1]
             print(f"{path}: driver peak RSS {lo['n']:,} -> {hi['n']:,}: "
-                  f"{100 * (hi['driver_peak_mb'] / lo['driver_peak_mb'] - 1):+.1f}%")
+                  f"{100 * (hi['driver_peak_mb'] / lo['driver_peak_mb'] - 1):+.1f}%, private "
+                  f"{100 * (hi['driver_peak_uss_mb'] / lo['driver_peak_uss_mb'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":
