@@ -17,8 +17,8 @@ class LLMResource(dg.ConfigurableResource):
     max_model_len: int = Field(default=8192, description="vllm backend")
     samples: int = Field(default=3, description="Self-consistency samples per model and pair")
     temperature: float = Field(default=0.7, description="Sampling temperature for judging")
-    commit_pairs: int = Field(default=256, description="Pairs per Delta commit of LLM answers in Stage 2 (attributes "
-                                                       "and verdicts): what a crash can lose, and each commit's cost")
+    commit_pairs: int = Field(default=256, description="Pairs per Delta commit of LLM verdicts (seed, Stage 1, "
+                                                       "Stage 2) and of Stage-2 attributes: what a crash can lose")
     simulated_accuracy: float = Field(default=0.85, description="simulated backend: P(verdict follows the truth)")
     simulated_position_bias: float = Field(default=0.6, description="simulated backend: P(Candidate 1) when wrong")
 
