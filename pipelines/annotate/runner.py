@@ -376,12 +376,15 @@ def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
     models. Returns per pair: final (chosen | rejected | undecidable), agree_frac (share of valid samples that
     prefer the stored chosen), model_agree_frac, n_models, n_votes. Takes the latest row of each sample key
     (the table is append-only), then its successful ones."""
-    if judgments.height and "created_at" in judgments.columns and set(JUDGMENT_KEYS) <= set(judgments.columns):
+    empty = pl.DataFrame(schema={"pair_id": pl.String, "final": pl.String, "agree_frac": pl.Float64,
+                                 "model_agree_frac": pl.Float64, "n_models": pl.UInt32, "n_votes": pl.UInt32})
+    if judgments.height == 0:  # nothing judged (e.g. every pair of a unit was confident): may carry no columns
+        return empty
+    if "created_at" in judgments.columns and set(JUDGMENT_KEYS) <= set(judgments.columns):
         judgments = judgments.sort("created_at").unique(JUDGMENT_KEYS, keep="last")
-    ok = judgments.filter(pl.col("status") == "ok") if "status" in judgments.columns else judgments.head(0)
+    ok = judgments.filter(pl.col("status") == "ok")
     if ok.height == 0:
-        return pl.DataFrame(schema={"pair_id": pl.String, "final": pl.String, "agree_frac": pl.Float64,
-                                    "model_agree_frac": pl.Float64, "n_models": pl.UInt32, "n_votes": pl.UInt32})
+        return empty
     per_model = ok.group_by("pair_id", "model").agg(
         c=(pl.col("prefers") == "chosen").sum(), r=(pl.col("prefers") == "rejected").sum(), n=pl.len()
     ).with_columns(model_vote=pl.when(pl.col("c") > pl.col("r")).then(pl.lit("chosen"))

@@ -286,7 +286,7 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
 
 
 def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: str,
-              chunk: int = 256) -> tuple[pl.DataFrame, pl.DataFrame]:
+              chunk: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Attributes for the unconfident pairs only. Returns (pairs with attributes, failed: pair_id/detail/payload
     with provenance)."""
     if unconf.height == 0:
@@ -295,8 +295,7 @@ def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: st
         return unconf.head(0).join(pl.DataFrame(schema=ATTRIBUTES_SCHEMA), on="pair_id"), empty
     cats = truth_categories(lake, unconf)
     annotate_attributes(lake, unconf, inputs.annotator, inputs.attributes_prompt, run_id, table=STAGE2_ANNOTATIONS,
-                        chunk=chunk,
-                        category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
+                        chunk=chunk, category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
     attrs = attributes(lake, unconf, table=STAGE2_ANNOTATIONS).collect()
     annotated = unconf.join(attrs, on="pair_id", how="inner")
     failed = annotation_failures(lake, unconf.join(attrs.select("pair_id"), on="pair_id", how="anti"),
