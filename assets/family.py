@@ -17,7 +17,7 @@ from assets.common import GPU_POOL, RMTrainConfig, reward_models
 from assets.ingest import benchmarks
 from assets.meta import md_table, plt
 from assets.rm import gold_rm
-from pipelines.curate.stage2 import curated_mix
+from pipelines.curate.stage2 import training_mix
 from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, read_benchmarks
 from pipelines.evaluate.run import evaluate_models, gold_test_items, write_evaluation, write_report
 from pipelines.rm import tracking
@@ -79,19 +79,27 @@ def family_member(name: str) -> dg.AssetsDefinition:
               description=f"BT RM on backbone {name} ({CATALOG[name]}) trained on the curated mix, checkpoint "
                           f"picked on gold_val, registered in MLflow as synpref-rm-{name}.")
     def _member(context: dg.AssetExecutionContext, config: MemberConfig, lake_store: LakeResource,
-                trainer: TrainerResource, mlflow_store: MlflowResource) -> dg.MaterializeResult:
+                trainer: TrainerResource, mlflow_store: MlflowResource,
+                compute: ComputeResource) -> dg.MaterializeResult:
         lake = lake_store.lake()
-        rms = reward_models(lake, config, trainer, mlflow_store, backbone=resolve_backbone(config.backbone))
-        train, val = curated_mix(lake, include_recycled=config.include_recycled)
-        reg = rms.train(name=f"synpref-rm-{name}", role="family", train=train, val=val, run_key=context.run.run_id,
-                        extra={"curated_version": lake.version(CURATED), "include_recycled": config.include_recycled})
+        rms = reward_models(lake, config, trainer, mlflow_store, backbone=resolve_backbone(config.backbone),
+                            context=context, compute=compute)
+        inputs = lake.input_versions([CURATED, RECYCLED, SEED])
+        source, val = training_mix(lake, home() / "mixes", include_recycled=config.include_recycled)
+        reg = rms.train(name=f"synpref-rm-{name}", role="family", train=source, val=val,
+                        extra={"curated_version": inputs[CURATED], "include_recycled": config.include_recycled})
+        res = reg.result
+        counts = {"train": res.pairs, "gold_val": val.height, "steps": res.steps,
+                  "resumed_from_step": res.resumed_from_step, "pairs_without_margin": res.pairs_without_margin}
         lake.record_lineage(run_id=context.run.run_id, asset="rm_family", partition=name, table=RM_REGISTRY,
-                            version_written=lake.version(RM_REGISTRY),
-                            inputs=lake.input_versions([CURATED, RECYCLED, SEED]), config=config.model_dump(),
-                            counts={"train": train.height, "gold_val": val.height})
-        return dg.MaterializeResult(metadata={"rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy,
-                                              "train_pairs": train.height, "tokens_per_s": reg.result.tokens_per_s,
-                                              "mlflow_run_id": reg.mlflow_run_id, "backbone": config.backbone})
+                            version_written=lake.version(RM_REGISTRY), inputs={**inputs, "token_store": res.data_key},
+                            config=config.model_dump(), counts=counts)
+        return dg.MaterializeResult(metadata={
+            "rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy, "train_pairs": res.pairs,
+            "tokens_per_s": res.tokens_per_s, "world_size": res.world_size, "steps": res.steps,
+            "resumed_from_step": res.resumed_from_step, "token_store": res.data_key,
+            "length": dg.MetadataValue.json(res.length), "mlflow_run_id": reg.mlflow_run_id,
+            "backbone": config.backbone, "model_dir": str(Path(res.best_dir).parent)})
 
     return _member
 

@@ -50,7 +50,7 @@ def main() -> None:
     from pipelines.curate.embed import Embedder, embed_pool
     from pipelines.curate.judge import JudgeSetup, exemplar_index, judge_with_exemplars
     from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
-    from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, curated_mix, run_stage2
+    from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, training_mix
     from pipelines.ingest.run import ingest_shard
     from pipelines.lake import Lake
     from pipelines.pool import attributes, pool_stage_expr, truth_categories
@@ -116,7 +116,7 @@ def main() -> None:
                              artifact_root=None, home=work, backbone=minilm_path(), cfg=cfg, train_fn=trainer,
                              load_fn=lambda p: load_reward_model(p))
     splits = {s: seed.filter(pl.col("split") == s) for s in ("train", "gold_val", "gold_test")}
-    gold = rms.train(name="synpref-gold-rm", role="gold", train=splits["train"], val=splits["gold_val"], run_key="g")
+    gold = rms.train(name="synpref-gold-rm", role="gold", train=splits["train"], val=splits["gold_val"])
     run_stage1(lake, Stage1Config(iterations=a.iterations, stage1_fraction=a.stage1_fraction, label_origin="simulated"),
                rms, judging, run_id="bench")
     best = best_of(lake, "stage1")
@@ -140,13 +140,18 @@ def main() -> None:
         s, _ = score_rows(load_reward_model(path), held_out.to_dicts(), "t", max_len=a.max_len)
         return float((s["margin"] > 0).mean())
 
-    def fit(train_rows: pl.DataFrame, name: str) -> str:
-        return train_reward_model(load_reward_model(minilm_path(), seed=0), train_rows.select(
-            "pair_id", "history", "chosen", "rejected").to_dicts(), [], cfg, str(work / name)).best_dir
+    def fit(train_rows, name: str) -> str:
+        if isinstance(train_rows, pl.DataFrame):
+            train_rows = train_rows.select("pair_id", "history", "chosen", "rejected").to_dicts()
+        return train_reward_model(load_reward_model(minilm_path(), seed=0), train_rows, [], cfg,
+                                  str(work / name)).best_dir
 
     clean_pool = pool.with_columns(chosen=pl.when(pl.col("label_correct")).then("chosen").otherwise("rejected"),
                                    rejected=pl.when(pl.col("label_correct")).then("rejected").otherwise("chosen"))
-    curated_train, _ = curated_mix(lake)
+    from pipelines.rm.store import build_token_store
+
+    curated_train = build_token_store(training_mix(lake, work / "mixes")[0], minilm_path(), work / "token_store",
+                                      max_len=a.max_len).store  # what the family assets train on
     print(f"data: hh-rlhf harmless-base test (real); Stage-2 pool {pool.height} pairs with {n_wrong} flipped "
           f"({100 * a.flip:.0f}% target); seed {seed.height} ({', '.join(f'{k} {v.height}' for k, v in splits.items())}); "
           f"held-out {held_out.height}; judges simulated acc {a.judge_acc:.2f}/{a.judge_acc - 0.05:.2f}")

@@ -154,6 +154,12 @@ class Lake:
                         storage_options=self.storage_options)
         return self.version(table)  # type: ignore[return-value]
 
+    def append_batches(self, table: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> int:
+        """Append a stream of record batches in one commit without holding them all (manifests of 26M ids)."""
+        write_deltalake(self.uri(table), pa.RecordBatchReader.from_batches(schema, batches), mode="append",
+                        storage_options=self.storage_options)
+        return self.version(table)  # type: ignore[return-value]
+
     def overwrite(self, table: str, data: pl.DataFrame | pa.Table, schema: pa.Schema | None = None,
                   partition_by: list[str] | None = None, predicate: str | None = None) -> int:
         """Replace the whole table, or only the rows matching `predicate` (a partition's slice)."""

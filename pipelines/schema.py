@@ -58,26 +58,54 @@ def hash_keys(keys: list[str]) -> list[str]:
 
 
 def pair_ids(df: pl.DataFrame) -> list[str]:
-    """pair_id of every row of a frame with history/chosen/rejected columns (128-bit XXH3, hex)."""
+    """pair_id of every row of a frame with history/chosen/rejected columns (128-bit XXH3, hex). NFC only where a
+    text has a non-ASCII character: it is the identity on ASCII and the costliest step."""
+    return _ids(df, lambda nfc: key_expr(nfc=nfc))
+
+
+def comparison_key_expr(nfc: bool = True) -> pl.Expr:
+    """The orientation-free key: the history, then the two normalized responses in sorted order, so (h, A, B) and
+    (h, B, A) are one comparison."""
+    turn = pl.element().struct.field("role") + "\x1f" + normalize_expr(pl.element().struct.field("content"), nfc)
+    hist = pl.col("history").list.eval(turn).list.join("\x1e")
+    a, b = normalize_expr(pl.col("chosen"), nfc), normalize_expr(pl.col("rejected"), nfc)
+    lo = pl.when(a <= b).then(a).otherwise(b)
+    hi = pl.when(a <= b).then(b).otherwise(a)
+    return pl.concat_str([pl.lit("cmp\x1d"), hist.fill_null(""), lo, hi], separator="\x1d")
+
+
+def _ids(df: pl.DataFrame, key) -> list[str]:
     if df.height == 0:
         return []
-    # NFC only where a text has a non-ASCII character: it is the identity on ASCII and the costliest step.
     nonascii = pl.any_horizontal(
         pl.col("chosen").str.contains(r"[^\x00-\x7F]"), pl.col("rejected").str.contains(r"[^\x00-\x7F]"),
         pl.col("history").list.eval(pl.element().struct.field("content").str.contains(r"[^\x00-\x7F]")).list.any(),
     ).fill_null(False)
     df = df.select("history", "chosen", "rejected").with_row_index("_i").with_columns(_u=nonascii)
     keys = pl.concat([
-        df.filter(~pl.col("_u")).select("_i", k=key_expr(nfc=False)),
-        df.filter(pl.col("_u")).select("_i", k=key_expr(nfc=True)),
+        df.filter(~pl.col("_u")).select("_i", k=key(False)),
+        df.filter(pl.col("_u")).select("_i", k=key(True)),
     ]).sort("_i")
     return hash_keys(keys["k"].to_list())
 
 
+def comparison_ids(df: pl.DataFrame) -> list[str]:
+    """comparison_id of every row: one id for a comparison whichever response a source labelled chosen (the seed
+    split, held-out exclusion and the leak check go by it; `pair_id` keeps the orientation)."""
+    return _ids(df, lambda nfc: comparison_key_expr(nfc))
+
+
+def _frame(history: list[dict[str, str]], chosen: str, rejected: str) -> pl.DataFrame:
+    return pl.DataFrame({"history": [history], "chosen": [chosen], "rejected": [rejected]},
+                        schema={"history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String})
+
+
 def pair_id(history: list[dict[str, str]], chosen: str, rejected: str) -> str:
-    frame = pl.DataFrame({"history": [history], "chosen": [chosen], "rejected": [rejected]},
-                         schema={"history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String})
-    return pair_ids(frame)[0]
+    return pair_ids(_frame(history, chosen, rejected))[0]
+
+
+def comparison_id(history: list[dict[str, str]], chosen: str, rejected: str) -> str:
+    return comparison_ids(_frame(history, chosen, rejected))[0]
 
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])

@@ -1,14 +1,19 @@
-"""TrainerResource: device, precision and launcher for RM training and scoring.
+"""TrainerResource: device, precision, token store and launcher for RM training and scoring.
 
-`inprocess` trains inside the Dagster step (CPU default, one GPU); `torchrun` launches
-`torchrun --nproc_per_node N -m pipelines.rm.launch` for data-parallel FSDP across the node's GPUs (gloo on CPU):
-each rank trains on its own slice of every global batch.
+Launchers:
+- `inprocess`: trains inside the Dagster step (the CPU default, one GPU).
+- `torchrun`: `torchrun -m pipelines.rm.launch` under Dagster Pipes (`PipesSubprocessClient`) on this node: FSDP2
+  across its GPUs (gloo on CPU); per-step metrics come back into the run's log, the result as a Pipes message.
+  `nnodes` > 1 with `rdzv_endpoint` runs this node's share of a multi-node job (c10d rendezvous); every node runs
+  the same command (see `k8s`).
+- `k8s`: the same command in a pod launched by dagster-k8s' `PipesK8sClient` (image, namespace, GPUs per pod, the
+  shared volume that holds the token store and model folders); docs/deployment.md has the multi-node recipe.
 """
 
+from __future__ import annotations
+
 import json
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -21,15 +26,30 @@ from pydantic import Field
 from pipelines.rm.model import RewardModel, load_reward_model
 from pipelines.rm.train import TrainConfig, TrainResult, train_reward_model
 
+TRAIN_COLUMNS = ["pair_id", "history", "chosen", "rejected"]
+
 
 class TrainerResource(dg.ConfigurableResource):
     device: str = Field(default="auto", description="auto | cpu | cuda")
-    launcher: str = Field(default="inprocess", description="inprocess | torchrun")
-    nproc_per_node: int = Field(default=1, description="GPUs per node for the torchrun launcher")
-    bf16: str = Field(default="auto", description="auto | true | false (auto = bf16 on GPUs that support it)")
+    launcher: str = Field(default="inprocess", description="inprocess | torchrun (this node, under Dagster Pipes) | "
+                                                           "k8s (a pod per node through dagster-k8s' PipesK8sClient)")
+    nproc_per_node: int = Field(default=1, description="Ranks (GPUs) per node for torchrun / k8s")
+    nnodes: int = Field(default=1, description="Nodes of a multi-node torchrun job (1 = --standalone)")
+    rdzv_endpoint: str = Field(default="", description="host:port of the c10d rendezvous when nnodes > 1")
+    rdzv_id: str = Field(default="synpref-rm", description="Rendezvous id shared by a job's nodes")
+    module: str = Field(default="pipelines.rm.launch", description="Module torchrun runs (a site may wrap it)")
+    bf16: str = Field(default="auto", description="auto | true | false (auto = bf16 on GPUs that support it; under "
+                                                  "FSDP: bf16 compute, fp32 gradient reduction and master weights)")
     attn_implementation: str = Field(default="", description="'' = transformers' default (sdpa); "
                                                              "flash_attention_2 on GPUs with flash-attn: decoders then "
                                                              "train padding-free (`packed` layout)")
+    store_root: str = Field(default="", description="Token stores (tokenized training sets, reused by key); default "
+                                                    "<SYNPREF_HOME>/token_store. Must be a filesystem every rank "
+                                                    "can map (node disk, or the cluster's shared filesystem)")
+    k8s_image: str = Field(default="", description="k8s launcher: the image (this project + CUDA torch)")
+    k8s_namespace: str = Field(default="default", description="k8s launcher: namespace of the training pods")
+    k8s_volume_claim: str = Field(default="", description="k8s launcher: PVC holding SYNPREF_HOME (token stores, "
+                                                          "model folders), mounted at the same path in the pod")
 
     def torch_device(self) -> str:
         if self.device == "auto":
@@ -39,28 +59,88 @@ class TrainerResource(dg.ConfigurableResource):
     def load(self, path: str) -> RewardModel:
         return load_reward_model(path, device=self.torch_device(), attn_implementation=self.attn_implementation or None)
 
-    def train(self, backbone: str, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, out_dir: str,
-              log: Callable[[dict, int], None] | None = None) -> TrainResult:
+    def torchrun_command(self, spec_path: str, python: str = sys.executable) -> list[str]:
+        """The launch command; `--standalone` only for one node, a c10d rendezvous across several."""
+        cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc_per_node}"]
+        if self.nnodes == 1:
+            cmd.append("--standalone")
+        else:
+            if not self.rdzv_endpoint:
+                raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port every node reaches)")
+            cmd += [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+                    f"--rdzv-id={self.rdzv_id}"]
+        return cmd + ["-m", self.module, spec_path]
+
+    def write_spec(self, backbone: str, store, val_rows: list[dict], cfg: TrainConfig, out_dir: str) -> Path:
+        """spec.json (+ gold_val parquet) beside the model folder, where every node of the job can read it."""
+        launch = Path(out_dir) / "launch"
+        launch.mkdir(parents=True, exist_ok=True)
+        (pl.DataFrame(val_rows).select(TRAIN_COLUMNS) if val_rows
+         else pl.DataFrame(schema={c: pl.String for c in TRAIN_COLUMNS})).write_parquet(launch / "val.parquet")
+        spec = {"backbone": backbone, "store": str(store.path), "val": str(launch / "val.parquet"),
+                "config": asdict(cfg), "out_dir": out_dir, "result": str(launch / "result.json"),
+                "attn_implementation": self.attn_implementation or None}
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None:  # rank 0 logs each step to the run the orchestrator opened
+            spec["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id}
+        (launch / "spec.json").write_text(json.dumps(spec))
+        return launch / "spec.json"
+
+    def k8s_pod_spec(self) -> dict:
+        """base_pod_spec for PipesK8sClient: GPUs per pod and the shared volume at SYNPREF_HOME's path."""
+        from pipelines.settings import home
+
+        container: dict = {"resources": {"limits": {"nvidia.com/gpu": str(self.nproc_per_node)}}}
+        spec: dict = {"containers": [container], "restart_policy": "Never"}
+        if self.k8s_volume_claim:
+            container["volume_mounts"] = [{"name": "synpref-home", "mount_path": str(home())}]
+            spec["volumes"] = [{"name": "synpref-home",
+                                "persistent_volume_claim": {"claim_name": self.k8s_volume_claim}}]
+        return spec
+
+    def train(self, backbone: str, train, val_rows: list[dict], cfg: TrainConfig, out_dir: str,
+              log: Callable[[dict, int], None] | None = None, *, context=None) -> TrainResult:
+        """`train`: a TokenStore (or rows, in process only). Under torchrun/k8s with a Dagster `context`, the
+        launch goes through Pipes; without one (the CLI, benchmarks) torchrun runs as a plain subprocess."""
         cfg.bf16 = self.bf16
         if self.launcher == "inprocess":
-            return train_reward_model(self.load(backbone), train_rows, val_rows, cfg, out_dir, log=log)
-        if self.launcher != "torchrun":
+            return train_reward_model(self.load(backbone), train, val_rows, cfg, out_dir, log=log)
+        if self.launcher not in ("torchrun", "k8s"):
             raise ValueError(f"unknown launcher {self.launcher!r}")
-        with tempfile.TemporaryDirectory() as d:
-            cols = ["pair_id", "history", "chosen", "rejected"]
-            extra = [c for c in ("margin", "rejected_more") if train_rows and c in train_rows[0]]
-            pl.DataFrame(train_rows).select(cols + extra).write_parquet(f"{d}/train.parquet")
-            (pl.DataFrame(val_rows).select(cols) if val_rows else pl.DataFrame(schema={c: pl.String for c in cols})
-             ).write_parquet(f"{d}/val.parquet")
-            spec = {"backbone": backbone, "train": f"{d}/train.parquet", "val": f"{d}/val.parquet",
-                    "config": asdict(cfg), "out_dir": out_dir, "result": f"{d}/result.json",
-                    "attn_implementation": self.attn_implementation or None}
-            Path(f"{d}/spec.json").write_text(json.dumps(spec))
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={self.nproc_per_node}",
-                            "-m", "pipelines.rm.launch", f"{d}/spec.json"], check=True)
-            res = json.loads(Path(f"{d}/result.json").read_text())
-        if log:
+        if isinstance(train, list):
+            raise ValueError("the torchrun launcher trains from a token store (pipelines.rm.store)")
+        spec = self.write_spec(backbone, train, val_rows, cfg, out_dir)
+        result = spec.parent / "result.json"
+        result.unlink(missing_ok=True)
+        live = "mlflow" in json.loads(spec.read_text())
+        if self.launcher == "k8s":
+            if context is None:
+                raise ValueError("the k8s launcher runs from a Dagster step (PipesK8sClient needs its context)")
+            from dagster_k8s import PipesK8sClient
+
+            inv = PipesK8sClient().run(context=context, image=self.k8s_image, namespace=self.k8s_namespace,
+                                       command=self.torchrun_command(str(spec), python="python"),
+                                       base_pod_spec=self.k8s_pod_spec())
+        elif context is not None:
+            inv = dg.PipesSubprocessClient(cwd=str(Path(__file__).resolve().parents[1])).run(
+                context=context, command=self.torchrun_command(str(spec)))
+        else:
+            import subprocess
+
+            subprocess.run(self.torchrun_command(str(spec)), check=True, cwd=str(Path(__file__).resolve().parents[1]))
+            inv = None
+        res = None
+        if inv is not None:
+            for m in inv.get_custom_messages():
+                if isinstance(m, dict) and m.get("kind") == "result":
+                    res = m["result"]
+        if result.exists():  # the full history (the Pipes message leaves it out: it can be long)
+            res = json.loads(result.read_text())
+        if res is None:
+            raise RuntimeError("the training job ended without a result (no Pipes message, no result.json)")
+        if log and not live:
             for rec in res["history"]:
                 log(rec, rec["step"])
         return TrainResult(**res)

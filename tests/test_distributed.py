@@ -1,9 +1,10 @@
-"""Data-parallel RM training under torchrun: 2 CPU processes over gloo, a tiny random Qwen3 (no download).
+"""Data-parallel RM training under torchrun from a token store: 2 CPU processes over gloo, a tiny random Qwen3.
 
-What must hold (none of it timed): the two ranks together see every training pair exactly once per epoch; 2 ranks
-on a global batch give the weights 1 process gives on the same global batch; periodic checkpoints are collective
-(no hang) and a run killed with SIGKILL after one resumes to the same final weights; the torchrun launcher works
-end to end from a Dagster asset."""
+What must hold (none of it timed): the ranks together see every training pair exactly once per epoch; 2 ranks
+give the weights 1 process gives on the same global batches, under plain SGD without clipping (Adam and clipping
+would hide a wrong loss scale); each rank's model is built on the meta device and loaded shard by shard, equal to
+the plain HF load; a run killed with SIGKILL resumes to the same final weights, also on another number of ranks;
+the torchrun launcher works end to end from a Dagster asset under Pipes, and a re-executed asset resumes."""
 
 import json
 import os
@@ -17,24 +18,13 @@ import pytest
 import torch
 
 from pipelines.rm.model import load_reward_model
+from pipelines.rm.store import PairSource, SourceTable, build_token_store
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.rm.train import TrainConfig
 from tests.rm_helpers import synth_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-GUARD = 300  # seconds: only a guard against the old checkpoint hang, never a speed expectation
-
-KILL_AT_3 = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-from pipelines.rm import launch
-
-def kill_after_step_3(rec, step):  # rank 0 only (the trainer logs there); the step-2 checkpoint is on disk
-    if step == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-launch.main(sys.argv[1], log=kill_after_step_3)
-"""
+GUARD = 300  # seconds: only a guard against a hang, never a speed expectation
 
 
 @pytest.fixture(scope="module")
@@ -42,110 +32,199 @@ def tiny(tmp_path_factory):
     return build_tiny_decoder(tmp_path_factory.mktemp("tiny") / "qwen3", "qwen3")
 
 
-def _spec(tmp: Path, backbone: str, rows: list[dict], val: list[dict], cfg: TrainConfig, out: str) -> Path:
+def _store(tmp: Path, backbone: str, rows: list[dict], max_len: int = 128):
+    tmp.mkdir(parents=True, exist_ok=True)
     cols = ["pair_id", "history", "chosen", "rejected"]
-    pl.DataFrame(rows).select(cols).write_parquet(tmp / "train.parquet")
-    (pl.DataFrame(val) if val else pl.DataFrame(rows).head(0)).select(cols).write_parquet(tmp / "val.parquet")
-    spec = {"backbone": backbone, "train": str(tmp / "train.parquet"), "val": str(tmp / "val.parquet"),
-            "config": asdict(cfg), "out_dir": out, "result": str(tmp / "result.json")}
+    pl.DataFrame(rows).select(cols).write_parquet(tmp / "pairs.parquet")
+    return build_token_store(PairSource([SourceTable(str(tmp / "pairs.parquet"))]), backbone, tmp / "stores",
+                             max_len=max_len, parallel="inprocess").store
+
+
+def _spec(tmp: Path, backbone: str, store, val: list[dict], cfg: TrainConfig, out: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    cols = ["pair_id", "history", "chosen", "rejected"]
+    (pl.DataFrame(val).select(cols) if val else pl.DataFrame(schema={c: pl.String for c in cols})).write_parquet(
+        tmp / "val.parquet")
+    spec = {"backbone": backbone, "store": str(store.path), "val": str(tmp / "val.parquet"), "config": asdict(cfg),
+            "out_dir": out, "result": str(tmp / "result.json")}
     (tmp / "spec.json").write_text(json.dumps(spec))
     return tmp / "spec.json"
 
 
-def _torchrun(spec: Path, nproc: int, script: Path | None = None) -> subprocess.CompletedProcess:
-    entry = [str(script)] if script else ["-m", "pipelines.rm.launch"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *entry, str(spec)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=GUARD)
+def _torchrun(spec: Path, nproc: int, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    entry = "tests.kill_launch" if kill_at else "pipelines.rm.launch"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SYNPREF_TEST_KILL_AT": str(kill_at or 0)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           "-m", entry, str(spec)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=GUARD)
 
 
 def _weights(folder: str) -> dict[str, torch.Tensor]:
     return load_reward_model(folder).model.state_dict()
 
 
+def _worst(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
 @pytest.mark.slow
 def test_two_ranks_split_every_global_batch_and_match_one_process(tiny, tmp_path):
     rows = synth_rows(40, seed=11)[:30]
-    base = dict(lr=1e-3, batch_size=8, epochs=1.0, max_len=128, eval_every=1000, save_last_every=1000,
-                progress=False, record_order=True, layout="shared_prefix")
-    (tmp_path / "two").mkdir()
-    two = _torchrun(_spec(tmp_path / "two", tiny, rows, [], TrainConfig(**base), str(tmp_path / "two/out")), 2)
+    store = _store(tmp_path / "data", tiny, rows)
+    # plain SGD, no clipping: a wrong loss scale (per rank, per micro-batch) changes the weights
+    base = dict(lr=0.05, batch_size=8, epochs=2.0, max_len=128, eval_every=1000, save_last_every=1000,
+                progress=False, record_order=True, layout="shared_prefix", optimizer="sgd", max_grad_norm=0.0)
+    two = _torchrun(_spec(tmp_path / "two", tiny, store, [], TrainConfig(**base, loader_workers=1),
+                          str(tmp_path / "two/out")), 2)
     assert two.returncode == 0, two.stderr[-3000:]
     res = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert res["world_size"] == 2 and res["steps"] == 4  # ceil(30 / 8) global batches of 8 = 4 x 2 ranks x 4
-    # disjoint data: over one epoch the two ranks together saw every pair exactly once
-    seen = {r: [p for line in (tmp_path / "two/out" / f"order-rank{r}.jsonl").read_text().splitlines()
-                for p in json.loads(line)["pair_ids"]] for r in (0, 1)}
-    assert sorted(seen[0] + seen[1]) == sorted(r["pair_id"] for r in rows)
-    assert not set(seen[0]) & set(seen[1]) and abs(len(seen[0]) - len(seen[1])) <= 4
+    assert res["world_size"] == 2 and res["steps"] == 8 and res["pieces"] == 2  # ceil(30 / 8) x 2 epochs
+    # disjoint data: in each epoch the two ranks together saw every pair exactly once
+    seen = {r: [json.loads(line) for line in (tmp_path / "two/out" / f"order-rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)}
+    for epoch in (range(1, 5), range(5, 9)):
+        ids = [p for r in (0, 1) for rec in seen[r] if rec["step"] in epoch for p in rec["pair_ids"]]
+        assert sorted(ids) == sorted(r["pair_id"] for r in rows)
+    first = {p for r in (0, 1) for rec in seen[r] if rec["step"] == 1 for p in rec["pair_ids"]}
+    again = {p for r in (0, 1) for rec in seen[r] if rec["step"] == 5 for p in rec["pair_ids"]}
+    assert first != again  # batches are drawn anew each epoch
     assert {h["global_batch"] for h in res["history"]} == {8, 6}
     # the same global batches in one process (2 micro-batches by accumulation) give the same weights
-    (tmp_path / "one").mkdir()
-    one = _torchrun(_spec(tmp_path / "one", tiny, rows, [], TrainConfig(**{**base, "grad_accum": 2}),
+    one = _torchrun(_spec(tmp_path / "one", tiny, store, [], TrainConfig(**{**base, "grad_accum": 2}),
                           str(tmp_path / "one/out")), 1)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = _weights(str(tmp_path / "two/out/best")), _weights(str(tmp_path / "one/out/best"))
-    # tolerance: float32 sums in a different order (reduce-scatter vs local accumulation) through 4 Adam steps
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-4, worst
-    moved = max(float((a[k] - _weights(tiny)[k]).abs().max()) for k in a if k in _weights(tiny))
-    assert moved > 1e-3  # and training did move the weights (the comparison is not between two no-ops)
+    init = load_reward_model(tiny).model.state_dict()
+    moved = max(float((a[k] - init[k]).abs().max()) for k in a if k in init and "embed" not in k)
+    worst = _worst(a, b)
+    assert moved > 1e-2 and worst < 1e-6, (worst, moved)  # float sums in another order only
 
 
 @pytest.mark.slow
-def test_collective_checkpoints_do_not_hang_and_a_killed_run_resumes_to_the_same_weights(tiny, tmp_path):
+def test_each_rank_loads_only_its_shards_and_gets_the_hf_weights(tiny, tmp_path):
+    script = tmp_path / "load.py"
+    script.write_text(f"""
+import json, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+from pipelines.rm.fsdp import load_sharded_reward_model
+rm = load_sharded_reward_model({tiny!r}, device="cpu", seed=3)
+local = sum(p.to_local().numel() for p in rm.model.parameters())
+full = sum(p.numel() for p in rm.model.parameters())
+sd = get_model_state_dict(rm.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if torch.distributed.get_rank() == 0:
+    torch.save(sd, {str(tmp_path / 'full.pt')!r})
+    print(json.dumps({{"local": local, "full": full, "sharded": all(isinstance(p, DTensor) for p in rm.model.parameters())}}))
+torch.distributed.destroy_process_group()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=GUARD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["sharded"] and info["local"] <= info["full"] // 2 + 1024  # a rank holds about half the weights
+    got = torch.load(tmp_path / "full.pt")
+    ref = load_reward_model(tiny).model.state_dict()
+    for k, v in ref.items():
+        if k == "score.weight":  # a new head: seeded, drawn the same on every rank
+            assert got[k].shape == v.shape and got[k].std() > 0
+        elif "embed_tokens" in k:  # the reward pad row is new (zero here, sampled by HF's resize)
+            assert torch.equal(got[k][:-1], v[:-1]) and got[k].shape == v.shape
+        else:
+            assert torch.equal(got[k], v), k
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_weights_also_on_one_rank(tiny, tmp_path):
     rows = synth_rows(40, seed=12)[:32]
     val = synth_rows(12, seed=13)[:8]
+    store = _store(tmp_path / "data", tiny, rows)
     cfg = TrainConfig(lr=1e-3, batch_size=8, epochs=2.0, max_len=128, eval_every=3, save_last_every=2,
                       progress=False, layout="shared_prefix")
-    (tmp_path / "clean").mkdir()
-    clean = _torchrun(_spec(tmp_path / "clean", tiny, rows, val, cfg, str(tmp_path / "clean/out")), 2)
-    assert clean.returncode == 0, clean.stderr[-3000:]  # the old code aborted here at the first checkpoint
+    clean = _torchrun(_spec(tmp_path / "clean", tiny, store, val, cfg, str(tmp_path / "clean/out")), 2)
+    assert clean.returncode == 0, clean.stderr[-3000:]
     res = json.loads((tmp_path / "clean" / "result.json").read_text())
     assert res["steps"] == 8 and res["world_size"] == 2
     assert all("val_accuracy" in h for h in res["history"] if h["step"] % 3 == 0)  # sharded, all-reduced
-    assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in res["history"] if "val_accuracy" in h)
-    # kill -9 rank 0 right after step 3 (the step-2 checkpoint is written), then rerun the same spec
-    (tmp_path / "killed").mkdir()
-    script = tmp_path / "kill_at_3.py"
-    script.write_text(KILL_AT_3.format(root=str(ROOT)))
-    spec = _spec(tmp_path / "killed", tiny, rows, val, cfg, str(tmp_path / "killed/out"))
-    dead = _torchrun(spec, 2, script)
-    assert dead.returncode != 0 and (tmp_path / "killed/out/last/trainer_state.pt").exists()
-    again = _torchrun(spec, 2)
-    assert again.returncode == 0, again.stderr[-3000:]
-    res2 = json.loads((tmp_path / "killed" / "result.json").read_text())
-    assert res2["resumed_from_step"] == 2 and res2["steps"] == 8
-    a, b = _weights(str(tmp_path / "clean/out/best")), _weights(str(tmp_path / "killed/out/best"))
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-6, worst  # same ranks, same order of operations: the resumed run is the uninterrupted one
+    ref = _weights(str(tmp_path / "clean/out/best"))
+    for resume_ranks in (2, 1):
+        # kill -9 rank 0 right after step 3 (the step-2 checkpoint is written), then run the same spec again
+        d = tmp_path / f"killed{resume_ranks}"
+        spec = _spec(d, tiny, store, val, cfg, str(d / "out"))
+        dead = _torchrun(spec, 2, kill_at=3)
+        assert dead.returncode != 0 and (d / "out/last/trainer_state.pt").exists()
+        again = _torchrun(spec, resume_ranks)
+        assert again.returncode == 0, again.stderr[-3000:]
+        res2 = json.loads((d / "result.json").read_text())
+        assert res2["resumed_from_step"] == 2 and res2["steps"] == 8 and res2["world_size"] == resume_ranks
+        assert res2["pieces"] == 2 and res2["grad_accum"] == 2 // resume_ranks  # accumulation absorbs the change
+        worst = _worst(ref, _weights(str(d / "out/best")))
+        # same ranks: the same operations in the same order; one rank: float sums in another order only
+        assert worst < (1e-6 if resume_ranks == 2 else 1e-5), (resume_ranks, worst)
+
+
+def _seed_lake(home: Path, n: int = 60, seed: int = 14) -> None:
+    from pipelines.lake import Lake
+    from pipelines.review.seed import SEED, gold_split
+
+    rows = synth_rows(n, seed=seed)
+    frame = pl.DataFrame([{**{k: r[k] for k in ("pair_id", "history", "chosen", "rejected")},
+                           "label_origin": "human", "split": gold_split(r["pair_id"], 0.2, 0.2),
+                           "task_category": r["category"]} for r in rows])
+    Lake(str(home / "lake")).overwrite(SEED, frame.to_arrow())
 
 
 @pytest.mark.slow
-def test_gold_rm_trains_through_the_torchrun_launcher_from_dagster(tiny, synpref_home):
-    """The gold_rm asset with TrainerResource(launcher="torchrun", nproc_per_node=2): two gloo ranks, a registered
-    model that loads and scores."""
+def test_gold_rm_trains_through_torchrun_under_pipes_and_a_reexecuted_run_resumes(tiny, synpref_home, monkeypatch):
+    """gold_rm with TrainerResource(launcher="torchrun", nproc_per_node=2): the launch goes through Dagster Pipes
+    (each step's line reaches the run's log, MLflow gets every step live from rank 0). A run killed with SIGKILL
+    mid-epoch fails the step; materializing the asset again (a new Dagster run, same inputs and config) resumes
+    from the last checkpoint and ends with the weights of an uninterrupted run."""
     import dagster as dg
+    from mlflow.tracking import MlflowClient
 
     from assets.rm import gold_rm
-    from pipelines.lake import Lake
-    from pipelines.review.seed import SEED, gold_split
+    from resources.compute import ComputeResource
     from resources.lake import LakeResource
     from resources.mlflow import MlflowResource
     from resources.trainer import TrainerResource
 
-    rows = synth_rows(60, seed=14)
-    seed = pl.DataFrame([{**{k: r[k] for k in ("pair_id", "history", "chosen", "rejected")},
-                          "label_origin": "human", "split": gold_split(r["pair_id"], 0.2, 0.2),
-                          "task_category": r["category"]} for r in rows])
-    Lake(str(synpref_home / "lake")).overwrite(SEED, seed.to_arrow())
+    _seed_lake(synpref_home)
+    run_config = {"ops": {"gold_rm": {"config": {"backbone": tiny, "epochs": 3.0, "batch_size": 8, "max_len": 96,
+                                                  "eval_every": 2, "save_last_every": 2}}}}
+
+    def materialize(instance, module="pipelines.rm.launch"):
+        return dg.materialize([gold_rm], instance=instance, raise_on_error=False, run_config=run_config, resources={
+            "lake_store": LakeResource(), "mlflow_store": MlflowResource(), "compute": ComputeResource(engine="inprocess"),
+            "trainer": TrainerResource(launcher="torchrun", nproc_per_node=2, module=module)})
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SYNPREF_TEST_KILL_AT", "3")
     with dg.instance_for_test() as inst:
-        res = dg.materialize([gold_rm], instance=inst, resources={
-            "lake_store": LakeResource(), "mlflow_store": MlflowResource(),
-            "trainer": TrainerResource(launcher="torchrun", nproc_per_node=2)},
-            run_config={"ops": {"gold_rm": {"config": {"backbone": tiny, "epochs": 1.0, "batch_size": 8,
-                                                       "max_len": 96, "eval_every": 2}}}})
-    assert res.success
-    meta = res.asset_materializations_for_node("gold_rm")[0].metadata
-    assert meta["world_size"].value == 2 and meta["rm_version"].value == "synpref-gold-rm:1"
-    assert 0.0 <= meta["gold_val_accuracy"].value <= 1.0
+        dead = materialize(inst, "tests.kill_launch")
+        assert not dead.success
+        logs = [e.message for e in inst.all_logs(dead.run_id) if e.message]
+        assert any("step " in m and "loss=" in m for m in logs)  # Pipes brought the steps into the run's log
+        again = materialize(inst)
+        assert again.success
+        meta = again.asset_materializations_for_node("gold_rm")[0].metadata
+        assert meta["world_size"].value == 2 and meta["resumed_from_step"].value == 2
+        client = MlflowClient()
+        run = client.get_run(meta["mlflow_run_id"].value)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(3, meta["steps"].value + 1))  # logged live, from the resumed step on
+    # the uninterrupted run (a fresh home, same data and config) ends with the same weights
+    first = Path(meta["model_dir"].value) / "best"
+    assert first.exists()
+    resumed = _weights(str(first))
+    other = synpref_home.parent / "home2"
+    other.mkdir()
+    monkeypatch.setenv("SYNPREF_HOME", str(other))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}/mlflow.db")
+    _seed_lake(other)
+    with dg.instance_for_test() as inst:
+        clean = materialize(inst)
+        assert clean.success
+        m2 = clean.asset_materializations_for_node("gold_rm")[0].metadata
+        assert m2["resumed_from_step"].value == 0
+    assert _worst(resumed, _weights(str(Path(m2["model_dir"].value) / "best"))) < 1e-6

@@ -72,9 +72,17 @@ def test_margin_and_several_rejected_reach_the_trainer(tiny_qwen, tmp_path):
     cfg = TrainConfig(lr=1e-3, batch_size=4, epochs=1, max_len=256, loss="listwise", progress=False, eval_every=100)
     res = train_reward_model(rm, wide, wide[:4], cfg, str(tmp_path / "lw"))
     assert res.steps == 3 and all(math.isfinite(h["loss"]) for h in res.history)
-    with pytest.raises(ValueError, match="margin_bt needs"):
-        train_reward_model(load_reward_model(tiny_qwen), rows, [], TrainConfig(loss="margin_bt", progress=False),
-                           str(tmp_path / "m"))
+    # the rule for pairs without a stated strength: margin 0, i.e. their term is plain BT (counted, not refused)
+    cfg = TrainConfig(lr=1e-3, batch_size=4, epochs=1, max_len=256, progress=False, eval_every=100)
+    plain = train_reward_model(load_reward_model(tiny_qwen), rows, [], cfg, str(tmp_path / "bt"))
+    cfg.loss = "margin_bt"
+    mixed = [{**r, "margin": 2.0} if i % 2 else r for i, r in enumerate(rows)]
+    res = train_reward_model(load_reward_model(tiny_qwen), rows, [], cfg, str(tmp_path / "m"))
+    assert res.pairs_without_margin == len(rows) and plain.pairs_without_margin == 0
+    assert [h["loss"] for h in res.history] == pytest.approx([h["loss"] for h in plain.history], abs=1e-6)
+    res2 = train_reward_model(load_reward_model(tiny_qwen), mixed, [], cfg, str(tmp_path / "m2"))
+    assert res2.pairs_without_margin == len(rows) - len(rows) // 2
+    assert res2.history[0]["loss"] > plain.history[0]["loss"]  # a stated margin asks for a larger gap
 
 
 def test_decoder_gets_a_dedicated_pad_token_and_single_bos(tiny_qwen):

@@ -40,7 +40,7 @@ class StandInRMs:
         self.fail_scoring_at = fail_scoring_at
         self.scored = 0
 
-    def train(self, *, name, role, train, val, run_key, extra):
+    def train(self, *, name, role, train, val, extra):
         self.calls.append((set(train["pair_id"]), set(val["pair_id"])))
         return SimpleNamespace(rm_version=f"stand-in:{len(self.calls)}", val_accuracy=0.5 + 0.01 * len(self.calls))
 

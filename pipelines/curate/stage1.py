@@ -85,7 +85,7 @@ def judged_to_silver(pairs: pl.DataFrame, verdicts: pl.DataFrame, iteration: int
 class RewardModels(Protocol):
     """What Stage 1 needs from the RM side (the real one trains + registers in MLflow; tests pass a stand-in)."""
 
-    def train(self, *, name: str, role: str, train: pl.DataFrame, val: pl.DataFrame, run_key: str,
+    def train(self, *, name: str, role: str, train: pl.DataFrame, val: pl.DataFrame,
               extra: dict) -> object: ...  # returns an object with rm_version and val_accuracy
 
     def score(self, rm_version: str, pairs: pl.DataFrame) -> pl.DataFrame: ...  # pair_id, p
@@ -164,7 +164,7 @@ def run_stage1(lake, cfg: Stage1Config, rms: RewardModels, judging, *, run_id: s
     result = Stage1Result()
     for it in range(start + 1, start + cfg.iterations + 1):
         silver = lake.read(SILVER).filter(pl.col("iteration") < it)
-        reg = rms.train(name="synpref-stage1-rm", role="stage1", train=silver, val=val, run_key=f"{run_id}-it{it}",
+        reg = rms.train(name="synpref-stage1-rm", role="stage1", train=silver, val=val,
                         extra={"iteration": it})
         val_p = val.select("pair_id").join(rms.score(reg.rm_version, val).select("pair_id", "p"), on="pair_id")
         # the unverified Stage-1 pool: not in the seed, not in silver, not judged by an earlier iteration

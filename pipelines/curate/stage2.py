@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import polars as pl
@@ -38,6 +40,8 @@ from pipelines.lake import Lake
 from pipelines.pool import (ATTRIBUTES_SCHEMA, WorkUnit, attributes, quarantine_pairs, read_unit,
                             truth_categories, work_units)
 from pipelines.rm.registry import ModelRef
+from pipelines.rm.store import PairSource, SourceTable
+from pipelines.schema import HISTORY_DTYPE as HISTORY
 from pipelines.tables import (CURATED, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
                              STAGE2_UNITS)
 
@@ -342,16 +346,36 @@ def unit_rows_table(lake: Lake) -> pl.DataFrame:
     return lake.scan(STAGE2_UNITS).sort("done_at").unique("work_unit", keep="last").collect()
 
 
-def curated_mix(lake: Lake, include_recycled: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The RM family's data: train = curated_pairs (+ recycled_pairs, the 40M mix) minus every gold_val and
-    gold_test pair; val = gold_val (checkpoint selection). gold_test stays for the report only."""
-    cols = ["pair_id", "history", "chosen", "rejected", "margin"]
-    seed = lake.scan(SEED)
-    held_out = seed.filter(pl.col("split") != "train").select("pair_id")
-    parts = [lake.scan(CURATED).select(cols)]
+def held_out_comparisons(lake: Lake, root: Path) -> Path:
+    """A Parquet file of the comparison ids of every gold_val and gold_test pair (either orientation), named by
+    its content: every training mix leaves these comparisons out. Seed-sized."""
+    from pipelines.schema import comparison_ids
+
+    held = (lake.scan(SEED).filter(pl.col("split") != "train").select("history", "chosen", "rejected").collect()
+            if lake.exists(SEED) else pl.DataFrame(schema={"history": HISTORY, "chosen": pl.String,
+                                                           "rejected": pl.String}))
+    ids = pl.DataFrame({"comparison_id": comparison_ids(held)}, schema={"comparison_id": pl.String}).unique().sort(
+        "comparison_id")
+    root.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256("\n".join(ids["comparison_id"].to_list()).encode()).hexdigest()[:20]
+    path = root / f"held-out-{digest}.parquet"
+    if not path.exists():
+        tmp = root / f".{digest}.{os.getpid()}.parquet"
+        ids.write_parquet(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def training_mix(lake: Lake, root: Path, include_recycled: bool = False) -> tuple[PairSource, pl.DataFrame]:
+    """The RM family's data, as a token-store source: curated_pairs (+ recycled_pairs, the 40M mix) at their
+    current versions (pinned in the source, so the store and the run name exactly what they read), minus every
+    gold_val and gold_test comparison in either orientation; and gold_val (checkpoint selection, in memory).
+    gold_test stays for the report only. Nothing is collected here: the store's build tasks read the tables'
+    files in parallel. Curated and recycled rows are disjoint by construction (Stage 2 decides each raw pair once:
+    kept, flipped, or neither)."""
+    tables = [SourceTable(lake.uri(CURATED), lake.version(CURATED), lake.storage_options)]
     if include_recycled and lake.exists(RECYCLED):  # flipped pairs keep the source's margin: it is still a gap
-        parts.append(lake.scan(RECYCLED).select(cols))
-    train = pl.concat(parts).join(held_out, on="pair_id", how="anti").unique("pair_id", keep="first").collect()
-    if train["margin"].null_count() == train.height:
-        train = train.drop("margin")  # no source stated one: the trainer then sees plain pairs
-    return train, seed.filter(pl.col("split") == "gold_val").select(cols[:4]).collect()
+        tables.append(SourceTable(lake.uri(RECYCLED), lake.version(RECYCLED), lake.storage_options))
+    val = lake.scan(SEED).filter(pl.col("split") == "gold_val").select("pair_id", "history", "chosen",
+                                                                      "rejected").collect()
+    return PairSource(tables, exclude=str(held_out_comparisons(lake, root))), val

@@ -16,7 +16,9 @@ import enum
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from pipelines.rm.model import RewardModel
+import numpy as np
+
+from pipelines.rm.model import RewardModel, RMTokenizer
 from pipelines.chat import prompt_text
 
 
@@ -52,7 +54,7 @@ class LengthReport:
 
 
 class Renderer:
-    def __init__(self, rm: RewardModel, max_len: int = 512, policy: LengthPolicy | str = LengthPolicy.TRUNCATE):
+    def __init__(self, rm: RewardModel | RMTokenizer, max_len: int = 512, policy: LengthPolicy | str = LengthPolicy.TRUNCATE):
         self.tok = rm.tokenizer
         self.decoder = rm.is_decoder
         self.max_len = max_len
@@ -63,38 +65,50 @@ class Renderer:
         bos = self.tok.bos_token
         return text[len(bos):] if bos and text.startswith(bos) else text
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=True)["input_ids"]
-
     def render(self, history: list[dict], response: str) -> tuple[list[int], int]:
         """(token ids of history + response, tokens of the rendered history)."""
         return self.render_many(history, [response])[0]
 
     def render_many(self, history: list[dict], responses: list[str]) -> list[tuple[list[int], int]]:
-        """`render` for several responses to one history: the history is rendered once and the texts are
-        tokenized in one batched call (scoring 40M pairs spends much of its CPU time here)."""
-        msgs = [{"role": m["role"], "content": m["content"]} for m in history]
+        """`render` for several responses to one history: the history is rendered once."""
+        return self.render_batch([(history, responses)])[0]
+
+    def render_batch(self, items: list[tuple[list[dict], list[str]]]) -> list[list[tuple[list[int], int]]]:
+        """`render_many` for many histories at once: every text of the batch goes through one tokenizer call
+        (tokenizing is most of the CPU time of scoring 40M pairs and of building a token store). Ids are exactly
+        those of one call per text."""
+        if not items:
+            return []
+        msgs = [[{"role": m["role"], "content": m["content"]} for m in h] for h, _ in items]
         if self.chat:
-            fulls = [self._strip_bos(self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": r}],
-                                                                  tokenize=False)) for r in responses]
-            prefix = self._strip_bos(self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-            enc = self.tok([prefix, *fulls], add_special_tokens=True)["input_ids"]
-            pids, out = enc[0], []
-            for ids in enc[1:]:
-                n = 0
-                while n < min(len(ids), len(pids)) and ids[n] == pids[n]:
-                    n += 1
-                out.append((ids, n))
+            texts: list[str] = []
+            for m, (_, responses) in zip(msgs, items):
+                texts.append(self._strip_bos(self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)))
+                texts += [self._strip_bos(self.tok.apply_chat_template(m + [{"role": "assistant", "content": r}],
+                                                                      tokenize=False)) for r in responses]
+            enc = iter(self.tok(texts, add_special_tokens=True)["input_ids"])
+            out = []
+            for _, responses in items:
+                pids, group = next(enc), []
+                for _r in responses:
+                    ids = next(enc)
+                    n, top = 0, min(len(ids), len(pids))
+                    while n < top and ids[n] == pids[n]:
+                        n += 1
+                    group.append((ids, n))
+                out.append(group)
             return out
         if self.decoder:  # a decoder without a chat template: plain transcript, EOS-terminated
-            pids = self._ids(prompt_text(msgs) + "\nassistant: ")
             eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
-            return [(pids + ids + eos, len(pids))
-                    for ids in self.tok(list(responses), add_special_tokens=False)["input_ids"]]
+            prefixes = self.tok([prompt_text(m) + "\nassistant: " for m in msgs], add_special_tokens=True)["input_ids"]
+            bodies = iter(self.tok([r for _, rs in items for r in rs], add_special_tokens=False)["input_ids"])
+            return [[(pids + next(bodies) + eos, len(pids)) for _r in rs] for pids, (_, rs) in zip(prefixes, items)]
         sep = self.tok.sep_token_id
-        text = prompt_text(msgs)
-        return [(ids, ids.index(sep) + 1 if sep in ids else 1)
-                for ids in self.tok([text] * len(responses), list(responses), add_special_tokens=True)["input_ids"]]
+        firsts = [prompt_text(m) for m, (_, rs) in zip(msgs, items) for _r in rs]
+        seconds = [r for _, rs in items for r in rs]
+        enc = iter(self.tok(firsts, seconds, add_special_tokens=True)["input_ids"]) if seconds else iter(())
+        return [[(ids, ids.index(sep) + 1 if sep in ids else 1) for ids in (next(enc) for _r in rs)]
+                for _, rs in items]
 
     def encode(self, history: list[dict], response: str) -> Encoded:
         ids, prefix = self.render(history, response)
@@ -152,16 +166,32 @@ class Renderer:
         return out
 
 
+def shared_prefix_len(seqs: list, prefix_lens: list[int]) -> int:
+    """Leading tokens every sequence shares (the history), leaving at least one token of each. Works on lists and
+    numpy arrays alike."""
+    arrs = [np.asarray(s) for s in seqs]
+    k = min(prefix_lens)
+    if any(not np.array_equal(a[:k], arrs[0][:k]) for a in arrs[1:]):
+        top = min(len(a) for a in arrs)
+        diff = np.zeros(top, dtype=bool)
+        for a in arrs[1:]:
+            diff |= a[:top] != arrs[0][:top]
+        k = int(np.argmax(diff)) if diff.any() else top
+    return int(min(k, *(len(a) - 1 for a in arrs)))
+
+
 @dataclass
 class EncodedPair:
     """A chosen response and its rejected one(s) (several for best-of-N data, `more`), encoded on one history,
-    with the pair's margin when the data carries one."""
+    with the pair's margin when the data carries one. Ids may be lists (fresh from the renderer) or int32 numpy
+    arrays (read from a token store, which also gives `shared_len`)."""
 
     pair_id: str
     chosen: Encoded
     rejected: Encoded
     more: list[Encoded] = field(default_factory=list)  # further rejected responses (K-negative / listwise losses)
     margin: float | None = None
+    shared_len: int | None = None  # precomputed `shared` (token store)
 
     @property
     def rejected_all(self) -> list[Encoded]:
@@ -178,63 +208,57 @@ class EncodedPair:
     @cached_property  # read by batch grouping and by every shared-prefix forward
     def shared(self) -> int:
         """Leading tokens every response's sequence shares (the history; at least one token of each is left)."""
-        seqs = [e.ids for e in self.sequences]
-        k = min(e.prefix_len for e in self.sequences)
-        if any(s[:k] != seqs[0][:k] for s in seqs[1:]):
-            k = 0
-            while k < min(map(len, seqs)) - 1 and all(s[k] == seqs[0][k] for s in seqs[1:]):
-                k += 1
-        return min(k, *(len(s) - 1 for s in seqs))
+        if self.shared_len is not None:
+            return self.shared_len
+        return shared_prefix_len([e.ids for e in self.sequences], [e.prefix_len for e in self.sequences])
 
     def row_len(self, layout: str) -> int:
         """Length of this pair's padded row(s) in a layout: `pairs` pads every sequence to the longest one,
         `shared_prefix` lays the history once then every response in one row, `packed` concatenates all."""
-        if layout == "shared_prefix":
-            return self.tokens - self.shared * (len(self.sequences) - 1)
-        if layout == "packed":
-            return self.tokens
-        return max(len(e.ids) for e in self.sequences)
+        return row_length(layout, self.tokens, max(len(e.ids) for e in self.sequences), self.shared,
+                          len(self.sequences))
 
 
-def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair], LengthReport]:
-    """rows: dicts with pair_id, history, chosen, rejected, and optionally `rejected_more` (a list of further
-    rejected responses) and `margin`. Over-length pairs are counted, not silently lost."""
-    out, rep = [], LengthReport()
-    for r in rows:
-        rep.total += 1
-        extra = [x for x in (r.get("rejected_more") or []) if x is not None]
-        try:
-            enc = renderer._fit(renderer.render_many(r["history"], [r["chosen"], r["rejected"], *extra]))
-        except OverLength:
-            if renderer.policy is LengthPolicy.FAIL:
-                raise
-            rep.dropped += 1
-            rep.dropped_ids.append(r["pair_id"])
-            continue
-        rep.truncated += int(any(e.truncated for e in enc))
-        margin = r.get("margin")
-        out.append(EncodedPair(r["pair_id"], enc[0], enc[1], enc[2:], None if margin is None else float(margin)))
+def row_length(layout: str, tokens, max_seq, shared, n_seq):
+    """`EncodedPair.row_len` on scalars or numpy arrays (the sampler groups millions of pairs by it)."""
+    if layout == "shared_prefix":
+        return tokens - shared * (n_seq - 1)
+    if layout == "packed":
+        return tokens
+    return max_seq
+
+
+ENCODE_CHUNK = 256  # rows per batched tokenizer call
+
+
+def encode_rows(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair | None], LengthReport]:
+    """One EncodedPair per row (None where the length policy refuses it). rows: dicts with pair_id, history,
+    chosen, rejected, and optionally `rejected_more` (a list of further rejected responses) and `margin`."""
+    out: list[EncodedPair | None] = []
+    rep = LengthReport()
+    for s in range(0, len(rows), ENCODE_CHUNK):
+        chunk = rows[s:s + ENCODE_CHUNK]
+        extras = [[x for x in (r.get("rejected_more") or []) if x is not None] for r in chunk]
+        rendered = renderer.render_batch([(r["history"], [r["chosen"], r["rejected"], *x])
+                                          for r, x in zip(chunk, extras)])
+        for r, ren in zip(chunk, rendered):
+            rep.total += 1
+            try:
+                enc = renderer._fit(ren)
+            except OverLength:
+                if renderer.policy is LengthPolicy.FAIL:
+                    raise
+                rep.dropped += 1
+                rep.dropped_ids.append(r["pair_id"])
+                out.append(None)
+                continue
+            rep.truncated += int(any(e.truncated for e in enc))
+            margin = r.get("margin")
+            out.append(EncodedPair(r["pair_id"], enc[0], enc[1], enc[2:], None if margin is None else float(margin)))
     return out, rep
 
 
-def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Plain shuffled batches, padded to their longest member: what TRL and most trainers do (a benchmark peer)."""
-    import random
-
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def length_grouped_batches(items: list[EncodedPair], batch_size: int, shuffle_seed: int | None = None,
-                           layout: str = "pairs") -> list[list[int]]:
-    """Batches of similar row length in `layout` (little padding where varlen kernels are absent), in shuffled
-    batch order."""
-    import random
-
-    lens = [p.row_len(layout) for p in items]
-    order = sorted(range(len(items)), key=lambda i: (lens[i], items[i].tokens))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(batches)
-    return batches
+def encode_pairs(renderer: Renderer, rows: list[dict]) -> tuple[list[EncodedPair], LengthReport]:
+    """`encode_rows` without the refused rows (they are counted in the report, not silently lost)."""
+    enc, rep = encode_rows(renderer, rows)
+    return [e for e in enc if e is not None], rep

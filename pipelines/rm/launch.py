@@ -1,37 +1,102 @@
-"""Training entry point for `torchrun` (multi-GPU FSDP): the trainer resource's `torchrun` launcher runs
+"""Training entry point for `torchrun` (one node or many): the trainer resource runs
 
-    torchrun --nproc_per_node N -m pipelines.rm.launch spec.json
+    torchrun [--standalone | --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT] --nproc-per-node G \\
+        -m pipelines.rm.launch spec.json
 
-spec.json: backbone, train/val parquet paths, TrainConfig fields, out_dir, result path. Every rank reads the same
-rows and trains on its own slice of each global batch (see pipelines.rm.train); rank 0 writes the result.
+under Dagster Pipes (`PipesSubprocessClient` on one node, `PipesK8sClient` on a cluster). spec.json: backbone, the
+token store folder (every rank maps it and reads only its own micro-batches), gold_val parquet (small, in memory),
+TrainConfig fields, out_dir (keyed by data + config: a rerun resumes), and optionally an MLflow run to log to.
+
+Rank 0 opens the Pipes channel when the orchestrator provided one: each step goes back as a log line and a custom
+message, the final TrainResult as a custom message; the other ranks only train. Rank 0 also logs each step to the
+MLflow run given in the spec, live.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import polars as pl
 import torch
 
 from pipelines.rm.model import load_reward_model
-from pipelines.rm.train import TrainConfig, is_main_process, train_reward_model
+from pipelines.rm.store import TokenStore
+from pipelines.rm.train import TrainConfig, is_main_process, train_reward_model, use_bf16
+
+
+def load_for_training(backbone: str, device: str, attn_implementation: str | None, bf16: str, seed: int):
+    """Under torchrun, a model built on the meta device and loaded shard by shard (no full copy per rank);
+    in one process, the plain HF load."""
+    if "WORLD_SIZE" in os.environ and not os.environ.get("SYNPREF_NO_FSDP"):
+        folder = Path(backbone)
+        if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+            from pipelines.rm.fsdp import load_sharded_reward_model
+
+            return load_sharded_reward_model(backbone, device=device, attn_implementation=attn_implementation,
+                                             bf16=use_bf16(bf16, torch.device(device)), seed=seed)
+    return load_reward_model(backbone, device=device, attn_implementation=attn_implementation, seed=seed)
+
+
+def _pipes():
+    """The Dagster Pipes context on rank 0 when launched under Pipes, else None."""
+    if not os.environ.get("DAGSTER_PIPES_CONTEXT") or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(None)
+    from dagster_pipes import open_dagster_pipes
+
+    return open_dagster_pipes()
+
+
+def _mlflow_logger(spec: dict):
+    cfg = spec.get("mlflow")
+    if not cfg or not is_main_process():
+        return None
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg["tracking_uri"])
+
+    def log(rec: dict, step: int) -> None:
+        ts = int(time.time() * 1000)
+        client.log_batch(cfg["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in rec.items()
+                                                 if k != "step" and isinstance(v, (int, float))])
+
+    return log
 
 
 def main(spec_path: str, log=None) -> None:
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        import os
-
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    rm = load_reward_model(spec["backbone"], device=device, attn_implementation=spec.get("attn_implementation"))
-    res = train_reward_model(rm, pl.read_parquet(spec["train"]).to_dicts(), pl.read_parquet(spec["val"]).to_dicts(),
-                             TrainConfig(**spec["config"]), spec["out_dir"], log=log)
-    if is_main_process():
-        with open(spec["result"], "w") as fh:
-            json.dump(asdict(res), fh)
+    cfg = TrainConfig(**spec["config"])
+    with _pipes() as pipes:
+        rm = load_for_training(spec["backbone"], device, spec.get("attn_implementation"), cfg.bf16, cfg.seed)
+        to_mlflow = _mlflow_logger(spec)
+
+        def on_step(rec: dict, step: int) -> None:
+            if to_mlflow:
+                to_mlflow(rec, step)
+            if pipes is not None:
+                pipes.log.info("step " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in rec.items() if k != "step") + f" ({step})")
+                pipes.report_custom_message({"kind": "step", **rec})
+            if log:
+                log(rec, step)
+
+        val = pl.read_parquet(spec["val"]).to_dicts() if spec.get("val") else []
+        res = train_reward_model(rm, TokenStore(spec["store"]), val, cfg, spec["out_dir"], log=on_step)
+        if is_main_process():
+            if spec.get("result"):
+                Path(spec["result"]).write_text(json.dumps(asdict(res)))
+            if pipes is not None:
+                pipes.report_custom_message({"kind": "result", "result": {**asdict(res), "history": []}})
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -45,6 +45,28 @@ def ensure_pad_token(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase)
     return added
 
 
+@dataclass
+class RMTokenizer:
+    """The tokenizer side of a reward model (what rendering needs), loaded without its weights: token-store
+    builders tokenize millions of pairs where the model is never needed."""
+
+    tokenizer: PreTrainedTokenizerBase
+    is_decoder: bool
+    name_or_path: str
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> RMTokenizer:
+    """The tokenizer exactly as `load_reward_model` sets it up (right padding, the dedicated pad token)."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    decoder = is_decoder_config(config)
+    if decoder:
+        tok.padding_side = "right"
+        if tok.pad_token is None:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return RMTokenizer(tok, decoder, name_or_path)
+
+
 def load_reward_model(name_or_path: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                       attn_implementation: str | None = None, trust_remote_code: bool = False,
                       seed: int = 0) -> RewardModel:

@@ -13,10 +13,11 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlflow
 import polars as pl
+import pyarrow as pa
 
 from pipelines.tables import RM_DATA
 
@@ -44,33 +45,57 @@ class RegisteredRM:
     result: TrainResult
 
 
+def _train_ids(train) -> Iterator[pa.RecordBatch]:
+    if isinstance(train, list):
+        yield pa.record_batch([pa.array([r["pair_id"] for r in train], pa.string())], names=["pair_id"])
+    else:
+        yield from train.pair_ids()
+
+
 def train_and_register(lake: Lake, *, tracking_uri: str, experiment: str, name: str, role: str, backbone: str,
-                       train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig, out_dir: str,
+                       train, val_rows: list[dict], cfg: TrainConfig, out_dir: str,
                        train_fn: Callable[..., TrainResult], extra: dict | None = None,
                        artifact_root: str | None = None) -> RegisteredRM:
-    """train_fn(backbone, train_rows, val_rows, cfg, out_dir, log) -> TrainResult (in-process or torchrun)."""
+    """train_fn(backbone, train, val_rows, cfg, out_dir, log) -> TrainResult (in-process or torchrun), called
+    inside the MLflow run (a torchrun launcher finds it with `mlflow.active_run()` and logs from rank 0). `train`:
+    a TokenStore (the product path), or rows for small sets. The data manifest (which pairs this RM trained and was
+    selected on) streams from the store shard by shard."""
+    n_train = len(train)
     with tracking.run(tracking_uri, experiment, name, artifact_root, tags={"role": role}) as run:
         mlflow.log_params({**{f"train.{k}": v for k, v in asdict(cfg).items()}, "backbone": backbone,
-                           "train_pairs": len(train_rows), "val_pairs": len(val_rows), **(extra or {})})
-        res = train_fn(backbone, train_rows, val_rows, cfg, out_dir,
+                           "train_pairs": n_train, "val_pairs": len(val_rows), **(extra or {})})
+        res = train_fn(backbone, train, val_rows, cfg, out_dir,
                        lambda rec, step: mlflow.log_metrics({k: float(v) for k, v in rec.items() if k != "step"}, step=step))
         mlflow.log_metrics({"best_val_accuracy": res.best_val_accuracy, "tokens_per_s": res.tokens_per_s,
+                            "resumed_from_step": res.resumed_from_step,
                             **{f"length_{k}": v for k, v in res.length.items()}})
         version = tracking.log_model_folder(res.best_dir, name)
         run_id = run.info.run_id
     rm_version = f"{name}:{version}"
     uri = f"models:/{name}/{version}"
-    manifest = pl.concat([pl.DataFrame({"pair_id": [r["pair_id"] for r in rows], "use": use},
-                                       schema={"pair_id": pl.String, "use": pl.String})
-                          for rows, use in ((train_rows, "train"), (val_rows, "select"))])
-    lake.append(RM_DATA, manifest.select(pl.lit(rm_version).alias("rm_version"), "pair_id", "use").to_arrow())
+    lake.append_batches(RM_DATA, _manifest(train, val_rows, rm_version), MANIFEST_SCHEMA)
     lake.append(REGISTRY, pl.DataFrame([{
         "rm_version": rm_version, "name": name, "role": role, "backbone": backbone, "model_uri": uri,
         "path": res.best_dir,
         "mlflow_run_id": run_id, "registered_version": version, "val_accuracy": res.best_val_accuracy,
-        "train_pairs": len(train_rows), "extra": json.dumps(extra or {}), "created_at": datetime.now(timezone.utc),
+        "train_pairs": n_train, "extra": json.dumps(extra or {}), "created_at": datetime.now(timezone.utc),
     }], schema=REGISTRY_SCHEMA).to_arrow())
     return RegisteredRM(rm_version, uri, res.best_dir, run_id, res.best_val_accuracy, res)
+
+
+MANIFEST_SCHEMA = pa.schema([("rm_version", pa.string()), ("pair_id", pa.string()), ("use", pa.string())])
+
+
+def _manifest(train, val_rows: list[dict], rm_version: str) -> Iterator[pa.RecordBatch]:
+    """(rm_version, pair_id, use) of every training pair (streamed from the store) and every selection pair."""
+    def batch(ids: pa.Array, use: str) -> pa.RecordBatch:
+        n = len(ids)
+        return pa.record_batch([pa.array([rm_version] * n, pa.string()), ids, pa.array([use] * n, pa.string())],
+                               schema=MANIFEST_SCHEMA)
+
+    for b in _train_ids(train):
+        yield batch(b.column("pair_id"), "train")
+    yield batch(pa.array([r["pair_id"] for r in val_rows], pa.string()), "select")
 
 
 def latest(lake: Lake, *, name: str | None = None, role: str | None = None) -> dict | None:
@@ -90,12 +115,6 @@ def best_of(lake: Lake, role: str) -> dict | None:
         return None
     df = lake.read(REGISTRY).filter(pl.col("role") == role)
     return df.sort(["val_accuracy", "created_at"]).row(-1, named=True) if df.height else None
-
-
-def model_dir(home: Path, name: str, run_key: str) -> str:
-    p = home / "models" / name / run_key
-    p.mkdir(parents=True, exist_ok=True)
-    return str(p)
 
 
 def fetch_model(uri: str, tracking_uri: str, cache_root: str | Path) -> str:

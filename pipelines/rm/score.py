@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from pipelines.rm.data import Encoded, LengthPolicy, Renderer, encode_pairs
 from pipelines.rm.model import RewardModel
-from pipelines.rm.train import collate
+from pipelines.rm.collate import pad_sequences
+from pipelines.rm.train import uses_segment_ids
 
 SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
                 "margin": pl.Float64, "p": pl.Float64}
@@ -71,7 +72,8 @@ def _score_encoded(rm: RewardModel, encoded: list[Encoded], batch_size: int, pro
     scores = [math.nan] * len(encoded)
     for s in tqdm(range(0, len(order), batch_size), disable=not progress, desc="rm-score"):
         idx = order[s:s + batch_size]
-        logits = rm.model(**collate(rm, [encoded[i] for i in idx])).logits[:, 0].float()
+        inputs = pad_sequences([encoded[i] for i in idx], rm.tokenizer.pad_token_id, uses_segment_ids(rm))
+        logits = rm.model(**{k: v.to(rm.device) for k, v in inputs.items()}).logits[:, 0].float()
         for j, i in enumerate(idx):
             scores[i] = float(logits[j])
     return scores

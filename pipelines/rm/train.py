@@ -1,5 +1,10 @@
 """Bradley–Terry reward-model training: one loop, nanoGPT-plain, data-parallel under torchrun.
 
+Data: a token store (pipelines.rm.store: pairs tokenized once into memory-mapped shards) or, for small sets, pairs
+encoded in memory; both are read through the same sampler and DataLoader. A rank holds no per-pair state but one
+int32 permutation per epoch; DataLoader workers fetch its micro-batches from the maps and collate them
+(pipelines.rm.collate) beside the training step.
+
 Per step, every response of a micro-batch goes through the model in one forward pass. Three layouts:
 - `pairs`: padded rows [chosen_1..chosen_B, rejected_1..] from length-grouped batches (any model).
 - `shared_prefix` (decoders): one row per pair, history + chosen + rejected(s), with a block mask so each rejected
@@ -12,17 +17,18 @@ Per step, every response of a micro-batch goes through the model in one forward 
 Rewards are read at each response's last token through the same score head HF uses, so a saved model scores
 identically in plain `AutoModelForSequenceClassification`.
 
-Data parallelism: the schedule of global batches (batch_size pairs = micro-batch x grad_accum x world size) is the
-same on every rank; each global batch is split into world x grad_accum micro-batches of balanced tokens and rank r
-takes its grad_accum of them. The loss of a micro-batch is its pairs' summed loss / pairs in the global batch x world
-size, so FSDP's gradient average over ranks is exactly the mean over the global batch: 2 ranks and 1 process on
-the same global batches give the same weights. Validation is sharded and its counts all-reduced. Checkpoints (model,
-optimizer, scheduler, step) are written by every rank together with torch.distributed.checkpoint, so a resumed
-multi-rank run continues exactly; the best model is exported once, by rank 0, as a plain HF folder.
+Data parallelism (pipelines.rm.sampler): the schedule of global batches (batch_size pairs) is the same on every
+rank; each global batch is split into `pieces` = world x grad_accum micro-batches of balanced tokens and rank r
+takes its grad_accum of them. The loss of a micro-batch is its pairs' summed loss / pairs in the global batch x
+world size, so FSDP's gradient average over ranks is exactly the mean over the global batch. Gradients are reduced
+once per step (no sync on accumulation micro-steps). Checkpoints (model and optimizer through
+torch.distributed.checkpoint, plus scheduler, step and loader position) let a run resume exactly, also on another
+number of ranks: the global batch and its split into `pieces` stay, the accumulation steps absorb the change.
 
-Also: AdamW with linear warmup then constant or linear decay (transformers' schedulers), bf16 autocast where
-supported, gradient checkpointing, checkpoint selection by validation accuracy (the paper picks by gold accuracy),
-deterministic seeds, FSDP2 per transformer block when launched by torchrun.
+Also: AdamW (or plain SGD, whose updates are not scale-invariant) with linear warmup then constant or linear decay
+(transformers' schedulers), optional clipping, bf16 (FSDP mixed precision on GPUs, autocast in one process),
+gradient checkpointing, checkpoint selection by validation accuracy (the paper picks by gold accuracy),
+deterministic seeds.
 """
 
 from __future__ import annotations
@@ -30,11 +36,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -43,10 +48,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from pipelines.rm.data import (Encoded, EncodedPair, LengthPolicy, Renderer, encode_pairs, length_grouped_batches,
-                               random_batches)
+from pipelines.rm.collate import Batch, Collator, collate_packed, collate_pairs, collate_shared_prefix
+from pipelines.rm.data import EncodedPair, LengthPolicy, Renderer, encode_pairs
+from pipelines.rm.fsdp import maybe_wrap_fsdp
 from pipelines.rm.losses import LOSSES, pair_losses
 from pipelines.rm.model import RewardModel, save_reward_model
+from pipelines.rm.sampler import GlobalBatchPlan, RankBatchSampler, balanced_split  # noqa: F401  (re-exported)
+from pipelines.rm.store import InMemoryPairs, TokenStore
 
 
 @dataclass
@@ -59,17 +67,21 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     schedule: str = "constant"  # constant | linear  (paper final runs: constant)
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd
+    max_grad_norm: float = 1.0  # 0 = no clipping
     max_len: int = 256
     length_policy: str = "truncate"
     loss: str = "bt"  # bt | margin_bt | listwise (see pipelines.rm.losses)
     center_coef: float = 0.0
     layout: str = "auto"  # auto | pairs | shared_prefix | packed
     group_by_length: bool = True  # False: plain shuffled batches (TRL's way; the benchmarks' peer)
+    mega_batch: int = 64  # global batches per length-sorted mega-batch
     bf16: str = "auto"  # auto | true | false
     grad_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL, OpenRLHF and open-instruct do for reward models
     eval_every: int = 50
     save_last_every: int = 50  # steps between resumable checkpoints in out_dir/last
+    loader_workers: int = -1  # DataLoader worker processes; -1 = 2 on GPUs, 0 (this process) on CPU
     seed: int = 0
     progress: bool = True
     record_order: bool = False  # each rank appends the pair ids of every micro-batch to out_dir/order-rank<r>.jsonl
@@ -86,6 +98,12 @@ class TrainResult:
     resumed_from_step: int = 0
     world_size: int = 1
     tokens_per_s_per_rank: float = 0.0
+    pairs: int = 0
+    data_key: str = ""
+    pieces: int = 1
+    grad_accum: int = 1
+    consumed_pairs: int = 0
+    pairs_without_margin: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -102,100 +120,15 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def collate(rm: RewardModel, encoded: list[Encoded]) -> dict[str, torch.Tensor]:
-    """Right-padded input ids + attention mask, and for text-pair encoders (BERT-style) the segment ids
-    (0 for [CLS] conversation [SEP], 1 for the response), exactly what the tokenizer gives a text pair."""
-    n = max(len(e.ids) for e in encoded)
-    ids = torch.full((len(encoded), n), rm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), n), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-        mask[i, : len(e.ids)] = 1
-    batch = {"input_ids": ids.to(rm.device), "attention_mask": mask.to(rm.device)}
-    if not rm.is_decoder and getattr(rm.model.config, "type_vocab_size", 1) > 1:
-        types = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            types[i, e.prefix_len: len(e.ids)] = 1
-        batch["token_type_ids"] = types.to(rm.device)
-    return batch
+def uses_segment_ids(rm: RewardModel) -> bool:
+    return not rm.is_decoder and getattr(rm.model.config, "type_vocab_size", 1) > 1
 
 
-def _rewards(batch: list[EncodedPair], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores of every sequence, laid out [chosen of each pair..., then each pair's rejected in order] ->
-    (r_chosen [B], r_rejected [B, K], mask [B, K])."""
-    B = len(batch)
-    K = max(len(p.rejected_all) for p in batch)
-    rr = flat.new_zeros((B, K))
-    mask = torch.zeros((B, K), dtype=torch.bool, device=flat.device)
-    i = B
-    for b, p in enumerate(batch):
-        n = len(p.rejected_all)
-        rr[b, :n] = flat[i:i + n]
-        mask[b, :n] = True
-        i += n
-    return flat[:B], rr, mask
+def collator(rm: RewardModel, layout: str) -> Collator:
+    return Collator(layout, rm.tokenizer.pad_token_id, uses_segment_ids(rm))
 
 
-def _layout_order(batch: list[EncodedPair]) -> list[Encoded]:
-    return [p.chosen for p in batch] + [e for p in batch for e in p.rejected_all]
-
-
-def forward_pairs(rm: RewardModel, batch: list[EncodedPair]):
-    """Rewards (chosen [B], rejected [B, K], mask) of a micro-batch in one forward pass of padded rows."""
-    out = rm.model(**collate(rm, _layout_order(batch))).logits[:, 0]
-    return _rewards(batch, out)
-
-
-def forward_shared_prefix(rm: RewardModel, batch: list[EncodedPair]):
-    """One row per pair: [history | chosen | rejected_1 | ...]; each response block attends to the history and
-    itself only, its positions continuing from the history."""
-    rows, meta = [], []
-    for p in batch:
-        k = p.shared
-        blocks = [e.ids[k:] for e in p.sequences]
-        rows.append(p.chosen.ids[:k] + [t for blk in blocks for t in blk])
-        meta.append((k, [len(blk) for blk in blocks]))
-    L = max(len(x) for x in rows)
-    B = len(rows)
-    ids = torch.full((B, L), rm.tokenizer.pad_token_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    allow = torch.zeros((B, L, L), dtype=torch.bool)
-    ends: list[list[int]] = []
-    for b, (row, (k, lens)) in enumerate(zip(rows, meta)):
-        n = len(row)
-        ids[b, :n] = torch.tensor(row)
-        pos[b, :k] = torch.arange(k)
-        allow[b, :k, :k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
-        start, e = k, []
-        for m in lens:
-            pos[b, start:start + m] = torch.arange(k, k + m)
-            allow[b, start:start + m, :k] = True  # every response sees the history ...
-            allow[b, start:start + m, start:start + m] = torch.tril(torch.ones((m, m), dtype=torch.bool))  # ... and itself
-            start += m
-            e.append(start - 1)
-        allow[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # pad rows attend to themselves (no NaN)
-        ends.append(e)
-    dtype = next(rm.model.parameters()).dtype
-    mask4d = torch.zeros((B, 1, L, L), dtype=dtype).masked_fill(~allow[:, None], torch.finfo(dtype).min)
-    scores = _all_position_scores(rm, input_ids=ids.to(rm.device), attention_mask=mask4d.to(rm.device),
-                                  position_ids=pos.to(rm.device))
-    flat_c = torch.stack([scores[b, e[0]] for b, e in enumerate(ends)])
-    flat_r = torch.stack([scores[b, j] for b, e in enumerate(ends) for j in e[1:]])
-    return _rewards(batch, torch.cat([flat_c, flat_r]))
-
-
-def forward_packed(rm: RewardModel, batch: list[EncodedPair]):
-    """Padding-free: every sequence of the micro-batch back to back in one row, positions restarting at each
-    sequence; rewards read at each sequence's last token."""
-    seqs = [e.ids for e in _layout_order(batch)]
-    ids = torch.tensor([[t for s in seqs for t in s]], device=rm.device)
-    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None].to(rm.device)
-    ends = torch.tensor(np.cumsum([len(s) for s in seqs]) - 1, device=rm.device)
-    # no cache: transformers only reads restarting positions as packed sequences in a cache-free forward
-    scores = _all_position_scores(rm, input_ids=ids, position_ids=pos, use_cache=False)[0]
-    return _rewards(batch, scores[ends])
-
-
+# --- forward passes ------------------------------------------------------------------------------------------------
 def _all_position_scores(rm: RewardModel, **inputs) -> torch.Tensor:
     """Reward at every position [B, L]: the HF head scores every position, then pools one; a hook keeps the
     un-pooled scores. Going through the root forward keeps FSDP's hooks (and the model's own code) in charge."""
@@ -209,6 +142,40 @@ def _all_position_scores(rm: RewardModel, **inputs) -> torch.Tensor:
     finally:
         hook.remove()
     return captured[-1][..., 0]
+
+
+def forward(rm: RewardModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewards (chosen [B], rejected [B, K], mask [B, K]) of a collated micro-batch (already on the device)."""
+    if batch.layout == "pairs":
+        flat = rm.model(**batch.inputs).logits[:, 0]
+    elif batch.layout == "shared_prefix":
+        dtype = next(rm.model.parameters()).dtype
+        if torch.is_autocast_enabled(rm.device.type):
+            dtype = torch.get_autocast_dtype(rm.device.type)
+        allow = batch.allow[:, None]
+        mask4d = torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
+        flat = _all_position_scores(rm, attention_mask=mask4d, **batch.inputs).reshape(-1)[batch.reads]
+    elif batch.layout == "packed":
+        # no cache: transformers only reads restarting positions as packed sequences in a cache-free forward
+        flat = _all_position_scores(rm, use_cache=False, **batch.inputs)[0][batch.reads]
+    else:
+        raise ValueError(f"unknown layout {batch.layout!r}")
+    B = batch.n_pairs
+    rr = flat[batch.rejected_index].masked_fill(~batch.mask, 0.0)
+    return flat[:B], rr, batch.mask
+
+
+def forward_pairs(rm: RewardModel, pairs: list[EncodedPair]):
+    """Rewards of encoded pairs in one forward pass of padded rows."""
+    return forward(rm, collate_pairs(pairs, rm.tokenizer.pad_token_id, uses_segment_ids(rm)).to(rm.device))
+
+
+def forward_shared_prefix(rm: RewardModel, pairs: list[EncodedPair]):
+    return forward(rm, collate_shared_prefix(pairs, rm.tokenizer.pad_token_id).to(rm.device))
+
+
+def forward_packed(rm: RewardModel, pairs: list[EncodedPair]):
+    return forward(rm, collate_packed(pairs).to(rm.device))
 
 
 LAYOUTS = {"pairs": forward_pairs, "shared_prefix": forward_shared_prefix, "packed": forward_packed}
@@ -238,7 +205,10 @@ def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int
     weight = [1.0] * len(shard) + [0.0] * (per - len(shard))
     shard = shard + [pairs[0]] * (per - len(shard))  # dummies, not counted
     stats = torch.zeros(3, dtype=torch.float64)  # correct, n, margin sum
-    for b in length_grouped_batches(shard, batch_size):
+    lens = np.array([p.row_len("pairs") for p in shard], dtype=np.int64)
+    order = np.argsort(lens, kind="stable")
+    for s in range(0, len(order), batch_size):
+        b = order[s:s + batch_size]
         rc, rr, mask = forward_pairs(rm, [shard[i] for i in b])
         best_rej = rr.float().masked_fill(~mask, float("-inf")).max(1).values
         m = (rc.float() - best_rej).cpu()
@@ -250,55 +220,18 @@ def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int
     return {"accuracy": float(stats[0]) / n, "mean_margin": float(stats[2]) / n, "n": int(stats[1])}
 
 
-def balanced_split(batch: list[int], lens: list[int], pieces: int) -> list[list[int]]:
-    """Split one global batch into `pieces` micro-batches of near-equal size (counts differ by at most one) and
-    balanced tokens: longest first, each to the piece with the fewest tokens that still has room."""
-    cap = math.ceil(len(batch) / pieces) if batch else 0
-    out: list[list[int]] = [[] for _ in range(pieces)]
-    load = [0] * pieces
-    for i in sorted(batch, key=lambda i: (-lens[i], i)):
-        j = min((k for k in range(pieces) if len(out[k]) < cap), key=lambda k: (load[k], k))
-        out[j].append(i)
-        load[j] += lens[i]
-    return out
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+def run_key(data_key: str, cfg: TrainConfig, layout: str) -> str:
+    """Identifies a run's data and schedule; not the number of ranks (a run resumes on another world size)."""
+    fields = [data_key, layout, cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.seed, cfg.group_by_length,
+              cfg.mega_batch, cfg.lr, cfg.loss, cfg.optimizer, cfg.schedule, cfg.warmup_ratio]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def plan(train: list[EncodedPair], cfg: TrainConfig, layout: str, world: int) -> list[list[list[int]]]:
-    """The whole run's data, the same on every rank: for each optimizer step, world x grad_accum micro-batches
-    (lists of indices into `train`); rank r takes micro-batches [r * grad_accum, (r + 1) * grad_accum). Global
-    batches are length-grouped over the whole set (or shuffled: group_by_length=False), reshuffled every epoch."""
-    pieces = world * cfg.grad_accum
-    if cfg.batch_size < pieces:
-        raise ValueError(f"batch_size {cfg.batch_size} < world size x grad_accum = {pieces}: a global batch must give "
-                         "every micro-batch at least one pair")
-    n_global = math.ceil(len(train) / cfg.batch_size)
-    steps = max(1, int(math.ceil(n_global * cfg.epochs)))
-    if cfg.max_steps is not None:
-        steps = min(steps, cfg.max_steps)
-    lens = [p.row_len(layout) for p in train]
-    out: list[list[list[int]]] = []
-    epoch = 0
-    while len(out) < steps:
-        seed = cfg.seed + epoch
-        batches = (length_grouped_batches(train, cfg.batch_size, shuffle_seed=seed, layout=layout)
-                   if cfg.group_by_length else random_batches(len(train), cfg.batch_size, seed))
-        out += [balanced_split(b, lens, pieces) for b in batches[:steps - len(out)]]
-        epoch += 1
-    return out
-
-
-def _plan_key(train: list[EncodedPair], cfg: TrainConfig, layout: str, world: int) -> str:
-    """Identifies a run's data and plan (the plan is a function of these): a checkpoint resumes only its own run."""
-    h = hashlib.sha256(json.dumps([world, layout, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed,
-                                   cfg.group_by_length, cfg.max_len, len(train)]).encode())
-    for p in train:
-        h.update(p.pair_id.encode())
-    return h.hexdigest()[:16]
-
-
-def _save_checkpoint(path: Path, rm: RewardModel, opt, sched, step: int, best: float, key: str) -> None:
-    """Model + optimizer through torch.distributed.checkpoint (every rank writes its shards), scheduler and position
-    by rank 0; written beside, then swapped in, so a crash mid-save leaves the previous `last/` whole."""
+def _save_checkpoint(path: Path, rm: RewardModel, opt, sched, state: dict) -> None:
+    """Model + optimizer through torch.distributed.checkpoint (every rank writes its shards); scheduler, step and
+    loader position by rank 0 into the same folder; written beside, then swapped in, so a crash mid-save leaves
+    the previous `last/` whole."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -309,22 +242,21 @@ def _save_checkpoint(path: Path, rm: RewardModel, opt, sched, step: int, best: f
     model_sd, optim_sd = get_state_dict(rm.model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     if is_main_process():
-        torch.save({"scheduler": sched.state_dict(), "step": step, "best": best, "plan": key,
-                    "world_size": world_size()}, tmp / "trainer_state.pt")
+        torch.save({**state, "scheduler": sched.state_dict()}, tmp / "trainer_state.pt")
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     barrier()
 
 
-def _load_checkpoint(path: Path, rm: RewardModel, opt, sched, key: str) -> tuple[int, float] | None:
-    """(step, best) after restoring `path` into the model/optimizer/scheduler, or None when there is no checkpoint
-    of this run (a different plan: new data or settings start over)."""
-    state_file = path / "trainer_state.pt"
-    if not state_file.exists():
+def _checkpoint_state(path: Path, key: str) -> dict | None:
+    f = path / "trainer_state.pt"
+    if not f.exists():
         return None
-    state = torch.load(state_file, weights_only=False)
-    if state.get("plan") != key:
-        return None
+    state = torch.load(f, weights_only=False)
+    return state if state.get("plan") == key else None
+
+
+def _load_checkpoint(path: Path, rm: RewardModel, opt, sched, state: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -333,39 +265,63 @@ def _load_checkpoint(path: Path, rm: RewardModel, opt, sched, key: str) -> tuple
     dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(rm.model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     sched.load_state_dict(state["scheduler"])
-    return int(state["step"]), float(state["best"])
 
 
-def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[dict], cfg: TrainConfig,
-                       out_dir: str, log: Callable[[dict, int], None] | None = None) -> TrainResult:
-    """Train on `train_rows`, select the checkpoint by accuracy on `val_rows`; best model saved to out_dir/best.
-    Under torchrun (WORLD_SIZE set) every rank calls this with the same rows; each trains on its slice."""
+def _optimizer(rm: RewardModel, cfg: TrainConfig):
+    decay, no_decay = [], []
+    for n, p in rm.model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    raise ValueError(f"optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+
+
+def in_memory(rm: RewardModel, rows: list[dict], cfg: TrainConfig) -> tuple[InMemoryPairs, dict]:
+    """Rows (dicts) encoded here: for seed-sized sets and tests; training sets go through a token store."""
+    enc, rep = encode_pairs(Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy)), rows)
+    if not enc:
+        raise ValueError("no trainable pairs after the length policy")
+    return InMemoryPairs(enc), rep.as_dict()
+
+
+def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list[dict], val_rows: list[dict],
+                       cfg: TrainConfig, out_dir: str, log: Callable[[dict, int], None] | None = None) -> TrainResult:
+    """Train on `train` (a token store, or rows encoded here), select the checkpoint by accuracy on `val_rows`;
+    best model saved to out_dir/best. Under torchrun every rank calls this with the same arguments and trains on
+    its share. A checkpoint of the same run in out_dir/last (same data and schedule) is resumed."""
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}: one of {LOSSES}")
-    renderer = Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy))
-    train, length = encode_pairs(renderer, train_rows)
-    val, _ = encode_pairs(renderer, val_rows)
-    if not train:
-        raise ValueError("no trainable pairs after the length policy")
-    if cfg.loss == "margin_bt" and any(p.margin is None for p in train):
-        raise ValueError("loss margin_bt needs a numeric `margin` on every training pair (e.g. a rating gap); "
-                         f"{sum(p.margin is None for p in train)} of {len(train)} have none")
+    if isinstance(train, list):
+        train, length = in_memory(rm, train, cfg)
+    else:
+        c = getattr(train, "manifest", {}).get("counts", {})
+        length = {"pairs": c.get("rows", len(train)), "truncated": c.get("truncated", 0),
+                  "dropped": c.get("refused", 0)}
+    val, _ = encode_pairs(Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy)), val_rows)
     layout = choose_layout(rm, cfg.layout)
-    fwd = LAYOUTS[layout]
-    distributed = maybe_wrap_fsdp(rm)
+    bf16 = use_bf16(cfg.bf16, rm.device)
+    distributed = maybe_wrap_fsdp(rm, bf16=bf16 and rm.device.type == "cuda")
+    mixed = distributed and bf16 and rm.device.type == "cuda"  # FSDP casts; autocast only without it
     world, rank = world_size(), rank_index()
-    steps_plan = plan(train, cfg, layout, world)
-    steps = len(steps_plan)
-    key = _plan_key(train, cfg, layout, world)
+    key = run_key(train.key, cfg, layout)
+    last = out / "last"
+    state = _checkpoint_state(last, key)
+    pieces = state["pieces"] if state else world * cfg.grad_accum
+    if pieces % world:
+        raise ValueError(f"the checkpoint splits each global batch into {pieces} micro-batches, which {world} ranks "
+                         "cannot share evenly")
+    grad_accum = pieces // world
+    plan = GlobalBatchPlan(train.row_lengths(layout), cfg.batch_size, pieces, cfg.seed, cfg.epochs, cfg.max_steps,
+                           cfg.group_by_length, cfg.mega_batch)
+    steps = plan.steps
 
-    decay, no_decay = [], []
-    for n, p in rm.model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith("bias") else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = _optimizer(rm, cfg)
     warm = int(cfg.warmup_ratio * steps)
     sched = (get_linear_schedule_with_warmup(opt, warm, steps) if cfg.schedule == "linear"
              else get_constant_schedule_with_warmup(opt, warm))
@@ -375,45 +331,53 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
         for m in rm.model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    bf16 = use_bf16(cfg.bf16, rm.device)
-
     start, best = 0, -1.0
-    last = out / "last"
-    resumed = _load_checkpoint(last, rm, opt, sched, key)
-    if resumed is not None:  # resume after a crash: same plan, so the same batches follow
-        start, best = resumed
+    if state is not None:  # resume after a crash: same plan, so the same batches follow
+        _load_checkpoint(last, rm, opt, sched, state)
+        start, best = int(state["step"]), float(state["best"])
 
+    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (2 if rm.device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(
+        train, batch_sampler=RankBatchSampler(plan, rank, grad_accum, start), collate_fn=collator(rm, layout),
+        num_workers=workers, pin_memory=rm.device.type == "cuda", prefetch_factor=4 if workers else None)
+    batches = iter(loader)
     history: list[dict] = []
     order = open(out / f"order-rank{rank}.jsonl", "a") if cfg.record_order else None
     rm.model.train()
     tokens, t0 = 0, time.perf_counter()
     total_tokens = 0.0
+    no_margin = 0
     bar = tqdm(range(start, steps), disable=not (cfg.progress and is_main_process()), desc="rm-train",
                initial=start, total=steps)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        pieces = steps_plan[step]
-        n_global = sum(len(x) for x in pieces)
+        n_global = 0
         stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, pairs, tokens (this rank)
-        for a in range(cfg.grad_accum):
-            idx = pieces[rank * cfg.grad_accum + a]
-            mb = [train[i] for i in idx] or [train[0]]  # an empty micro-batch still runs (FSDP collectives)
-            w = torch.tensor([1.0] * len(idx) or [0.0], device=rm.device)
-            with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16):
-                rc, rr, mask = fwd(rm, mb)
-            margin = (torch.tensor([p.margin or 0.0 for p in mb], device=rm.device)
-                      if cfg.loss == "margin_bt" else None)
+        for a in range(grad_accum):
+            batch = next(batches).to(rm.device)
+            n_global = batch.n_global
+            if distributed:  # one gradient reduction per step, on its last micro-batch
+                rm.model.set_requires_gradient_sync(a == grad_accum - 1)
+            with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16 and not mixed):
+                rc, rr, mask = forward(rm, batch)
+            margin = None
+            if cfg.loss == "margin_bt":  # no stated strength: margin 0, i.e. that pair's term is plain BT
+                real = batch.weight > 0
+                no_margin += int((torch.isnan(batch.margin) & real).sum())
+                margin = torch.nan_to_num(batch.margin, nan=0.0)
             per = pair_losses(rc, rr, kind=cfg.loss, margin=margin, mask=mask, center_coef=cfg.center_coef)
-            loss = (per * w).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
+            loss = (per * batch.weight).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
             loss.backward()
             best_rej = rr.detach().float().masked_fill(~mask, float("-inf")).max(1).values
-            stats += torch.stack([(per.detach() * w).sum().cpu().double(),
-                                  ((rc.detach().float() > best_rej).double() * w).sum().cpu(),
-                                  w.sum().cpu().double(),
-                                  torch.tensor(float(sum(train[i].tokens for i in idx)), dtype=torch.float64)])
+            w = batch.weight.detach().double().cpu()
+            stats += torch.stack([(per.detach().double().cpu() * w).sum(),
+                                  ((rc.detach().float() > best_rej).double().cpu() * w).sum(), w.sum(),
+                                  torch.tensor(float(batch.tokens), dtype=torch.float64)])
             if order is not None:
-                order.write(json.dumps({"step": step + 1, "pair_ids": [train[i].pair_id for i in idx]}) + "\n")
-        torch.nn.utils.clip_grad_norm_(rm.model.parameters(), 1.0)
+                real_ids = [p for p, x in zip(batch.pair_ids, w.tolist()) if x > 0]
+                order.write(json.dumps({"step": step + 1, "pair_ids": real_ids}) + "\n")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         tokens += int(stats[3])
@@ -422,7 +386,7 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
         dt = max(time.perf_counter() - t0, 1e-9)
         rec = {"step": step + 1, "loss": float(glob[0]) / n_global, "train_accuracy": float(glob[1]) / n_global,
                "lr": sched.get_last_lr()[0], "tokens_per_s": total_tokens / dt, "tokens_per_s_per_rank": tokens / dt,
-               "global_batch": n_global}
+               "global_batch": n_global, "consumed_pairs": plan.consumed(step + 1)}
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.2f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
         last_step = step + 1 == steps
         if val and ((step + 1) % cfg.eval_every == 0 or last_step):
@@ -438,19 +402,22 @@ def train_reward_model(rm: RewardModel, train_rows: list[dict], val_rows: list[d
         if log and is_main_process():
             log(rec, step + 1)
         if (step + 1) % cfg.save_last_every == 0 and not last_step:
-            _save_checkpoint(last, rm, opt, sched, step + 1, best, key)  # every rank takes part
+            _save_checkpoint(last, rm, opt, sched, {"plan": key, "step": step + 1, "best": best, "pieces": pieces,
+                                                    "world_size": world,
+                                                    "loader": {"step": step + 1,
+                                                               "consumed_pairs": plan.consumed(step + 1)}})
     if order is not None:
         order.close()
+    no_margin = int(all_reduce_sum(torch.tensor([float(no_margin)], dtype=torch.float64))[0])
     barrier()
     if is_main_process():
         shutil.rmtree(last, ignore_errors=True)
-        (out / "train_summary.json").write_text(json.dumps({"best_val_accuracy": best, "steps": steps,
-                                                             "layout": layout, "world_size": world,
-                                                             "length": length.as_dict()}))
-    del distributed
+        (out / "train_summary.json").write_text(json.dumps({
+            "best_val_accuracy": best, "steps": steps, "layout": layout, "world_size": world, "pieces": pieces,
+            "length": length, "data_key": train.key, "config": asdict(cfg)}))
     dt = max(time.perf_counter() - t0, 1e-9)
-    return TrainResult(str(out / "best"), best, steps, history, total_tokens / dt, length.as_dict(), start,
-                       world, tokens / dt)
+    return TrainResult(str(out / "best"), best, steps, history, total_tokens / dt, length, start, world, tokens / dt,
+                       len(train), train.key, pieces, grad_accum, plan.consumed(steps), no_margin)
 
 
 # --- distributed -------------------------------------------------------------------------------------------------
@@ -480,28 +447,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_reduce(x)
     return x.cpu()
 
-
-def maybe_wrap_fsdp(rm: RewardModel) -> bool:
-    """Shard with FSDP2 (`fully_shard`) per transformer block when launched under torchrun (WORLD_SIZE set).
-
-    On CPU the same code runs with world size 1 over gloo (the unit test); on GPUs with NCCL.
-    """
-    if "WORLD_SIZE" not in os.environ or os.environ.get("SYNPREF_NO_FSDP"):
-        return False
-    from torch.distributed.fsdp import fully_shard
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    for block in _transformer_blocks(rm.model):
-        fully_shard(block)
-    # backbone and score head are units of their own: the shared-prefix layout calls them separately
-    fully_shard(getattr(rm.model, rm.model.base_model_prefix))
-    if getattr(rm.model, "score", None) is not None:
-        fully_shard(rm.model.score)
-    fully_shard(rm.model)
-    return True
-
-
-def _transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    cls_names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in cls_names]

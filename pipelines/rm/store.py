@@ -1,0 +1,558 @@
+"""The token store: training pairs tokenized once, in parallel, into memory-mapped Arrow shards that every rank
+reads its own share of.
+
+Why Arrow IPC files (Feather v2, uncompressed) rather than Parquet or MosaicML MDS: an IPC file maps into memory
+as is, so a rank reads row i of a 26M-pair store with no decoding and no copy, and pages it never touches are never
+read (Parquet must decode whole pages; its compression stands between disk and tensor). It is the format HF
+`datasets` memory-maps, it is already a dependency (pyarrow), and `list<int32>` columns slice straight into numpy.
+MDS brings remote streaming and its own shard-aware shuffles, but our sampler groups pairs by length across the
+whole set and splits each global batch by tokens, which MDS's samplers do not do; used only as a file format it
+would add a dependency and a decoding step for nothing. Stores live on a filesystem every rank can map: a node's
+disk, or the shared filesystem of a cluster (docs/deployment.md).
+
+Layout of a store folder `<root>/<key>/`:
+- `shard-00000.arrow` ... : one row per pair (STORE_SCHEMA), written by one build task each, in input order;
+- `shard-00000.json`: the shard's counts, written last (the shard's completion marker: a rebuild skips it);
+- `tokens.npy`, `max_seq.npy`, `shared_row.npy` (int32, one entry per pair) and `offsets.npy` (first row of each
+  shard): what the sampler groups and balances by, memory-mapped;
+- `manifest.json`: the key's inputs, counts (read, held out, refused, truncated, written) and build time; written
+  last, so a store with a manifest is complete and is reused as is.
+
+The key is a hash of (input table versions or file identities, held-out set, tokenizer, chat template, max_len,
+length policy, STORE_VERSION): a second training with the same key reuses the shards; anything that changes the
+ids changes the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipelines.rm.data import Encoded, EncodedPair, LengthPolicy, Renderer, encode_rows
+from pipelines.rm.model import RMTokenizer, load_tokenizer
+
+STORE_VERSION = 1  # bump when the rendering rules or the shard layout change: old stores are then not reused
+SHARD_ROWS = 50_000  # target pairs per shard (one build task each)
+ENCODE_ROWS = 1_024  # pairs tokenized and written per record batch (bounds a task's memory)
+
+STORE_SCHEMA = pa.schema([
+    ("pair_id", pa.string()),
+    ("chosen", pa.list_(pa.int32())),
+    ("rejected", pa.list_(pa.list_(pa.int32()))),  # K >= 1 rejected responses
+    ("prefix_len", pa.list_(pa.int32())),  # rendered-history tokens of chosen, then of each rejected
+    ("shared", pa.int32()),  # leading tokens all sequences share (the shared-prefix layout computes them once)
+    ("truncated", pa.int32()),  # history tokens the length policy removed
+    ("margin", pa.float64()),  # the source's stated preference strength, null when none
+])
+INDEX_ARRAYS = ("tokens", "max_seq", "shared_row")
+LAYOUTS = ("canonical", "trl", "trl_prompt")
+
+
+# --- where pairs come from ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceTable:
+    """One input: a Delta table at a pinned version, or Parquet file(s) (a file or a folder), local or s3://.
+
+    layout: `canonical` (pair_id?, history, chosen, rejected, margin?, rejected_more?), `trl` (chosen/rejected as
+    whole conversations: message lists sharing every turn but the last) or `trl_prompt` (prompt + chosen/rejected,
+    strings or message lists). `where`: a polars filter applied to every piece."""
+
+    uri: str
+    version: int | None = None
+    storage_options: dict = field(default_factory=dict)
+    where: pl.Expr | None = None
+    layout: str = "canonical"
+
+    def dataset(self):
+        import pyarrow.dataset as ds
+
+        if self.version is not None:
+            from deltalake import DeltaTable
+
+            dt = DeltaTable(self.uri, version=self.version, storage_options=self.storage_options or None)
+            if "deletionVectors" in (dt.protocol().reader_features or []):
+                raise ValueError(f"{self.uri} uses deletion vectors: its files alone do not say which rows are live")
+            return dt.to_pyarrow_dataset()
+        fs, path = _filesystem(self.uri)
+        return ds.dataset(path, format="parquet", filesystem=fs)
+
+    def identity(self) -> dict:
+        where = self.where.meta.serialize(format="json") if self.where is not None else None
+        if self.version is not None:
+            return {"delta": self.uri, "version": self.version, "where": where, "layout": self.layout}
+        fs, path = _filesystem(self.uri)
+        files = self.dataset().files
+        infos = [fs.get_file_info(f) for f in files] if fs is not None else [None] * len(files)
+        ident = []
+        for f, inf in zip(files, infos):
+            if inf is not None:
+                ident.append([f, inf.size, inf.mtime_ns])
+            else:
+                st = os.stat(f)
+                ident.append([f, st.st_size, st.st_mtime_ns])
+        return {"parquet": self.uri, "files": ident, "where": where, "layout": self.layout}
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem or None for local, path) for a Parquet location."""
+    if uri.startswith("s3://"):
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from pipelines.ingest.readers import _fs_options
+
+        return PyFileSystem(FSSpecHandler(fsspec.filesystem("s3", **_fs_options(uri)))), uri[len("s3://"):]
+    return None, uri
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Row groups of one file of one input: the unit a build task reads."""
+
+    table: int
+    path: str
+    row_groups: tuple[int, ...]
+    rows: int
+
+
+@dataclass
+class PairSource:
+    """Training pairs: the inputs, and the comparisons to hold out (a Parquet file with a `comparison_id` column:
+    every gold_val / gold_test comparison, in either orientation)."""
+
+    tables: list[SourceTable]
+    exclude: str | None = None
+
+    def identity(self) -> dict:
+        ex = None
+        if self.exclude:
+            ex = hashlib.sha256(Path(self.exclude).read_bytes()).hexdigest()
+        return {"tables": [t.identity() for t in self.tables], "exclude": ex}
+
+    def pieces(self) -> list[Piece]:
+        out = []
+        for ti, t in enumerate(self.tables):
+            frags = sorted(t.dataset().get_fragments(), key=lambda f: f.path)
+            for f in frags:
+                for rg in f.split_by_row_group():
+                    n = rg.row_groups[0].num_rows
+                    if n:
+                        out.append(Piece(ti, f.path, (rg.row_groups[0].id,), n))
+        return out
+
+
+def detect_layout(columns: dict[str, pl.DataType]) -> str:
+    """Which input layout a table is in, from the columns it needs (extra columns are ignored)."""
+    def is_msgs(c):
+        return isinstance(columns.get(c), pl.List) and isinstance(columns[c].inner, pl.Struct)
+
+    if {"history", "chosen", "rejected"} <= set(columns) and columns["chosen"] == pl.String:
+        return "canonical"
+    if {"prompt", "chosen", "rejected"} <= set(columns):
+        return "trl_prompt"
+    if is_msgs("chosen") and is_msgs("rejected"):
+        return "trl"
+    raise ValueError("training pairs need history/chosen/rejected, or TRL's chosen/rejected conversations (with or "
+                     f"without `prompt`); found columns {sorted(columns)}")
+
+
+def canonical_pairs(df: pl.DataFrame, layout: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(pairs in the canonical columns with a pair_id, refused rows as {payload, reason}). TRL conversations become
+    history = every turn but the last, chosen/rejected = the last turn's text; the two conversations must share
+    that history. A row with a missing text is refused, never guessed."""
+    msg = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+    extra = [c for c in ("margin", "rejected_more") if c in df.columns]
+    df = df.with_row_index("_row")
+    if layout == "canonical":
+        out = df.select("_row", *[c for c in ("pair_id", "history", "chosen", "rejected") if c in df.columns], *extra)
+        out = out.with_columns(_why=pl.lit(None, pl.String))
+    elif layout == "trl":
+        c, r = pl.col("chosen").cast(msg), pl.col("rejected").cast(msg)
+        out = df.select("_row", *extra, history=c.list.slice(0, c.list.len() - 1), _rh=r.list.slice(0, r.list.len() - 1),
+                        chosen=c.list.last().struct.field("content"),
+                        rejected=r.list.last().struct.field("content"))
+        out = out.with_columns(_why=pl.when(pl.col("history") != pl.col("_rh"))
+                               .then(pl.lit("chosen and rejected conversations differ before their last turn"))
+                               .otherwise(None)).drop("_rh")
+    elif layout == "trl_prompt":
+        prompt = (pl.concat_list(pl.struct(role=pl.lit("user"), content=pl.col("prompt")))
+                  if df.schema["prompt"] == pl.String else pl.col("prompt").cast(msg))
+        sides = {k: (pl.col(k) if df.schema[k] == pl.String else pl.col(k).cast(msg).list.last().struct.field("content"))
+                 for k in ("chosen", "rejected")}
+        out = df.select("_row", *extra, history=prompt, **sides).with_columns(_why=pl.lit(None, pl.String))
+    else:
+        raise ValueError(f"unknown layout {layout!r}: one of {LAYOUTS}")
+    missing = pl.any_horizontal(pl.col("history").is_null(), pl.col("chosen").is_null(), pl.col("rejected").is_null())
+    out = out.with_columns(_why=pl.when(pl.col("_why").is_null() & missing).then(pl.lit("a text is missing"))
+                           .otherwise(pl.col("_why")))
+    bad = out.filter(pl.col("_why").is_not_null()).select("_row", reason="_why")
+    good = out.filter(pl.col("_why").is_null()).drop("_why", "_row")
+    if "pair_id" not in good.columns:
+        from pipelines.schema import pair_ids
+
+        good = good.with_columns(pair_id=pl.Series(pair_ids(good), dtype=pl.String))
+    refused = df.join(bad, on="_row").select(payload=pl.struct(pl.exclude("_row", "reason")).struct.json_encode(),
+                                             reason="reason") if bad.height else pl.DataFrame(
+        schema={"payload": pl.String, "reason": pl.String})
+    return good, refused
+
+
+# --- building ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardTask:
+    out: str  # store folder
+    name: str  # shard-00000
+    pieces: tuple[Piece, ...]
+    tables: tuple[SourceTable, ...]
+    exclude: str | None
+    tokenizer: str
+    max_len: int
+    policy: str
+
+
+def _read_piece(p: Piece, t: SourceTable, fragments: dict) -> pl.DataFrame:
+    if p.table not in fragments:  # one listing per input and task
+        fragments[p.table] = {f.path: f for f in t.dataset().get_fragments()}
+    frag = fragments[p.table][p.path]
+    tbl = frag.subset(row_group_ids=list(p.row_groups)).to_table()
+    df = pl.from_arrow(tbl)
+    if t.where is not None:
+        df = df.filter(t.where)
+    return df
+
+
+def build_shard(task: ShardTask) -> dict:
+    """Tokenize one shard's pieces into `<name>.arrow` (+ its index arrays), counts into `<name>.json` last.
+    Idempotent: a shard whose json exists is returned as is."""
+    out = Path(task.out)
+    marker = out / f"{task.name}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    t0 = time.perf_counter()
+    renderer = Renderer(load_tokenizer(task.tokenizer), task.max_len, LengthPolicy(task.policy))
+    exclude = pl.read_parquet(task.exclude, columns=["comparison_id"]) if task.exclude else None
+    counts = {"rows": 0, "invalid": 0, "held_out": 0, "refused": 0, "truncated": 0, "pairs": 0, "tokens": 0,
+              "multi_rejected": 0}
+    refused: list[pl.DataFrame] = []
+    idx = {k: [] for k in INDEX_ARRAYS}
+    tmp = out / f".{task.name}.{uuid.uuid4().hex}.arrow"
+    datasets: dict = {}
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, STORE_SCHEMA) as writer:
+        for p in task.pieces:
+            t = task.tables[p.table]
+            raw = _read_piece(p, t, datasets)
+            counts["rows"] += raw.height
+            df, bad = canonical_pairs(raw, t.layout)
+            counts["invalid"] += bad.height
+            refused.append(bad)
+            if exclude is not None and df.height:
+                from pipelines.schema import comparison_ids
+
+                df = df.with_columns(comparison_id=pl.Series(comparison_ids(df), dtype=pl.String))
+                kept = df.join(exclude, on="comparison_id", how="anti", maintain_order="left")
+                counts["held_out"] += df.height - kept.height
+                df = kept
+            for s in range(0, df.height, ENCODE_ROWS):
+                rows = df.slice(s, ENCODE_ROWS).to_dicts()  # bounded: ENCODE_ROWS pairs at a time
+                enc, rep = encode_rows(renderer, rows)
+                counts["refused"] += rep.dropped
+                counts["truncated"] += rep.truncated
+                if rep.dropped_ids:
+                    refused.append(df.slice(s, ENCODE_ROWS).filter(pl.col("pair_id").is_in(rep.dropped_ids)).select(
+                        payload=pl.struct(pl.all()).struct.json_encode(),
+                        reason=pl.lit(f"over_length: a response alone exceeds max_len {task.max_len}")))
+                kept = [e for e in enc if e is not None]
+                counts["multi_rejected"] += sum(1 for e in kept if e.more)
+                batch = _record_batch(kept, idx)
+                counts["pairs"] += batch.num_rows
+                if batch.num_rows:
+                    writer.write_batch(batch)
+    os.replace(tmp, out / f"{task.name}.arrow")
+    arrays = {k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32) for k, v in idx.items()}
+    np.savez(out / f"{task.name}.idx.npz", **arrays)
+    counts["tokens"] = int(arrays["tokens"].astype(np.int64).sum())
+    refused = [r for r in refused if r.height]
+    if refused:  # nothing is lost: every refused row with its reason
+        pl.concat(refused).write_parquet(out / f"{task.name}.refused.parquet")
+    res = {"name": task.name, **counts, "seconds": round(time.perf_counter() - t0, 3)}
+    tmpj = out / f".{task.name}.json.tmp"
+    tmpj.write_text(json.dumps(res))
+    os.replace(tmpj, marker)
+    return res
+
+
+def _record_batch(pairs: list[EncodedPair], idx: dict[str, list]) -> pa.RecordBatch:
+    chosen = [list(p.chosen.ids) for p in pairs]
+    rejected = [[list(e.ids) for e in p.rejected_all] for p in pairs]
+    prefix = [[e.prefix_len for e in p.sequences] for p in pairs]
+    shared = [p.shared for p in pairs]
+    tokens = np.array([p.tokens for p in pairs], dtype=np.int64)
+    n_seq = np.array([len(p.sequences) for p in pairs], dtype=np.int64)
+    idx["tokens"].append(tokens)
+    idx["max_seq"].append(np.array([max(len(e.ids) for e in p.sequences) for p in pairs], dtype=np.int64))
+    idx["shared_row"].append(tokens - np.asarray(shared, dtype=np.int64) * (n_seq - 1))
+    return pa.RecordBatch.from_arrays([
+        pa.array([p.pair_id for p in pairs], pa.string()),
+        pa.array(chosen, pa.list_(pa.int32())),
+        pa.array(rejected, pa.list_(pa.list_(pa.int32()))),
+        pa.array(prefix, pa.list_(pa.int32())),
+        pa.array(shared, pa.int32()),
+        pa.array([p.chosen.truncated for p in pairs], pa.int32()),
+        pa.array([p.margin for p in pairs], pa.float64()),
+    ], schema=STORE_SCHEMA)
+
+
+def tokenizer_fingerprint(tok: RMTokenizer) -> str:
+    """What decides the ids: the tokenizer's full definition (vocab, merges, normalizer, post-processor, added
+    tokens), its special tokens and chat template, and whether it is rendered as a decoder."""
+    t = tok.tokenizer
+    h = hashlib.sha256()
+    backend = getattr(t, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary files
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            for f in sorted(t.save_vocabulary(d)):
+                h.update(Path(f).read_bytes())
+    h.update(json.dumps([type(t).__name__, t.special_tokens_map, t.chat_template, tok.is_decoder, t.padding_side],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def store_key(source: PairSource, tok: RMTokenizer, max_len: int, policy: str) -> tuple[str, dict]:
+    ident = {"store_version": STORE_VERSION, "inputs": source.identity(), "tokenizer": tokenizer_fingerprint(tok),
+             "chat_template": tok.tokenizer.chat_template, "max_len": max_len, "length_policy": policy}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20], ident
+
+
+def _run_tasks(tasks: list[ShardTask], parallel: str, progress: Callable[[int, int], None] | None) -> list[dict]:
+    """Every task's result, in task order: on Ray (one CPU a task; a local Ray or the cluster the step attached
+    to) when `parallel` is ray, or here one after another."""
+    if parallel == "ray":
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+        refs = [remote.remote(t) for t in tasks]
+        pending, done = list(refs), 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done += len(ready)
+            if progress:
+                progress(done, len(tasks))
+        return ray.get(refs)
+    out = []
+    for i, t in enumerate(tasks):
+        out.append(build_shard(t))
+        if progress:
+            progress(i + 1, len(tasks))
+    return out
+
+
+@dataclass
+class StoreBuild:
+    store: "TokenStore"
+    key: str
+    reused: bool
+    counts: dict
+    seconds: float
+
+
+def build_token_store(source: PairSource, tokenizer: str, root: str | Path, *, max_len: int, policy: str = "truncate",
+                      shard_rows: int = SHARD_ROWS, parallel: str = "auto",
+                      progress: Callable[[int, int], None] | None = None) -> StoreBuild:
+    """The token store of `source` under `tokenizer` (a model folder or hub id) at (`max_len`, `policy`): reused
+    when its key exists, else built (shards already written by an interrupted build are kept). `parallel`: ray |
+    inprocess | auto (Ray when this process is connected to one)."""
+    t0 = time.perf_counter()
+    tok = load_tokenizer(tokenizer)
+    LengthPolicy(policy)
+    key, ident = store_key(source, tok, max_len, policy)
+    path = Path(root) / key
+    if (path / "manifest.json").exists():
+        return StoreBuild(TokenStore(path), key, True, TokenStore(path).manifest["counts"], time.perf_counter() - t0)
+    path.mkdir(parents=True, exist_ok=True)
+    if parallel == "auto":
+        try:
+            import ray
+
+            parallel = "ray" if ray.is_initialized() else "inprocess"
+        except ImportError:
+            parallel = "inprocess"
+    groups, cur, n = [], [], 0
+    for p in source.pieces():  # consecutive pieces up to shard_rows pairs a shard; deterministic order
+        if cur and n + p.rows > shard_rows:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(p)
+        n += p.rows
+    if cur:
+        groups.append(cur)
+    tasks = [ShardTask(str(path), f"shard-{i:05d}", tuple(g), tuple(source.tables), source.exclude, tokenizer,
+                       max_len, policy) for i, g in enumerate(groups)]
+    results = _run_tasks(tasks, parallel, progress)
+    counts = {k: sum(r[k] for r in results) for k in ("rows", "invalid", "held_out", "refused", "truncated", "pairs",
+                                                        "tokens", "multi_rejected")}
+    if counts["pairs"] == 0:
+        raise ValueError(f"no trainable pairs: {counts}")
+    # the global index, shard by shard into memory-mapped outputs (bounded memory at any size)
+    offsets = np.zeros(len(results) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([r["pairs"] for r in results])
+    outs = {k: np.lib.format.open_memmap(path / f".{k}.npy.tmp", mode="w+", dtype=np.int32, shape=(counts["pairs"],))
+            for k in INDEX_ARRAYS}
+    for i, r in enumerate(results):
+        with np.load(path / f"{r['name']}.idx.npz") as z:
+            for k in INDEX_ARRAYS:
+                outs[k][offsets[i]:offsets[i + 1]] = z[k]
+    for k, arr in outs.items():
+        arr.flush()
+        del arr
+        os.replace(path / f".{k}.npy.tmp", path / f"{k}.npy")
+    np.save(path / "offsets.npy", offsets)
+    manifest = {"key": key, "identity": ident, "counts": counts, "shards": [r["name"] for r in results],
+                "per_shard": results, "tokenizer": tokenizer, "max_len": max_len, "length_policy": policy,
+                "built_seconds": round(time.perf_counter() - t0, 3), "parallel": parallel}
+    tmp = path / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, default=str))
+    os.replace(tmp, path / "manifest.json")
+    return StoreBuild(TokenStore(path), key, False, counts, time.perf_counter() - t0)
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+class TokenStore:
+    """A built store, memory-mapped: `len`, per-pair lengths for the sampler, and `fetch(indices)` -> EncodedPairs.
+    Picklable (DataLoader workers): maps are reopened in each process, never copied."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        self._open()
+
+    def _open(self) -> None:
+        self.offsets = np.load(self.path / "offsets.npy")
+        self._index = {k: np.load(self.path / f"{k}.npy", mmap_mode="r") for k in INDEX_ARRAYS}
+        self._tables: dict[int, pa.Table] = {}
+
+    def __getstate__(self):
+        return {"path": str(self.path), "manifest": self.manifest}
+
+    def __setstate__(self, state):
+        self.path = Path(state["path"])
+        self.manifest = state["manifest"]
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def row_lengths(self, layout: str) -> np.ndarray:
+        return self._index[{"shared_prefix": "shared_row", "packed": "tokens"}.get(layout, "max_seq")]
+
+    def token_counts(self) -> np.ndarray:
+        return self._index["tokens"]
+
+    def _table(self, s: int) -> pa.Table:
+        if s not in self._tables:
+            source = pa.memory_map(str(self.path / f"{self.manifest['shards'][s]}.arrow"), "r")
+            self._tables[s] = pa.ipc.open_file(source).read_all()  # zero-copy over the map
+        return self._tables[s]
+
+    def fetch(self, indices) -> list[EncodedPair]:
+        idx = np.asarray(indices, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        out: list[EncodedPair | None] = [None] * len(idx)
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            t = self._table(int(s)).take(pa.array(idx[where] - self.offsets[s]))
+            for j, p in zip(where, _pairs_of(t)):
+                out[j] = p
+        return out  # type: ignore[return-value]
+
+    def __getitems__(self, micro: tuple[np.ndarray, list[float], int]) -> tuple[list[EncodedPair], list[float], int]:
+        indices, weight, n_global = micro
+        return self.fetch(indices), weight, n_global
+
+    def pair_ids(self):
+        """Record batches of the pair_id column, shard by shard (for the data manifest)."""
+        for s in range(len(self.manifest["shards"])):
+            yield from self._table(s).select(["pair_id"]).to_batches()
+
+
+def _pairs_of(t: pa.Table) -> list[EncodedPair]:
+    t = t.combine_chunks()
+    ch = t.column("chosen").chunk(0) if t.num_rows else None
+    if ch is None:
+        return []
+    c_off, c_val = ch.offsets.to_numpy(), ch.values.to_numpy()
+    rj = t.column("rejected").chunk(0)
+    r_off, inner = rj.offsets.to_numpy(), rj.values
+    i_off, i_val = inner.offsets.to_numpy(), inner.values.to_numpy()
+    pf = t.column("prefix_len").chunk(0)
+    p_off, p_val = pf.offsets.to_numpy(), pf.values.to_numpy()
+    ids = t.column("pair_id").to_pylist()
+    shared = t.column("shared").to_numpy()
+    trunc = t.column("truncated").to_numpy()
+    margin = t.column("margin").to_pylist()
+    out = []
+    for b in range(t.num_rows):
+        pre = p_val[p_off[b]:p_off[b + 1]]
+        tr = int(trunc[b])
+        chosen = Encoded(c_val[c_off[b]:c_off[b + 1]], int(pre[0]), tr)
+        rej = [Encoded(i_val[i_off[k]:i_off[k + 1]], int(pre[1 + j]), tr)
+               for j, k in enumerate(range(r_off[b], r_off[b + 1]))]
+        out.append(EncodedPair(ids[b], chosen, rej[0], rej[1:], margin[b], int(shared[b])))
+    return out
+
+
+class InMemoryPairs:
+    """Encoded pairs held in this process (tests, a seed-sized set, the benchmark peer): the same interface as
+    TokenStore, no files."""
+
+    def __init__(self, pairs: list[EncodedPair]):
+        self.pairs = pairs
+        lens = {lay: np.array([p.row_len(lay) for p in pairs], dtype=np.int64)
+                for lay in ("pairs", "shared_prefix", "packed")}
+        self._lens = lens
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def row_lengths(self, layout: str) -> np.ndarray:
+        return self._lens[layout if layout in self._lens else "pairs"]
+
+    def token_counts(self) -> np.ndarray:
+        return self._lens["packed"]
+
+    def fetch(self, indices) -> list[EncodedPair]:
+        return [self.pairs[int(i)] for i in indices]
+
+    def __getitems__(self, micro):
+        indices, weight, n_global = micro
+        return self.fetch(indices), weight, n_global
+
+    @property
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for p in self.pairs:
+            h.update(p.pair_id.encode())
+            for e in p.sequences:
+                h.update(np.asarray(e.ids, dtype=np.int32).tobytes())
+        return h.hexdigest()[:20]
+
+    def pair_ids(self):
+        yield pa.record_batch([pa.array([p.pair_id for p in self.pairs], pa.string())], names=["pair_id"])
+
