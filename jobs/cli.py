@@ -2,6 +2,7 @@
 
     synpref demo [--scale tiny|small|medium] [--verbose]   # everything, on project-made data, CPU, local
     synpref benchmarks add PATH [--name NAME] | fetch NAME [--revision REV] | list
+    synpref train-rm --pairs PATH --backbone DIR --out DIR [--val PATH] [--nproc N] [--max-steps N] [--set k=v ...]
     synpref review add-annotator NAME [--lead]
     synpref review serve [--port 8000]
     synpref review export FILE [--format jsonl|csv|labelstudio]
@@ -132,6 +133,27 @@ def benchmarks_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(f"refused: {e}") from None
 
 
+def train_rm(args: argparse.Namespace) -> None:
+    from pipelines.rm.byo import PAPER_DEFAULTS, parse_settings, train_on_pairs
+
+    try:
+        settings = parse_settings(args.set or [])
+    except ValueError as e:
+        raise SystemExit(f"train-rm: {e}") from None
+    given = ", ".join(f"{k}={v}" for k, v in PAPER_DEFAULTS.items() if k not in settings)
+    print(f"[train-rm] the paper's final-run settings where you gave none: {given}", flush=True)
+    out = train_on_pairs(args.pairs, args.backbone, args.out, val=args.val, nproc=args.nproc,
+                         max_steps=args.max_steps, settings=settings, store_root=args.store_root,
+                         tracking_uri=args.mlflow_uri or default_mlflow_uri(), run_name=args.name,
+                         register=args.register, build=args.build, say=lambda m: print(m, flush=True))
+    r = out.result
+    sel = f"gold accuracy {r.best_val_accuracy:.3f}" if r.best_val_accuracy >= 0 else "no validation set"
+    print(f"[train-rm] {r.steps} steps on {r.pairs} pairs x {r.world_size} rank(s) ({r.tokens_per_s:,.0f} tokens/s; "
+          f"resumed from step {r.resumed_from_step}); {sel}\n"
+          f"[train-rm] model: {r.best_dir} (AutoModelForSequenceClassification, num_labels=1); MLflow run "
+          f"{out.mlflow_run_id}{'; registered ' + out.registered if out.registered else ''}", flush=True)
+
+
 def review(args: argparse.Namespace) -> None:
     from pipelines.lake import Lake
     from pipelines.review.app import add_annotator, create_app
@@ -187,6 +209,20 @@ def main(argv: list[str] | None = None) -> None:
     bf.add_argument("name")
     bf.add_argument("--revision", default=None)
     bs.add_parser("list", help="the benchmarks present and the layouts SynPref reads")
+    t = sub.add_parser("train-rm", help="train a reward model on your own pairs (token store + trainer + MLflow)")
+    t.add_argument("--pairs", required=True, help="Parquet file or folder, or a Delta table; local or s3://")
+    t.add_argument("--backbone", required=True, help="model folder or hub id (offline: from the local cache)")
+    t.add_argument("--out", required=True, help="output folder (the model is <out>/best; a rerun resumes)")
+    t.add_argument("--val", default=None, help="selection pairs (same layouts): the checkpoint with the best accuracy")
+    t.add_argument("--nproc", type=int, default=1, help="ranks on this node (torchrun when > 1)")
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. --set lr=1e-5")
+    t.add_argument("--store-root", default=None, help="where token stores go (default <out>/token_store)")
+    t.add_argument("--build", choices=["auto", "ray", "inprocess"], default="auto",
+                   help="tokenize on Ray (auto: when this process is connected to one) or here")
+    t.add_argument("--mlflow-uri", default=None, help="tracking URI (default: the SynPref home's SQLite store)")
+    t.add_argument("--name", default="train-rm", help="MLflow run name")
+    t.add_argument("--register", default=None, help="register the model under this MLflow name")
     r = sub.add_parser("review", help="the human review app")
     rs = r.add_subparsers(dest="review_cmd", required=True)
     a = rs.add_parser("add-annotator")
@@ -204,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.scale, args.verbose, args.engine)
     elif args.cmd == "benchmarks":
         benchmarks_cmd(args)
+    elif args.cmd == "train-rm":
+        train_rm(args)
     else:
         review(args)
 

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import dagster as dg
-import polars as pl
 import torch
 from pydantic import Field
 
+from pipelines.rm.launch import read_result, torchrun_command, train_with_torchrun, write_spec
 from pipelines.rm.model import RewardModel, load_reward_model
 from pipelines.rm.train import TrainConfig, TrainResult, train_reward_model
-
-TRAIN_COLUMNS = ["pair_id", "history", "chosen", "rejected"]
 
 
 class TrainerResource(dg.ConfigurableResource):
@@ -60,33 +57,9 @@ class TrainerResource(dg.ConfigurableResource):
         return load_reward_model(path, device=self.torch_device(), attn_implementation=self.attn_implementation or None)
 
     def torchrun_command(self, spec_path: str, python: str = sys.executable) -> list[str]:
-        """The launch command; `--standalone` only for one node, a c10d rendezvous across several."""
-        cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc_per_node}"]
-        if self.nnodes == 1:
-            cmd.append("--standalone")
-        else:
-            if not self.rdzv_endpoint:
-                raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port every node reaches)")
-            cmd += [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
-                    f"--rdzv-id={self.rdzv_id}"]
-        return cmd + ["-m", self.module, spec_path]
-
-    def write_spec(self, backbone: str, store, val_rows: list[dict], cfg: TrainConfig, out_dir: str) -> Path:
-        """spec.json (+ gold_val parquet) beside the model folder, where every node of the job can read it."""
-        launch = Path(out_dir) / "launch"
-        launch.mkdir(parents=True, exist_ok=True)
-        (pl.DataFrame(val_rows).select(TRAIN_COLUMNS) if val_rows
-         else pl.DataFrame(schema={c: pl.String for c in TRAIN_COLUMNS})).write_parquet(launch / "val.parquet")
-        spec = {"backbone": backbone, "store": str(store.path), "val": str(launch / "val.parquet"),
-                "config": asdict(cfg), "out_dir": out_dir, "result": str(launch / "result.json"),
-                "attn_implementation": self.attn_implementation or None}
-        import mlflow
-
-        run = mlflow.active_run()
-        if run is not None:  # rank 0 logs each step to the run the orchestrator opened
-            spec["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id}
-        (launch / "spec.json").write_text(json.dumps(spec))
-        return launch / "spec.json"
+        return torchrun_command(spec_path, nproc=self.nproc_per_node, nnodes=self.nnodes,
+                                rdzv_endpoint=self.rdzv_endpoint, rdzv_id=self.rdzv_id, module=self.module,
+                                python=python)
 
     def k8s_pod_spec(self) -> dict:
         """base_pod_spec for PipesK8sClient: GPUs per pod and the shared volume at SYNPREF_HOME's path."""
@@ -111,10 +84,9 @@ class TrainerResource(dg.ConfigurableResource):
             raise ValueError(f"unknown launcher {self.launcher!r}")
         if isinstance(train, list):
             raise ValueError("the torchrun launcher trains from a token store (pipelines.rm.store)")
-        spec = self.write_spec(backbone, train, val_rows, cfg, out_dir)
-        result = spec.parent / "result.json"
-        result.unlink(missing_ok=True)
+        spec = write_spec(backbone, train, val_rows, cfg, out_dir, self.attn_implementation or None)
         live = "mlflow" in json.loads(spec.read_text())
+        cwd = str(Path(__file__).resolve().parents[1])
         if self.launcher == "k8s":
             if context is None:
                 raise ValueError("the k8s launcher runs from a Dagster step (PipesK8sClient needs its context)")
@@ -124,23 +96,12 @@ class TrainerResource(dg.ConfigurableResource):
                                        command=self.torchrun_command(str(spec), python="python"),
                                        base_pod_spec=self.k8s_pod_spec())
         elif context is not None:
-            inv = dg.PipesSubprocessClient(cwd=str(Path(__file__).resolve().parents[1])).run(
-                context=context, command=self.torchrun_command(str(spec)))
+            inv = dg.PipesSubprocessClient(cwd=cwd).run(context=context, command=self.torchrun_command(str(spec)))
         else:
-            import subprocess
-
-            subprocess.run(self.torchrun_command(str(spec)), check=True, cwd=str(Path(__file__).resolve().parents[1]))
-            inv = None
-        res = None
-        if inv is not None:
-            for m in inv.get_custom_messages():
-                if isinstance(m, dict) and m.get("kind") == "result":
-                    res = m["result"]
-        if result.exists():  # the full history (the Pipes message leaves it out: it can be long)
-            res = json.loads(result.read_text())
-        if res is None:
-            raise RuntimeError("the training job ended without a result (no Pipes message, no result.json)")
+            return train_with_torchrun(backbone, train, val_rows, cfg, out_dir, nproc=self.nproc_per_node, log=log,
+                                       attn_implementation=self.attn_implementation or None)
+        res = read_result(spec, inv.get_custom_messages())
         if log and not live:
-            for rec in res["history"]:
+            for rec in res.history:
                 log(rec, rec["step"])
-        return TrainResult(**res)
+        return res

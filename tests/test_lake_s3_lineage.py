@@ -8,24 +8,6 @@ from pipelines.lake import Lake
 from tests.servers import free_port
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A real S3 endpoint on 127.0.0.1 (moto's threaded server), with the AWS_* variables pointing at it."""
-    from moto.server import ThreadedMotoServer
-    import boto3
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="lake")
-    yield env
-    server.stop()
-
-
 @pytest.mark.integration
 def test_ingest_into_s3_is_idempotent_and_readable_with_polars_and_s3fs(s3, tmp_path):
     import s3fs

@@ -26,7 +26,7 @@ import torch
 
 from pipelines.rm.model import load_reward_model
 from pipelines.rm.store import TokenStore
-from pipelines.rm.train import TrainConfig, is_main_process, train_reward_model, use_bf16
+from pipelines.rm.train import TrainConfig, TrainResult, is_main_process, train_reward_model, use_bf16
 
 
 def load_for_training(backbone: str, device: str, attn_implementation: str | None, bf16: str, seed: int):
@@ -68,6 +68,70 @@ def _mlflow_logger(spec: dict):
                                                  if k != "step" and isinstance(v, (int, float))])
 
     return log
+
+
+# --- the launching side (orchestrator, CLI) --------------------------------------------------------------------------
+TRAIN_COLUMNS = ["pair_id", "history", "chosen", "rejected"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun_command(spec_path: str, *, nproc: int, nnodes: int = 1, rdzv_endpoint: str = "",
+                     rdzv_id: str = "synpref-rm", module: str = "pipelines.rm.launch",
+                     python: str = sys.executable) -> list[str]:
+    """The launch command; `--standalone` only for one node, a c10d rendezvous across several."""
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if not rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port every node reaches)")
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    return cmd + ["-m", module, spec_path]
+
+
+def write_spec(backbone: str, store, val_rows: list[dict], cfg: TrainConfig, out_dir: str,
+               attn_implementation: str | None = None) -> Path:
+    """spec.json (+ gold_val parquet) beside the model folder, where every node of the job can read it. Inside an
+    active MLflow run, rank 0 is told to log each step to it."""
+    launch = Path(out_dir) / "launch"
+    launch.mkdir(parents=True, exist_ok=True)
+    (pl.DataFrame(val_rows).select(TRAIN_COLUMNS) if val_rows
+     else pl.DataFrame(schema={c: pl.String for c in TRAIN_COLUMNS})).write_parquet(launch / "val.parquet")
+    spec = {"backbone": backbone, "store": str(store.path), "val": str(launch / "val.parquet"), "config": asdict(cfg),
+            "out_dir": out_dir, "result": str(launch / "result.json"), "attn_implementation": attn_implementation}
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is not None:
+        spec["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run.info.run_id}
+    (launch / "result.json").unlink(missing_ok=True)
+    (launch / "spec.json").write_text(json.dumps(spec))
+    return launch / "spec.json"
+
+
+def read_result(spec_path: Path, messages: list | None = None) -> TrainResult:
+    """The run's TrainResult: result.json beside the spec (full history), else the Pipes result message."""
+    result = Path(spec_path).parent / "result.json"
+    if result.exists():
+        return TrainResult(**json.loads(result.read_text()))
+    for m in messages or []:
+        if isinstance(m, dict) and m.get("kind") == "result":
+            return TrainResult(**m["result"])
+    raise RuntimeError("the training job ended without a result (no result.json, no Pipes message)")
+
+
+def train_with_torchrun(backbone: str, store, val_rows: list[dict], cfg: TrainConfig, out_dir: str, *, nproc: int,
+                        log=None, attn_implementation: str | None = None) -> TrainResult:
+    """torchrun as a plain subprocess on this node (the CLI and benchmarks; assets go through Dagster Pipes)."""
+    import subprocess
+
+    spec = write_spec(backbone, store, val_rows, cfg, out_dir, attn_implementation)
+    subprocess.run(torchrun_command(str(spec), nproc=nproc), check=True, cwd=str(ROOT))
+    res = read_result(spec)
+    if log and "mlflow" not in json.loads(spec.read_text()):
+        for rec in res.history:
+            log(rec, rec["step"])
+    return res
 
 
 def main(spec_path: str, log=None) -> None:
