@@ -7,7 +7,8 @@ Launchers:
   `nnodes` > 1 with `rdzv_endpoint` runs this node's share of a multi-node job (c10d rendezvous); every node runs
   the same command (see `k8s`).
 - `k8s`: the same command in a pod launched by dagster-k8s' `PipesK8sClient` (image, namespace, GPUs per pod, the
-  shared volume that holds the token store and model folders); docs/deployment.md has the multi-node recipe.
+  shared volume that holds the token store, the spec and the model folders); Pipes messages travel in the pod's
+  log. One pod = one node; docs/deployment.md says how a multi-node job is laid out.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pipelines.rm.train import TrainConfig, TrainResult, train_reward_model
 class TrainerResource(dg.ConfigurableResource):
     device: str = Field(default="auto", description="auto | cpu | cuda")
     launcher: str = Field(default="inprocess", description="inprocess | torchrun (this node, under Dagster Pipes) | "
-                                                           "k8s (a pod per node through dagster-k8s' PipesK8sClient)")
+                                                           "k8s (one pod through dagster-k8s' PipesK8sClient)")
     nproc_per_node: int = Field(default=1, description="Ranks (GPUs) per node for torchrun / k8s")
     nnodes: int = Field(default=1, description="Nodes of a multi-node torchrun job (1 = --standalone)")
     rdzv_endpoint: str = Field(default="", description="host:port of the c10d rendezvous when nnodes > 1")
@@ -62,16 +63,23 @@ class TrainerResource(dg.ConfigurableResource):
                                 python=python)
 
     def k8s_pod_spec(self) -> dict:
-        """base_pod_spec for PipesK8sClient: GPUs per pod and the shared volume at SYNPREF_HOME's path."""
+        """base_pod_spec for PipesK8sClient: the node's GPUs, the shared volume at SYNPREF_HOME's path (token stores,
+        model folders, the spec), and a memory-backed /dev/shm for DataLoader workers (64 MB by default in a pod)."""
         from pipelines.settings import home
 
-        container: dict = {"resources": {"limits": {"nvidia.com/gpu": str(self.nproc_per_node)}}}
-        spec: dict = {"containers": [container], "restart_policy": "Never"}
+        mounts = [{"name": "dshm", "mount_path": "/dev/shm"}]
+        volumes: list[dict] = [{"name": "dshm", "empty_dir": {"medium": "Memory"}}]
         if self.k8s_volume_claim:
-            container["volume_mounts"] = [{"name": "synpref-home", "mount_path": str(home())}]
-            spec["volumes"] = [{"name": "synpref-home",
-                                "persistent_volume_claim": {"claim_name": self.k8s_volume_claim}}]
-        return spec
+            mounts.append({"name": "synpref-home", "mount_path": str(home())})
+            volumes.append({"name": "synpref-home", "persistent_volume_claim": {"claim_name": self.k8s_volume_claim}})
+        container = {"resources": {"limits": {"nvidia.com/gpu": str(self.nproc_per_node)}}, "volume_mounts": mounts}
+        return {"containers": [container], "volumes": volumes, "restart_policy": "Never"}
+
+    def k8s_env(self) -> dict[str, str]:
+        """The pod's environment: the same SYNPREF_HOME path (on the PVC). The MLflow run travels in the spec."""
+        from pipelines.settings import home
+
+        return {"SYNPREF_HOME": str(home()), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def train(self, backbone: str, train, val_rows: list[dict], cfg: TrainConfig, out_dir: str,
               log: Callable[[dict, int], None] | None = None, *, context=None) -> TrainResult:
@@ -84,17 +92,21 @@ class TrainerResource(dg.ConfigurableResource):
             raise ValueError(f"unknown launcher {self.launcher!r}")
         if isinstance(train, list):
             raise ValueError("the torchrun launcher trains from a token store (pipelines.rm.store)")
+        if self.launcher == "k8s":
+            if context is None:
+                raise ValueError("the k8s launcher runs from a Dagster step (PipesK8sClient needs its context)")
+            if self.nnodes != 1:
+                raise ValueError("the k8s launcher runs one pod (one node, nproc_per_node GPUs); a multi-node job "
+                                 "needs one pod per node started together (docs/deployment.md)")
         spec = write_spec(backbone, train, val_rows, cfg, out_dir, self.attn_implementation or None)
         live = "mlflow" in json.loads(spec.read_text())
         cwd = str(Path(__file__).resolve().parents[1])
         if self.launcher == "k8s":
-            if context is None:
-                raise ValueError("the k8s launcher runs from a Dagster step (PipesK8sClient needs its context)")
             from dagster_k8s import PipesK8sClient
 
             inv = PipesK8sClient().run(context=context, image=self.k8s_image, namespace=self.k8s_namespace,
                                        command=self.torchrun_command(str(spec), python="python"),
-                                       base_pod_spec=self.k8s_pod_spec())
+                                       env=self.k8s_env(), base_pod_spec=self.k8s_pod_spec())
         elif context is not None:
             inv = dg.PipesSubprocessClient(cwd=cwd).run(context=context, command=self.torchrun_command(str(spec)))
         else:

@@ -228,3 +228,30 @@ def test_gold_rm_trains_through_torchrun_under_pipes_and_a_reexecuted_run_resume
         m2 = clean.asset_materializations_for_node("gold_rm")[0].metadata
         assert m2["resumed_from_step"].value == 0
     assert _worst(resumed, _weights(str(Path(m2["model_dir"].value) / "best"))) < 1e-6
+
+
+def test_the_k8s_launcher_builds_a_pod_that_runs_torchrun_on_the_nodes_gpus_and_the_shared_volume(tmp_path,
+                                                                                                  monkeypatch):
+    """dagster-k8s' own pod builder over the resource's spec: the pod runs the same torchrun command as the local
+    launcher, asks for the node's GPUs, gets a memory-backed /dev/shm and mounts the PVC at SYNPREF_HOME's path."""
+    from dagster_k8s.pipes import build_pod_body
+
+    from resources.trainer import TrainerResource
+
+    monkeypatch.setenv("SYNPREF_HOME", str(tmp_path))
+    t = TrainerResource(launcher="k8s", nproc_per_node=8, k8s_image="synpref:1", k8s_volume_claim="synpref-home")
+    body = build_pod_body("rm", t.k8s_image, t.torchrun_command("/s/spec.json", python="python"), t.k8s_env(), None,
+                          t.k8s_pod_spec())
+    c = body.spec.containers[0]
+    assert c.image == "synpref:1" and c.command[:3] == ["python", "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=8" in c.command and c.command[-3:] == ["-m", "pipelines.rm.launch", "/s/spec.json"]
+    assert c.resources.limits == {"nvidia.com/gpu": "8"} and body.spec.restart_policy == "Never"
+    assert {(m.name, m.mount_path) for m in c.volume_mounts} == {("dshm", "/dev/shm"), ("synpref-home", str(tmp_path))}
+    vols = {v.name: v for v in body.spec.volumes}
+    assert vols["dshm"].empty_dir.medium == "Memory"
+    assert vols["synpref-home"].persistent_volume_claim.claim_name == "synpref-home"
+    assert {e.name: e.value for e in c.env}["SYNPREF_HOME"] == str(tmp_path)
+    # a multi-node job is one pod per node started together: one pod alone must not pretend to be one
+    multi = TrainerResource(launcher="k8s", nnodes=2, k8s_image="synpref:1")
+    with pytest.raises(ValueError, match="one pod"):
+        multi.train("b", object(), [], TrainConfig(), str(tmp_path / "o"), context=object())

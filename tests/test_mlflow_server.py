@@ -45,7 +45,7 @@ def test_train_and_register_against_an_mlflow_tracking_server(tmp_path, lake):
             return train_reward_model(load_reward_model(b), tr, va, c, out, log=log_fn)
 
         reg = train_and_register(lake, tracking_uri=uri, experiment="synpref-test", name="synpref-test-rm",
-                                 role="gold", backbone=backbone, train_rows=rows[:16], val_rows=rows[16:], cfg=cfg,
+                                 role="gold", backbone=backbone, train=rows[:16], val_rows=rows[16:], cfg=cfg,
                                  out_dir=str(tmp_path / "out"), train_fn=train_fn)
         import mlflow
         from mlflow.tracking import MlflowClient

@@ -184,6 +184,29 @@ def test_batched_rendering_equals_one_response_at_a_time(which, tiny_qwen):
     assert len({tuple(ids[:prefix]) for ids, prefix in many}) == 1  # one rendering of the history for all
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_history_tokenized_once_gives_the_ids_of_one_call_per_full_text(arch, lake, hh_path, tmp_path):
+    """The renderer tokenizes a history once for all its responses (split at its last special token): on real
+    multi-turn hh-rlhf conversations and edge responses (leading space, empty, newlines) the ids equal tokenizing
+    each full rendering alone, and the history count equals its own tokenization's common prefix."""
+    from pipelines.ingest.run import ingest_shard
+    from pipelines.rm.model import load_tokenizer
+
+    ingest_shard(lake, hh_path, source="hh", shard="hh/test", run_id="r")
+    rows = lake.read("raw_pairs").sort("pair_id").head(300).to_dicts()
+    r = Renderer(load_tokenizer(build_tiny_decoder(tmp_path / arch, arch)), 10**6)
+    assert r._split is not None  # the fast path is the one under test
+    items = [(x["history"], [x["chosen"], x["rejected"], " " + x["chosen"], "", "\n\nx"]) for x in rows]
+    for (history, responses), got in zip(items, r.render_batch(items)):
+        head = r._strip_bos(r.tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True))
+        hids = r.tok(head)["input_ids"]
+        for resp, (ids, n) in zip(responses, got):
+            full = r.tok(r._strip_bos(r.tok.apply_chat_template(
+                history + [{"role": "assistant", "content": resp}], tokenize=False)))["input_ids"]
+            k = next((i for i, (a, b) in enumerate(zip(full, hids)) if a != b), min(len(full), len(hids)))
+            assert (ids, n) == (full, k)
+
+
 def test_train_and_score_tokenize_identically(tiny_qwen):
     rm = load_reward_model(tiny_qwen)
     rows = synth_rows(5, seed=4)

@@ -81,23 +81,12 @@ class Renderer:
             return []
         msgs = [[{"role": m["role"], "content": m["content"]} for m in h] for h, _ in items]
         if self.chat:
-            texts: list[str] = []
+            heads, fulls = [], []
             for m, (_, responses) in zip(msgs, items):
-                texts.append(self._strip_bos(self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)))
-                texts += [self._strip_bos(self.tok.apply_chat_template(m + [{"role": "assistant", "content": r}],
+                heads.append(self._strip_bos(self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)))
+                fulls += [self._strip_bos(self.tok.apply_chat_template(m + [{"role": "assistant", "content": r}],
                                                                       tokenize=False)) for r in responses]
-            enc = iter(self.tok(texts, add_special_tokens=True)["input_ids"])
-            out = []
-            for _, responses in items:
-                pids, group = next(enc), []
-                for _r in responses:
-                    ids = next(enc)
-                    n, top = 0, min(len(ids), len(pids))
-                    while n < top and ids[n] == pids[n]:
-                        n += 1
-                    group.append((ids, n))
-                out.append(group)
-            return out
+            return self._tokenize_rendered(heads, fulls, [len(rs) for _, rs in items])
         if self.decoder:  # a decoder without a chat template: plain transcript, EOS-terminated
             eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
             prefixes = self.tok([prompt_text(m) + "\nassistant: " for m in msgs], add_special_tokens=True)["input_ids"]
@@ -109,6 +98,107 @@ class Renderer:
         enc = iter(self.tok(firsts, seconds, add_special_tokens=True)["input_ids"]) if seconds else iter(())
         return [[(ids, ids.index(sep) + 1 if sep in ids else 1) for ids in (next(enc) for _r in rs)]
                 for _, rs in items]
+
+    @cached_property
+    def _split(self):
+        """How to tokenize a rendered history once for all its responses, or None where that would not give the ids
+        of one call per full text. HF tokenizers split a text at special added tokens before normalizing and
+        pre-tokenizing, and handle each piece alone: so the ids of `A + B`, where A ends with a special token that
+        strips no whitespace, are ids(A) + ids(B) (the post-processor's BOS/EOS aside). Not so where a
+        pre-tokenizer treats the text's first piece differently (Metaspace `prepend_scheme: first`) or a longer
+        added token starts with a special one; then every text is tokenized whole."""
+        import json
+        import re
+
+        if not getattr(self.tok, "is_fast", False):
+            return None
+        added = list(self.tok.added_tokens_decoder.values())
+        specials = [t.content for t in added if t.special and not t.rstrip and t.content]
+        if not specials or any(a.content != s and a.content.startswith(s) for a in added for s in specials):
+            return None
+        if '"prepend_scheme":"first"' in json.dumps(json.loads(self.tok.backend_tokenizer.to_str())).replace(" ", ""):
+            return None
+        with_sp = self.tok("a", add_special_tokens=True)["input_ids"]
+        bare = self.tok("a", add_special_tokens=False)["input_ids"]
+        at = next((i for i in range(len(with_sp) - len(bare) + 1) if with_sp[i:i + len(bare)] == bare), None)
+        if at is None:
+            return None
+        post = with_sp[at + len(bare):]
+        return re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))), post
+
+    def _tokenize_rendered(self, heads: list[str], fulls: list[str], counts: list[int]) -> list[list[tuple[list[int], int]]]:
+        """Ids of each full text and its history's token count (the token holding the first character after the
+        history). Where `_split` allows, each history is tokenized once up to its last special token and only the
+        rest of each full text after it: a pair's history is most of its text, so this halves the tokenizing of
+        multi-turn data. Elsewhere each full text is tokenized whole and the history's count read off it."""
+        plan = self._split
+        cuts = [0] * len(heads)
+        if plan is not None:
+            pattern, post = plan
+            j = 0
+            for i, (h, k) in enumerate(zip(heads, counts)):
+                last = None
+                for last in pattern.finditer(h):
+                    pass
+                if last is not None and all(len(f) > len(h) and f.startswith(h) for f in fulls[j:j + k]):
+                    cuts[i] = last.end()
+                j += k
+        out: list[list[tuple[list[int], int]]] = []
+        split = [i for i, c in enumerate(cuts) if c]
+        whole = [i for i, c in enumerate(cuts) if not c]
+        firsts = [0]
+        for k in counts:
+            firsts.append(firsts[-1] + k)
+        result: dict[int, list[list]] = {}
+        redo: list[tuple[int, int]] = []  # (item, response) whose history count the encoding does not give
+        if split:
+            _, post = plan
+            # the backend's own batch call (what the tokenizer's __call__ wraps, without converting every
+            # encoding to a dict): Encoding.ids and Encoding.char_to_token are all this needs
+            backend = self.tok.backend_tokenizer
+            head_ids = [e.ids for e in backend.encode_batch([heads[i][:cuts[i]] for i in split],
+                                                            add_special_tokens=True)]
+            tails = backend.encode_batch([fulls[j][cuts[i]:] for i in split for j in range(firsts[i], firsts[i + 1])],
+                                         add_special_tokens=False)
+            t = 0
+            for i, hid in zip(split, head_ids):
+                if post and hid[-len(post):] == post:
+                    hid = hid[:-len(post)]
+                group = []
+                for _ in range(counts[i]):
+                    n = tails[t].char_to_token(len(heads[i]) - cuts[i])
+                    if n is None:  # the character maps to no token (offsets trimmed of whitespace)
+                        redo.append((i, len(group)))
+                    group.append([hid + tails[t].ids + post, None if n is None else len(hid) + n])
+                    t += 1
+                result[i] = group
+        if whole:
+            texts = [fulls[j] for i in whole for j in range(firsts[i], firsts[i + 1])]
+            enc = self.tok(texts, add_special_tokens=True)
+            t = 0
+            for i in whole:
+                group = []
+                for _ in range(counts[i]):
+                    n = None
+                    if enc.is_fast and len(texts[t]) > len(heads[i]) and texts[t].startswith(heads[i]):
+                        n = enc.char_to_token(t, len(heads[i]))
+                    if n is None:
+                        redo.append((i, len(group)))
+                    group.append([enc["input_ids"][t], n])
+                    t += 1
+                result[i] = group
+        if redo:  # a slow tokenizer, or a template whose history is not a prefix: tokenize it and compare
+            todo = sorted({i for i, _ in redo})
+            hids = dict(zip(todo, self.tok([heads[i] for i in todo], add_special_tokens=True)["input_ids"]))
+            for i, k in redo:
+                ids, pids = result[i][k][0], hids[i]
+                n, top = 0, min(len(ids), len(pids))
+                while n < top and ids[n] == pids[n]:
+                    n += 1
+                result[i][k][1] = n
+        for i in range(len(heads)):
+            out.append([(ids, n) for ids, n in result[i]])
+        return out
 
     def encode(self, history: list[dict], response: str) -> Encoded:
         ids, prefix = self.render(history, response)

@@ -25,7 +25,7 @@ import polars as pl
 import torch
 
 from pipelines.rm.model import load_reward_model
-from pipelines.rm.store import TokenStore
+from pipelines.rm.shards import TokenStore
 from pipelines.rm.train import TrainConfig, TrainResult, is_main_process, train_reward_model, use_bf16
 
 

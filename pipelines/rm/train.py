@@ -54,7 +54,7 @@ from pipelines.rm.fsdp import maybe_wrap_fsdp
 from pipelines.rm.losses import LOSSES, pair_losses
 from pipelines.rm.model import RewardModel, save_reward_model
 from pipelines.rm.sampler import GlobalBatchPlan, RankBatchSampler, balanced_split  # noqa: F401  (re-exported)
-from pipelines.rm.store import InMemoryPairs, TokenStore
+from pipelines.rm.shards import InMemoryPairs, TokenStore
 
 
 @dataclass

@@ -1,0 +1,155 @@
+"""Reading a token store (built by pipelines.rm.store): memory-mapped Arrow shards and their length index.
+
+Kept apart from the builder so a training rank needs numpy + pyarrow only (GPU images carry no polars/deltalake).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.rm.data import Encoded, EncodedPair
+
+STORE_SCHEMA = pa.schema([
+    ("pair_id", pa.string()),
+    ("chosen", pa.list_(pa.int32())),
+    ("rejected", pa.list_(pa.list_(pa.int32()))),  # K >= 1 rejected responses
+    ("prefix_len", pa.list_(pa.int32())),  # rendered-history tokens of chosen, then of each rejected
+    ("shared", pa.int32()),  # leading tokens all sequences share (the shared-prefix layout computes them once)
+    ("truncated", pa.int32()),  # history tokens the length policy removed
+    ("margin", pa.float64()),  # the source's stated preference strength, null when none
+])
+INDEX_ARRAYS = ("tokens", "max_seq", "shared_row")
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+class TokenStore:
+    """A built store, memory-mapped: `len`, per-pair lengths for the sampler, and `fetch(indices)` -> EncodedPairs.
+    Picklable (DataLoader workers): maps are reopened in each process, never copied."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        self._open()
+
+    def _open(self) -> None:
+        self.offsets = np.load(self.path / "offsets.npy")
+        self._index = {k: np.load(self.path / f"{k}.npy", mmap_mode="r") for k in INDEX_ARRAYS}
+        self._tables: dict[int, pa.Table] = {}
+
+    def __getstate__(self):
+        return {"path": str(self.path), "manifest": self.manifest}
+
+    def __setstate__(self, state):
+        self.path = Path(state["path"])
+        self.manifest = state["manifest"]
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def row_lengths(self, layout: str) -> np.ndarray:
+        return self._index[{"shared_prefix": "shared_row", "packed": "tokens"}.get(layout, "max_seq")]
+
+    def token_counts(self) -> np.ndarray:
+        return self._index["tokens"]
+
+    def _table(self, s: int) -> pa.Table:
+        if s not in self._tables:
+            source = pa.memory_map(str(self.path / f"{self.manifest['shards'][s]}.arrow"), "r")
+            self._tables[s] = pa.ipc.open_file(source).read_all()  # zero-copy over the map
+        return self._tables[s]
+
+    def fetch(self, indices) -> list[EncodedPair]:
+        idx = np.asarray(indices, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        out: list[EncodedPair | None] = [None] * len(idx)
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            t = self._table(int(s)).take(pa.array(idx[where] - self.offsets[s]))
+            for j, p in zip(where, _pairs_of(t)):
+                out[j] = p
+        return out  # type: ignore[return-value]
+
+    def __getitems__(self, micro: tuple[np.ndarray, list[float], int]) -> tuple[list[EncodedPair], list[float], int]:
+        indices, weight, n_global = micro
+        return self.fetch(indices), weight, n_global
+
+    def pair_ids(self):
+        """Record batches of the pair_id column, shard by shard (for the data manifest)."""
+        for s in range(len(self.manifest["shards"])):
+            yield from self._table(s).select(["pair_id"]).to_batches()
+
+
+def _pairs_of(t: pa.Table) -> list[EncodedPair]:
+    t = t.combine_chunks()
+    ch = t.column("chosen").chunk(0) if t.num_rows else None
+    if ch is None:
+        return []
+    c_off, c_val = ch.offsets.to_numpy(), ch.values.to_numpy()
+    rj = t.column("rejected").chunk(0)
+    r_off, inner = rj.offsets.to_numpy(), rj.values
+    i_off, i_val = inner.offsets.to_numpy(), inner.values.to_numpy()
+    pf = t.column("prefix_len").chunk(0)
+    p_off, p_val = pf.offsets.to_numpy(), pf.values.to_numpy()
+    ids = t.column("pair_id").to_pylist()
+    shared = t.column("shared").to_numpy()
+    trunc = t.column("truncated").to_numpy()
+    margin = t.column("margin").to_pylist()
+    out = []
+    for b in range(t.num_rows):
+        pre = p_val[p_off[b]:p_off[b + 1]]
+        tr = int(trunc[b])
+        chosen = Encoded(c_val[c_off[b]:c_off[b + 1]], int(pre[0]), tr)
+        rej = [Encoded(i_val[i_off[k]:i_off[k + 1]], int(pre[1 + j]), tr)
+               for j, k in enumerate(range(r_off[b], r_off[b + 1]))]
+        out.append(EncodedPair(ids[b], chosen, rej[0], rej[1:], margin[b], int(shared[b])))
+    return out
+
+
+class InMemoryPairs:
+    """Encoded pairs held in this process (tests, a seed-sized set, the benchmark peer): the same interface as
+    TokenStore, no files."""
+
+    def __init__(self, pairs: list[EncodedPair]):
+        self.pairs = pairs
+        lens = {lay: np.array([p.row_len(lay) for p in pairs], dtype=np.int64)
+                for lay in ("pairs", "shared_prefix", "packed")}
+        self._lens = lens
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def row_lengths(self, layout: str) -> np.ndarray:
+        return self._lens[layout if layout in self._lens else "pairs"]
+
+    def token_counts(self) -> np.ndarray:
+        return self._lens["packed"]
+
+    def fetch(self, indices) -> list[EncodedPair]:
+        return [self.pairs[int(i)] for i in indices]
+
+    def __getitems__(self, micro):
+        indices, weight, n_global = micro
+        return self.fetch(indices), weight, n_global
+
+    @property
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for p in self.pairs:
+            h.update(p.pair_id.encode())
+            for e in p.sequences:
+                h.update(np.asarray(e.ids, dtype=np.int32).tobytes())
+        return h.hexdigest()[:20]
+
+    def pair_ids(self):
+        yield pa.record_batch([pa.array([p.pair_id for p in self.pairs], pa.string())], names=["pair_id"])
+
