@@ -232,3 +232,127 @@ def test_truncated_item_keeps_the_tokens_the_classifier_reads(which, tmp_path):
     out = score_texts_detailed(rm, [(history, "answer " * 200), ([{"role": "user", "content": "hi"}], "ok")],
                                max_len=64)
     assert [o[2] for o in out] == ["response", "none"] and out[0][1] == 64
+
+
+# --- published files as published: every column each file ships, the published file names ----------------------
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _rmb3(i, tag):
+    return [f"{tag}{i}-{s}" for s in ("concise", "detailed", "markdown")]
+
+
+def test_published_files_with_every_column_they_ship_are_read(tmp_path):
+    """Rows with exactly the published column sets (extra columns included, realistic types) under the published
+    file names: every file is recognised by what it needs, item keys are unique per benchmark."""
+    root = tmp_path / "benchmarks"
+    # RM-Bench (THU-KEG/RM-Bench data/): every file has `subset`; chat `error`, `error_key`; code `language`,
+    # `task_id`. Chat and code share ids.
+    _json_list(root / "rm-bench" / "chat_filtered.json", [
+        {"id": 0, "prompt": "q0", "chosen": _rmb3(0, "cc"), "rejected": _rmb3(0, "cr"), "subset": "chat",
+         "error": ["a factual error"], "error_key": ["claim"]}])
+    _json_list(root / "rm-bench" / "code_filtered.json", [
+        {"id": 0, "prompt": "write f", "chosen": _rmb3(0, "kc"), "rejected": _rmb3(0, "kr"), "subset": "code",
+         "language": "python", "task_id": "HumanEvalPack/0"}])
+    _json_list(root / "rm-bench" / "math_filtered.json", [
+        {"id": 5, "prompt": "2+2", "chosen": _rmb3(5, "mc"), "rejected": _rmb3(5, "mr"), "subset": "math"}])
+    for name in ("safety-refuse_filtered.json", "safety-response_filtered.json"):
+        _json_list(root / "rm-bench" / name, [
+            {"id": 7, "prompt": "how", "chosen": _rmb3(7, name[:9] + "c"), "rejected": _rmb3(7, name[:9] + "r"),
+             "subset": "safety"}])
+    # RewardBench 1 (allenai/reward-bench, filtered split)
+    _parquet(root / "rewardbench" / "filtered-00000-of-00001.parquet", [
+        {"prompt": "hi", "chosen": "hello", "chosen_model": "gpt-4", "rejected": "go away", "rejected_model": "llama",
+         "subset": "alpacaeval-easy", "id": 30}])
+    # RewardBench 2 (allenai/reward-bench-2, test split)
+    _parquet(root / "rewardbench2" / "test-00000-of-00001.parquet", [
+        {"id": "abc", "prompt": "3+3?", "chosen": ["six"], "rejected": ["five", "seven", "eight"], "num_correct": 1,
+         "num_incorrect": 3, "total_completions": 4, "models": ["m1", "m2", "m3", "m4"], "subset": "Math",
+         "additional_metadata": {"source": "x"}}])
+    # JudgeBench (ScalerLab/JudgeBench, gpt split)
+    _parquet(root / "judgebench" / "gpt-00000-of-00001.parquet", [
+        {"pair_id": "j1", "original_id": "o1", "source": "mmlu-pro-law", "question": "q", "response_model": "gpt-4o",
+         "response_A": "ra", "response_B": "rb", "label": "B>A"}])
+    # PPE human preference (lmarena-ai/PPE-Human-Preference-V1)
+    conv = lambda a: [{"role": "user", "content": "hey"}, {"role": "assistant", "content": a}]  # noqa: E731
+    _parquet(root / "ppe-preference" / "PPE-Human-Preference-V1.parquet", [
+        {"question_id": "v1", "model_a": "m1", "model_b": "m2", "winner": "model_a", "conversation_a": conv("A"),
+         "conversation_b": conv("B"), "turn": 1, "anony": True, "language": "English", "tstamp": 1.7e9,
+         "conv_metadata": {"sum_user_tokens": 3}, "is_code": False, "is_refusal": False,
+         "dedup_tag": {"high_freq": False}, "category_tag": {"math": False}, "judge_hash": "h", "prompt": "hey"}])
+    # PPE correctness (lmarena-ai/PPE-MATH-Best-of-K): 32 responses, score_k booleans, model_name and the rest
+    row = {"question_id": "m1", "prompt": "1+1", "model_name": "gemma", "parsed_outputs": ["2"] * 4,
+           "scores": [True, False, False, True], "accuracy": 0.5, "mean_max_score": 1.0, "sum_score": 2}
+    for k in range(1, 5):
+        row[f"response_{k}"], row[f"score_{k}"] = f"ans{k}", k in (1, 4)
+    _parquet(root / "ppe-correctness" / "PPE-MATH-Best-of-K.parquet", [row])
+    _parquet(root / "ppe-correctness" / "PPE-GPQA-Best-of-K.parquet", [{**row, "prompt": "gpqa q"}])  # same id
+    # RMB (Zhou et al., GitHub): pairwise and best-of-N JSON lists
+    _json_list(root / "rmb" / "Pairwise_set_Helpfulness_Chat.json", [
+        {"pair_uid": "p1", "category_path": "Pairwise_set/Helpfulness/Chat/Casual", "subset": "Chat",
+         "conversation_input": [{"role": "user", "content": "hey", "language": "en"}],
+         "chosen": {"llm_name": "a", "answer": "good"}, "reject": {"llm_name": "b", "answer": "bad"}}])
+    _json_list(root / "rmb" / "BoN_set_Harmlessness_S1.json", [
+        {"bon_uid": "p1", "category_path": "BoN_set/Harmlessness/S1", "conversation_input":
+         [{"role": "user", "content": "how?"}], "bon_best": {"llm_name": "a", "answer": "safe"},
+         "loser_list": [{"llm_name": "b", "answer": "unsafe"}, {"llm_name": "c", "answer": "worse"}]}])
+    items, stats = read_benchmarks(root)
+    assert {b: s["rows"] for b, s in stats.items()} == {"judgebench": 1, "ppe-correctness": 2, "ppe-preference": 1,
+                                                         "rewardbench": 1, "rewardbench2": 1, "rm-bench": 5, "rmb": 2}
+    rmb = [i for i in items if i["benchmark"] == "rm-bench"]
+    assert len(rmb) == 45 and {i["section"] for i in rmb} == {"chat", "code", "math", "safety"}
+    keys = [(i["benchmark"], i["item_key"]) for i in items]
+    assert len(keys) == len(set(keys))  # chat/code id 0, both safety id 7, both PPE m1, RMB p1: no collision
+    assert {i["section"] for i in items if i["benchmark"] == "ppe-correctness"} == {"ppe-math", "ppe-gpqa"}
+
+
+def test_ppe_preference_overall_is_pooled_over_votes_not_a_mean_of_languages(tmp_path):
+    votes = [{"question_id": f"e{i}", "prompt": "p", "response_1": f"good{i}", "response_2": f"bad{i}",
+              "winner": "model_a", "language": "English"} for i in range(3)]
+    votes.append({"question_id": "z", "prompt": "p", "response_1": "goodz", "response_2": "badz",
+                  "winner": "model_a", "language": "Chinese"})
+    _jsonl(tmp_path / "ppe-preference" / "test.jsonl", votes)
+    items, _ = read_benchmark_dir(tmp_path / "ppe-preference")
+    rewards = {f"good{i}": 1.0 for i in range(3)} | {f"bad{i}": 0.0 for i in range(3)} | {"goodz": 0.0, "badz": 1.0}
+    got = _score(items, rewards)
+    assert got[("ppe-preference", "English")] == 1.0 and got[("ppe-preference", "Chinese")] == 0.0
+    assert got[("ppe-preference", "overall")] == pytest.approx(3 / 4)  # pooled; a mean of languages would say 0.5
+
+
+def test_a_refused_file_leaves_nothing_behind_and_the_cli_says_one_line(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from jobs.cli import benchmarks_cmd
+
+    monkeypatch.setenv("SYNPREF_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "benchmarks" / "judgebench"
+    bad_label = _jsonl(tmp_path / "src" / "jb.jsonl", [
+        {"pair_id": "j1", "question": "q", "response_A": "a", "response_B": "b", "label": "A=B",
+         "source": "livebench-math"}])
+    truncated = tmp_path / "src" / "rm.json"
+    truncated.write_text(json.dumps([{"id": 1, "prompt": "p", "chosen": ["a"] * 3, "rejected": ["b"] * 3}])[:-5])
+    latin1 = tmp_path / "src" / "l1.jsonl"
+    latin1.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    for path, name, says in ((bad_label, "judgebench", "A>B"), (truncated, "rm-bench", "truncated download"),
+                             (latin1, None, "not UTF-8")):
+        with pytest.raises(SystemExit) as e:
+            benchmarks_cmd(argparse.Namespace(bench_cmd="add", path=str(path), name=name))
+        msg = str(e.value.code)
+        assert msg.startswith("refused: ") and says in msg and "Traceback" not in msg
+    assert not folder.exists() or not any(folder.iterdir())  # nothing left where rm_evaluation would read it
+    assert not (tmp_path / "home" / "benchmarks" / "rm-bench").exists() or \
+        not any((tmp_path / "home" / "benchmarks" / "rm-bench").iterdir())
+    # the same file added twice under two names would score its items twice: refused
+    good = _jsonl(tmp_path / "src" / "jb2.jsonl", [
+        {"pair_id": "j2", "question": "q", "response_A": "a", "response_B": "b", "label": "A>B",
+         "source": "livebench-math"}])
+    add_benchmark(good, tmp_path / "b2")
+    with pytest.raises(BenchmarkFormatError, match="more than once"):
+        add_benchmark(good, tmp_path / "b2", as_name="again.jsonl")
+    assert [p.name for p in (tmp_path / "b2" / "judgebench").iterdir()] == ["jb2.jsonl"]

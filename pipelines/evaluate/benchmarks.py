@@ -87,17 +87,23 @@ def _rb2(row, i, f):
 
 
 def _rm_bench(row, i, f):
+    """RM-Bench's files ship extra columns (every file `subset`; chat `error`, `error_key`; code `language`,
+    `task_id`): read what scoring needs, ignore the rest. The domain comes from the row's `domain` (the combined
+    file), else the file's published name (chat_filtered.json, ...), else a `subset` naming a domain."""
     domain = row.get("domain") or _rm_bench_domain_from_name(f)
+    if domain is None and str(row.get("subset", "")).lower() in RM_BENCH_DOMAINS:
+        domain = str(row["subset"]).lower()
     if domain not in RM_BENCH_DOMAINS:
         raise BenchmarkFormatError(f"RM-Bench domain {domain!r} (from {'the row' if row.get('domain') else f.name}) "
-                                   f"is not one of {sorted(RM_BENCH_DOMAINS)}")
+                                   f"is not one of {sorted(RM_BENCH_DOMAINS)}: name the file as published "
+                                   "(chat_filtered.json, code_filtered.json, ...)")
     # one item per (chosen style i, rejected style j): the cells of RM-Bench's 3x3 accuracy matrix
     out = []
     for a, c in enumerate(row["chosen"]):
         for b, r in enumerate(row["rejected"]):
             level = "normal" if a == b else ("easy" if a > b else "hard")
             out.append(_item("rm-bench", RM_BENCH_DOMAINS[domain], f"{level}:{a}{b}", _user(row["prompt"]), [c], [r],
-                             f"{row.get('id', i)}:{a}{b}"))
+                             f"{domain}:{row.get('id', i)}:{a}{b}"))  # ids repeat across domain files
     return out
 
 
@@ -154,7 +160,8 @@ def _ppe_correctness(row, i, f):
     if not good or not bad:
         return []  # every response right (or wrong): no correct-vs-incorrect comparison exists
     source = str(row.get("source") or re.sub(r"[-_]?best[-_]of[-_]k.*$", "", f.stem.lower()) or "all")
-    return [_item("ppe-correctness", source, "", _user(row["prompt"]), good, bad, str(row.get("question_id", i)))]
+    return [_item("ppe-correctness", source, "", _user(row["prompt"]), good, bad,
+                  f"{source}:{row.get('question_id', i)}")]  # one folder holds several source benchmarks
 
 
 def _rmb_path(row) -> tuple[str, str]:
@@ -165,13 +172,13 @@ def _rmb_path(row) -> tuple[str, str]:
 def _rmb_pairwise(row, i, f):
     goal, sub = _rmb_path(row)
     return [_item("rmb", f"pairwise:{goal}", sub, _user(row["conversation_input"]), [row["chosen"]["answer"]],
-                  [row["reject"]["answer"]], str(row.get("pair_uid", i)))]
+                  [row["reject"]["answer"]], f"pairwise:{row.get('pair_uid', i)}")]
 
 
 def _rmb_bon(row, i, f):
     goal, sub = _rmb_path(row)
     return [_item("rmb", f"bon:{goal}", sub, _user(row["conversation_input"]), [row["bon_best"]["answer"]],
-                  [x["answer"] for x in row["loser_list"]], str(row.get("bon_uid", i)))]
+                  [x["answer"] for x in row["loser_list"]], f"bon:{row.get('bon_uid', i)}")]
 
 
 def _synth(row, i, f):
@@ -192,18 +199,21 @@ class Layout:
     parse: Callable[[dict, int, Path], list[dict]]
 
 
+# A layout is recognised by the columns (and values) it needs, never by the absence of others: published files carry
+# extra columns. Where two could match, the first wins and the order encodes each file's own markers: RewardBench 1
+# by a `subset` that is one of its 23; RewardBench 2 by `num_correct` (before RM-Bench, whose lists of three it
+# could also have); PPE preference by `winner`.
 LAYOUTS = [
     Layout("rewardbench", "rewardbench", "prompt, chosen (str), rejected (str), subset, id  [allenai/reward-bench, "
            "filtered split]", lambda r: {"prompt", "chosen", "rejected", "subset"} <= set(r)
-           and isinstance(r["chosen"], str), _rb1),
+           and isinstance(r["chosen"], str) and r["subset"] in RB1_SECTIONS, _rb1),
     Layout("rewardbench2", "rewardbench2", "prompt, chosen (list), rejected (list), subset, id, num_correct  "
            "[allenai/reward-bench-2, test split]", lambda r: {"prompt", "chosen", "rejected", "subset"} <= set(r)
            and _is_list(r["chosen"]) and "num_correct" in r, _rb2),
     Layout("rm-bench", "rm-bench", "a JSON list of {id, prompt, chosen: [3 styles], rejected: [3 styles], domain?} "
            "(domain from the file name when absent: chat_*, code_*, math_*, safety-refuse_*, safety-response_*)  "
            "[THU-KEG/RM-Bench]", lambda r: {"prompt", "chosen", "rejected"} <= set(r) and _is_list(r["chosen"])
-           and len(r["chosen"]) == 3 and _is_list(r["rejected"]) and len(r["rejected"]) == 3
-           and "subset" not in r, _rm_bench),
+           and len(r["chosen"]) == 3 and _is_list(r["rejected"]) and len(r["rejected"]) == 3, _rm_bench),
     Layout("judgebench", "judgebench", "question, response_A, response_B, label (A>B | B>A), source, pair_id  "
            "[ScalerLab/JudgeBench]", lambda r: {"question", "response_A", "response_B", "label", "source"} <= set(r),
            _judgebench),
@@ -213,7 +223,7 @@ LAYOUTS = [
                                         or {"prompt", "response_1", "response_2"} <= set(r)), _ppe_pref),
     Layout("ppe-correctness", "ppe-correctness", "prompt, response_1..response_K, score_1..score_K (correct or not), "
            "question_id, source?  [lmarena-ai/PPE-*-Best-of-K; the source benchmark from the file name when absent]",
-           lambda r: "prompt" in r and "response_1" in r and "score_1" in r and "winner" not in r, _ppe_correctness),
+           lambda r: {"prompt", "response_1", "score_1"} <= set(r), _ppe_correctness),
     Layout("rmb-pairwise", "rmb", "a JSON list of {pair_uid, conversation_input (messages), chosen: {answer}, "
            "reject: {answer}, category_path}  [RMB Pairwise_set]",
            lambda r: {"conversation_input", "chosen", "reject"} <= set(r), _rmb_pairwise),
@@ -221,8 +231,7 @@ LAYOUTS = [
            "[{answer}], category_path}  [RMB BoN_set]",
            lambda r: {"conversation_input", "bon_best", "loser_list"} <= set(r), _rmb_bon),
     Layout("synth-bench", "synth-bench", "prompt, chosen, rejected, category  [written by synthetic_landing]",
-           lambda r: {"prompt", "chosen", "rejected", "category"} <= set(r) and "subset" not in r
-           and isinstance(r["chosen"], str), _synth),
+           lambda r: {"prompt", "chosen", "rejected", "category"} <= set(r) and isinstance(r["chosen"], str), _synth),
 ]
 BENCHMARKS = sorted({lay.benchmark for lay in LAYOUTS})
 REAL_BENCHMARKS = [b for b in BENCHMARKS if b != "synth-bench"]  # Table 1's columns; synth-bench is in-distribution
@@ -237,17 +246,31 @@ def load_rows(path: Path) -> list[dict]:
     """Every row of a benchmark file: a JSON list, JSON lines (optionally gzipped), or Parquet."""
     name = path.name.lower()
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise BenchmarkFormatError(f"{path}: not a readable Parquet file ({e})") from None
     import gzip
 
     opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise BenchmarkFormatError(f"{path}: not UTF-8 text (byte {e.start}); benchmark files are UTF-8 JSON, JSON "
+                                   "lines or Parquet") from None
+    except (OSError, EOFError) as e:
+        raise BenchmarkFormatError(f"{path}: cannot be read ({e})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchmarkFormatError(f"{path}: not a complete JSON list ({e.msg} at line {e.lineno}, column "
+                                       f"{e.colno}); a truncated download?") from None
     else:
         rows = []
         for n, line in enumerate(text.splitlines()):
@@ -287,22 +310,48 @@ def read_benchmark_dir(folder: Path) -> tuple[list[dict], dict[str, int]]:
         raise BenchmarkFormatError(f"{folder}: no benchmark file ({', '.join(BENCHMARK_FILES)})")
     items, stats = [], {"rows": 0, "skipped": 0}
     for f in files:
-        rows = load_rows(f)
-        lay = detect_layout(rows, f)
-        if lay.benchmark != bench:
-            raise BenchmarkFormatError(f"{f}: this is a {lay.benchmark} file ({lay.name} layout), not {bench}. "
-                                       f"{bench} is published as:\n{expected_layouts(bench)}")
-        for i, row in enumerate(rows):
-            try:
-                got = lay.parse(row, i, f)
-            except KeyError as e:
-                raise BenchmarkFormatError(f"{f} row {i}: missing field {e} of the {lay.name} layout") from e
-            stats["rows"] += 1
-            stats["skipped"] += not got
-            items += got
+        got, st = read_benchmark_file(f, bench)
+        items += got
+        stats["rows"] += st["rows"]
+        stats["skipped"] += st["skipped"]
+    _check_unique_keys(items, bench)
     for n, it in enumerate(items):
         it["item_id"] = n
     return items, stats
+
+
+def read_benchmark_file(f: Path, bench: str) -> tuple[list[dict], dict[str, int]]:
+    """Items of one file of benchmark `bench`: its layout must be that benchmark's, every row must parse."""
+    rows = load_rows(f)
+    lay = detect_layout(rows, f)
+    if lay.benchmark != bench:
+        raise BenchmarkFormatError(f"{f}: this is a {lay.benchmark} file ({lay.name} layout), not {bench}. "
+                                   f"{bench} is published as:\n{expected_layouts(bench)}")
+    items, stats = [], {"rows": 0, "skipped": 0}
+    for i, row in enumerate(rows):
+        try:
+            got = lay.parse(row, i, f)
+        except KeyError as e:
+            raise BenchmarkFormatError(f"{f} row {i}: missing field {e} of the {lay.name} layout") from e
+        except (TypeError, ValueError) as e:
+            if isinstance(e, BenchmarkFormatError):
+                raise BenchmarkFormatError(f"{f} row {i}: {e}") from None
+            raise BenchmarkFormatError(f"{f} row {i}: a field of the {lay.name} layout has the wrong type ({e})") from e
+        stats["rows"] += 1
+        stats["skipped"] += not got
+        items += got
+    return items, stats
+
+
+def _check_unique_keys(items: list[dict], bench: str) -> None:
+    """Per-item rewards are keyed by (benchmark, item_key): two items under one key would overwrite each other."""
+    seen: dict[str, int] = {}
+    for it in items:
+        seen[it["item_key"]] = seen.get(it["item_key"], 0) + 1
+    dup = [k for k, n in seen.items() if n > 1]
+    if dup:
+        raise BenchmarkFormatError(f"{bench}: {len(dup)} item keys occur more than once (e.g. {dup[:3]}): the same "
+                                   "file added twice, or a file and the combined file holding it? Keep one.")
 
 
 def read_benchmarks(root: Path) -> tuple[list[dict], dict[str, dict[str, int]]]:
@@ -353,8 +402,12 @@ HUB = {
 def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str | None = None) -> Path:
     """Copy a published benchmark file into `root/<name>/` (as `as_name` when given), after checking its layout is
     that benchmark's."""
+    import os
     import shutil
+    import uuid
 
+    if not src.is_file():
+        raise BenchmarkFormatError(f"{src}: no such file")
     rows = load_rows(src)
     lay = detect_layout(rows, src)
     name = name or lay.benchmark
@@ -364,10 +417,34 @@ def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str |
         raise BenchmarkFormatError(f"{src} is a {lay.benchmark} file ({lay.name} layout), not {name}. {name} is "
                                    f"published as:\n{expected_layouts(name)}")
     dst = root / name / (as_name or src.name)
+    if not dst.name.lower().endswith(BENCHMARK_FILES):
+        raise BenchmarkFormatError(f"{dst.name}: a benchmark file is named *{', *'.join(BENCHMARK_FILES)}")
+    # everything is checked before the folder changes (as the file will be read there: its name gives RM-Bench's
+    # domain and PPE's source), then the file lands in one rename: a refused file leaves nothing behind
+    items, _ = read_benchmark_file(src if src.name == dst.name else _named_like(src, dst.name), name)
+    others = []
+    if dst.parent.exists():
+        for f in sorted(p for p in dst.parent.iterdir() if p.name.lower().endswith(BENCHMARK_FILES) and p != dst):
+            others += read_benchmark_file(f, name)[0]
+    _check_unique_keys(others + items, name)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    read_benchmark_dir(dst.parent)  # every row parses, or the error names the row
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex}.partial"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dst
+
+
+def _named_like(src: Path, name: str) -> Path:
+    """`src` seen under another name (a link in a temporary folder), to read it as it will be read once added."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="synpref-bench-"))
+    link = d / name
+    link.symlink_to(src.resolve())
+    return link
 
 
 def fetch_benchmark(name: str, root: Path, revision: str | None = None) -> list[Path]:

@@ -20,7 +20,8 @@ Scores (the spec is the authors' code; see README "Evaluation"):
 - judgebench (ScalerLab/JudgeBench): per category (knowledge = mmlu-pro-*, reasoning, math, coding) accuracy with a
   tie counted wrong; overall = the unweighted mean of the four (as the paper reports it); `overall_official` = the
   sample-weighted accuracy the official script prints.
-- ppe-preference: accuracy on the human vote; ppe-correctness: per prompt the share of (correct, incorrect) response
+- ppe-preference: accuracy on the human vote, pooled over every vote with a winner (PPE's accuracy; the per-language
+  rows are shown, not averaged); ppe-correctness: per prompt the share of (correct, incorrect) response
   pairs ordered right, averaged per source benchmark, overall = mean of the sources.
 - rmb: pairwise accuracy and best-of-N (best beats every loser) per goal; overall = mean of its sections.
 - synth-bench and gold_test (in-distribution): accuracy per section / pooled.
@@ -154,9 +155,10 @@ def benchmark_scores(bench: str, g: pl.DataFrame) -> list[dict]:
         out += [_rows(v, sec, v["credit"].mean()) for sec, v in sorted(by.items())]
         sections = list(out)
         out.append(_rows(g, "overall_official", g["credit"].mean()))
-    else:  # ppe-*, rmb, synth-bench: mean of sections; gold_test: pooled
+    else:  # ppe-correctness, rmb, synth-bench: mean of sections; ppe-preference, gold_test: pooled
         out += [_rows(v, sec, v["credit"].mean()) for sec, v in sorted(by.items())]
-        sections = out if bench != "gold_test" else [_rows(g, "all", g["credit"].mean())]
+        pooled = bench in ("gold_test", "ppe-preference")
+        sections = [_rows(g, "all", g["credit"].mean())] if pooled else out
     out.append(_rows(g, "overall", float(np.mean([r["score"] for r in sections]))))
     return out
 
