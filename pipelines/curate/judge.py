@@ -42,20 +42,37 @@ class JudgeSetup:
         return [j.model_id for j in self.judges]
 
 
-def embedded(lake: Lake, frame: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+def embedded(lake: Lake, frame: pl.DataFrame, model: str | None = None) -> tuple[pl.DataFrame, np.ndarray]:
     """`frame` restricted to rows with a stored embedding (order kept) and their vectors, row-aligned. Reads the
-    embeddings of `frame`'s ids only (a semi-join), never the whole table."""
+    embeddings of `frame`'s ids only (a semi-join), never the whole table. Vectors of two models never mix: `model`
+    names the one to read; without it the rows found must all be of one model (else a clear error)."""
     if not lake.exists(EMBEDDINGS) or frame.height == 0:
         return frame.head(0), np.zeros((0, 0), dtype=np.float32)
-    emb = (lake.scan(EMBEDDINGS).join(frame.select("pair_id").lazy(), on="pair_id", how="semi")
-           .select("pair_id", "vector").unique("pair_id").collect())
-    joined = frame.join(emb, on="pair_id", how="inner", maintain_order="left")
+    scan = lake.scan(EMBEDDINGS).join(frame.select("pair_id").lazy(), on="pair_id", how="semi")
+    if model is not None:
+        scan = scan.filter(pl.col("embed_model") == model)
+    emb = scan.select("pair_id", "embed_model", "vector").unique(["pair_id", "embed_model"]).collect()
+    models = emb["embed_model"].unique().sort().to_list()
+    if len(models) > 1:
+        raise ValueError(f"embeddings of {models} are stored for these pairs: name the model to read (vectors of "
+                         "two models are not comparable)")
+    joined = frame.join(emb.drop("embed_model"), on="pair_id", how="inner", maintain_order="left")
     return joined.drop("vector"), vectors_of(joined)
 
 
-def exemplar_index(lake: Lake, exemplar_pool: pl.DataFrame) -> tuple[pl.DataFrame, VectorIndex]:
-    """Human-verified pairs that may be shown as exemplars (never gold_test), with their ANN index."""
-    ex, vecs = embedded(lake, exemplar_pool)
+def embedding_models(lake: Lake, frame: pl.DataFrame) -> list[str]:
+    """The embedding models that have vectors for any of `frame`'s pairs."""
+    if not lake.exists(EMBEDDINGS) or frame.height == 0:
+        return []
+    return (lake.scan(EMBEDDINGS).join(frame.select("pair_id").lazy(), on="pair_id", how="semi")
+            .select("embed_model").unique().collect()["embed_model"].sort().to_list())
+
+
+def exemplar_index(lake: Lake, exemplar_pool: pl.DataFrame, model: str | None = None
+                   ) -> tuple[pl.DataFrame, VectorIndex]:
+    """Human-verified pairs that may be shown as exemplars (never gold_test), with their ANN index, embedded by
+    `model` (or the one model that embedded them)."""
+    ex, vecs = embedded(lake, exemplar_pool, model)
     return ex, VectorIndex(ex["pair_id"].to_list(), vecs)
 
 

@@ -158,7 +158,8 @@ def decision_key(cfg: Stage2Config, inputs: Stage2Inputs) -> str:
                        "judges": inputs.judging.model_ids, "prompt": inputs.judging.prompt.version,
                        "samples": inputs.judging.samples, "sampling": inputs.judging.sampling,
                        "exemplars": inputs.judging.exemplars, "attributes": inputs.attributes_prompt.version,
-                       "annotator": inputs.annotator.model_id}, sort_keys=True)
+                       "annotator": inputs.annotator.model_id, "unit_rows": cfg.unit_rows,
+                       "embed_model": cfg.embed_model}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -170,6 +171,23 @@ def done_units(lake: Lake, key: str) -> set[str]:
                ["work_unit"].to_list())
 
 
+def stage2_exemplars(lake: Lake, embed_model: str):
+    """The exemplar index Stage 2 retrieves from. Stage 2 embeds its queries with `embed_model`, so the exemplars
+    must have been embedded by that same model (`pair_embeddings`); a mismatch is refused, never mixed."""
+    pool = exemplar_pool(lake)
+    if not embed_model:
+        return exemplar_index(lake, pool)
+    from pipelines.curate.embed import model_name
+    from pipelines.curate.judge import embedding_models
+
+    name = model_name(embed_model)
+    have = embedding_models(lake, pool)
+    if have and name not in have:
+        raise ValueError(f"Stage 2 embeds with {name!r} but the exemplars were embedded by {have}: set Stage 2's "
+                         f"embed_model to that model, or materialize pair_embeddings with {name!r}")
+    return exemplar_index(lake, pool, name)
+
+
 def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engine, *, run_id: str,
                on_unit: Callable[[dict], None] | None = None, log: Callable[[str], None] = lambda m: None
                ) -> Stage2Report:
@@ -179,7 +197,7 @@ def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engi
     units = work_units(lake, cfg.unit_rows)
     done = done_units(lake, report.decision_key)
     report.units_total = len(units)
-    exemplars = exemplar_index(lake, exemplar_pool(lake))
+    exemplars = stage2_exemplars(lake, cfg.embed_model)
     pending = [u for u in units if u.name not in done]
     report.units_skipped = len(units) - len(pending)
     reader = UnitRead(lake.root, lake.storage_options, cfg.stage1_fraction)
@@ -274,9 +292,12 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
                                          r_rejected="r_rejected", margin="margin", p="p",
                                          work_unit=pl.lit(unit.name))
         for s, ref in ((best, inputs.best), (gold, inputs.gold))]).cast(SCORE_SCHEMA)
-    lake.replace_where(SCORES, scored_rows.to_arrow(), "work_unit", unit.name)
-    lake.replace_where(CURATED, _curated_frame(curated.with_columns(**stamp)).to_arrow(), "work_unit", unit.name)
-    lake.replace_where(RECYCLED, _curated_frame(recycled.with_columns(**stamp)).to_arrow(), "work_unit", unit.name)
+    # rows of units cut another way (a different unit_rows) that overlap this one go in the same commit: a pair
+    # is never kept twice, nor skipped, when the unit size changes
+    names = [unit.name, *overlapping_units(lake, unit)]
+    lake.replace_where(SCORES, scored_rows.to_arrow(), "work_unit", names)
+    lake.replace_where(CURATED, _curated_frame(curated.with_columns(**stamp)).to_arrow(), "work_unit", names)
+    lake.replace_where(RECYCLED, _curated_frame(recycled.with_columns(**stamp)).to_arrow(), "work_unit", names)
     quarantined = sum(by_reason.values())
     row = {"work_unit": unit.name, "decision_key": key, "shard": unit.shard, "row_lo": unit.lo, "row_hi": unit.hi,
            "pool": pairs.height, "curated": curated.height, "recycled": recycled.height, "quarantined": quarantined,
@@ -339,11 +360,29 @@ def write_stage1_verified(lake: Lake) -> int:
     return frame.height
 
 
+def overlapping_units(lake: Lake, unit) -> list[str]:
+    """Committed units of the same shard whose row range overlaps `unit`'s under another name (another unit_rows).
+    Reads the unit table (one row per committed unit)."""
+    if not lake.exists(STAGE2_UNITS):
+        return []
+    latest = (lake.scan(STAGE2_UNITS).filter(pl.col("shard") == unit.shard).sort("done_at")
+              .unique("work_unit", keep="last"))  # a name is reused by a unit cut another way: its last range counts
+    return (latest.filter((pl.col("row_lo") < unit.hi) & (pl.col("row_hi") > unit.lo)
+                          & (pl.col("work_unit") != unit.name))
+            .select("work_unit").collect()["work_unit"].sort().to_list())
+
+
 def unit_rows_table(lake: Lake) -> pl.DataFrame:
-    """The latest row per committed unit (for reports)."""
+    """The latest row per committed unit (for reports); a unit since replaced by an overlapping one cut another way
+    is left out."""
     if not lake.exists(STAGE2_UNITS):
         return pl.DataFrame(schema=UNIT_SCHEMA)
-    return lake.scan(STAGE2_UNITS).sort("done_at").unique("work_unit", keep="last").collect()
+    latest = lake.scan(STAGE2_UNITS).sort("done_at").unique("work_unit", keep="last").collect()
+    later = latest.join(latest.select("shard", lo2="row_lo", hi2="row_hi", at2="done_at", name2="work_unit"),
+                        on="shard").filter((pl.col("lo2") < pl.col("row_hi")) & (pl.col("hi2") > pl.col("row_lo"))
+                                           & (pl.col("name2") != pl.col("work_unit"))
+                                           & (pl.col("at2") > pl.col("done_at")))
+    return latest.join(later.select("work_unit").unique(), on="work_unit", how="anti").sort("done_at")
 
 
 def held_out_comparisons(lake: Lake, root: Path) -> Path:
