@@ -131,10 +131,12 @@ def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, l
     inputs = lake.input_versions([VERDICTS, RAW, ANNOTATIONS])
     verdicts = read_verdicts(lake)
     attrs = attributes(lake, verdicts.select("pair_id").unique()).collect()
-    seed = build_seed(verdicts, lake.scan(RAW), attrs, config.val_frac, config.test_frac)
+    previous = lake.read(SEED) if lake.exists(SEED) else None
+    seed = build_seed(verdicts, lake.scan(RAW), attrs, config.val_frac, config.test_frac, previous=previous)
     v = lake.overwrite(SEED, seed.to_arrow())
     counts = {"verified": seed.height, **{s: int((seed["split"] == s).sum()) for s in SPLITS},
               "flipped_by_humans": int(seed["label_flipped"].sum()),
+              "label_conflicts": int(seed.filter(pl.col("label_conflict"))["comparison_id"].n_unique()),
               "discarded": int(verdicts["pair_id"].n_unique() - seed.height) if verdicts.height else 0}
     lake.record_lineage(run_id=context.run.run_id, asset="human_verified_seed", partition=None, table=SEED,
                         version_written=v, inputs=inputs, config=config.model_dump(), counts=counts)

@@ -99,7 +99,34 @@ def test_seed_orients_labels_and_splits(lake):
     share = {s: splits.count(s) / len(ids) for s in ("train", "gold_val", "gold_test")}
     assert abs(share["gold_test"] - 0.2) < 0.03 and abs(share["gold_val"] - 0.2) < 0.03
     assert [gold_split(i, 0.2, 0.2) for i in ids] == splits
-    assert dict(zip(seed["pair_id"], seed["split"])) == {p: gold_split(p, 0.3, 0.3) for p in ("a", "b")}
+    assert dict(zip(seed["pair_id"], seed["split"])) == {
+        r["pair_id"]: gold_split(r["comparison_id"], 0.3, 0.3) for r in seed.iter_rows(named=True)}
+
+
+def test_a_flipped_twin_shares_its_split_conflicts_are_kept_and_splits_are_pinned(lake):
+    """(h, A, B) from one source and (h, B, A) from another are one comparison: one split. Humans preferring A in
+    one and B in the other is a label conflict: both rows kept and marked. Rebuilding with other fractions never
+    moves a comparison already split; new comparisons get the new fractions."""
+    from pipelines.schema import comparison_id
+
+    h = [{"role": "user", "content": "q"}]
+    pairs = pl.DataFrame({"pair_id": ["x", "y", "z", "w"], "history": [h] * 4,
+                          "chosen": ["A", "B", "C", "E"], "rejected": ["B", "A", "D", "F"], "source": ["s1", "s2"] * 2})
+    # x: humans prefer A; y (the flipped twin of x): humans prefer B -> conflict
+    append_verdicts(lake, [_v("x", "r", "1"), _v("y", "r", "1"), _v("z", "r", "1")])
+    seed = build_seed(read_verdicts(lake), pairs.lazy(), None, val_frac=0.3, test_frac=0.3)
+    by = {r["pair_id"]: r for r in seed.iter_rows(named=True)}
+    assert by["x"]["comparison_id"] == by["y"]["comparison_id"] == comparison_id(h, "B", "A")
+    assert by["x"]["split"] == by["y"]["split"]
+    assert by["x"]["label_conflict"] and by["y"]["label_conflict"] and not by["z"]["label_conflict"]
+    # everything to gold_test now: what was split keeps its split; only the new pair takes the new fractions
+    append_verdicts(lake, [_v("w", "r", "1")])
+    again = build_seed(read_verdicts(lake), pairs.lazy(), None, val_frac=0.0, test_frac=1.0, previous=seed)
+    got = dict(zip(again["pair_id"], again["split"]))
+    assert {p: got[p] for p in "xyz"} == {p: by[p]["split"] for p in "xyz"} and got["w"] == "gold_test"
+    # an older seed without comparison ids (split by pair id) is honoured the same way
+    old = seed.drop("comparison_id").with_columns(split=pl.lit("gold_test"))
+    assert set(build_seed(read_verdicts(lake), pairs.lazy(), None, previous=old)["split"]) == {"gold_test"}
 
 
 def test_simulated_reviewer_marks_itself_and_follows_truth():

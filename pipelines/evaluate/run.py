@@ -71,8 +71,9 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
 
 
 def reported_pair_ids(items: pl.DataFrame) -> pl.DataFrame:
-    """pair_id of every reported comparison: the benchmarks' (`item_pair_ids`) and gold_test's own raw pair ids."""
-    parts = [item_pair_ids(items.filter(pl.col("benchmark") != "gold_test")),
+    """pair_id of every reported comparison in both orientations (`item_pair_ids`: a flipped twin from another
+    source is the same comparison), plus gold_test's own raw pair ids."""
+    parts = [item_pair_ids(items),
              items.filter(pl.col("benchmark") == "gold_test").select("benchmark", pair_id="item_key")]
     return pl.concat(parts).unique()
 

@@ -5,8 +5,11 @@
 - `gold_val`: checkpoint selection of every RM and Stage 1's error-driven retrieval;
 - `gold_test`: reported only — never trained on, selected on, shown to a judge as an exemplar, or put in silver.
 
-A pair's split is a hash of its id, so it never moves as the seed grows: a pair reported once is never trained on
-later."""
+A pair's split is a hash of its comparison id (orientation-free: (h, A, B) and its flipped twin (h, B, A) from
+another source share a split), and once given it is kept: rebuilding the seed with other `val_frac`/`test_frac`
+splits only comparisons not seen before, so a pair reported once is never trained on later. Two rows of one
+comparison whose human-preferred responses differ are a label conflict: both are kept and marked
+(`label_conflict`), never silently merged."""
 
 from __future__ import annotations
 
@@ -29,10 +32,13 @@ def gold_split(pair_id: str, val_frac: float, test_frac: float) -> str:
 
 
 def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame | pl.LazyFrame, attributes: pl.DataFrame | None,
-               val_frac: float = 0.2, test_frac: float = 0.2) -> pl.DataFrame:
+               val_frac: float = 0.2, test_frac: float = 0.2, previous: pl.DataFrame | None = None) -> pl.DataFrame:
     """pairs: raw_pairs rows (a lazy scan is fine: only the verdicts' pairs are read). Humans may flip a pair:
     `chosen` here is always the human-preferred response, and `label_flipped` says whether that differs from the
-    source's label. attributes: pair_id + the latest attributes (`pipelines.pool.attributes`) of these pairs."""
+    source's label. attributes: pair_id + the latest attributes (`pipelines.pool.attributes`) of these pairs.
+    previous: the seed as last written: its comparisons keep their split."""
+    from pipelines.schema import comparison_ids
+
     res = resolve(verdicts).filter(pl.col("resolved") != "discard")
     picked = (pairs.lazy().select("pair_id", "history", "chosen", "rejected", "source")
               .join(res.select("pair_id").lazy(), on="pair_id", how="semi").collect())
@@ -43,8 +49,20 @@ def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame | pl.LazyFrame, attri
         rejected=pl.when(flip).then(pl.col("chosen")).otherwise(pl.col("rejected")),
         label_flipped=flip,
         label_origin=pl.when(pl.col("origin") == "simulated").then(pl.lit("simulated")).otherwise(pl.lit("human")),
-        split=pl.col("pair_id").map_elements(lambda p: gold_split(p, val_frac, test_frac), return_dtype=pl.String),
     )
+    df = df.with_columns(comparison_id=pl.Series(comparison_ids(df), dtype=pl.String))
+    df = df.with_columns(split=pl.col("comparison_id").map_elements(lambda c: gold_split(c, val_frac, test_frac),
+                                                                     return_dtype=pl.String))
+    if previous is not None and previous.height:
+        prev = previous if "comparison_id" in previous.columns else previous.with_columns(
+            comparison_id=pl.Series(comparison_ids(previous), dtype=pl.String))
+        # an older seed split by pair id: its first split per comparison stands (gold_test before others)
+        kept = (prev.select("comparison_id", prev_split="split")
+                .sort(pl.col("prev_split").replace_strict({"gold_test": 0, "gold_val": 1, "train": 2}))
+                .unique("comparison_id", keep="first"))
+        df = df.join(kept, on="comparison_id", how="left").with_columns(
+            split=pl.coalesce("prev_split", "split")).drop("prev_split")
+    df = df.with_columns(label_conflict=(pl.col("chosen").n_unique().over("comparison_id") > 1))
     if attributes is not None and attributes.height:
         df = df.join(attributes.select("pair_id", *ATTRIBUTE_COLUMNS), on="pair_id", how="left")
     else:
@@ -53,4 +71,4 @@ def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame | pl.LazyFrame, attri
                              desired_attributes=pl.lit(None, pl.List(pl.String)), guideline=pl.lit(None, pl.String))
     return df.select("pair_id", "history", "chosen", "rejected", "source", "label_origin", "label_flipped", "split",
                      "how", "n_verdicts", "agreement", "task_category", "objectivity", "controversiality",
-                     "desired_attributes", "guideline").sort("pair_id")
+                     "desired_attributes", "guideline", "comparison_id", "label_conflict").sort("pair_id")
