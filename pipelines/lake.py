@@ -57,8 +57,17 @@ def s3_storage_options_from_env() -> dict[str, str]:
             opts.setdefault(key, os.environ[env])
     if opts.get("AWS_ENDPOINT_URL", "").startswith("http://"):
         opts.setdefault("AWS_ALLOW_HTTP", "true")
-    # Single-writer-per-table design (Dagster runs one writer per asset); a DynamoDB lock is a config away.
-    opts.setdefault("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
+    # Concurrent commits to one table (two Dagster runs, the review app beside an asset) are safe by S3's
+    # conditional writes: each Delta log entry is put with If-None-Match, so of two writers racing for one version
+    # one wins and the other retries on the next (AWS S3 since 2024, MinIO, R2, Ceph; tested against moto).
+    # A store without conditional writes: a DynamoDB locking provider (AWS_S3_LOCKING_PROVIDER=dynamodb), or, for a
+    # single writer only, AWS_S3_ALLOW_UNSAFE_RENAME=true; either, set in the environment, replaces this default.
+    for env in ("AWS_S3_LOCKING_PROVIDER", "DELTA_DYNAMO_TABLE_NAME", "AWS_S3_ALLOW_UNSAFE_RENAME", "AWS_CONDITIONAL_PUT"):
+        if os.environ.get(env):
+            opts.setdefault(env, os.environ[env])
+    if not any(k in opts for k in ("AWS_S3_LOCKING_PROVIDER", "AWS_S3_ALLOW_UNSAFE_RENAME", "AWS_CONDITIONAL_PUT",
+                                   "conditional_put")):
+        opts["conditional_put"] = "etag"
     return opts
 
 
