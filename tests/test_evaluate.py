@@ -232,6 +232,12 @@ def test_truncated_item_keeps_the_tokens_the_classifier_reads(which, tmp_path):
     out = score_texts_detailed(rm, [(history, "answer " * 200), ([{"role": "user", "content": "hi"}], "ok")],
                                max_len=64)
     assert [o[2] for o in out] == ["response", "none"] and out[0][1] == 64
+    # a budget too small for the prompt's tail still scores the text (counted as cut), keeping the special tokens
+    tight = Renderer(rm, tail + 3)
+    enc, how = tight.encode_for_eval(history, "answer " * 200)
+    assert how == "response" and len(enc.ids) == tail + 3 and enc.ids[0] == full[0] and enc.ids[-tail:] == full[-tail:]
+    with pytest.raises(ValueError, match="special tokens"):
+        Renderer(rm, tail).encode_for_eval(history, "answer " * 200)
 
 
 # --- published files as published: every column each file ships, the published file names ----------------------

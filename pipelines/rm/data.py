@@ -219,10 +219,13 @@ class Renderer:
         if excess <= prefix - head - 1:
             return Encoded(ids[:head] + ids[head + excess:], prefix - excess, truncated=excess), "history"
         tail = self.suffix_len(history)
-        keep = min(prefix - head, PROMPT_TAIL)
+        if self.max_len < head + tail + 1:  # a setting error, not a text's: no text could be scored
+            raise ValueError(f"max_len {self.max_len} is shorter than the {head + tail} special tokens this model "
+                             "reads around a response")
+        # the prompt's tail gives way first (down to nothing) so that at least one response token stays: a text is
+        # always scored and counted as cut, never refused
+        keep = max(0, min(prefix - head, PROMPT_TAIL, self.max_len - head - tail - 1))
         budget = self.max_len - head - keep - tail
-        if budget < 1:
-            raise OverLength(f"max_len {self.max_len} leaves no room for a response")
         out = ids[:head] + ids[prefix - keep:prefix] + ids[prefix:len(ids) - tail][:budget] + ids[len(ids) - tail:]
         return Encoded(out, head + keep, truncated=len(ids) - len(out)), "response"
 
