@@ -217,3 +217,37 @@ def test_train_rm_cli_on_parquet_delta_on_s3_and_trl_files(tiny, tmp_path, s3):
     keys = [json.loads((tmp_path / f"out-{n}" / "train_rm.json").read_text())["store"] for n in ("parquet", "trl")]
     a, b = (TokenStore(next((tmp_path / f"out-{n}" / "token_store").glob(f"{k}"))) for n, k in zip(("parquet", "trl"), keys))
     assert sorted(p.pair_id for p in a.fetch(np.arange(len(a)))) == sorted(p.pair_id for p in b.fetch(np.arange(len(b))))
+
+
+@pytest.mark.slow
+def test_ultrafeedback_completions_train_listwise_end_to_end(tiny, tmp_path):
+    """A multi-response source as published (UltraFeedback: instruction + completions with ratings, every column
+    it ships): the reader ranks the completions, keeps the extra worse ones as further rejected responses, and
+    `synpref train-rm --set loss=listwise` trains on them (not plain BT)."""
+    rows = synth_rows(24, seed=8)
+
+    def comp(text, score):
+        return {"annotations": {"helpfulness": {"Rating": str(int(score // 2)), "Rationale": "r"},
+                                "honesty": {"Rating": str(int(score // 2)), "Rationale": "r"}},
+                "critique": "c", "custom_system_prompt": "", "fine-grained_score": score / 2.0, "model": "m",
+                "overall_score": score, "principle": "helpfulness", "response": text}
+
+    uf = [{"source": "synth", "instruction": r["history"][0]["content"], "models": ["a", "b", "c", "d"],
+           "completions": [comp(r["rejected"], 6.0), comp(r["chosen"], 9.0), comp(r["rejected"] + " maybe", 4.0),
+                           comp("I don't know.", 2.0)],
+           "correct_answers": ["x"], "incorrect_answers": ["y"]} for r in rows]
+    uf.append({**uf[0], "completions": [comp("same", 5.0), comp("same too", 5.0)]})  # no unique best: refused
+    path = _parquet(tmp_path / "ultrafeedback.parquet", uf)
+    src = PairSource([SourceTable(path, layout="ultrafeedback")])
+    b = build_token_store(src, tiny, tmp_path / "stores", max_len=160, parallel="inprocess")
+    assert b.counts["rows"] == 25 and b.counts["invalid"] == 1 and b.counts["multi_rejected"] == b.counts["pairs"]
+    first = b.store.fetch([0])[0]
+    assert len(first.more) == 2 and first.margin == 3.0  # best 9 vs next 6; 4 and 2 as further rejected
+    out = tmp_path / "out"
+    env = {**os.environ, "SYNPREF_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([str(Path(sys.executable).parent / "synpref"), "train-rm", "--pairs", path, "--backbone", tiny,
+                        "--out", str(out), "--max-steps", "2", "--set", "loss=listwise", "--set", "max_len=160",
+                        "--set", "batch_size=8", "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "ultrafeedback layout" in p.stdout and "2 steps on 24 pairs" in p.stdout, p.stdout

@@ -49,7 +49,7 @@ STORE_VERSION = 1  # bump when the rendering rules or the shard layout change: o
 SHARD_ROWS = 50_000  # target pairs per shard (one build task each)
 ENCODE_ROWS = 1_024  # pairs tokenized and written per record batch (bounds a task's memory)
 
-LAYOUTS = ("canonical", "trl", "trl_prompt")
+LAYOUTS = ("canonical", "trl", "trl_prompt", "best_of_n", "ultrafeedback")
 
 
 # --- where pairs come from ---------------------------------------------------------------------------------------
@@ -152,12 +152,57 @@ def detect_layout(columns: dict[str, pl.DataType]) -> str:
 
     if {"history", "chosen", "rejected"} <= set(columns) and columns["chosen"] == pl.String:
         return "canonical"
+    if {"instruction", "completions"} <= set(columns):
+        return "ultrafeedback"
+    if {"prompt", "chosen", "rejected"} <= set(columns) and columns["rejected"] == pl.List(pl.String):
+        return "best_of_n"  # rejected is a list of texts: one chosen against several (RewardBench-2-style)
     if {"prompt", "chosen", "rejected"} <= set(columns):
         return "trl_prompt"
     if is_msgs("chosen") and is_msgs("rejected"):
         return "trl"
-    raise ValueError("training pairs need history/chosen/rejected, or TRL's chosen/rejected conversations (with or "
-                     f"without `prompt`); found columns {sorted(columns)}")
+    raise ValueError("training pairs need history/chosen/rejected, TRL's chosen/rejected conversations (with or "
+                     "without `prompt`), prompt + chosen + rejected (a list: best-of-N), or UltraFeedback's "
+                     f"instruction + completions; found columns {sorted(columns)}")
+
+
+def _multi_response(df: pl.DataFrame, layout: str) -> pl.DataFrame:
+    """One row per prompt with several responses -> chosen, rejected, rejected_more (the K-negative and listwise
+    losses read them), margin. UltraFeedback: completions ranked by their score (overall_score, else the mean of
+    the annotations' ratings, as ingest scores them); chosen = the unique best, rejected = the next lower score,
+    rejected_more = every other strictly worse one, margin = the best's score minus the rejected one's. A row
+    without a unique best and a worse one is refused with its reason. best_of_n: chosen (a text or a list of
+    one) against every text of `rejected`."""
+    from pipelines.ingest.formats import _completion_score
+
+    rows = []
+    if layout == "ultrafeedback":
+        for i, instruction, completions in df.select("_row", "instruction", "completions").iter_rows():
+            scored = sorted(((s, c["response"]) for c in (completions or []) if isinstance(c, dict)
+                             and isinstance(c.get("response"), str) and (s := _completion_score(c)) is not None),
+                            key=lambda x: -x[0])
+            why = None
+            if len(scored) < 2 or scored[0][0] == scored[-1][0]:
+                why = "fewer than two completions with different scores"
+            elif scored[0][0] == scored[1][0]:
+                why = "no unique best completion (tied top scores)"
+            hist = [{"role": "user", "content": instruction}] if isinstance(instruction, str) else None
+            rows.append({"_row": i, "history": hist, "chosen": None if why else scored[0][1],
+                         "rejected": None if why else scored[1][1],
+                         "rejected_more": [] if why else [r for _, r in scored[2:]],
+                         "margin": None if why else float(scored[0][0] - scored[1][0]), "_why": why})
+    else:
+        for i, prompt, chosen, rejected in df.select("_row", "prompt", "chosen", "rejected").iter_rows():
+            chosen = chosen if isinstance(chosen, str) or chosen is None else (chosen[0] if len(chosen) == 1 else None)
+            why = None if chosen is not None else "chosen must be one text"
+            rej = [r for r in (rejected or []) if r is not None]
+            if not rej:
+                why = why or "no rejected text"
+            rows.append({"_row": i, "history": [{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                         else None, "chosen": chosen, "rejected": rej[0] if rej else None,
+                         "rejected_more": rej[1:], "margin": None, "_why": why})
+    msg = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+    return pl.DataFrame(rows, schema={"_row": pl.UInt32, "history": msg, "chosen": pl.String, "rejected": pl.String,
+                                      "rejected_more": pl.List(pl.String), "margin": pl.Float64, "_why": pl.String})
 
 
 def canonical_pairs(df: pl.DataFrame, layout: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -184,6 +229,8 @@ def canonical_pairs(df: pl.DataFrame, layout: str) -> tuple[pl.DataFrame, pl.Dat
         sides = {k: (pl.col(k) if df.schema[k] == pl.String else pl.col(k).cast(msg).list.last().struct.field("content"))
                  for k in ("chosen", "rejected")}
         out = df.select("_row", *extra, history=prompt, **sides).with_columns(_why=pl.lit(None, pl.String))
+    elif layout in ("best_of_n", "ultrafeedback"):
+        out = _multi_response(df, layout)
     else:
         raise ValueError(f"unknown layout {layout!r}: one of {LAYOUTS}")
     missing = pl.any_horizontal(pl.col("history").is_null(), pl.col("chosen").is_null(), pl.col("rejected").is_null())
