@@ -9,11 +9,11 @@ from assets.common import RMTrainConfig, reward_models
 from assets.meta import md_table
 from pipelines.annotate.prompts import load_prompt
 from pipelines.annotate.runner import precheck_responses
+from pipelines.pool import attributes, truth_of
 from pipelines.review.ledger import VERDICTS, agreement_by_annotator, append_verdicts, read_verdicts
-from pipelines.pool import attributes, pool_pairs, truth_of, with_attributes
-from pipelines.review.queue import QUEUE, build_queue, queue_candidates
+from pipelines.review.plan import next_review_queue
+from pipelines.review.queue import QUEUE
 from pipelines.review.seed import SEED, SPLITS, build_seed
-from pipelines.rm.registry import best_of
 from pipelines.synth.reviewer import simulated_verdicts
 from pipelines.tables import ANNOTATIONS, RAW, RM_REGISTRY, SYNTH_TRUTH
 from resources.lake import LakeResource
@@ -45,31 +45,23 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
                  llm: LLMResource, pool: PoolResource, trainer: TrainerResource,
                  mlflow_store: MlflowResource) -> dg.MaterializeResult:
     lake = lake_store.lake()
-    verdicts = read_verdicts(lake)
-    done = set(verdicts["pair_id"].to_list())  # the ledger: human-sized, not pool-sized
-    queued = lake.read(QUEUE) if lake.exists(QUEUE) else None
-    if queued is not None and not config.force_new:
-        latest = queued.filter(pl.col("queue_version") == queued["queue_version"].max())
-        open_items = latest.filter(~pl.col("pair_id").is_in(list(done))).height
-        if open_items:  # annotators are still on it: a rerun must not replace their queue
-            return dg.MaterializeResult(metadata={
-                "queue_version": latest["queue_version"][0], "queued": latest.height, "open": open_items,
-                "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
-    candidates = queue_candidates(with_attributes(pool_pairs(lake, "stage1", pool.stage1_fraction), lake),
-                                  verdicts.select("pair_id").lazy(), config.candidates_per_category, config.seed)
-    scores, best = None, best_of(lake, "stage1")
-    if best is not None and candidates.height:  # prefer what the current Stage-1 RM is unsure of or gets wrong
-        rms = reward_models(lake, RMTrainConfig(), trainer, mlflow_store)
-        scores = rms.score(best["rm_version"], candidates)
-    prev = queued["queue_version"].n_unique() if queued is not None else 0
-    version = f"q{prev + 1:03d}"
-    q = build_queue(candidates, size=config.size, queue_version=version, quotas=config.quotas or None,
-                    rm_scores=scores, overlap_frac=config.overlap_frac, seed=config.seed)
+
+    def score(rm_version: str, candidates: pl.DataFrame) -> pl.DataFrame:
+        return reward_models(lake, RMTrainConfig(), trainer, mlflow_store).score(rm_version, candidates)
+
+    plan = next_review_queue(lake, size=config.size, candidates_per_category=config.candidates_per_category,
+                             seed=config.seed, stage1_fraction=pool.stage1_fraction, quotas=config.quotas,
+                             overlap_frac=config.overlap_frac, force_new=config.force_new, score=score)
+    if plan.queue is None:
+        return dg.MaterializeResult(metadata={
+            "queue_version": plan.version, "open": plan.open_items,
+            "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
+    q, version, candidates = plan.queue, plan.version, plan.candidates
     v = lake.append(QUEUE, q.to_arrow())
     lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
                         version_written=v, inputs=lake.input_versions([RAW, ANNOTATIONS, VERDICTS, RM_REGISTRY]),
-                        config={**config.model_dump(), **pool.model_dump(),
-                                "rm": best["rm_version"] if best else None}, counts={"queued": q.height})
+                        config={**config.model_dump(), **pool.model_dump(), "rm": plan.ranked_by},
+                        counts={"queued": q.height})
     checked = 0
     if config.precheck:
         objective = candidates.join(q.filter(pl.col("objectivity") == "objective").select("pair_id"), on="pair_id")
@@ -80,7 +72,7 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
     per = q.group_by("task_category", "objectivity").len().sort("task_category")
     return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height, "prechecked_responses": checked,
                                           "candidates": candidates.height,
-                                          "ranked_by_rm": best["rm_version"] if best is not None else "none yet",
+                                          "ranked_by_rm": plan.ranked_by or "none yet",
                                           "per_category": dg.MetadataValue.md(md_table(per))})
 
 

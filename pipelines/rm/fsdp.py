@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.rm.model import RewardModel, ensure_pad_token, is_decoder_config
+from pipelines.rm.model import RewardModel, is_decoder_config
 
 
 def init_distributed() -> bool:

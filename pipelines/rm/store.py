@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.rm.data import Encoded, EncodedPair, LengthPolicy, Renderer, encode_rows
+from pipelines.rm.data import EncodedPair, LengthPolicy, Renderer, encode_rows
 from pipelines.rm.model import RMTokenizer, load_tokenizer
 from pipelines.rm.shards import INDEX_ARRAYS, STORE_SCHEMA, InMemoryPairs, TokenStore
 
