@@ -18,10 +18,9 @@ from assets.ingest import benchmarks
 from assets.meta import md_table, plt
 from assets.rm import gold_rm
 from pipelines.curate.stage2 import training_mix
-from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, read_benchmarks
-from pipelines.evaluate.run import evaluate_models, gold_test_items, write_evaluation, write_report
+from pipelines.evaluate.run import (evaluate_models, evaluation_items, models_to_evaluate, write_evaluation,
+                                   write_report)
 from pipelines.rm import tracking
-from pipelines.rm.registry import best_of, latest, ref_of
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import home, minilm_path
 from pipelines.tables import (BENCHMARK_ITEMS, CURATED, RECYCLED, RM_EVALUATION, RM_REGISTRY, RM_REWARDS, SEED,
@@ -120,16 +119,8 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
                   compute: ComputeResource, mlflow_store: MlflowResource):
     lake = lake_store.lake()
     folder = Path(config.benchmarks_dir) if config.benchmarks_dir else home() / "benchmarks"
-    bench, _ = read_benchmarks(folder)
-    parts = [pl.DataFrame(bench, schema=pl.Schema(BENCHMARK_SCHEMA))] if bench else []
-    gold = gold_test_items(lake)
-    if gold.height:
-        parts.append(gold.cast({"item_id": pl.Int64}))
-    items = pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
-    rows = [latest(lake, name=f"synpref-rm-{b}") for b in CATALOG] + [latest(lake, role="gold"),
-                                                                       best_of(lake, "stage1")]
-    cache = home() / "model_cache"
-    refs = [ref_of(r, mlflow_store.uri, cache) for r in rows if r is not None]
+    items = evaluation_items(lake, folder)
+    refs = models_to_evaluate(lake, list(CATALOG), mlflow_store.uri, home() / "model_cache")
     ev = evaluate_models(lake, items, refs, compute.make_engine(max_len=config.max_len_cap),
                          max_len_cap=config.max_len_cap)
     v = write_evaluation(lake, ev)

@@ -9,11 +9,30 @@ from pathlib import Path
 import polars as pl
 
 from pipelines.compute import Engine
-from pipelines.evaluate.benchmarks import REAL_BENCHMARKS, item_pair_ids
+from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, REAL_BENCHMARKS, item_pair_ids, read_benchmarks
 from pipelines.evaluate.harness import REWARD_SCHEMA, RESULT_SCHEMA, aggregate, responses, score_items, table1
 from pipelines.lake import Lake
-from pipelines.rm.registry import ModelRef, data_manifest
+from pipelines.rm.registry import ModelRef, best_of, data_manifest, latest, ref_of
 from pipelines.tables import RM_EVALUATION, RM_REWARDS, SEED
+
+
+def evaluation_items(lake: Lake, benchmarks_dir: Path) -> pl.DataFrame:
+    """Every benchmark item under `benchmarks_dir` (as published, see pipelines.evaluate.benchmarks) plus the human
+    gold_test split, as one frame of BENCHMARK_SCHEMA rows."""
+    bench, _ = read_benchmarks(benchmarks_dir)
+    parts = [pl.DataFrame(bench, schema=pl.Schema(BENCHMARK_SCHEMA))] if bench else []
+    gold = gold_test_items(lake)
+    if gold.height:
+        parts.append(gold.cast({"item_id": pl.Int64}))
+    return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+
+
+def models_to_evaluate(lake: Lake, family: list[str], tracking_uri: str, cache_root: str | Path) -> list[ModelRef]:
+    """The latest registered version of every family member (`synpref-rm-<name>`), the gold RM and the best
+    Stage-1 RM, as references workers fetch by their MLflow URI."""
+    rows = [latest(lake, name=f"synpref-rm-{b}") for b in family] + [latest(lake, role="gold"),
+                                                                      best_of(lake, "stage1")]
+    return [ref_of(r, tracking_uri, cache_root) for r in rows if r is not None]
 
 
 def gold_test_items(lake: Lake) -> pl.DataFrame:
