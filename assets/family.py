@@ -18,8 +18,8 @@ from assets.ingest import benchmarks
 from assets.meta import md_table, plt
 from assets.rm import gold_rm
 from pipelines.curate.stage2 import training_mix
-from pipelines.evaluate.run import (evaluate_models, evaluation_items, models_to_evaluate, write_evaluation,
-                                   write_report)
+from pipelines.evaluate.run import (evaluate_models, evaluation_items, models_to_evaluate, table1_text,
+                                   write_evaluation, write_report)
 from pipelines.rm import tracking
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import home, minilm_path
@@ -138,7 +138,7 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
                         config=config.model_dump(), counts={"rows": ev.results.height, "models": len(refs),
                                                             "items": items.height})
     yield dg.MaterializeResult(metadata={
-        "table1": dg.MetadataValue.md(md_table(ev.table1)),
+        "table1": dg.MetadataValue.md(table1_text(ev, md_table)),
         "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
         "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
         "report": dg.MetadataValue.path(str(report)), "models": len(refs), "items": items.height,

@@ -119,6 +119,16 @@ def write_evaluation(lake: Lake, ev: Evaluation) -> int:
     return v
 
 
+def table1_text(ev: Evaluation, md_table) -> str:
+    """Table 1 as markdown, or, with no real benchmark file present, what to run to get one."""
+    if len(ev.table1.columns) > 1 and ev.table1.height:
+        return md_table(ev.table1)
+    return ("_No real benchmark was scored: Table 1 needs published benchmark files. Add them with "
+            "`synpref benchmarks add PATH` (e.g. RewardBench's filtered-00000-of-00001.parquet, RM-Bench's "
+            "chat_filtered.json) or `synpref benchmarks fetch NAME` (from the Hugging Face Hub or its cache), then "
+            "re-materialize rm_evaluation. gold_test below is scored either way._")
+
+
 def report_markdown(ev: Evaluation, md_table) -> str:
     per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort("rm_version", "benchmark", "section")
     leak_line = ("No reported pair was trained or selected on by any registered RM."
@@ -126,8 +136,7 @@ def report_markdown(ev: Evaluation, md_table) -> str:
     return "\n\n".join([
         "# RM evaluation (paper Table 1 shape)",
         "Real benchmarks, each scored as its authors' script does; `average` is their unweighted mean.",
-        md_table(ev.table1) if ev.table1.height else "_no real benchmark files: add them with `synpref benchmarks "
-                                                     "add PATH` or `synpref benchmarks fetch NAME`_",
+        table1_text(ev, md_table),
         "## In-distribution (never averaged in)",
         "gold_test: the human split no RM trained or was selected on; synth-bench: project-made pairs.",
         md_table(ev.in_distribution),
@@ -146,13 +155,24 @@ def report_markdown(ev: Evaluation, md_table) -> str:
 def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rm_evaluation.md").write_text(report_markdown(ev, md_table))
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ov = ev.results.filter(pl.col("section") == "overall")
-    for (bm,), grp in ov.group_by("benchmark", maintain_order=True):
-        ax.bar([f"{r}\n{bm}" for r in grp["rm_version"]], grp["score"], label=bm)
+    # one group of bars per benchmark, one colour per model, the legend outside the axes (below), labels at a
+    # size the Dagster UI's preview keeps readable
+    ov = ev.results.filter(pl.col("section") == "overall").sort("benchmark", "rm_version")
+    benches = ov["benchmark"].unique(maintain_order=True).to_list()
+    models = sorted(ov["rm_version"].unique().to_list())
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(benches) + 2), 4.2))
+    score = {(b, m): v for b, m, v in ov.select("benchmark", "rm_version", "score").iter_rows()}
+    for k, m in enumerate(models):
+        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(benches))]
+        ax.bar(xs, [score.get((b, m), float("nan")) for b in benches], width=width * 0.95, label=m,
+               color=plt.get_cmap("tab10")(k % 10))
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_ylabel("score")
-    ax.tick_params(axis="x", labelsize=5, rotation=30)
-    ax.legend(fontsize=6)
-    fig.savefig(out / "rm_evaluation.png", dpi=90, bbox_inches="tight")
+    ax.set_xticks(range(len(benches)), benches, fontsize=10, rotation=20 if len(benches) > 5 else 0)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (overall)", fontsize=10)
+    ax.set_title("Reward models per benchmark (dashed: chance for pairwise accuracy)", fontsize=11)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(len(models), 3), frameon=False)
+    fig.savefig(out / "rm_evaluation.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return out / "rm_evaluation.md"
