@@ -39,7 +39,7 @@ class TokenStore:
     def _open(self) -> None:
         self.offsets = np.load(self.path / "offsets.npy")
         self._index = {k: np.load(self.path / f"{k}.npy", mmap_mode="r") for k in INDEX_ARRAYS}
-        self._tables: dict[int, pa.Table] = {}
+        self._readers: dict[int, tuple[pa.ipc.RecordBatchFileReader, np.ndarray]] = {}
 
     def __getstate__(self):
         return {"path": str(self.path), "manifest": self.manifest}
@@ -62,11 +62,15 @@ class TokenStore:
     def token_counts(self) -> np.ndarray:
         return self._index["tokens"]
 
-    def _table(self, s: int) -> pa.Table:
-        if s not in self._tables:
-            source = pa.memory_map(str(self.path / f"{self.manifest['shards'][s]}.arrow"), "r")
-            self._tables[s] = pa.ipc.open_file(source).read_all()  # zero-copy over the map
-        return self._tables[s]
+    def _reader(self, s: int) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray]:
+        """The shard's file over a memory map and the first row of each of its record batches. Rows are read from
+        their own record batch only: a `take` over the whole shard concatenates its chunks, copying the shard
+        into memory (measured: ~1 GB per rank on a 4.7M-pair store)."""
+        if s not in self._readers:
+            reader = pa.ipc.open_file(pa.memory_map(str(self.path / f"{self.manifest['shards'][s]}.arrow"), "r"))
+            sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]  # metadata only
+            self._readers[s] = (reader, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+        return self._readers[s]
 
     def fetch(self, indices) -> list[EncodedPair]:
         idx = np.asarray(indices, dtype=np.int64)
@@ -74,9 +78,17 @@ class TokenStore:
         out: list[EncodedPair | None] = [None] * len(idx)
         for s in np.unique(shard):
             where = np.nonzero(shard == s)[0]
-            t = self._table(int(s)).take(pa.array(idx[where] - self.offsets[s]))
-            for j, p in zip(where, _pairs_of(t)):
-                out[j] = p
+            local = idx[where] - self.offsets[s]
+            reader, starts = self._reader(int(s))
+            batch_of = np.searchsorted(starts, local, side="right") - 1
+            for b in np.unique(batch_of):
+                sel = batch_of == b
+                batch = reader.get_batch(int(b))
+                # one-row slices (zero-copy views) rather than `take`, which reads the batch's whole buffers
+                # through the map (measured: ~2.7 MB of mapped pages per call for three rows)
+                rows = pa.Table.from_batches([batch.slice(int(r), 1) for r in local[sel] - starts[b]])
+                for j, p in zip(where[sel], _pairs_of(rows)):
+                    out[j] = p
         return out  # type: ignore[return-value]
 
     def __getitems__(self, micro: tuple[np.ndarray, list[float], int]) -> tuple[list[EncodedPair], list[float], int]:
@@ -86,7 +98,9 @@ class TokenStore:
     def pair_ids(self):
         """Record batches of the pair_id column, shard by shard (for the data manifest)."""
         for s in range(len(self.manifest["shards"])):
-            yield from self._table(s).select(["pair_id"]).to_batches()
+            reader, _ = self._reader(s)
+            for b in range(reader.num_record_batches):
+                yield reader.get_batch(b).select(["pair_id"])
 
 
 def _pairs_of(t: pa.Table) -> list[EncodedPair]:
