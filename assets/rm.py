@@ -8,6 +8,7 @@ import dagster as dg
 from assets.common import GPU_POOL, RMTrainConfig, reward_models
 from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
+from pipelines.evaluate.harness import pairwise_accuracy
 from pipelines.review.seed import SEED
 from pipelines.rm.store import PairSource, SourceTable
 from pipelines.tables import RM_REGISTRY
@@ -42,8 +43,8 @@ def gold_rm(context: dg.AssetExecutionContext, config: GoldRMConfig, lake_store:
     # what a person would rather look at: the margin distribution and accuracy per category, on held-out pairs
     scored = rms.score(reg.rm_version, test) if test.height else pl.DataFrame(schema={"pair_id": pl.String,
                                                                                         "margin": pl.Float64})
-    per_cat = (scored.join(seed.select("pair_id", "task_category"), on="pair_id", how="left")
-               .group_by("task_category").agg(n=pl.len(), accuracy=(pl.col("margin") > 0).mean()).sort("task_category"))
+    per_cat = pairwise_accuracy(scored.join(seed.select("pair_id", "task_category"), on="pair_id", how="left"),
+                                "task_category")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 2.8))
     ax1.hist(scored["margin"].to_numpy(), bins=30, color="#4a7")
     ax1.axvline(0, color="k", lw=0.8)
@@ -57,7 +58,7 @@ def gold_rm(context: dg.AssetExecutionContext, config: GoldRMConfig, lake_store:
                         counts={"train": train.height, "gold_val": val.height, "gold_test": test.height})
     yield dg.MaterializeResult(
         metadata={"rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy,
-                  "gold_test_accuracy": float((scored["margin"] > 0).mean()) if scored.height else 0.0,
+                  "gold_test_accuracy": float(pairwise_accuracy(scored)["accuracy"][0]) if scored.height else 0.0,
                   "train_pairs": train.height, "gold_val_pairs": val.height, "gold_test_pairs": test.height,
                   "mlflow_run_id": reg.mlflow_run_id, "model_uri": reg.model_uri,
                   "tokens_per_s": reg.result.tokens_per_s, "world_size": reg.result.world_size,

@@ -190,8 +190,10 @@ def tile_store(src: Path, dst: Path, copies: int) -> Path:
         out.flush()
         del out
     counts = {k: v * copies for k, v in m["counts"].items()}
+    per_shard = [{**r, "name": f"{r['name']}-c{c:03d}"} for c in range(copies) for r in m["per_shard"]]
     (dst / "manifest.json").write_text(json.dumps({**m, "key": f"{m['key']}-x{copies}", "shards": shards,
-                                                   "counts": counts, "tiled_from": str(src)}))
+                                                   "per_shard": per_shard, "counts": counts,
+                                                   "tiled_from": str(src)}))
     return dst
 
 

@@ -68,7 +68,12 @@ class TokenStore:
         into memory (measured: ~1 GB per rank on a 4.7M-pair store)."""
         if s not in self._readers:
             reader = pa.ipc.open_file(pa.memory_map(str(self.path / f"{self.manifest['shards'][s]}.arrow"), "r"))
-            sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]  # metadata only
+            per = self.manifest.get("per_shard") or []
+            sizes = per[s].get("batch_rows") if s < len(per) else None
+            if sizes is None or len(sizes) != reader.num_record_batches:
+                # a store built before batch sizes were recorded: read each batch's header (each read maps the
+                # pages around it: ~3 MB a shard of private memory, which the recorded sizes avoid)
+                sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
             self._readers[s] = (reader, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
         return self._readers[s]
 

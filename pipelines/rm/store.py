@@ -288,6 +288,7 @@ def build_shard(task: ShardTask) -> dict:
     idx = {k: [] for k in INDEX_ARRAYS}
     tmp = out / f".{task.name}.{uuid.uuid4().hex}.arrow"
     datasets: dict = {}
+    batch_rows: list[int] = []  # rows of each record batch, in file order: readers locate a row without a scan
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, STORE_SCHEMA) as writer:
         for p in task.pieces:
             t = task.tables[p.table]
@@ -318,6 +319,7 @@ def build_shard(task: ShardTask) -> dict:
                 counts["pairs"] += batch.num_rows
                 if batch.num_rows:
                     writer.write_batch(batch)
+                    batch_rows.append(batch.num_rows)
     os.replace(tmp, out / f"{task.name}.arrow")
     arrays = {k: np.concatenate(v).astype(np.int32) if v else np.zeros(0, np.int32) for k, v in idx.items()}
     np.savez(out / f"{task.name}.idx.npz", **arrays)
@@ -325,7 +327,7 @@ def build_shard(task: ShardTask) -> dict:
     refused = [r for r in refused if r.height]
     if refused:  # nothing is lost: every refused row with its reason
         pl.concat(refused).write_parquet(out / f"{task.name}.refused.parquet")
-    res = {"name": task.name, **counts, "seconds": round(time.perf_counter() - t0, 3)}
+    res = {"name": task.name, **counts, "batch_rows": batch_rows, "seconds": round(time.perf_counter() - t0, 3)}
     tmpj = out / f".{task.name}.json.tmp"
     tmpj.write_text(json.dumps(res))
     os.replace(tmpj, marker)
