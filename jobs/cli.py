@@ -3,6 +3,7 @@
     synpref demo [--scale tiny|small|medium] [--verbose]   # everything, on project-made data, CPU, local
     synpref benchmarks add PATH [--name NAME] | fetch NAME [--revision REV] | list
     synpref train-rm --pairs PATH --backbone DIR --out DIR [--val PATH] [--nproc N] [--max-steps N] [--set k=v ...]
+    synpref evaluate --model DIR|models:/NAME/VERSION|HUB_ID [--name NAME] [--max-len N]
     synpref review add-annotator NAME [--lead]
     synpref review serve [--port 8000]
     synpref review export FILE [--format jsonl|csv|labelstudio]
@@ -133,6 +134,36 @@ def benchmarks_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(f"refused: {e}") from None
 
 
+def evaluate_cmd(args: argparse.Namespace) -> None:
+    """Any RM on every added benchmark, next to the project's own RMs (same tables, same report)."""
+    from jobs.progress import quiet_libraries
+
+    quiet_libraries()
+    from assets.meta import md_table, plt
+    from pipelines.compute import InProcessEngine
+    from pipelines.evaluate.benchmarks import BenchmarkFormatError
+    from pipelines.evaluate.run import evaluate_external, evaluation_so_far, table1_text, write_report
+    from pipelines.lake import Lake
+
+    lake = Lake(default_lake_root())
+    folder = Path(args.benchmarks_dir) if args.benchmarks_dir else home() / "benchmarks"
+    try:
+        ev, rm_version = evaluate_external(lake, args.model, InProcessEngine(max_len=args.max_len),
+                                           name=args.name, benchmarks_dir=folder,
+                                           tracking_uri=args.mlflow_uri or default_mlflow_uri(),
+                                           cache_root=home() / "model_cache", max_len_cap=args.max_len,
+                                           run_id=f"cli-{uuid.uuid4().hex[:12]}")
+    except BenchmarkFormatError as e:
+        raise SystemExit(f"refused: {e}") from None
+    report = write_report(evaluation_so_far(lake, ev), home() / "reports", md_table, plt)
+    overall = ev.results.filter(ev.results["section"] == "overall").select("benchmark", "score", "n", "truncated")
+    print(f"{rm_version} (engine: transformers in this process, max_len <= {args.max_len}):")
+    for b, score, n, cut in overall.iter_rows():
+        print(f"  {b:16s} {score:.4f}  ({n} items, {cut} with a text cut)")
+    print(table1_text(evaluation_so_far(lake, ev), md_table))
+    print(f"report: {report} (its training data is unknown here: the leak check does not cover it)")
+
+
 def train_rm(args: argparse.Namespace) -> None:
     from pipelines.rm.byo import PAPER_DEFAULTS, parse_settings, train_on_pairs
 
@@ -223,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--mlflow-uri", default=None, help="tracking URI (default: the SynPref home's SQLite store)")
     t.add_argument("--name", default="train-rm", help="MLflow run name")
     t.add_argument("--register", default=None, help="register the model under this MLflow name")
+    ev = sub.add_parser("evaluate", help="score any reward model on every added benchmark, next to the project's")
+    ev.add_argument("--model", required=True, help="HF folder, models:/NAME/VERSION, or a hub id (local cache)")
+    ev.add_argument("--name", default=None, help="label in the tables (rm_version external:<name>)")
+    ev.add_argument("--max-len", type=int, default=4096, help="cap on the model's own context")
+    ev.add_argument("--benchmarks-dir", default=None, help="default <SYNPREF_HOME>/benchmarks")
+    ev.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
     r = sub.add_parser("review", help="the human review app")
     rs = r.add_subparsers(dest="review_cmd", required=True)
     a = rs.add_parser("add-annotator")
@@ -242,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         benchmarks_cmd(args)
     elif args.cmd == "train-rm":
         train_rm(args)
+    elif args.cmd == "evaluate":
+        evaluate_cmd(args)
     else:
         review(args)
 

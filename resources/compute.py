@@ -54,6 +54,10 @@ class ComputeResource(RayResource):
         if os.environ.get("SYNPREF_QUIET"):  # `synpref demo` without --verbose: worker output stays in Ray's logs
             opts.setdefault("log_to_driver", False)
             opts.setdefault("logging_level", "WARNING")
+            import logging
+
+            # Ray's notice that token authentication is on (the secure default, kept on) is not a warning here
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if self.get_env_vars_to_inject():
             opts.setdefault("runtime_env", {"env_vars": self.get_env_vars_to_inject()})
         context = ray.init(address=self.ray_address, **opts)

@@ -362,3 +362,41 @@ def test_a_refused_file_leaves_nothing_behind_and_the_cli_says_one_line(tmp_path
     with pytest.raises(BenchmarkFormatError, match="more than once"):
         add_benchmark(good, tmp_path / "b2", as_name="again.jsonl")
     assert [p.name for p in (tmp_path / "b2" / "judgebench").iterdir()] == ["jb2.jsonl"]
+
+
+@pytest.mark.slow
+def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(tmp_path):
+    """`synpref evaluate --model DIR`: an RM folder this project never trained or registered, scored on an RM-Bench
+    file as published; its rows land in rm_evaluation / rm_item_rewards under external:<name> with lineage naming
+    the model, and the report shows it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.lake import Lake
+    from pipelines.rm.tiny import build_tiny_decoder
+    from pipelines.tables import LINEAGE, RM_EVALUATION, RM_REWARDS
+
+    home = tmp_path / "home"
+    src = _json_list(tmp_path / "src" / "chat_filtered.json", [
+        {"id": i, "prompt": f"question {i}?", "chosen": _rmb3(i, "good"), "rejected": _rmb3(i, "bad"),
+         "subset": "chat", "error": [], "error_key": []} for i in range(4)])
+    add_benchmark(src, home / "benchmarks", "rm-bench")
+    model = build_tiny_decoder(tmp_path / "someone-elses-rm", "qwen3")
+    env = {**os.environ, "SYNPREF_HOME": str(home)}
+    p = subprocess.run([str(Path(sys.executable).parent / "synpref"), "evaluate", "--model", model,
+                        "--name", "theirs", "--max-len", "256"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "external:theirs" in p.stdout and "rm-bench" in p.stdout
+    lake = Lake(str(home / "lake"))
+    res = lake.read(RM_EVALUATION).filter(pl.col("rm_version") == "external:theirs")
+    overall = res.filter((pl.col("benchmark") == "rm-bench") & (pl.col("section") == "overall"))
+    assert overall.height == 1 and 0.0 <= overall["score"][0] <= 1.0 and overall["n"][0] == 36
+    rewards = lake.read(RM_REWARDS).filter(pl.col("rm_version") == "external:theirs")
+    assert rewards.height == 36 * 2 and rewards["reward"].is_finite().all()
+    lineage = lake.read(LINEAGE).filter(pl.col("asset") == "synpref evaluate")
+    assert lineage.height == 1 and lineage["partition"][0] == model  # the lineage names the external model
+    report = (home / "reports" / "rm_evaluation.md").read_text()
+    assert "external:theirs" in report and "leak check does not cover" in report

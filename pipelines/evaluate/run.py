@@ -133,6 +133,11 @@ def report_markdown(ev: Evaluation, md_table) -> str:
     per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort("rm_version", "benchmark", "section")
     leak_line = ("No reported pair was trained or selected on by any registered RM."
                  if ev.leaks.height == 0 else f"**{ev.leaks.height} reported pairs leak** (see the leaks table).")
+    external = sorted(v for v in ev.results["rm_version"].unique().to_list() if v.startswith("external:")) \
+        if ev.results.height else []
+    if external:
+        leak_line += (f" External models ({', '.join(external)}, scored by `synpref evaluate`): their training data "
+                      "is unknown to this project, so the leak check does not cover them.")
     return "\n\n".join([
         "# RM evaluation (paper Table 1 shape)",
         "Real benchmarks, each scored as its authors' script does; `average` is their unweighted mean.",
@@ -176,3 +181,40 @@ def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
     fig.savefig(out / "rm_evaluation.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out / "rm_evaluation.md"
+
+
+def evaluate_external(lake: Lake, model: str, engine: Engine, *, name: str | None = None,
+                      benchmarks_dir: Path, tracking_uri: str = "", cache_root: str | Path = "",
+                      max_len_cap: int = 4096, run_id: str = "") -> tuple[Evaluation, str]:
+    """Any sequence-classification RM — a local HF folder, `models:/name/version` or a hub id from the local cache
+    — scored on every added benchmark (and gold_test when the lake has one) with the same renderer and formulas as
+    the project's RMs, its rows written to the same tables (`rm_evaluation`, `rm_item_rewards`) under
+    rm_version `external:<name>`, with lineage naming the model. Its training data is unknown to this project:
+    the leak check cannot speak for it (the report says so). Returns (the evaluation, its rm_version)."""
+    from pipelines.evaluate.benchmarks import BenchmarkFormatError
+
+    label = name or (model.rstrip("/").split("/")[-1] if not model.startswith("models:/") else
+                     model[len("models:/"):].replace("/", ":"))
+    rm_version = f"external:{label}"
+    items = evaluation_items(lake, benchmarks_dir)
+    if items.height == 0:
+        raise BenchmarkFormatError(f"nothing to score: no benchmark under {benchmarks_dir} and no gold_test in the "
+                                   "lake. Add one with `synpref benchmarks add PATH` or `synpref benchmarks fetch "
+                                   "NAME`.")
+    ref = ModelRef(rm_version, model, tracking_uri, str(cache_root))
+    ev = evaluate_models(lake, items, [ref], engine, max_len_cap=max_len_cap)
+    v = write_evaluation(lake, ev)
+    lake.record_lineage(run_id=run_id or f"evaluate-{rm_version}", asset="synpref evaluate", partition=model,
+                        table=RM_EVALUATION, version_written=v, inputs=lake.input_versions([SEED]),
+                        config={"model": model, "rm_version": rm_version, "max_len_cap": max_len_cap,
+                                "benchmarks_dir": str(benchmarks_dir)},
+                        counts={"items": items.height, "rows": ev.results.height})
+    return ev, rm_version
+
+
+def evaluation_so_far(lake: Lake, latest: Evaluation) -> Evaluation:
+    """Every model's rows in `rm_evaluation` (the project's RMs and external ones) with `latest`'s lengths and
+    leak check: what the report shows after one more model was scored."""
+    results = lake.read(RM_EVALUATION) if lake.exists(RM_EVALUATION) else latest.results
+    t1, ind = table1(results, REAL_BENCHMARKS) if results.height else (pl.DataFrame(), pl.DataFrame())
+    return Evaluation(results, latest.rewards, t1, ind, latest.lengths, latest.leaks)
