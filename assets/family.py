@@ -140,7 +140,7 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
     yield dg.MaterializeResult(metadata={
         "table1": dg.MetadataValue.md(table1_text(ev, md_table)),
         "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
-        "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
+        "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "biases": dg.MetadataValue.md(md_table(ev.bias)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
         "report": dg.MetadataValue.path(str(report)), "models": len(refs), "items": items.height,
         "rewards_table": RM_REWARDS, "delta_version": v})
     yield dg.AssetCheckResult(check_name="no_leaks", passed=ev.leaks.height == 0,

@@ -37,6 +37,8 @@ def quiet_libraries() -> None:
         pass
     for name in ("ray", "ray.data", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data announces (as a warning) that the progress bars this mode turned off are off
+    logging.getLogger("ray.data").addFilter(lambda r: not r.getMessage().startswith("Progress bars disabled"))
     try:
         import transformers
 

@@ -400,3 +400,28 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     assert lineage.height == 1 and lineage["partition"][0] == model  # the lineage names the external model
     report = (home / "reports" / "rm_evaluation.md").read_text()
     assert "external:theirs" in report and "leak check does not cover" in report
+
+
+def test_bias_diagnostics_length_preference_rank_correlation_and_near_ties():
+    """Hand-computed: accuracy split by whether the chosen response is the longer one, Spearman of reward with
+    response length (ranks worked out below), and the share of comparisons decided by a hair."""
+    from pipelines.evaluate.harness import bias_diagnostics
+
+    items = pl.DataFrame([
+        {"benchmark": "b", "item_id": i, "item_key": str(i), "section": "s", "subset": "", "history": [
+            {"role": "user", "content": "q"}], "chosen": [c], "rejected": [r]}
+        for i, (c, r) in enumerate([("long answer", "short"), ("ok", "much longer!"), ("abcdefg", "abcdefgh")])])
+    rewards = {"long answer": 2.0, "short": 1.0, "ok": 0.0, "much longer!": 1.5, "abcdefg": 0.9,
+               "abcdefgh": 0.900001}
+
+    def fake(texts):
+        return texts.select("text_key", reward=pl.col("response").replace_strict(rewards, return_dtype=pl.Float64),
+                            tokens=pl.lit(3, pl.Int64), truncated=pl.lit("none"))
+
+    _, resp = score_items(items, fake)
+    got = bias_diagnostics(resp, "rm:1").row(0, named=True)
+    assert (got["comparisons"], got["n_chosen_longer"], got["n_chosen_shorter"]) == (3, 1, 2)
+    assert got["acc_chosen_longer"] == 1.0 and got["acc_chosen_shorter"] == 0.0
+    # length ranks c0 5, r0 2, c1 1, r1 6, c2 3, r2 4; reward ranks 6, 4, 1, 5, 2, 3: sum d^2 = 8
+    assert got["spearman_reward_length"] == pytest.approx(1 - 6 * 8 / (6 * 35))
+    assert got["small_margin_share"] == pytest.approx(1 / 3)  # only the 1e-6 decision

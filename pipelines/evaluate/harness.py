@@ -202,3 +202,38 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return centre - half, centre + half
+
+
+BIAS_SCHEMA = {"rm_version": pl.String, "benchmark": pl.String, "comparisons": pl.Int64,
+               "acc_chosen_longer": pl.Float64, "n_chosen_longer": pl.Int64, "acc_chosen_shorter": pl.Float64,
+               "n_chosen_shorter": pl.Int64, "spearman_reward_length": pl.Float64, "small_margin_share": pl.Float64}
+SMALL_MARGIN = 0.01  # a comparison decided by less than 1% of the model's reward spread on the benchmark
+
+
+def bias_diagnostics(resp: pl.DataFrame, rm_version: str) -> pl.DataFrame:
+    """What RM users check first, per benchmark, from the per-response rewards: pairwise accuracy over every
+    (chosen, rejected) comparison when the chosen response is the longer one vs the shorter one (length in
+    characters of the response; equal lengths counted in neither), Spearman correlation of reward with response
+    length over the benchmark's distinct responses, and the share of comparisons decided by a margin under
+    SMALL_MARGIN x the standard deviation of the model's rewards there (scale-free: models' rewards differ in
+    scale). resp: `score_items`' per-response rows (benchmark, item_id, role, response, reward)."""
+    if resp.height == 0:
+        return pl.DataFrame(schema=BIAS_SCHEMA)
+    r = resp.select("benchmark", "item_id", "role", "reward", length=pl.col("response").str.len_chars())
+    c = r.filter(pl.col("role") == "chosen").drop("role")
+    x = r.filter(pl.col("role") == "rejected").drop("role")
+    pairs = c.join(x, on=["benchmark", "item_id"], suffix="_r").with_columns(
+        right=pl.col("reward") > pl.col("reward_r"), gap=(pl.col("reward") - pl.col("reward_r")).abs())
+    spread = r.group_by("benchmark").agg(sd=pl.col("reward").std())
+    rank = (resp.unique(["benchmark", "text_key"]).select("benchmark", "reward", length=pl.col("response")
+                                                           .str.len_chars())
+            .group_by("benchmark").agg(rho=pl.corr("reward", "length", method="spearman")))
+    longer, shorter = pl.col("length") > pl.col("length_r"), pl.col("length") < pl.col("length_r")
+    out = (pairs.join(spread, on="benchmark").group_by("benchmark").agg(
+        comparisons=pl.len(),
+        acc_chosen_longer=pl.col("right").filter(longer).mean(), n_chosen_longer=longer.sum(),
+        acc_chosen_shorter=pl.col("right").filter(shorter).mean(), n_chosen_shorter=shorter.sum(),
+        small_margin_share=(pl.col("gap") < SMALL_MARGIN * pl.col("sd").fill_null(0.0)).mean())
+           .join(rank, on="benchmark", how="left").rename({"rho": "spearman_reward_length"}))
+    return out.with_columns(rm_version=pl.lit(rm_version)).select(list(BIAS_SCHEMA)).cast(BIAS_SCHEMA).sort(
+        "benchmark")

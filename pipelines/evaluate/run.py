@@ -3,14 +3,15 @@ leak check, and the Table-1 report. The Dagster asset `rm_evaluation` configures
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from pipelines.compute import Engine
 from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, REAL_BENCHMARKS, item_pair_ids, read_benchmarks
-from pipelines.evaluate.harness import REWARD_SCHEMA, RESULT_SCHEMA, aggregate, responses, score_items, table1
+from pipelines.evaluate.harness import (BIAS_SCHEMA, REWARD_SCHEMA, RESULT_SCHEMA, aggregate, bias_diagnostics,
+                                       responses, score_items, table1)
 from pipelines.lake import Lake
 from pipelines.rm.registry import ModelRef, best_of, data_manifest, latest, ref_of
 from pipelines.tables import RM_EVALUATION, RM_REWARDS, SEED
@@ -61,12 +62,13 @@ class Evaluation:
     in_distribution: pl.DataFrame
     lengths: pl.DataFrame  # per model and benchmark: texts scored whole / history cut / response cut
     leaks: pl.DataFrame
+    bias: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=BIAS_SCHEMA))  # bias_diagnostics
 
 
 def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engine: Engine, *,
                     max_len_cap: int = 4096) -> Evaluation:
     """Score `items` (benchmark items incl. gold_test) under every model, once per distinct text per model."""
-    results, rewards, lengths = [], [], []
+    results, rewards, lengths, bias = [], [], [], []
     models = {ref.rm_version: (ref, model_max_len(ref, max_len_cap)) for ref in refs}
     resp_all = responses(items) if items.height else None
     texts = resp_all.unique("text_key", keep="first").select("text_key", "history", "response") if refs else None
@@ -75,6 +77,7 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
         max_len = models[ref.rm_version][1]
         scored, resp = score_items(items, lambda _texts, v=ref.rm_version: by_model[v], resp_all)
         results.append(aggregate(scored, ref.rm_version, max_len))
+        bias.append(bias_diagnostics(resp, ref.rm_version))
         rewards.append(resp.select(pl.lit(ref.rm_version).alias("rm_version"), "benchmark", "item_key", "role", "idx",
                                    "reward", "tokens", "truncated").cast(REWARD_SCHEMA))
         lengths.append(resp.unique(["benchmark", "text_key"]).group_by("benchmark").agg(
@@ -86,7 +89,7 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
     t1, ind = table1(res, REAL_BENCHMARKS) if res.height else (pl.DataFrame(), pl.DataFrame())
     return Evaluation(res, pl.concat(rewards) if rewards else pl.DataFrame(schema=REWARD_SCHEMA), t1, ind,
                       pl.concat(lengths).sort("rm_version", "benchmark") if lengths else pl.DataFrame(),
-                      leaks(lake, items))
+                      leaks(lake, items), pl.concat(bias) if bias else pl.DataFrame(schema=BIAS_SCHEMA))
 
 
 def reported_pair_ids(items: pl.DataFrame) -> pl.DataFrame:
@@ -149,6 +152,11 @@ def report_markdown(ev: Evaluation, md_table) -> str:
         "Each model is scored at its own context (`max_len`, capped); a cut text keeps the model's special tokens. "
         "`history_cut`: the conversation lost its oldest tokens; `response_cut`: the response alone did not fit.",
         md_table(ev.lengths),
+        "## Biases: length and near-ties, per model and benchmark",
+        "Pairwise accuracy over every (chosen, rejected) comparison when the chosen response is the longer vs the "
+        "shorter one (characters; a large gap is a length bias), Spearman correlation of reward with response "
+        "length, and the share of comparisons decided by less than 1% of the model's reward spread.",
+        md_table(ev.bias) if ev.bias.height else "_no comparisons scored_",
         "## Leaks", leak_line,
         "## Per section",
         md_table(per),
@@ -166,7 +174,11 @@ def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
     benches = ov["benchmark"].unique(maintain_order=True).to_list()
     models = sorted(ov["rm_version"].unique().to_list())
     width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(benches) + 2), 4.2))
+    has_bias = ev.bias.height > 0
+    fig, axes = plt.subplots(1, 2 if has_bias else 1, figsize=(max(6.0, 1.3 * len(benches) + 2) + (4 if has_bias
+                                                                                                    else 0), 4.2),
+                             gridspec_kw={"width_ratios": [max(len(benches), 1), 2]} if has_bias else None)
+    ax = axes[0] if has_bias else axes
     score = {(b, m): v for b, m, v in ov.select("benchmark", "rm_version", "score").iter_rows()}
     for k, m in enumerate(models):
         xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(benches))]
@@ -178,6 +190,23 @@ def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
     ax.set_ylabel("score (overall)", fontsize=10)
     ax.set_title("Reward models per benchmark (dashed: chance for pairwise accuracy)", fontsize=11)
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(len(models), 3), frameon=False)
+    if has_bias:  # length bias: accuracy when the chosen response is the longer vs the shorter one, all benchmarks
+        bx = axes[1]
+        pooled = ev.bias.group_by("rm_version").agg(
+            longer=(pl.col("acc_chosen_longer") * pl.col("n_chosen_longer")).sum() / pl.col("n_chosen_longer").sum(),
+            shorter=(pl.col("acc_chosen_shorter") * pl.col("n_chosen_shorter")).sum()
+            / pl.col("n_chosen_shorter").sum())
+        by = {r["rm_version"]: r for r in pooled.iter_rows(named=True)}
+        for k, m in enumerate(models):
+            if m in by:
+                bx.bar([k - 0.2, k + 0.2], [by[m]["longer"] or 0.0, by[m]["shorter"] or 0.0], width=0.38,
+                       color=[plt.get_cmap("tab10")(k % 10)] * 2, alpha=1.0, edgecolor="k", hatch=None)
+                bx.bar([k + 0.2], [by[m]["shorter"] or 0.0], width=0.38, color="white", edgecolor=plt.get_cmap(
+                    "tab10")(k % 10), hatch="//")
+        bx.set_xticks(range(len(models)), [str(i + 1) for i in range(len(models))], fontsize=10)
+        bx.set_ylim(0, 1)
+        bx.set_title("length bias: chosen longer (solid)\nvs chosen shorter (hatched)", fontsize=10)
+        bx.set_xlabel("model (legend order)", fontsize=9)
     fig.savefig(out / "rm_evaluation.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out / "rm_evaluation.md"
@@ -217,4 +246,4 @@ def evaluation_so_far(lake: Lake, latest: Evaluation) -> Evaluation:
     leak check: what the report shows after one more model was scored."""
     results = lake.read(RM_EVALUATION) if lake.exists(RM_EVALUATION) else latest.results
     t1, ind = table1(results, REAL_BENCHMARKS) if results.height else (pl.DataFrame(), pl.DataFrame())
-    return Evaluation(results, latest.rewards, t1, ind, latest.lengths, latest.leaks)
+    return Evaluation(results, latest.rewards, t1, ind, latest.lengths, latest.leaks, latest.bias)
