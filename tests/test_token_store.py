@@ -257,3 +257,25 @@ def test_ultrafeedback_completions_train_listwise_end_to_end(tiny, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     assert "ultrafeedback layout" in p.stdout and "2 steps on 24 pairs" in p.stdout, p.stdout
+
+
+def test_every_rm_training_leaves_out_reported_comparisons(tiny, tmp_path, lake):
+    """Not only the family's mix: any training through MlflowRewardModels (Stage 1's silver set, the gold RM's seed)
+    leaves out the gold_val/gold_test comparisons in either orientation (the demo's no_leaks check caught a Stage-1
+    RM trained on a flipped twin of a gold_test pair)."""
+    from pipelines.rm.service import MlflowRewardModels
+    from pipelines.rm.train import TrainConfig
+    from pipelines.tables import SEED
+
+    rows = synth_rows(30, seed=12)
+    reported = rows[3]
+    seed = pl.DataFrame([{**reported, "split": "gold_test"}]).select("pair_id", "history", "chosen", "rejected",
+                                                                      "split")
+    lake.overwrite(SEED, seed.to_arrow())
+    twin = {**reported, "pair_id": "twin", "chosen": reported["rejected"], "rejected": reported["chosen"]}
+    silver = pl.DataFrame([r for i, r in enumerate(rows) if i != 3] + [twin]).select(COLS)
+    rms = MlflowRewardModels(lake, "", "x", None, tmp_path, tiny, TrainConfig(max_len=128), None, None,
+                             build_parallel="inprocess")
+    build = rms.token_store(silver)
+    ids = {p.pair_id for p in build.store.fetch(np.arange(len(build.store)))}
+    assert "twin" not in ids and build.counts["held_out"] == 1 and len(ids) == 29

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -40,8 +39,8 @@ from pipelines.lake import Lake
 from pipelines.pool import (ATTRIBUTES_SCHEMA, WorkUnit, attributes, quarantine_pairs, read_unit,
                             truth_categories, work_units)
 from pipelines.rm.registry import ModelRef
+from pipelines.rm.service import held_out_comparisons
 from pipelines.rm.store import PairSource, SourceTable
-from pipelines.schema import HISTORY_DTYPE as HISTORY
 from pipelines.tables import (CURATED, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
                              STAGE2_UNITS)
 
@@ -383,26 +382,6 @@ def unit_rows_table(lake: Lake) -> pl.DataFrame:
                                            & (pl.col("name2") != pl.col("work_unit"))
                                            & (pl.col("at2") > pl.col("done_at")))
     return latest.join(later.select("work_unit").unique(), on="work_unit", how="anti").sort("done_at")
-
-
-def held_out_comparisons(lake: Lake, root: Path) -> Path:
-    """A Parquet file of the comparison ids of every gold_val and gold_test pair (either orientation), named by
-    its content: every training mix leaves these comparisons out. Seed-sized."""
-    from pipelines.schema import comparison_ids
-
-    held = (lake.scan(SEED).filter(pl.col("split") != "train").select("history", "chosen", "rejected").collect()
-            if lake.exists(SEED) else pl.DataFrame(schema={"history": HISTORY, "chosen": pl.String,
-                                                           "rejected": pl.String}))
-    ids = pl.DataFrame({"comparison_id": comparison_ids(held)}, schema={"comparison_id": pl.String}).unique().sort(
-        "comparison_id")
-    root.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256("\n".join(ids["comparison_id"].to_list()).encode()).hexdigest()[:20]
-    path = root / f"held-out-{digest}.parquet"
-    if not path.exists():
-        tmp = root / f".{digest}.{os.getpid()}.parquet"
-        ids.write_parquet(tmp)
-        os.replace(tmp, path)
-    return path
 
 
 def training_mix(lake: Lake, root: Path, include_recycled: bool = False) -> tuple[PairSource, pl.DataFrame]:

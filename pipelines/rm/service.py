@@ -14,13 +14,15 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
 from pipelines.lake import Lake
+from pipelines.schema import HISTORY_DTYPE
+from pipelines.tables import SEED
 from pipelines.rm.registry import REGISTRY, ModelRef, RegisteredRM, ref_of, train_and_register
 from pipelines.rm.store import PairSource, SourceTable, StoreBuild, build_token_store
 from pipelines.rm.train import TrainConfig, TrainResult
@@ -41,6 +43,27 @@ def frame_source(df: pl.DataFrame, root: Path) -> PairSource:
     else:
         os.replace(tmp, dst)
     return PairSource([SourceTable(str(dst))])
+
+
+def held_out_comparisons(lake: Lake, root: Path) -> Path:
+    """A Parquet file of the comparison ids of every gold_val and gold_test pair (either orientation), named by
+    its content: every training set of every RM (gold, Stage 1, the family) leaves these comparisons out, so a
+    flipped twin of a reported pair from another source is never trained on. Seed-sized."""
+    from pipelines.schema import comparison_ids
+
+    held = (lake.scan(SEED).filter(pl.col("split") != "train").select("history", "chosen", "rejected").collect()
+            if lake.exists(SEED) else pl.DataFrame(schema={"history": HISTORY_DTYPE, "chosen": pl.String,
+                                                           "rejected": pl.String}))
+    ids = pl.DataFrame({"comparison_id": comparison_ids(held)}, schema={"comparison_id": pl.String}).unique().sort(
+        "comparison_id")
+    root.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256("\n".join(ids["comparison_id"].to_list()).encode()).hexdigest()[:20]
+    path = root / f"held-out-{digest}.parquet"
+    if not path.exists():
+        tmp = root / f".{digest}.{os.getpid()}.parquet"
+        ids.write_parquet(tmp)
+        os.replace(tmp, path)
+    return path
 
 
 def output_key(name: str, backbone: str, data_key: str, cfg: TrainConfig) -> str:
@@ -73,6 +96,8 @@ class MlflowRewardModels:
 
     def token_store(self, train: PairSource | pl.DataFrame) -> StoreBuild:
         source = train if isinstance(train, PairSource) else frame_source(train, self.home / "mixes")
+        if source.exclude is None:  # no RM trains on a gold_val/gold_test comparison, in either orientation
+            source = replace(source, exclude=str(held_out_comparisons(self.lake, self.home / "mixes")))
         build = build_token_store(source, self.backbone, self.store_root or self.home / "token_store",
                                   max_len=self.cfg.max_len, policy=self.cfg.length_policy,
                                   parallel=self.build_parallel)
