@@ -31,6 +31,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*is currently in beta.*")
     warnings.filterwarnings("ignore", message="Found asset job named")
+    # a one-process training saves its checkpoint with torch.distributed.checkpoint: expected, not a problem
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     try:
         import ray.data  # noqa: F401  (configures its loggers on import; lower them after)
     except ImportError:
@@ -38,7 +40,9 @@ def quiet_libraries() -> None:
     for name in ("ray", "ray.data", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray Data announces (as a warning) that the progress bars this mode turned off are off
-    logging.getLogger("ray.data").addFilter(lambda r: not r.getMessage().startswith("Progress bars disabled"))
+    # (a filter on a logger sees only its own records, not its children's: it goes on the module's logger)
+    logging.getLogger("ray.data._internal.progress").addFilter(
+        lambda r: not r.getMessage().startswith("Progress bars disabled"))
     try:
         import transformers
 

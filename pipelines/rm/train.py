@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -347,7 +348,7 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
     tokens, t0 = 0, time.perf_counter()
     total_tokens = 0.0
     no_margin = 0
-    bar = tqdm(range(start, steps), disable=not (cfg.progress and is_main_process()), desc="rm-train",
+    bar = tqdm(range(start, steps), disable=not (cfg.progress and is_main_process()) or bool(os.environ.get("TQDM_DISABLE")), desc="rm-train",
                initial=start, total=steps)
     for step in bar:
         opt.zero_grad(set_to_none=True)
