@@ -3,7 +3,7 @@
     synpref demo [--scale tiny|small|medium] [--verbose]   # everything, on project-made data, CPU, local
     synpref benchmarks add PATH [--name NAME] | fetch NAME [--revision REV] | list
     synpref train-rm --pairs PATH --backbone DIR --out DIR [--val PATH] [--nproc N] [--max-steps N] [--set k=v ...]
-    synpref evaluate --model DIR|models:/NAME/VERSION|HUB_ID [--name NAME] [--max-len N]
+    synpref evaluate --model DIR|models:/NAME/VERSION|HUB_ID [--name NAME] [--max-len N] [--out DIR]
     synpref review add-annotator NAME [--lead]
     synpref review serve [--port 8000]
     synpref review export FILE [--format jsonl|csv|labelstudio]
@@ -162,6 +162,11 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
         print(f"  {b:16s} {score:.4f}  ({n} items, {cut} with a text cut)")
     print(table1_text(evaluation_so_far(lake, ev), md_table))
     print(f"report: {report} (its training data is unknown here: the leak check does not cover it)")
+    if args.out:
+        from pipelines.evaluate.run import write_authors_formats
+
+        for f in write_authors_formats(ev, rm_version, Path(args.out)):
+            print(f"wrote {f}")
 
 
 def train_rm(args: argparse.Namespace) -> None:
@@ -260,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--max-len", type=int, default=4096, help="cap on the model's own context")
     ev.add_argument("--benchmarks-dir", default=None, help="default <SYNPREF_HOME>/benchmarks")
     ev.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
+    ev.add_argument("--out", default=None, help="also write summary.json and rm-bench.json (the authors' formats)")
     r = sub.add_parser("review", help="the human review app")
     rs = r.add_subparsers(dest="review_cmd", required=True)
     a = rs.add_parser("add-annotator")

@@ -386,8 +386,8 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     model = build_tiny_decoder(tmp_path / "someone-elses-rm", "qwen3")
     env = {**os.environ, "SYNPREF_HOME": str(home)}
     p = subprocess.run([str(Path(sys.executable).parent / "synpref"), "evaluate", "--model", model,
-                        "--name", "theirs", "--max-len", "256"], capture_output=True, text=True, env=env,
-                       timeout=600)
+                        "--name", "theirs", "--max-len", "256", "--out", str(tmp_path / "out")], capture_output=True,
+                       text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "external:theirs" in p.stdout and "rm-bench" in p.stdout
     lake = Lake(str(home / "lake"))
@@ -400,6 +400,26 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     assert lineage.height == 1 and lineage["partition"][0] == model  # the lineage names the external model
     report = (home / "reports" / "rm_evaluation.md").read_text()
     assert "external:theirs" in report and "leak check does not cover" in report
+    # the authors' formats: RM-Bench's accuracy rule (3x3 matrix of chosen style i beating rejected style j;
+    # hard = above the diagonal, normal = the diagonal, easy = below), computed from rm-bench.json alone, equals
+    # the summary exactly
+    import json
+
+    import numpy as np
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rows = json.loads((tmp_path / "out" / "rm-bench.json").read_text())
+    assert len(rows) == 4 and {r["domain"] for r in rows} == {"chat"} and sorted(r["id"] for r in rows) == [0, 1, 2, 3]
+    acc = np.zeros((3, 3))
+    for r in rows:
+        for i in range(3):
+            for j in range(3):
+                acc[i][j] += r["score_chosen"][i] > r["score_rejected"][j]
+    acc /= len(rows)
+    hard, normal, easy = np.sum(np.triu(acc, 1)) / 3, np.mean(np.diag(acc)), np.sum(np.tril(acc, -1)) / 3
+    got = summary["rm-bench"]
+    assert (got["chat:hard"], got["chat:normal"], got["chat:easy"]) == pytest.approx((hard, normal, easy), abs=1e-12)
+    assert got["overall"] == pytest.approx((hard + normal + easy) / 3, abs=1e-12)
 
 
 def test_bias_diagnostics_length_preference_rank_correlation_and_near_ties():

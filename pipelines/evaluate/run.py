@@ -247,3 +247,35 @@ def evaluation_so_far(lake: Lake, latest: Evaluation) -> Evaluation:
     results = lake.read(RM_EVALUATION) if lake.exists(RM_EVALUATION) else latest.results
     t1, ind = table1(results, REAL_BENCHMARKS) if results.height else (pl.DataFrame(), pl.DataFrame())
     return Evaluation(results, latest.rewards, t1, ind, latest.lengths, latest.leaks, latest.bias)
+
+
+def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Path]:
+    """One model's results in each benchmark's own terms, for re-checking with the authors' scripts:
+    `summary.json` ({benchmark: {section: score}}, fractions, with `overall`, JudgeBench's `overall_official`), and
+    `rm-bench.json`: a JSON list of {id, domain, score_chosen: [3], score_rejected: [3]} (styles in the published
+    order; domain as in the file names), what RM-Bench's `compute_accuracy` reads."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    res = ev.results.filter(pl.col("rm_version") == rm_version)
+    summary: dict = {}
+    for b, sec, score in res.select("benchmark", "section", "score").iter_rows():
+        summary.setdefault(b, {})[sec] = score
+    written = [out / "summary.json"]
+    written[0].write_text(json.dumps(summary, indent=1, sort_keys=True))
+    rw = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "rm-bench"))
+    if rw.height:
+        cells = rw.with_columns(parts=pl.col("item_key").str.split(":")).with_columns(
+            domain=pl.col("parts").list.get(0), id=pl.col("parts").list.get(1),
+            a=pl.col("parts").list.get(2).str.slice(0, 1).cast(pl.Int64),
+            b=pl.col("parts").list.get(2).str.slice(1, 1).cast(pl.Int64))
+        rows: dict = {}
+        for domain, id_, a, b, role, reward in cells.select("domain", "id", "a", "b", "role", "reward").iter_rows():
+            r = rows.setdefault((domain, id_), {"id": id_, "domain": domain, "score_chosen": [None] * 3,
+                                                "score_rejected": [None] * 3})
+            r["score_chosen" if role == "chosen" else "score_rejected"][a if role == "chosen" else b] = reward
+        for r in rows.values():  # ids as published (integers where they were)
+            r["id"] = int(r["id"]) if str(r["id"]).lstrip("-").isdigit() else r["id"]
+        written.append(out / "rm-bench.json")
+        written[-1].write_text(json.dumps(sorted(rows.values(), key=lambda r: (r["domain"], str(r["id"]))), indent=1))
+    return written
