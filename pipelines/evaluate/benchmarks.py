@@ -327,10 +327,16 @@ def read_benchmark_file(f: Path, bench: str) -> tuple[list[dict], dict[str, int]
     if lay.benchmark != bench:
         raise BenchmarkFormatError(f"{f}: this is a {lay.benchmark} file ({lay.name} layout), not {bench}. "
                                    f"{bench} is published as:\n{expected_layouts(bench)}")
+    return _parse_rows(rows, lay, f)
+
+
+def _parse_rows(rows: list[dict], lay: Layout, f: Path, named: Path | None = None) -> tuple[list[dict], dict]:
+    """Every row of a file through its layout. `named`: the name the file will be read under (RM-Bench's domain
+    and PPE's source come from it) when that is not `f`'s own."""
     items, stats = [], {"rows": 0, "skipped": 0}
     for i, row in enumerate(rows):
         try:
-            got = lay.parse(row, i, f)
+            got = lay.parse(row, i, named or f)
         except KeyError as e:
             raise BenchmarkFormatError(f"{f} row {i}: missing field {e} of the {lay.name} layout") from e
         except (TypeError, ValueError) as e:
@@ -421,7 +427,7 @@ def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str |
         raise BenchmarkFormatError(f"{dst.name}: a benchmark file is named *{', *'.join(BENCHMARK_FILES)}")
     # everything is checked before the folder changes (as the file will be read there: its name gives RM-Bench's
     # domain and PPE's source), then the file lands in one rename: a refused file leaves nothing behind
-    items, _ = read_benchmark_file(src if src.name == dst.name else _named_like(src, dst.name), name)
+    items, _ = _parse_rows(rows, lay, src, named=dst)
     others = []
     if dst.parent.exists():
         for f in sorted(p for p in dst.parent.iterdir() if p.name.lower().endswith(BENCHMARK_FILES) and p != dst):
@@ -435,16 +441,6 @@ def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str |
     finally:
         tmp.unlink(missing_ok=True)
     return dst
-
-
-def _named_like(src: Path, name: str) -> Path:
-    """`src` seen under another name (a link in a temporary folder), to read it as it will be read once added."""
-    import tempfile
-
-    d = Path(tempfile.mkdtemp(prefix="synpref-bench-"))
-    link = d / name
-    link.symlink_to(src.resolve())
-    return link
 
 
 def fetch_benchmark(name: str, root: Path, revision: str | None = None) -> list[Path]:
