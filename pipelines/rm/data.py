@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import accumulate
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class Renderer:
         specials = [t.content for t in added if t.special and not t.rstrip and t.content]
         if not specials or any(a.content != s and a.content.startswith(s) for a in added for s in specials):
             return None
-        if '"prepend_scheme":"first"' in json.dumps(json.loads(self.tok.backend_tokenizer.to_str())).replace(" ", ""):
+        if '"prepend_scheme":"first"' in json.dumps(json.loads(self.tok.backend_tokenizer.to_str()), separators=(",", ":")):
             return None
         with_sp = self.tok("a", add_special_tokens=True)["input_ids"]
         bare = self.tok("a", add_special_tokens=False)["input_ids"]
@@ -146,9 +147,7 @@ class Renderer:
         out: list[list[tuple[list[int], int]]] = []
         split = [i for i, c in enumerate(cuts) if c]
         whole = [i for i, c in enumerate(cuts) if not c]
-        firsts = [0]
-        for k in counts:
-            firsts.append(firsts[-1] + k)
+        firsts = [0, *accumulate(counts)]  # each item's first full text
         result: dict[int, list[list]] = {}
         redo: list[tuple[int, int]] = []  # (item, response) whose history count the encoding does not give
         if split:
