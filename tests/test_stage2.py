@@ -327,19 +327,28 @@ def test_changing_unit_rows_recuts_units_without_keeping_a_pair_twice(rms, tmp_p
 
 @pytest.mark.slow
 def test_stage2_driver_memory_is_bounded_by_the_unit_not_the_pool(rms, tmp_path):
-    """Measured, not assumed: the driver's peak private memory while Stage 2 runs over a 4x larger pool (same unit
-    size) grows by less than 10%. Each size runs in its own process (models loaded before the measurement)."""
+    """Measured, not assumed: the driver's working memory (peak private memory above what it held once the models
+    were loaded) while Stage 2 runs over a 4x larger pool at the same unit size. Each size runs in its own process.
+
+    Resolution, stated: identical runs of this driver differ by up to ~50 MB in their working peak (allocator
+    arenas, polars/torch thread pools; measured 49-79 MB locally, 58-110 MB on CI), while 1,800 more pairs of this
+    generator are ~4 MB of text. So this test catches a per-unit leak of >= ~6 MB (12 more units) or a driver that
+    holds the pool's frames many times over, not a single copy of a small pool; the scaling figures at 100k-4M pairs
+    are benchmarks/stage2_scale.py's (RESULTS.md). glibc arenas are capped in the probes to cut the noise."""
     import json
+    import os
 
     peaks = {}
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
     for n in (600, 2400):
         out = subprocess.run([sys.executable, str(ROOT / "tests" / "stage2_memory_probe.py"), str(tmp_path / str(n)),
-                              str(n), "150", *rms], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                              str(n), "150", *rms], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])
     small, big = peaks[600], peaks[2400]
     assert big["pool"] > 3 * small["pool"] and big["units"] > small["units"]
-    growth = big["peak"] / small["peak"] - 1
-    print(f"Stage 2 driver peak USS: pool {small['pool']} -> {big['pool']}: {small['peak'] / 2**20:.0f} -> "
-          f"{big['peak'] / 2**20:.0f} MB ({100 * growth:+.1f}%)")
-    assert growth < 0.10, peaks
+    work = {n: (p["peak"] - p["base"]) / 2**20 for n, p in peaks.items()}
+    growth = work[2400] - work[600]
+    print(f"Stage 2 driver working memory (peak USS above base): pool {small['pool']} -> {big['pool']} pairs, "
+          f"{small['units']} -> {big['units']} units: {work[600]:.0f} -> {work[2400]:.0f} MB ({growth:+.0f} MB)")
+    assert growth < 72, peaks
