@@ -47,11 +47,13 @@ ATTRIBUTES_SCHEMA = {"pair_id": pl.String, "task_category": pl.String, "objectiv
 def attributes(lake: Lake, ids: pl.DataFrame | pl.LazyFrame | None = None, table: str = ANNOTATIONS) -> pl.LazyFrame:
     """pair_id + the latest successful attributes, lazily; of `ids` only when given (the semi-join comes before
     the latest-row sort, so a bounded caller never sorts the whole table)."""
+    from pipelines.annotate.cache import cache_scan, parts_of
     from pipelines.annotate.runner import ATTRIBUTE_COLUMNS
 
     if not lake.exists(table):
         return pl.LazyFrame(schema=ATTRIBUTES_SCHEMA)
-    ok = lake.scan(table).filter(pl.col("status") == "ok")
+    parts = parts_of(ids) if isinstance(ids, pl.DataFrame) else None  # a unit's frame reads its cache blocks only
+    ok = cache_scan(lake, table, parts).filter(pl.col("status") == "ok")
     if ids is not None:
         ok = ok.join(ids.select("pair_id").lazy(), on="pair_id", how="semi")
     return latest_by_key(ok, ["pair_id"]).select("pair_id", *ATTRIBUTE_COLUMNS)

@@ -234,3 +234,38 @@ def test_the_annotator_is_the_first_judge_not_a_second_engine():
     r = LLMResource(backend="simulated", models=["j1", "j2"])
     judges = r.backends()
     assert r.annotator() is judges[0] and r.backends() is judges and [b.name for b in judges] == ["j1", "j2"]
+
+
+def test_llm_cache_lookups_read_only_the_units_blocks_and_survive_an_old_layout(lake):
+    """Cache rows are partitioned by the raw-row block their pair came from: a unit's lookup reads its blocks (a
+    corrupted file of another block goes unread), each call compacts what it appended (one file per block), and a
+    table written before this layout is rewritten once and still answers."""
+    from deltalake import write_deltalake
+
+    from pipelines.annotate.cache import CACHE_BLOCK_ROWS, CACHE_PART, cache_scan, parts_of
+    from pipelines.annotate.runner import ANNOTATION_SCHEMA, done_keys
+
+    pairs = _pairs(40).with_columns(shard=pl.lit("land/shard-0.jsonl"),
+                                    source_row=pl.int_range(0, 40) // 20 * CACHE_BLOCK_ROWS + pl.int_range(0, 40))
+    unit_a, unit_b = pairs.head(20), pairs.tail(20)  # two blocks of the same shard
+    prompt = load_prompt("attributes_v1")
+    for unit in (unit_a, unit_b):
+        annotate_attributes(lake, unit, SimulatedBackend(), prompt, "r", chunk=3, category_of=lambda r: r["category"])
+    dt = lake.delta(ANNOTATIONS)
+    assert dt.metadata().partition_columns == [CACHE_PART]
+    files = {p: dt.file_uris(file_pruning_predicate=[(CACHE_PART, "=", p)]) for p in parts_of(pairs) if p != "_"}
+    assert len(files) == 2 and all(len(f) == 1 for f in files.values())  # 7 chunks a unit, compacted to one file
+    (other,) = files[[p for p in parts_of(unit_b) if p != "_"][0]]
+    Path(other).write_bytes(b"not parquet")  # unit B's block is now unreadable ...
+    assert len(done_keys(lake, ANNOTATIONS, SimulatedBackend().model_id, prompt.version, unit_a)) == 20  # ... and A never reads it
+    with pytest.raises(BaseException):  # polars raises a Rust panic on the corrupt file
+        done_keys(lake, ANNOTATIONS, SimulatedBackend().model_id, prompt.version, unit_a.drop("shard"))  # no provenance: all blocks
+
+    # an annotations table as this project wrote it before: no cache_part
+    write_deltalake(lake.uri("old_layout"), cache_scan(lake, ANNOTATIONS, parts_of(unit_a)).collect().to_arrow())
+    assert len(done_keys(lake, "old_layout", SimulatedBackend().model_id, prompt.version, unit_a)) == 20
+    st = annotate_attributes(lake, pairs.head(25), SimulatedBackend(), prompt, "r2", table="old_layout",
+                             category_of=lambda r: r["category"])
+    assert (st.skipped_cached, st.requested) == (20, 5)  # the old rows found after the one-time rewrite
+    assert set(lake.read("old_layout")[CACHE_PART]) == set(parts_of(unit_b))  # old rows in "_", 5 new in B's block
+    assert ANNOTATION_SCHEMA.keys() <= set(lake.read("old_layout").columns)

@@ -22,6 +22,7 @@ import polars as pl
 from pydantic import BaseModel, ValidationError
 
 from pipelines.annotate.backends import Backend, Request
+from pipelines.annotate.cache import CACHE_PART, cache_append, cache_scan, compact, part_of, parts_of
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.taxonomy import (ATTRIBUTES_SCHEMA, PRECHECK_SCHEMA, TASK_CATEGORIES, VERDICT_SCHEMA, Attributes,
                                          PreCheck, Verdict)
@@ -155,6 +156,11 @@ def conversation_text(history: list[dict], limit: int = 4000) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
+def _with_parts(rows: pl.DataFrame, pairs: list[dict]) -> pl.DataFrame:
+    """The chunk's rows with the cache block of the pair each row answers (row-aligned with `pairs`)."""
+    return rows.with_columns(pl.Series(CACHE_PART, [part_of(r) for r in pairs], pl.String))
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -163,12 +169,13 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 def done_keys(lake: Lake, table: str, model: str, prompt_version: str, pairs: pl.DataFrame,
               extra: list[str] | None = None, retry_failed: bool = True) -> set:
     """Keys already answered among `pairs` only (a semi-join, bounded by the caller's chunk): status ok, or any
-    recorded outcome when `retry_failed` is off (a failure after every attempt is then final)."""
+    recorded outcome when `retry_failed` is off (a failure after every attempt is then final). Reads only the
+    cache blocks of `pairs` (pipelines/annotate/cache.py)."""
     if not lake.exists(table) or pairs.height == 0:
         return set()
     cols = ["pair_id", *(extra or [])]
     status = pl.col("status") == "ok" if retry_failed else pl.col("status").is_in(["ok", "failed"])
-    df = (lake.scan(table).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)
+    df = (cache_scan(lake, table, parts_of(pairs)).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)
                                   & status)
           .join(pairs.select("pair_id").unique().lazy(), on="pair_id", how="semi").select(cols).collect())
     return set(df.iter_rows()) if extra else set(df["pair_id"].to_list())
@@ -187,6 +194,7 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
     stats.skipped_cached = pairs.height - len(todo)
     stats.requested = len(todo)
     cats = ", ".join(f'"{c}"' for c in TASK_CATEGORIES)
+    written: list[str] = []
     for ci, part in enumerate(_chunks(todo, chunk)):
         reqs = []
         for r in part:
@@ -209,9 +217,10 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
                          "desired_attributes": a.get("desired_attributes"), "guideline": a.get("guideline"),
                          "raw_output": raw, "error": err, "attempts": attempts, "tokens_in": t_in, "tokens_out": t_out,
                          "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
-        lake.append(table, pl.DataFrame(rows, schema=ANNOTATION_SCHEMA).to_arrow())
+        cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=ANNOTATION_SCHEMA), part), written)
         if on_chunk:
             on_chunk(ci)
+    compact(lake, table, written)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -222,7 +231,8 @@ def annotation_failures(lake: Lake, pairs: pl.DataFrame, model: str, prompt_vers
     error), payload (the last raw output), plus whatever provenance columns `pairs` carries."""
     if pairs.height == 0 or not lake.exists(table):
         return pairs.head(0).with_columns(detail=pl.lit(None, pl.String), payload=pl.lit(None, pl.String))
-    mine = (lake.scan(table).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version))
+    mine = (cache_scan(lake, table, parts_of(pairs)).filter((pl.col("model") == model)
+                                                            & (pl.col("prompt_version") == prompt_version))
             .join(pairs.select("pair_id").lazy(), on="pair_id", how="semi"))
     ok = mine.filter(pl.col("status") == "ok").select("pair_id").unique()
     last = (mine.sort("created_at").unique("pair_id", keep="last")
@@ -293,7 +303,10 @@ def precheck_responses(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt
                      "reason": parsed.reason if ok else None, "raw_output": raw, "error": err,  # type: ignore[union-attr]
                      "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
     if rows:
-        lake.append(PRECHECKS, pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL).to_arrow())
+        written: list[str] = []
+        cache_append(lake, PRECHECKS, _with_parts(pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL), [r for r, _ in todo]),
+                     written)
+        compact(lake, PRECHECKS, written)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -323,6 +336,7 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
     stats = RunStats()
     t0 = time.perf_counter()
     sampling = f"t={temperature},seed={seed}"
+    written: list[str] = []
     for backend in backends:
         done = done_keys(lake, table, backend.model_id, prompt.version, pairs, ["sample", "sampling"], retry_failed)
         todo = [(r, s) for r in pairs.iter_rows(named=True) for s in range(samples)
@@ -363,7 +377,9 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
                              "raw_output": raw, "status": "ok" if ok else "failed", "error": err, "attempts": attempts,
                              "n_exemplars": req.meta["n_exemplars"], "tokens_in": t_in, "tokens_out": t_out,
                              "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
-            lake.append(table, pl.DataFrame(rows, schema=JUDGMENT_SCHEMA).to_arrow())
+            cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=JUDGMENT_SCHEMA), [r for r, _ in part]),
+                         written)
+    compact(lake, table, written)
     stats.seconds = time.perf_counter() - t0
     return stats
 

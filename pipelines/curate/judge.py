@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.annotate.backends import Backend
+from pipelines.annotate.cache import cache_scan, parts_of
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.runner import JUDGMENTS, aggregate_judgments, judge_pairs
 from pipelines.curate.embed import vectors_of
@@ -99,7 +100,7 @@ def judgments_of(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, table: str 
     """Stored judgments of `pairs` by this ensemble, prompt version and sampling (every sample)."""
     if not lake.exists(table):
         return pl.DataFrame()
-    return (lake.scan(table).filter((pl.col("prompt_version") == setup.prompt.version)
+    return (cache_scan(lake, table, parts_of(pairs)).filter((pl.col("prompt_version") == setup.prompt.version)
                                         & (pl.col("sampling") == setup.sampling)
                                         & pl.col("model").is_in(setup.model_ids))
             .join(pairs.select("pair_id").lazy(), on="pair_id", how="semi").collect())
