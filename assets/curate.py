@@ -1,6 +1,8 @@
 """Curation assets: embeddings of Stage 1's pool, the seed judgments, the Stage-1 iterations, and Stage 2.
 Each is config -> one `pipelines` call -> metadata; the steps themselves live in `pipelines/curate/`."""
 
+import time
+
 import polars as pl
 from pydantic import Field
 
@@ -13,7 +15,8 @@ from pipelines.annotate.prompts import load_prompt
 from pipelines.curate.embed import EMBEDDINGS, embed_pool, model_name
 from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgments_of
 from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
-from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, unit_rows_table
+from pipelines.annotate.cost import LLMLedger, projected_pool_cost
+from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, stage2_pool_estimate, unit_rows_table
 from pipelines.evaluate.gates import judge_gates
 from pipelines.review.seed import SEED
 from pipelines.rm.registry import best_of, latest, ref_of
@@ -84,8 +87,10 @@ def llm_judgments(context: dg.AssetExecutionContext, config: JudgeConfig, lake_s
     seed = lake.read(SEED)
     exemplars = exemplar_index(lake, seed.filter(pl.col("split") != "gold_test"))
     stored = as_stored(seed)  # judged as raw_pairs stores them; exemplars show the human orientation
+    ledger, t0 = LLMLedger(), time.perf_counter()
     agg = judge_with_exemplars(lake, stored, judging, exemplars, run_id=context.run.run_id, context="seed",
-                               table=JUDGMENTS)
+                               table=JUDGMENTS, on_stats=lambda st: ledger.add_usage("judge", st.usage))
+    ledger.llm_seconds = time.perf_counter() - t0
     samples = judgments_of(lake, stored, judging)
     gates = judge_gates(samples, agg, seed, band=tuple(config.position_bias_band),
                         min_agreement=config.min_human_agreement)
@@ -97,7 +102,8 @@ def llm_judgments(context: dg.AssetExecutionContext, config: JudgeConfig, lake_s
         "pairs": seed.height, "samples": samples.height, "models": ", ".join(judging.model_ids),
         "prompt_version": judging.prompt.version, "agreement_with_humans": gates.agreement,
         "decisive_share": gates.decisive_share, "share_candidate_1": gates.share_candidate_1,
-        "order_balanced_pairs": gates.balanced_pairs, "per_model": dg.MetadataValue.md(md_table(gates.per_model))})
+        "order_balanced_pairs": gates.balanced_pairs, "per_model": dg.MetadataValue.md(md_table(gates.per_model)),
+        **llm.usage_metadata(ledger)})
     lo, hi = config.position_bias_band
     yield dg.AssetCheckResult(check_name="position_bias", passed=gates.position_ok(lo, hi),
                               metadata={"share_candidate_1": gates.share_candidate_1, "band": f"[{lo}, {hi}]",
@@ -217,6 +223,15 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_st
             "quarantined_by_reason": dg.MetadataValue.json(report.quarantined_by_reason),
             "best_rm": best["rm_version"], "gold_rm": gold["rm_version"], "engine": compute.engine}
     meta.update(_known_truth(lake, report.decision_key))
+    cost = llm.pricing()
+    spent = report.llm.summary(cost)["llm_cost_usd"]
+    pool_estimate = stage2_pool_estimate(lake, pool.stage1_fraction)
+    meta.update(llm.usage_metadata(report.llm, stage2_pool_estimate=pool_estimate,
+                                   llm_cost_projected_pool_usd=projected_pool_cost(spent, report.pool, pool_estimate)))
+    context.log.info(f"stage2 LLM work: {meta['llm_requests']} requests, {meta['llm_tokens_in']} + "
+                     f"{meta['llm_tokens_out']} tokens, {meta['llm_failed']} failed, {meta['llm_retries']} retries, "
+                     f"${spent:.2f}; whole pool (~{pool_estimate} pairs) at this rate: "
+                     f"${meta['llm_cost_projected_pool_usd'] or 0:.2f}")
     why = (lake.scan(CURATED).group_by("why").len().sort("len", descending=True).collect()
            if lake.exists(CURATED) else pl.DataFrame())
     yield dg.MaterializeResult(asset_key=CURATED, metadata={**meta, "delta_version": lake.version(CURATED),

@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from pipelines.annotate.backends import Backend, make_backend
+from pipelines.annotate.cost import LLMLedger, Pricing, usage_markdown
 
 
 class LLMResource(dg.ConfigurableResource):
@@ -21,6 +22,13 @@ class LLMResource(dg.ConfigurableResource):
                                                        "Stage 2) and of Stage-2 attributes: what a crash can lose")
     simulated_accuracy: float = Field(default=0.85, description="simulated backend: P(verdict follows the truth)")
     simulated_position_bias: float = Field(default=0.6, description="simulated backend: P(Candidate 1) when wrong")
+    usd_per_mtok: dict[str, list[float]] = Field(
+        default_factory=dict, description="Hosted models' list prices: model id -> [USD per 1M input tokens, USD per "
+                                          "1M output tokens]. Models not listed cost 0 (self-hosted) and are marked "
+                                          "unpriced in the usage tables")
+    gpu_hour_usd: float = Field(default=0.0, description="Self-hosted fleet: USD per GPU-hour; with `gpus`, the LLM "
+                                                         "steps' wall time is priced (0 = not priced)")
+    gpus: int = Field(default=0, description="Self-hosted fleet: GPUs serving the judges while the LLM steps run")
 
     _backends: list | None = PrivateAttr(default=None)
 
@@ -46,6 +54,16 @@ class LLMResource(dg.ConfigurableResource):
             else:
                 out.append(make_backend(self.backend, model=m))
         return out
+
+    def pricing(self) -> Pricing:
+        return Pricing(usd_per_mtok={m: (float(p[0]), float(p[1])) for m, p in self.usd_per_mtok.items()},
+                       gpu_hour_usd=self.gpu_hour_usd, gpus=self.gpus)
+
+    def usage_metadata(self, ledger: LLMLedger, **extra) -> dict:
+        """Requests, tokens, failures, retries and cost of a step's LLM work, for its asset metadata."""
+        pricing = self.pricing()
+        return {**ledger.summary(pricing), **extra,
+                "llm_usage": dg.MetadataValue.md(usage_markdown(ledger.rows(pricing)))}
 
     def annotator(self) -> Backend:
         return self.backends()[0]

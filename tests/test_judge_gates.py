@@ -34,6 +34,11 @@ def _run(llm):
                              raise_on_error=False)
     checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
     ran_stage1 = any(e.step_key == "stage1" and e.is_step_success for e in res.all_events)
+    (judged,) = [m for m in res.get_asset_materialization_events() if m.step_key == "llm_judgments"]
+    meta = {k: v.value for k, v in judged.materialization.metadata.items()}
+    # what the seed's judging cost is in its metadata, and it counts the rows it wrote
+    assert meta["llm_requests"] == meta["samples"] > 0 and meta["llm_tokens_in"] > 0
+    assert meta["llm_cost_usd"] == 0 and "(unpriced)" in meta["llm_usage"]
     return checks, ran_stage1
 
 

@@ -272,7 +272,8 @@ def test_stage2_asset_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
     def run(home: Path, compute: ComputeResource):
         with dg.instance_for_test() as inst:
             res = dg.materialize([stage2], instance=inst, resources={
-                "lake_store": LakeResource(root=str(home / "lake")), "llm": LLMResource(samples=2),
+                "lake_store": LakeResource(root=str(home / "lake")),
+                "llm": LLMResource(samples=2, usd_per_mtok={"simulated-judge-a": [3.0, 15.0]}),
                 "pool": PoolResource(stage1_fraction=FRACTION), "compute": compute,
                 "mlflow_store": MlflowResource(tracking_uri=f"sqlite:///{home}/mlflow.db")},
                 run_config={"ops": {"stage2": {"config": {"confidence_margin": 0.0, "unit_rows": 700}}}})
@@ -294,6 +295,17 @@ def test_stage2_asset_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
     assert sa.select("pair_id", "rm_version").equals(sb.select("pair_id", "rm_version"))
     assert (sa["p"] - sb["p"]).abs().max() < 1e-5  # batches differ between the paths; rewards agree
     assert a["units"].equals(b["units"]) and local["curated_pairs"]["reconciles"].value
+    # what the LLM work cost, against the rows it wrote: tokens summed over the run's cache rows, judge-a priced
+    meta = {k: v.value for k, v in local["curated_pairs"].items()}
+    rows = pl.concat([lake.read(t).select("model", "tokens_in", "tokens_out")
+                      for t in (STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS)])
+    assert meta["llm_requests"] == rows.height and meta["llm_tokens_in"] == rows["tokens_in"].sum() > 0
+    priced = rows.filter(pl.col("model") == "simulated-judge-a")
+    want = (3.0 * priced["tokens_in"].sum() + 15.0 * priced["tokens_out"].sum()) / 1e6
+    assert meta["llm_cost_usd"] == pytest.approx(want, abs=1e-4) and meta["llm_cost_usd"] > 0
+    assert "(unpriced)" in meta["llm_usage"] and "| judge | simulated-judge-b |" in meta["llm_usage"]
+    pool = meta["stage2_pool_estimate"]
+    assert meta["llm_cost_projected_pool_usd"] == pytest.approx(meta["llm_cost_usd"] / meta["pool"] * pool, rel=1e-2)
 
 
 def test_a_unit_where_every_pair_is_confident_asks_no_llm(rms, tmp_path):

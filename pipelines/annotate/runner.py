@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipelines.annotate.backends import Backend, Request
 from pipelines.annotate.cache import CACHE_PART, cache_append, cache_scan, compact, part_of, parts_of
+from pipelines.annotate.cost import Usage
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.taxonomy import (ATTRIBUTES_SCHEMA, PRECHECK_SCHEMA, TASK_CATEGORIES, VERDICT_SCHEMA, Attributes,
                                          PreCheck, Verdict)
@@ -62,6 +63,7 @@ class RunStats:
     tokens_out: int = 0
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)  # per model, for pricing (pipelines/annotate/cost.py)
 
     def tally(self, parsed: BaseModel | None, err: str | None) -> bool:
         """Count one result; failures by the reason code before the first colon. Returns whether it parsed."""
@@ -74,7 +76,7 @@ class RunStats:
         return False
 
     def as_metadata(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k != "usage"}
         d["pairs_per_s"] = round(self.requested / self.seconds, 2) if self.seconds else 0.0
         return d
 
@@ -106,6 +108,8 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
     [tokens_in, tokens_out] per request summed over its attempts."""
     results: list[list[Any]] = [[None] * r.n for r in requests]
     per_request = [[0, 0] for _ in requests]
+    usage = stats.usage.setdefault(backend.model_id, Usage())
+    usage.requests += len(requests)
     pending = list(range(len(requests)))
     attempt = 0
     current = list(requests)
@@ -116,6 +120,8 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
         for i, comp in zip(pending, comps):
             stats.tokens_in += comp.tokens_in
             stats.tokens_out += comp.tokens_out
+            usage.tokens_in += comp.tokens_in
+            usage.tokens_out += comp.tokens_out
             per_request[i][0] += comp.tokens_in
             per_request[i][1] += comp.tokens_out
             if comp.error is not None:
@@ -135,9 +141,16 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
             if errors:
                 still.append(i)
                 stats.retries += 1
+                usage.retries += 1
                 current[i] = Request(**{**requests[i].__dict__,
                                         "prompt": requests[i].prompt + REPAIR.format(error=errors[0])})
         pending = still
+    for r in results:
+        for sample in r:
+            if sample is not None and sample[0] is not None:
+                usage.ok += 1
+            else:
+                usage.failed += 1
     if tokens is not None:
         tokens[:] = per_request
     return results

@@ -5,6 +5,7 @@ self-consistency. Used by the seed judgments, every Stage-1 iteration and Stage 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,7 @@ import polars as pl
 from pipelines.annotate.backends import Backend
 from pipelines.annotate.cache import cache_scan, parts_of
 from pipelines.annotate.prompts import Prompt
-from pipelines.annotate.runner import JUDGMENTS, aggregate_judgments, judge_pairs
+from pipelines.annotate.runner import JUDGMENTS, RunStats, aggregate_judgments, judge_pairs
 from pipelines.curate.embed import vectors_of
 from pipelines.curate.retrieve import VectorIndex
 from pipelines.curate.stage1 import exemplars_for
@@ -78,9 +79,11 @@ def exemplar_index(lake: Lake, exemplar_pool: pl.DataFrame, model: str | None = 
 
 
 def judge_with_exemplars(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, exemplars: tuple[pl.DataFrame, VectorIndex],
-                         *, run_id: str, context: str, table: str, vectors: np.ndarray | None = None) -> pl.DataFrame:
+                         *, run_id: str, context: str, table: str, vectors: np.ndarray | None = None,
+                         on_stats: Callable[[RunStats], None] | None = None) -> pl.DataFrame:
     """Judge `pairs` (attributes attached), nearest exemplars in each prompt; returns their aggregate verdicts.
-    `vectors` (row-aligned with `pairs`) are used when given, else the stored embeddings are looked up."""
+    `vectors` (row-aligned with `pairs`) are used when given, else the stored embeddings are looked up.
+    `on_stats` receives the judging RunStats (requests, tokens per model: what the call cost)."""
     if pairs.height == 0:
         return aggregate_judgments(pl.DataFrame())
     if vectors is None:
@@ -90,9 +93,12 @@ def judge_with_exemplars(lake: Lake, pairs: pl.DataFrame, setup: JudgeSetup, exe
     gold, index = exemplars
     ex = exemplars_for(pairs_e, vectors, gold, index, setup.exemplars) if pairs_e.height else {}
     truth = truth_of(lake, pairs)
-    judge_pairs(lake, pairs, setup.judges, setup.prompt, run_id, samples=setup.samples,
-                temperature=setup.temperature, seed=setup.seed, context=context, table=table,
-                retry_failed=setup.retry_failed, exemplars=ex, chunk=setup.chunk, truth_of=lambda r: truth.get(r["pair_id"]))
+    stats = judge_pairs(lake, pairs, setup.judges, setup.prompt, run_id, samples=setup.samples,
+                        temperature=setup.temperature, seed=setup.seed, context=context, table=table,
+                        retry_failed=setup.retry_failed, exemplars=ex, chunk=setup.chunk,
+                        truth_of=lambda r: truth.get(r["pair_id"]))
+    if on_stats:
+        on_stats(stats)
     return aggregate_judgments(judgments_of(lake, pairs, setup, table))
 
 

@@ -29,6 +29,7 @@ from typing import Callable
 import polars as pl
 
 from pipelines.annotate.backends import Backend
+from pipelines.annotate.cost import LLMLedger
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.runner import annotate_attributes, annotation_failures
 from pipelines.compute import Engine
@@ -41,7 +42,7 @@ from pipelines.pool import (ATTRIBUTES_SCHEMA, WorkUnit, attributes, quarantine_
 from pipelines.rm.registry import ModelRef
 from pipelines.rm.service import held_out_comparisons
 from pipelines.rm.store import PairSource, SourceTable
-from pipelines.tables import (CURATED, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
+from pipelines.tables import (CURATED, RAW, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
                              STAGE2_UNITS)
 
 SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
@@ -135,6 +136,7 @@ class Stage2Report:
     decision_key: str = ""
     step_seconds: dict[str, float] = field(default_factory=lambda: {"read_score": 0.0, "annotate_judge": 0.0,
                                                                      "keep_commit": 0.0})
+    llm: LLMLedger = field(default_factory=LLMLedger)  # requests/tokens per task and model, priced by the caller
 
     @property
     def reconciles(self) -> bool:
@@ -209,7 +211,7 @@ def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engi
             break
         unit, pairs, scores = got
         row = _run_unit(lake, cfg, inputs, engine, unit, pairs, scores, exemplars, report.decision_key, run_id,
-                        report.step_seconds)
+                        report.step_seconds, report.llm)
         for k in ("pool", "curated", "recycled", "quarantined", "confident", "annotated", "judged"):
             setattr(report, k, getattr(report, k) + row[k])
         for reason, n in json.loads(row["quarantined_by_reason"]).items():
@@ -224,6 +226,14 @@ def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engi
         report.stage1_rows = write_stage1_verified(lake)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def stage2_pool_estimate(lake: Lake, stage1_fraction: float) -> int:
+    """Pairs in Stage 2's pool over the whole raw table, estimated from the row count (the pool is a hash share;
+    reading each id's hash to count exactly would scan the table for a projection)."""
+    if not lake.exists(RAW):
+        return 0
+    return round(lake.scan(RAW).select(pl.len()).collect().item() * (1 - stage1_fraction))
 
 
 def exemplar_pool(lake: Lake) -> pl.DataFrame:
@@ -247,7 +257,7 @@ class UnitRead:
 
 def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engine, unit: WorkUnit,
               pairs: pl.DataFrame, scores: dict[str, pl.DataFrame], exemplars, key: str, run_id: str,
-              steps: dict[str, float]) -> dict:
+              steps: dict[str, float], ledger: LLMLedger) -> dict:
     """Steps 2-6 for one unit whose pairs the engine has read and scored (`steps` accumulates seconds per step)."""
     t0 = time.perf_counter()
     best, gold = scores["best"], scores["gold"]
@@ -265,7 +275,7 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
     confident, unconfident = split_confident(best_ok.join(ok.select("pair_id"), on="pair_id", how="semi"),
                                              cfg.confidence_margin)
     unconf = ok.join(unconfident.select("pair_id"), on="pair_id", how="semi")
-    annotated, failed = _annotate(lake, unconf, inputs, run_id, cfg.annotate_chunk)
+    annotated, failed = _annotate(lake, unconf, inputs, run_id, cfg.annotate_chunk, ledger)
     if failed.height:
         by_reason[Reason.ANNOTATION_FAILED.value] = quarantine_pairs(
             lake, failed, stage="annotate", reason=Reason.ANNOTATION_FAILED, run_id=run_id)
@@ -275,9 +285,11 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
             lambda r: pair_text(r["history"], r["task_category"], r["guideline"]), return_dtype=pl.String))
         vectors = engine.embed(texts, cfg.embed_model)
     agg = judge_with_exemplars(lake, annotated, inputs.judging, exemplars, run_id=run_id, context="stage2",
-                               table=STAGE2_JUDGMENTS, vectors=vectors)
+                               table=STAGE2_JUDGMENTS, vectors=vectors,
+                               on_stats=lambda st: ledger.add_usage("judge", st.usage))
     t1 = time.perf_counter()
     steps["annotate_judge"] += t1 - t0
+    ledger.llm_seconds += t1 - t0
     # 5. keep rule over every scored pair that was not quarantined
     decided = ok.join(failed.select("pair_id"), on="pair_id", how="anti").join(
         annotated.select("pair_id", "task_category"), on="pair_id", how="left")
@@ -310,7 +322,7 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
 
 
 def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: str,
-              chunk: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+              chunk: int, ledger: LLMLedger) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Attributes for the unconfident pairs only. Returns (pairs with attributes, failed: pair_id/detail/payload
     with provenance)."""
     if unconf.height == 0:
@@ -318,8 +330,10 @@ def _annotate(lake: Lake, unconf: pl.DataFrame, inputs: Stage2Inputs, run_id: st
             detail=pl.lit(None, pl.String), payload=pl.lit(None, pl.String))
         return unconf.head(0).join(pl.DataFrame(schema=ATTRIBUTES_SCHEMA), on="pair_id"), empty
     cats = truth_categories(lake, unconf)
-    annotate_attributes(lake, unconf, inputs.annotator, inputs.attributes_prompt, run_id, table=STAGE2_ANNOTATIONS,
-                        chunk=chunk, category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
+    st = annotate_attributes(lake, unconf, inputs.annotator, inputs.attributes_prompt, run_id,
+                             table=STAGE2_ANNOTATIONS, chunk=chunk,
+                             category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
+    ledger.add_usage("attributes", st.usage)
     attrs = attributes(lake, unconf, table=STAGE2_ANNOTATIONS).collect()
     annotated = unconf.join(attrs, on="pair_id", how="inner")
     failed = annotation_failures(lake, unconf.join(attrs.select("pair_id"), on="pair_id", how="anti"),
