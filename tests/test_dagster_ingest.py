@@ -103,3 +103,26 @@ def test_materialize_raw_pairs_through_the_dagster_cli(tmp_path):
     assert "RUN_SUCCESS" in r.stderr + r.stdout
     df = pl.read_delta(str(home / "lake" / "raw_pairs"))
     assert df.height > 50 and set(df["shard"]) == {"synth/shard-000.jsonl"}
+
+
+def test_pair_id_unique_check_runs_on_the_runs_index_and_still_catches_a_duplicate(instance, synpref_home):
+    """The uniqueness check no longer hashes every id of raw_pairs each run: it sorts the 128-bit keys of the run's
+    dedup index (loaded once per run). A duplicate written behind ingest's back still fails it."""
+    from assets.ingest import benchmarks, raw_pairs, raw_shards, synthetic_landing
+    from definitions import defs
+    from pipelines.ingest.run import load_id_index
+    from resources.lake import LakeResource
+
+    cfg = {"ops": {"synthetic_landing": {"config": {"n_pairs": 100, "n_shards": 2, "benchmark_pairs": 50}}}}
+    _materialize([synthetic_landing, benchmarks], instance, config=cfg)
+    shards = LakeResource().list_landing()
+    instance.add_dynamic_partitions(raw_shards.name, shards)
+    lake = LakeResource().lake()
+    res = _materialize([raw_pairs], instance, partition=shards[0])
+    assert {c.check_name: c.passed for c in res.get_asset_check_evaluations()}["pair_id_unique"]
+    lake.append("raw_pairs", lake.read("raw_pairs").head(1))  # not through ingest
+    assert load_id_index(lake).duplicate_keys() == 1
+    res = dg.materialize([raw_pairs], instance=instance, partition_key=shards[1],
+                         resources=defs.resources, raise_on_error=False)
+    check = {c.check_name: c for c in res.get_asset_check_evaluations()}["pair_id_unique"]
+    assert not check.passed and check.metadata["unique"].value == check.metadata["rows"].value - 1

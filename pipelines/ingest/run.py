@@ -117,6 +117,16 @@ class IdIndex:
     def __len__(self) -> int:
         return int(sum(c[0].size for c in self.chunks))
 
+    def duplicate_keys(self) -> int:
+        """Keys held more than once (each extra copy counted): a sort of the 128-bit keys, no string hashing, so
+        the raw table's uniqueness check costs O(N log N) numpy on ids already in memory."""
+        if not self.chunks:
+            return 0
+        hi, lo = (np.concatenate([c[i] for c in self.chunks]) for i in range(2))
+        o = np.lexsort((lo, hi))
+        hi, lo = hi[o], lo[o]
+        return int(((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])).sum())
+
 
 def load_id_index(lake: Lake) -> IdIndex:
     """The index of everything already in raw_pairs, read column-wise (no per-row Python objects)."""
