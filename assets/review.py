@@ -57,7 +57,7 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
             "queue_version": plan.version, "open": plan.open_items,
             "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
     q, version, candidates = plan.queue, plan.version, plan.candidates
-    v = lake.append(QUEUE, q.to_arrow())
+    v = lake.append(QUEUE, q.to_arrow(), schema_mode="merge")  # queues written before the text columns stay readable
     lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
                         version_written=v, inputs=lake.input_versions([RAW, ANNOTATIONS, VERDICTS, RM_REGISTRY]),
                         config={**config.model_dump(), **pool.model_dump(), "rm": plan.ranked_by},

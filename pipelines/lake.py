@@ -156,10 +156,11 @@ class Lake:
         return table
 
     def append(self, table: str, data: pl.DataFrame | pa.Table, schema: pa.Schema | None = None,
-               partition_by: list[str] | None = None) -> int:
-        """Append rows (ledgers, lineage). Returns the new table version."""
+               partition_by: list[str] | None = None, schema_mode: str | None = None) -> int:
+        """Append rows (ledgers, lineage). Returns the new table version. `schema_mode="merge"` lets a table
+        gain columns (older rows read them as null)."""
         arrow = self._arrow(data, schema)
-        write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
+        write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by, schema_mode=schema_mode,
                         storage_options=self.storage_options)
         return self.version(table)  # type: ignore[return-value]
 

@@ -81,6 +81,11 @@ def test_queue_prefers_objective_low_controversy_and_spreads_categories():
     scores = pl.DataFrame({"pair_id": ["math3", "math7"], "p": [0.2, 0.51]})
     q3 = build_queue(pl.DataFrame(rows), size=4, queue_version="v2", rm_scores=scores, quotas={"math": 4})
     assert q3["pair_id"].head(2).to_list() == ["math3", "math7"] and "RM misjudges it" in q3["why"][0]
+    # candidates with their text (as the review_queue asset reads them) queue the text: the app reads no raw_pairs
+    texts = pl.DataFrame(rows).with_columns(history=pl.lit([{"role": "user", "content": "q"}]),
+                                            chosen="A-" + pl.col("pair_id"), rejected="B-" + pl.col("pair_id"))
+    q4 = build_queue(texts, size=4, queue_version="v3")
+    assert (q4["chosen"] == "A-" + q4["pair_id"]).all() and q4["history"].list.len().min() == 1
 
 
 def test_seed_orients_labels_and_splits(lake):

@@ -170,11 +170,15 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
         if open_.height == 0:
             return None, len(mine), 0, version
         head = open_.row(0, named=True)
-        pair = lake.scan(RAW).filter(pl.col("pair_id") == head["pair_id"]).collect().row(0, named=True)
+        if head.get("chosen") is not None:  # the queue carries the text: no scan of raw_pairs per item shown
+            pair = head
+        else:
+            pair = lake.scan(RAW).filter(pl.col("pair_id") == head["pair_id"]).collect().row(0, named=True)
         ann = {}
-        if lake.exists(ANNOTATIONS):
-            a = lake.scan(ANNOTATIONS).filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok")).collect()
-            ann = a.row(0, named=True) if a.height else {}
+        if lake.exists(ANNOTATIONS):  # the latest successful attributes (the table is append-only)
+            a = (lake.scan(ANNOTATIONS).filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok"))
+                 .sort("created_at").collect())
+            ann = a.row(-1, named=True) if a.height else {}
         chosen_first = random.Random(f"{seed}|{user.name}|{head['pair_id']}").random() < 0.5
         c1, c2 = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
         checks = {}

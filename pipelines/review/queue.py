@@ -7,10 +7,14 @@ import random
 
 import polars as pl
 
+from pipelines.schema import HISTORY_DTYPE
 from pipelines.tables import QUEUE  # noqa: F401  (re-exported)
+
+# The queued pair's text travels with it (the queue is review-sized), so the app never scans raw_pairs for an item;
+# null when the candidates came without text (the app then reads the pair by id).
 QUEUE_SCHEMA = {"pair_id": pl.String, "queue_version": pl.String, "priority": pl.Int64, "task_category": pl.String,
                 "objectivity": pl.String, "controversiality": pl.String, "why": pl.String,
-                "overlap": pl.Boolean}
+                "overlap": pl.Boolean, "history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String}
 
 _CONTRO = {"low": 0, "medium": 1, "high": 2}
 
@@ -75,5 +79,6 @@ def build_queue(annotated: pl.DataFrame, *, size: int, queue_version: str, quota
         rows.append({"pair_id": r["pair_id"], "queue_version": queue_version, "priority": i,
                      "task_category": r["task_category"], "objectivity": r["objectivity"],
                      "controversiality": r["controversiality"], "why": ", ".join(why),
-                     "overlap": rng.random() < overlap_frac})
+                     "overlap": rng.random() < overlap_frac, "history": r.get("history"),
+                     "chosen": r.get("chosen"), "rejected": r.get("rejected")})
     return pl.DataFrame(rows, schema=QUEUE_SCHEMA)
