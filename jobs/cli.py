@@ -4,6 +4,7 @@
     synpref benchmarks add PATH [--name NAME] | fetch NAME [--revision REV] | list
     synpref train-rm --pairs PATH --backbone DIR --out DIR [--val PATH] [--nproc N] [--max-steps N] [--set k=v ...]
     synpref evaluate --model DIR|models:/NAME/VERSION|HUB_ID [--name NAME] [--max-len N] [--out DIR]
+    synpref serve --model DIR|models:/NAME/VERSION|HUB_ID [--port P] [--max-batch N] [--max-queue Q] [--api-key-env V]
     synpref review add-annotator NAME [--lead]
     synpref review serve [--port 8000]
     synpref review export FILE [--format jsonl|csv|labelstudio]
@@ -169,6 +170,29 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
             print(f"wrote {f}")
 
 
+def serve_cmd(args: argparse.Namespace) -> None:
+    """The reward server (pipelines/serve/reward_server.py) on one model until SIGTERM/Ctrl-C."""
+    import os
+
+    import uvicorn
+
+    from jobs.progress import quiet_libraries
+    from pipelines.serve.reward_server import ServeConfig, build_server
+
+    quiet_libraries()
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not key:
+        raise SystemExit(f"refused: --api-key-env {args.api_key_env} is set but the variable is empty")
+    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                      max_len=args.max_len, api_key=key, name=args.name or args.model.rstrip("/").split("/")[-1])
+    app, scorer = build_server(args.model, cfg, tracking_uri=args.mlflow_uri or default_mlflow_uri(),
+                               cache_root=str(home() / "model_cache"))
+    print(f"serving {cfg.name} on http://{args.host}:{args.port} (max_len {scorer.max_len}, calibration: "
+          f"{scorer.calibration.source}, batches of <= {cfg.max_batch} within {cfg.max_wait_ms} ms, queue "
+          f"{cfg.max_queue}{', bearer token required' if key else ''})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def train_rm(args: argparse.Namespace) -> None:
     from pipelines.rm.byo import PAPER_DEFAULTS, parse_settings, train_on_pairs
 
@@ -266,6 +290,18 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--benchmarks-dir", default=None, help="default <SYNPREF_HOME>/benchmarks")
     ev.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
     ev.add_argument("--out", default=None, help="also write summary.json and rm-bench.json (the authors' formats)")
+    sv = sub.add_parser("serve", help="serve a reward model over HTTP (OpenRLHF /get_reward, vLLM /classify, "
+                                      "/v1/reward)")
+    sv.add_argument("--model", required=True, help="HF folder, models:/NAME/VERSION, or a hub id (local cache)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8001)
+    sv.add_argument("--name", default=None, help="the model id the API reports (default: the folder's name)")
+    sv.add_argument("--max-len", type=int, default=4096, help="cap on the model's own context")
+    sv.add_argument("--max-batch", type=int, default=32, help="sequences per forward")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    sv.add_argument("--max-queue", type=int, default=1024, help="sequences accepted and unanswered before 429")
+    sv.add_argument("--api-key-env", default=None, help="env var holding a bearer token clients must send")
+    sv.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
     r = sub.add_parser("review", help="the human review app")
     rs = r.add_subparsers(dest="review_cmd", required=True)
     a = rs.add_parser("add-annotator")
@@ -287,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         train_rm(args)
     elif args.cmd == "evaluate":
         evaluate_cmd(args)
+    elif args.cmd == "serve":
+        serve_cmd(args)
     else:
         review(args)
 

@@ -240,6 +240,15 @@ def test_tiny_decoder_overfits_32_pairs_and_round_trips_through_hf(tiny_qwen, tm
         with torch.no_grad():
             ref = hf(**tok(text, return_tensors="pt")).logits[0][0].item()
         assert ref == pytest.approx(s, abs=1e-4)
+    # the kept checkpoint carries its calibration: mean/std of its rewards on the selection set, as scored offline
+    from pipelines.rm.calibration import Calibration
+
+    cal = Calibration.of_folder(res.best_dir)
+    scored, _ = score_rows(load_reward_model(res.best_dir), rows, "v", max_len=128)  # pairs cut as in training
+    every = scored["r_chosen"].to_list() + scored["r_rejected"].to_list()
+    mean = sum(every) / len(every)
+    std = (sum((x - mean) ** 2 for x in every) / (len(every) - 1)) ** 0.5
+    assert cal.n == 64 and cal.mean == pytest.approx(mean, abs=1e-3) and cal.std == pytest.approx(std, rel=1e-3)
 
 
 def test_encoder_scores_match_plain_hf_text_pairs(tmp_path):

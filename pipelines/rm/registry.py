@@ -23,6 +23,7 @@ from pipelines.tables import RM_DATA
 
 from pipelines.lake import Lake
 from pipelines.rm import tracking
+from pipelines.rm.calibration import Calibration
 from pipelines.rm.train import TrainConfig, TrainResult
 
 from pipelines.tables import RM_REGISTRY as REGISTRY
@@ -66,6 +67,10 @@ def train_and_register(lake: Lake, *, tracking_uri: str, experiment: str, name: 
                            "train_pairs": n_train, "val_pairs": len(val_rows), **(extra or {})})
         res = train_fn(backbone, train, val_rows, cfg, out_dir,
                        lambda rec, step: mlflow.log_metrics({k: float(v) for k, v in rec.items() if k != "step"}, step=step))
+        cal = Calibration.of_folder(res.best_dir)  # written by the trainer with the checkpoint it kept
+        if cal.n:
+            mlflow.log_params({"calibration.mean": cal.mean, "calibration.std": cal.std, "calibration.n": cal.n,
+                               "calibration.source": cal.source})
         mlflow.log_metrics({"best_val_accuracy": res.best_val_accuracy, "tokens_per_s": res.tokens_per_s,
                             "resumed_from_step": res.resumed_from_step,
                             **{f"length_{k}": v for k, v in res.length.items()}})

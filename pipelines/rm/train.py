@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from pipelines.rm.calibration import from_sums
 from pipelines.rm.collate import Batch, Collator, collate_packed, collate_pairs, collate_shared_prefix
 from pipelines.rm.data import EncodedPair, LengthPolicy, Renderer, encode_pairs
 from pipelines.rm.fsdp import maybe_wrap_fsdp
@@ -195,9 +196,10 @@ def choose_layout(rm: RewardModel, layout: str) -> str:
 
 @torch.inference_mode()
 def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int = 32) -> dict[str, float]:
-    """Accuracy (the chosen response beats every rejected one) and mean margin over `pairs`. Under torchrun each
-    rank scores its own shard (padded to equal length so every rank runs the same forwards) and the counts are
-    all-reduced: every rank returns the global figures."""
+    """Accuracy (the chosen response beats every rejected one) and mean margin over `pairs`, plus the sum, sum of
+    squares and count of every response's reward (the checkpoint's calibration, pipelines/rm/calibration.py).
+    Under torchrun each rank scores its own shard (padded to equal length so every rank runs the same forwards)
+    and the counts are all-reduced: every rank returns the global figures."""
     was = rm.model.training
     rm.model.eval()
     world, rank = world_size(), rank_index()
@@ -205,7 +207,7 @@ def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int
     shard = pairs[rank * per:(rank + 1) * per]
     weight = [1.0] * len(shard) + [0.0] * (per - len(shard))
     shard = shard + [pairs[0]] * (per - len(shard))  # dummies, not counted
-    stats = torch.zeros(3, dtype=torch.float64)  # correct, n, margin sum
+    stats = torch.zeros(6, dtype=torch.float64)  # correct, n, margin sum, reward sum, reward sum sq, rewards
     lens = np.array([p.row_len("pairs") for p in shard], dtype=np.int64)
     order = np.argsort(lens, kind="stable")
     for s in range(0, len(order), batch_size):
@@ -214,11 +216,16 @@ def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int
         best_rej = rr.float().masked_fill(~mask, float("-inf")).max(1).values
         m = (rc.float() - best_rej).cpu()
         w = torch.tensor([weight[i] for i in b], dtype=torch.float64)
-        stats += torch.stack([((m > 0).double() * w).sum(), w.sum(), (m.double() * w).sum()])
+        rewards = torch.cat([rc.double().cpu().reshape(-1, 1), rr.double().cpu()], 1)
+        counted = torch.cat([torch.ones(len(b), 1, dtype=torch.bool), mask.cpu()], 1) & (w > 0).reshape(-1, 1)
+        r = rewards.masked_fill(~counted, 0.0)
+        stats += torch.stack([((m > 0).double() * w).sum(), w.sum(), (m.double() * w).sum(), r.sum(),
+                              (r * r).sum(), counted.double().sum()])
     stats = all_reduce_sum(stats)
     rm.model.train(was)
     n = max(float(stats[1]), 1.0)
-    return {"accuracy": float(stats[0]) / n, "mean_margin": float(stats[2]) / n, "n": int(stats[1])}
+    return {"accuracy": float(stats[0]) / n, "mean_margin": float(stats[2]) / n, "n": int(stats[1]),
+            "reward_sum": float(stats[3]), "reward_sq_sum": float(stats[4]), "rewards": int(stats[5])}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -397,6 +404,9 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
             if ev["accuracy"] > best:
                 best = ev["accuracy"]
                 save_reward_model(rm, str(out / "best"))  # collective under FSDP; rank 0 writes
+                if is_main_process():  # what the server standardizes `scores` with
+                    from_sums(ev["reward_sum"], ev["reward_sq_sum"], ev["rewards"],
+                              f"selection set, {ev['n']} pairs, step {step + 1}").write(out / "best")
         elif not val and last_step:
             save_reward_model(rm, str(out / "best"))
         history.append(rec)

@@ -1,0 +1,314 @@
+"""An HTTP reward server for RLHF trainers: any sequence-classification RM behind the APIs trainers already call.
+
+- `POST /get_reward` — OpenRLHF's remote RM: `{"query": [text, ...], "prompts": [...]}` -> `{"rewards", "scores"}`.
+  A query is a conversation already rendered to text (by the policy's chat template, or the RM's); it is tokenized
+  as sent, with no second BOS, and kept from its end when too long. Send the RM's own template for scores equal to
+  offline scoring.
+- `POST /classify` — vLLM/SGLang's pooling API: `{"model", "input": [text, ...]}` -> `{"data": [{"index", "probs"}]}`
+  with probs = [sigmoid(reward)] for a one-label RM (what vLLM's classify returns), plus the raw `reward`.
+- `POST /v1/reward` — typed rows `{"rows": [{"history": [...], "response": "..."}]}` rendered with the same
+  Renderer and length policy as training and evaluation (Renderer.encode_for_eval: over-length texts are scored and
+  counted, never refused): the scores equal `score_texts` on the same rows.
+- `GET /health`, `GET /v1/models`.
+
+Sequences from every request go through one dynamic batcher: a forward takes up to `max_batch` sequences, and the
+first waits at most `max_wait_ms` for company. Accepted sequences not yet answered are bounded by `max_queue`: a
+request that would pass it is answered 429 (Retry-After) and nothing of it is queued; one larger than the queue
+itself is 413. A bearer token is required when one is configured (401 otherwise). On SIGTERM the server stops
+accepting connections and answers everything it accepted before it exits (uvicorn's graceful shutdown; the batcher
+drains first). `scores` are the rewards standardized by the calibration stored in the model folder
+(`synpref_calibration.json`: mean/std of rewards on gold_val, written at registration), or the rewards themselves
+when the folder has none; `/health` says which.
+
+Why not only vLLM's server: vLLM's pooling runner can serve an exported RM (`classify`), but it has no OpenRLHF
+endpoint, no per-response truncation report and no calibration; this server is what a trainer on a CPU or a single
+GPU starts with one command, and the same code scores offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, Field
+
+from pipelines.rm.calibration import Calibration
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 32  # sequences per forward
+    max_wait_ms: float = 5.0  # how long a batch's first sequence waits for others
+    max_queue: int = 1024  # sequences accepted and not yet answered; past it: 429
+    max_len: int = 4096  # tokens a sequence may have (capped at the model's context)
+    api_key: str | None = None  # bearer token required when set
+    name: str = ""  # the model id /v1/models and /classify report
+
+
+@dataclass(frozen=True)
+class Scored:
+    reward: float
+    score: float  # calibrated reward (= reward without calibration)
+    tokens: int
+    truncation: str  # none | history | response
+
+
+class RewardScorer:
+    """Encodes and scores one batch of items (run in the batcher's worker thread, off the event loop). An item is
+    ("chat", history, response) or ("text", rendered conversation)."""
+
+    def __init__(self, rm, max_len: int, calibration: Calibration):
+        from pipelines.rm.data import LengthPolicy, Renderer
+        from pipelines.rm.score import model_context
+
+        self.rm = rm
+        self.max_len = model_context(rm, max_len)
+        self.renderer = Renderer(rm, self.max_len, LengthPolicy.TRUNCATE)
+        self.calibration = calibration
+        tok = rm.tokenizer
+        probe, _ = self.renderer.render([{"role": "user", "content": "hi"}], "x")
+        self.bos = probe[0] if probe and probe[0] in (tok.bos_token_id, tok.cls_token_id) else None
+
+    def _encode_text(self, text: str):
+        from pipelines.rm.data import Encoded
+
+        ids = self.rm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            ids = [self.bos, *ids]  # the model reads a BOS/CLS first; never a second one
+        if len(ids) <= self.max_len:
+            return Encoded(ids, 0), "none"
+        head = 1 if self.bos is not None else 0
+        kept = ids[:head] + ids[len(ids) - (self.max_len - head):]  # the response end is where the score is read
+        return Encoded(kept, 0, truncated=len(ids) - len(kept)), "history"
+
+    def __call__(self, items: list[tuple]) -> list[Scored]:
+        import torch
+
+        from pipelines.rm.score import _score_encoded
+
+        enc = [self.renderer.encode_for_eval(it[1], it[2]) if it[0] == "chat" else self._encode_text(it[1])
+               for it in items]
+        with torch.inference_mode():
+            rewards = _score_encoded(self.rm, [e for e, _ in enc], batch_size=len(enc))
+        return [Scored(r, self.calibration(r), len(e.ids), how) for r, (e, how) in zip(rewards, enc)]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class TooLarge(Exception):
+    pass
+
+
+class Closing(Exception):
+    pass
+
+
+@dataclass
+class Batcher:
+    """Dynamic batching over every request: one worker task, one scoring thread. `pending` counts sequences
+    accepted and not yet answered (queued or in the forward running now)."""
+
+    score: Callable[[list[tuple]], list[Scored]]
+    max_batch: int
+    max_wait_ms: float
+    max_queue: int
+    pending: int = 0
+    batches: int = 0
+    _queue: deque = field(default_factory=deque)
+    _wake: asyncio.Event | None = None
+    _closing: bool = False
+    _task: asyncio.Task | None = None
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="rm-score"))
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, items: list[tuple]) -> list[Scored]:
+        """All of a request's sequences are accepted together or not at all."""
+        if self._closing:
+            raise Closing()
+        if len(items) > self.max_queue:
+            raise TooLarge(f"{len(items)} sequences in one request; this server queues at most {self.max_queue}")
+        if self.pending + len(items) > self.max_queue:
+            raise QueueFull()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._queue.extend(zip(items, futures))
+        self.pending += len(items)
+        self._wake.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            deadline = loop.time() + self.max_wait_ms / 1000
+            while len(self._queue) < self.max_batch and not self._closing:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            try:
+                results = await loop.run_in_executor(self._pool, self.score, [it for it, _ in batch])
+            except Exception as e:  # a failed forward fails its requests (500), never the server
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+            else:
+                for (_, f), r in zip(batch, results):
+                    if not f.done():
+                        f.set_result(r)
+            self.pending -= len(batch)
+            self.batches += 1
+
+    async def drain(self) -> None:
+        """Stop accepting; answer everything accepted; then stop the worker."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._pool.shutdown(wait=True)
+
+
+# --- HTTP ----------------------------------------------------------------------------------------------------------
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class RewardRow(BaseModel):
+    history: list[Message] = Field(min_length=1, description="the conversation up to the response")
+    response: str
+
+
+class RewardRequest(BaseModel):
+    rows: list[RewardRow] = Field(min_length=1)
+
+
+class GetRewardRequest(BaseModel):
+    query: list[str] = Field(min_length=1, description="conversations rendered to text, one per response")
+    prompts: list[str] | None = None  # OpenRLHF sends them; the query already contains the prompt
+    labels: list[Any] | None = None
+
+
+class ClassifyRequest(BaseModel):
+    model: str | None = None
+    input: list[str] | str
+
+
+def create_app(scorer: Callable[[list[tuple]], list[Scored]], cfg: ServeConfig, *, calibration: Calibration,
+               max_len: int):
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    batcher = Batcher(scorer, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
+    stats = {"requests": 0, "sequences": 0, "truncated": 0, "refused_429": 0}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.drain()  # uvicorn has finished the requests in flight; nothing is dropped
+
+    app = FastAPI(title="SynPref reward server", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if cfg.api_key and request.url.path != "/health":
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode()):
+                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    async def score(items: list[tuple]) -> list[Scored]:
+        try:
+            out = await batcher.submit(items)
+        except QueueFull:
+            stats["refused_429"] += 1
+            raise HTTPException(429, f"queue full ({batcher.pending} of {cfg.max_queue} sequences pending): retry",
+                                headers={"Retry-After": "1"})
+        except TooLarge as e:
+            raise HTTPException(413, str(e))
+        except Closing:
+            raise HTTPException(503, "shutting down", headers={"Retry-After": "5"})
+        stats["requests"] += 1
+        stats["sequences"] += len(out)
+        stats["truncated"] += sum(s.truncation != "none" for s in out)
+        return out
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": cfg.name, "max_len": max_len, "pending": batcher.pending,
+                "batches": batcher.batches, "calibration": calibration.source, **stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.name, "object": "model", "owned_by": "synpref",
+                                            "max_model_len": max_len}]}
+
+    @app.post("/v1/reward")
+    async def reward(body: RewardRequest):
+        out = await score([("chat", [m.model_dump() for m in r.history], r.response) for r in body.rows])
+        return {"model": cfg.name, "data": [{"index": i, "reward": s.reward, "score": s.score, "tokens": s.tokens,
+                                             "truncation": s.truncation} for i, s in enumerate(out)],
+                "truncated": sum(s.truncation != "none" for s in out)}
+
+    @app.post("/get_reward")
+    async def get_reward(body: GetRewardRequest):
+        if body.prompts is not None and len(body.prompts) != len(body.query):
+            raise HTTPException(400, f"{len(body.prompts)} prompts for {len(body.query)} queries")
+        out = await score([("text", q) for q in body.query])
+        return {"rewards": [s.reward for s in out], "scores": [s.score for s in out],
+                "truncation": [s.truncation for s in out]}
+
+    @app.post("/classify")
+    async def classify(body: ClassifyRequest):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise HTTPException(400, "input is empty")
+        out = await score([("text", t) for t in texts])
+        tokens = sum(s.tokens for s in out)
+        return {"id": f"classify-{time.time_ns()}", "object": "list", "created": int(time.time()),
+                "model": body.model or cfg.name,
+                "data": [{"index": i, "label": "LABEL_0", "probs": [1 / (1 + math.exp(-s.reward))],
+                          "num_classes": 1, "reward": s.reward, "truncation": s.truncation}
+                         for i, s in enumerate(out)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+    return app
+
+
+def build_server(model: str, cfg: ServeConfig, *, tracking_uri: str = "", cache_root: str = ""):
+    """The app for a local HF folder, an MLflow `models:/name/version` or a hub id in the local cache."""
+    from pipelines.rm.model import load_reward_model
+    from pipelines.rm.registry import fetch_model
+
+    folder = fetch_model(model, tracking_uri, cache_root)  # models:/ -> its cached download; else as given
+    rm = load_reward_model(folder)
+    calibration = Calibration.of_folder(folder) if Path(folder).is_dir() else Calibration()
+    scorer = RewardScorer(rm, cfg.max_len, calibration)
+    return create_app(scorer, cfg, calibration=calibration, max_len=scorer.max_len), scorer
