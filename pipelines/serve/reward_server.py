@@ -64,7 +64,7 @@ class RewardScorer:
     """Encodes and scores one batch of items (run in the batcher's worker thread, off the event loop). An item is
     ("chat", history, response) or ("text", rendered conversation)."""
 
-    def __init__(self, rm, max_len: int, calibration: Calibration):
+    def __init__(self, rm, max_len: int, calibration: Calibration, batch_tokens: int = 16384):
         from pipelines.rm.data import LengthPolicy, Renderer
         from pipelines.rm.score import model_context
 
@@ -72,6 +72,7 @@ class RewardScorer:
         self.max_len = model_context(rm, max_len)
         self.renderer = Renderer(rm, self.max_len, LengthPolicy.TRUNCATE)
         self.calibration = calibration
+        self.batch_tokens = batch_tokens
         tok = rm.tokenizer
         probe, _ = self.renderer.render([{"role": "user", "content": "hi"}], "x")
         self.bos = probe[0] if probe and probe[0] in (tok.bos_token_id, tok.cls_token_id) else None
@@ -95,8 +96,20 @@ class RewardScorer:
 
         enc = [self.renderer.encode_for_eval(it[1], it[2]) if it[0] == "chat" else self._encode_text(it[1])
                for it in items]
+        # length-sorted forwards of at most `batch_tokens` padded tokens: a batch of mixed lengths padded to its
+        # longest would spend most of its compute on padding
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0].ids))
+        rewards = [0.0] * len(enc)
+        start = 0
         with torch.inference_mode():
-            rewards = _score_encoded(self.rm, [e for e, _ in enc], batch_size=len(enc))
+            while start < len(order):
+                end = start + 1
+                while end < len(order) and (end + 1 - start) * len(enc[order[end]][0].ids) <= self.batch_tokens:
+                    end += 1
+                part = order[start:end]
+                for i, r in zip(part, _score_encoded(self.rm, [enc[i][0] for i in part], batch_size=len(part))):
+                    rewards[i] = r
+                start = end
         return [Scored(r, self.calibration(r), len(e.ids), how) for r, (e, how) in zip(rewards, enc)]
 
 

@@ -1,0 +1,162 @@
+"""Reward-server throughput: `synpref serve`'s dynamic batching across requests vs per-request batching (the named
+peer: OpenRLHF's `serve_rm`, which scores each request's queries in its own forward(s), one request at a time).
+
+Both are real HTTP servers on 127.0.0.1 around the same RewardScorer (same model, tokenizer, renderer), so only
+the batching policy differs; the peer is a FastAPI app written here after serve_rm's design (a handler that
+scores its request under a lock). C concurrent clients send R requests of S rollouts each (real hh-rlhf
+conversations when ../shared has them, else project-made rows), as a PPO/GRPO trainer's workers do; every answer
+is checked against offline scoring. Prints sequences/s, p50/p99 latency and the ratio.
+
+    python benchmarks/rm_serve.py --clients 32 --requests 512 --per-request 1 --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.serve.reward_server import RewardRequest  # noqa: E402  (the peer's body type, resolved by FastAPI)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer_app(scorer):
+    """OpenRLHF serve_rm's policy: the request's sequences in one forward, requests one after another."""
+    from fastapi import FastAPI
+
+    app, lock = FastAPI(), threading.Lock()
+
+    @app.post("/v1/reward")
+    def reward(body: RewardRequest):  # a sync handler: FastAPI runs it in its thread pool, the lock serializes
+        with lock:
+            out = scorer([("chat", [m.model_dump() for m in r.history], r.response) for r in body.rows])
+        return {"data": [{"index": i, "reward": s.reward} for i, s in enumerate(out)]}
+
+    return app
+
+
+def serve_in_thread(app, port: int):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and t.is_alive(), "server did not start"
+        time.sleep(0.05)
+    return server, t
+
+
+def load(url: str, rows, want, clients: int, requests: int, per: int) -> dict:
+    import httpx
+
+    plan = [[(k * per + j) % len(rows) for j in range(per)] for k in range(requests)]
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def client(reqs):
+        with httpx.Client(timeout=300) as c:
+            for idx in reqs:
+                t = time.perf_counter()
+                r = c.post(f"{url}/v1/reward", json={"rows": [{"history": rows[i][0], "response": rows[i][1]}
+                                                              for i in idx]})
+                r.raise_for_status()
+                with lock:
+                    lat.append(time.perf_counter() - t)
+                for d, i in zip(r.json()["data"], idx):
+                    assert abs(d["reward"] - want[i]) < 1e-4, (d["reward"], want[i])
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, [plan[w::clients] for w in range(clients)]))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"seq_per_s": requests * per / wall, "p50_ms": 1e3 * statistics.median(lat),
+            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "wall_s": wall}
+
+
+def rows_for_bench(n: int, data: str):
+    hh = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    if data == "hh" and hh.exists():
+        from pipelines.ingest.run import ingest_shard
+        from pipelines.lake import Lake
+
+        lake = Lake(tempfile.mkdtemp(prefix="serve-bench-"))
+        ingest_shard(lake, str(hh), source="hh", shard="hh/test", run_id="bench")
+        pairs = lake.read("raw_pairs", columns=["history", "chosen", "rejected"]).head(n).to_dicts()
+        return [(p["history"], p[s]) for p in pairs for s in ("chosen", "rejected")], "hh-rlhf harmless-base test"
+    from tests.rm_helpers import synth_rows
+
+    return [(r["history"], r["chosen"]) for r in synth_rows(2 * n, seed=1)], "project-made rows"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="", help="an RM folder; default: a small random Qwen3 built and exported here")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--per-request", type=int, default=1, help="rollouts per request")
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--data", choices=["hh", "synth"], default="hh",
+                    help="hh: real hh-rlhf conversations (~100-500 tokens); synth: short project-made rows (~40)")
+    a = ap.parse_args()
+    from pipelines.rm.calibration import Calibration
+    from pipelines.rm.model import load_reward_model, save_reward_model
+    from pipelines.rm.score import score_texts
+    from pipelines.serve.reward_server import RewardScorer, ServeConfig, create_app
+
+    model = a.model
+    if not model:
+        from pipelines.rm.tiny import build_tiny_decoder
+
+        tmp = Path(tempfile.mkdtemp(prefix="serve-rm-"))
+        save_reward_model(load_reward_model(build_tiny_decoder(tmp / "tiny", "qwen3", seed=0, hidden=256,
+                                                               layers=4)), str(tmp / "rm"))
+        model = str(tmp / "rm")
+    rows, origin = rows_for_bench(200, a.data)
+    rm = load_reward_model(model)
+    want = score_texts(rm, rows, max_len=a.max_len)
+    out = {}
+    for name in ("synpref serve (dynamic batching)", "per-request batching (OpenRLHF serve_rm policy)"):
+        scorer = RewardScorer(rm, a.max_len, Calibration())
+        cfg = ServeConfig(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=100_000, max_len=a.max_len,
+                          name="bench")
+        app = (create_app(scorer, cfg, calibration=Calibration(), max_len=scorer.max_len) if name.startswith("synpref")
+               else peer_app(scorer))
+        port = free_port()
+        server, t = serve_in_thread(app, port)
+        try:
+            load(f"http://127.0.0.1:{port}", rows, want, 4, 16, a.per_request)  # warm-up
+            out[name] = load(f"http://127.0.0.1:{port}", rows, want, a.clients, a.requests, a.per_request)
+        finally:
+            server.should_exit = True
+            t.join(60)
+    print(f"{a.clients} clients x {a.requests} requests of {a.per_request} rollout(s), {origin}, max_len {a.max_len}, "
+          f"model {Path(model).name}")
+    for name, r in out.items():
+        print(f"  {name:48s} {r['seq_per_s']:8.1f} seq/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
+    ours, peer = out.values()
+    print(f"throughput ratio ours / peer: {ours['seq_per_s'] / peer['seq_per_s']:.2f}x")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
