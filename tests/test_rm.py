@@ -1,9 +1,11 @@
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -340,3 +342,43 @@ dist.destroy_process_group()
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["fsdp"] and res["loss1"] < res["loss0"] and res["acc"] > 0.8
     assert load_reward_model(str(tmp_path / "out" / "best")).model.config.num_labels == 1
+
+
+@pytest.mark.slow
+def test_margin_bt_trains_a_family_member_on_a_mix_where_some_pairs_state_no_margin(synpref_home):
+    """The default mix has rows without a stated strength (Stage-1 verified pairs): margin_bt counts them as plain
+    BT terms (margin 0), says how many in the metadata and lineage, and trains through the family asset."""
+    import dagster as dg
+
+    from assets.family import FAMILY_MEMBERS
+    from definitions import defs
+    from pipelines.curate.stage2 import CURATED_SCHEMA
+    from pipelines.lake import Lake
+    from pipelines.tables import CURATED, SEED
+
+    lake = Lake(str(synpref_home / "lake"))
+    rows = synth_rows(48, seed=21)
+    curated = pl.DataFrame([{**{k: r[k] for k in ("pair_id", "history", "chosen", "rejected")},
+                             "stage": "stage2" if i % 2 else "stage1", "work_unit": "u",
+                             "margin": 1.5 if i % 2 else None} for i, r in enumerate(rows[:40])])
+    curated = curated.select([(pl.col(c) if c in curated.columns else pl.lit(None)).cast(t).alias(c)
+                              for c, t in CURATED_SCHEMA.items()])
+    lake.overwrite(CURATED, curated.to_arrow())
+    lake.overwrite(SEED, pl.DataFrame([{**{k: r[k] for k in ("pair_id", "history", "chosen", "rejected")},
+                                        "split": "gold_val", "label_origin": "human", "label_flipped": False}
+                                       for r in rows[40:]]).to_arrow())
+    member = FAMILY_MEMBERS["tiny-qwen3"]
+    with dg.instance_for_test() as inst:
+        res = dg.materialize([member], instance=inst, resources=defs.resources, run_config={"ops": {
+            member.node_def.name: {"config": {"loss": "margin_bt", "batch_size": 8}}}})
+    assert res.success
+    meta = res.asset_materializations_for_node(member.node_def.name)[0].metadata
+    extra = json.loads(lake.read("rm_registry")["extra"][-1])
+    assert meta["train_pairs"].value + extra["store_held_out"] + extra["store_refused"] == 40, extra
+    lin = lake.lineage("rm_family")
+    no_margin = json.loads(lin["counts"][-1])["pairs_without_margin"]
+    assert 20 - (40 - meta["train_pairs"].value) <= no_margin <= 20  # one epoch: every stage-1 row, as plain BT
+    import mlflow
+
+    run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(meta["mlflow_run_id"].value)
+    assert run.data.params["train.loss"] == "margin_bt"
