@@ -228,3 +228,34 @@ def test_app_security_blind_review_and_escaping(review_server, lake):
     assert httpx.get(url + "/lead", headers=A).status_code == 403
     lead_page = httpx.get(url + "/lead", headers={"Authorization": f"Bearer {tok['lead']}"})
     assert lead_page.status_code == 200 and "alice" in lead_page.text and "discard rate" in lead_page.text
+
+
+def test_a_comparison_two_sources_label_opposite_ways_is_queued_as_a_label_conflict(lake):
+    """raw_pairs holds (h, A, B) from one source and (h, B, A) from another: the queued item says so (why and
+    `label_conflict`), and the queue carries its text; a pair without a twin is not marked."""
+    from pipelines.annotate.runner import ANNOTATIONS, ANNOTATION_SCHEMA
+    from pipelines.review.plan import next_review_queue
+    from pipelines.schema import RAW_PAIRS_SCHEMA, pair_id
+    from tests.rm_helpers import synth_rows
+
+    rows = synth_rows(6, seed=4)
+    raw = [{**{k: r[k] for k in ("pair_id", "history", "chosen", "rejected")}, "source": "a", "shard": "a/0",
+            "source_row": i} for i, r in enumerate(rows)]
+    twin = rows[0]
+    raw.append({"pair_id": pair_id(twin["history"], twin["rejected"], twin["chosen"]), "history": twin["history"],
+                "chosen": twin["rejected"], "rejected": twin["chosen"], "source": "b", "shard": "b/0", "source_row": 0})
+    frame = pl.DataFrame(raw)
+    lake.overwrite("raw_pairs", frame.select([(pl.col(f.name) if f.name in frame.columns else pl.lit(None))
+                                              .alias(f.name) for f in RAW_PAIRS_SCHEMA]).to_arrow().cast(RAW_PAIRS_SCHEMA))
+    ann = pl.DataFrame([{"pair_id": r["pair_id"], "model": "m", "prompt_version": "v", "status": "ok",
+                         "task_category": "math", "objectivity": "objective", "controversiality": "low"}
+                        for r in raw])
+    lake.overwrite(ANNOTATIONS, ann.select([(pl.col(c) if c in ann.columns else pl.lit(None)).cast(t).alias(c)
+                                            for c, t in ANNOTATION_SCHEMA.items()]).to_arrow())
+    plan = next_review_queue(lake, size=10, candidates_per_category=10, seed=0, stage1_fraction=1.0)
+    q = plan.queue
+    assert q.height == 7 and q["chosen"].null_count() == 0
+    marked = set(q.filter(pl.col("label_conflict"))["pair_id"])
+    assert marked == {twin["pair_id"], raw[-1]["pair_id"]}  # both orientations, each pointing at the other
+    assert q.filter(pl.col("label_conflict"))["why"].str.contains("label conflict").all()
+    assert not q.filter(~pl.col("label_conflict"))["why"].str.contains("label conflict").any()

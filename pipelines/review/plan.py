@@ -12,6 +12,8 @@ from typing import Callable
 import polars as pl
 
 from pipelines.lake import Lake
+from pipelines.schema import pair_ids
+from pipelines.tables import RAW
 from pipelines.pool import pool_pairs, with_attributes
 from pipelines.review.ledger import read_verdicts
 from pipelines.review.queue import QUEUE, build_queue, queue_candidates
@@ -40,6 +42,7 @@ def next_review_queue(lake: Lake, *, size: int, candidates_per_category: int, se
             return QueuePlan(None, latest["queue_version"][0], open_items)
     candidates = queue_candidates(with_attributes(pool_pairs(lake, "stage1", stage1_fraction), lake),
                                   verdicts.select("pair_id").lazy(), candidates_per_category, seed)
+    candidates = mark_label_conflicts(lake, candidates)
     scores, best = None, best_of(lake, "stage1")
     if best is not None and candidates.height and score is not None:
         scores = score(best["rm_version"], candidates)
@@ -48,3 +51,16 @@ def next_review_queue(lake: Lake, *, size: int, candidates_per_category: int, se
     q = build_queue(candidates, size=size, queue_version=version, quotas=quotas or None, rm_scores=scores,
                     overlap_frac=overlap_frac, seed=seed)
     return QueuePlan(q, version, 0, candidates, best["rm_version"] if scores is not None else None)
+
+
+def mark_label_conflicts(lake: Lake, candidates: pl.DataFrame) -> pl.DataFrame:
+    """`label_conflict`: another source labelled the same comparison the other way round (its flipped twin is in
+    raw_pairs). Only the candidates are hashed (their flipped ids); raw_pairs is read as one id column, streamed."""
+    if candidates.height == 0 or not {"history", "chosen", "rejected"} <= set(candidates.columns):
+        return candidates.with_columns(label_conflict=pl.lit(False))
+    flipped = candidates.select("pair_id", flipped=pl.Series(pair_ids(candidates.select(
+        "history", chosen="rejected", rejected="chosen")), dtype=pl.String))
+    twins = (lake.scan(RAW).select("pair_id").join(flipped.lazy().select(pair_id="flipped"), on="pair_id",
+                                                   how="semi").collect(engine="streaming"))
+    hit = flipped.join(twins.select(flipped="pair_id"), on="flipped", how="semi")["pair_id"]
+    return candidates.with_columns(label_conflict=pl.col("pair_id").is_in(hit.implode()))

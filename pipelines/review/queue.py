@@ -14,7 +14,8 @@ from pipelines.tables import QUEUE  # noqa: F401  (re-exported)
 # null when the candidates came without text (the app then reads the pair by id).
 QUEUE_SCHEMA = {"pair_id": pl.String, "queue_version": pl.String, "priority": pl.Int64, "task_category": pl.String,
                 "objectivity": pl.String, "controversiality": pl.String, "why": pl.String,
-                "overlap": pl.Boolean, "history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String}
+                "overlap": pl.Boolean, "history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String,
+                "label_conflict": pl.Boolean}
 
 _CONTRO = {"low": 0, "medium": 1, "high": 2}
 
@@ -72,6 +73,8 @@ def build_queue(annotated: pl.DataFrame, *, size: int, queue_version: str, quota
     rows = []
     for i, r in enumerate(picked):
         why = ["objective" if r["_obj"] == 0 else "subjective", f"controversiality={r['controversiality']}"]
+        if r.get("label_conflict"):
+            why.append("label conflict: another source prefers the other response")
         if r["_wrong"]:
             why.append("RM misjudges it")
         elif rm_scores is not None and r["_unc"] > 0.6:
@@ -80,5 +83,6 @@ def build_queue(annotated: pl.DataFrame, *, size: int, queue_version: str, quota
                      "task_category": r["task_category"], "objectivity": r["objectivity"],
                      "controversiality": r["controversiality"], "why": ", ".join(why),
                      "overlap": rng.random() < overlap_frac, "history": r.get("history"),
-                     "chosen": r.get("chosen"), "rejected": r.get("rejected")})
+                     "chosen": r.get("chosen"), "rejected": r.get("rejected"),
+                     "label_conflict": bool(r.get("label_conflict"))})
     return pl.DataFrame(rows, schema=QUEUE_SCHEMA)
