@@ -60,9 +60,13 @@ def embedding_frame(pair_ids: list[str], vectors: np.ndarray, model: str) -> pl.
 
 
 def vectors_of(df: pl.DataFrame) -> np.ndarray:
+    """The `vector` column as one float32 matrix, straight from Arrow (no Python float per component)."""
     if df.height == 0:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.asarray(df["vector"].to_list(), dtype=np.float32)
+    lens = df["vector"].list.len()
+    if lens.null_count() or lens.min() != lens.max():
+        raise ValueError("embeddings of different widths (or missing) in one frame: one embedding model at a time")
+    return df["vector"].explode().cast(pl.Float32).to_numpy().reshape(df.height, int(lens.max()))
 
 
 def texts_of(pairs: pl.DataFrame) -> list[str]:
