@@ -236,7 +236,8 @@ class RayEngine:
         ray = self._ray()
         if pairs.height == 0:
             return {role: pl.DataFrame(schema=SCORE_COLUMNS) for role in refs}
-        ds = ray.data.from_arrow(pairs.select(PAIR_INPUT).to_arrow())
+        table = pairs.select(PAIR_INPUT).to_arrow()  # blocks of batch_rows: both pools work at once
+        ds = ray.data.from_arrow([table.slice(i, self.batch_rows) for i in range(0, table.num_rows, self.batch_rows)])
         for role, ref in refs.items():
             ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
                                                  batch_size=self.batch_size, device=self.device), pools=len(refs))
@@ -296,7 +297,10 @@ class RayEngine:
         ray = self._ray()
         if texts.height == 0:
             return {name: pl.DataFrame(schema=TEXT_COLUMNS) for name in models}
-        ds = ray.data.from_arrow(texts.select("text_key", "history", "response").to_arrow())
+        # many blocks, not one: with a single block each model's actors wait for the previous model to finish it
+        # (one core busy); with blocks of `batch_rows` every model's pool works on a different block at once
+        table = texts.select("text_key", "history", "response").to_arrow()
+        ds = ray.data.from_arrow([table.slice(i, self.batch_rows) for i in range(0, table.num_rows, self.batch_rows)])
         cpus = self._cpus_per_actor(len(models))
         for k, (ref, max_len) in enumerate(models.values()):
             ds = self._map(ds, _TextScorer, dict(ref=ref, tag=f"m{k}", max_len=max_len, batch_size=self.batch_size,
