@@ -269,3 +269,70 @@ def test_llm_cache_lookups_read_only_the_units_blocks_and_survive_an_old_layout(
     assert (st.skipped_cached, st.requested) == (20, 5)  # the old rows found after the one-time rewrite
     assert set(lake.read("old_layout")[CACHE_PART]) == set(parts_of(unit_b))  # old rows in "_", 5 new in B's block
     assert ANNOTATION_SCHEMA.keys() <= set(lake.read("old_layout").columns)
+
+
+def _latency_server(latency: float):
+    """An OpenAI-compatible endpoint on 127.0.0.1 answering a valid verdict after `latency` s; it records the
+    most requests it held at once (across every model)."""
+    import asyncio as aio
+
+    import uvicorn
+    from fastapi import FastAPI
+    from starlette.requests import Request as HTTPRequest
+
+    from tests.servers import free_port
+
+    app, state = FastAPI(), {"now": 0, "max": 0, "n": 0}
+
+    async def chat(request: HTTPRequest):
+        body = await request.json()
+        state["now"] += 1
+        state["n"] += 1
+        state["max"] = max(state["max"], state["now"])
+        await aio.sleep(latency)
+        state["now"] -= 1
+        return {"choices": [{"message": {"content": json.dumps({"rationale": "r", "verdict": "1"})}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5}, "model": body["model"]}
+
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    started = threading.Event()
+    for _ in range(600):  # bounded wait for the server's own started flag
+        if server.started:
+            started.set()
+            break
+        t.join(0.05)
+    assert started.is_set()
+    return f"http://127.0.0.1:{port}/v1", state, server
+
+
+def test_remote_judges_run_at_once_each_bounded_by_its_concurrency(lake):
+    """Two judges on OpenAI-compatible endpoints: both in flight together (the endpoint saw 2 x 4 requests at
+    once), never more than each backend's concurrency, and every sample stored."""
+    url, state, server = _latency_server(0.3)
+    try:
+        judges = [OpenAIBackend(base_url=url, model=m, concurrency=4, structured=False) for m in ("j1", "j2")]
+        pairs = _pairs(6).with_columns(task_category=pl.col("category"), guideline=pl.lit("g"))
+        st = judge_pairs(lake, pairs, judges, load_prompt("judge_v1"), "r", samples=2, chunk=5)
+        assert st.ok == 6 * 2 * 2 and state["n"] == 24
+        assert state["max"] == 8  # 4 per judge, both judges at once
+        j = lake.read(JUDGMENTS)
+        assert j.height == 24 and j.select("pair_id", "model", "sample").is_duplicated().sum() == 0
+        assert st.usage["j1"].requests == st.usage["j2"].requests == 12
+    finally:
+        server.should_exit = True
+
+
+def test_a_dead_endpoint_opens_the_circuit_instead_of_retrying_every_request():
+    """After `breaker_failures` requests in a row gave up, the rest fail at once with the reason recorded."""
+    from tests.servers import free_port
+
+    dead = OpenAIBackend(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", concurrency=1, max_retries=2,
+                         breaker_failures=3, breaker_cooldown_s=600)
+    out = dead.generate([Request(f"q{i}", {}) for i in range(10)])
+    errors = [c.error for c in out]
+    gave_up = [e for e in errors if e.startswith("gave up after 2 attempts: ConnectError")]
+    assert len(gave_up) == 3 and sum(e.startswith("circuit open:") for e in errors) == 7, errors

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,8 +59,20 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (RetryableHTTP, httpx.TimeoutException, httpx.TransportError))
 
 
+class CircuitOpen(Exception):
+    pass
+
+
 @dataclass
 class OpenAIBackend:
+    """An OpenAI-compatible endpoint. One event loop and one HTTP client per backend for its whole life (in a
+    daemon thread), one semaphore bounding the requests in flight at the endpoint across every call and every
+    thread that uses it, so the judges of a unit run concurrently (judge_pairs) and chunks never wait on a
+    barrier with a fresh client. Transport errors, 429 and 5xx are retried with exponential backoff (tenacity);
+    after `breaker_failures` requests in a row gave up, the circuit opens for `breaker_cooldown_s`: requests fail
+    at once with a recorded reason (retried by a later run) instead of each waiting out its retries against a
+    dead endpoint."""
+
     base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"
@@ -67,7 +80,15 @@ class OpenAIBackend:
     timeout_s: float = 120.0
     max_retries: int = 4
     structured: bool = True  # send response_format=json_schema (vLLM/SGLang/OpenAI support it)
+    breaker_failures: int = 8
+    breaker_cooldown_s: float = 30.0
     kind: str = "openai"
+    _loop: Any = field(default=None, repr=False)
+    _client: Any = field(default=None, repr=False)
+    _sem: Any = field(default=None, repr=False)
+    _failures_in_a_row: int = field(default=0, repr=False)
+    _open_until: float = field(default=0.0, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @property
     def model_id(self) -> str:
@@ -77,7 +98,25 @@ class OpenAIBackend:
         key = os.environ.get(self.api_key_env, "")
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    async def _one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, req: Request) -> Completion:
+    def _start(self):
+        """The backend's loop, started once by whichever thread asks first."""
+        with self._lock:
+            if self._loop is not None:
+                return self._loop
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, daemon=True, name=f"llm-{self.model}").start()
+
+            async def init():
+                self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.concurrency))
+                self._sem = asyncio.Semaphore(self.concurrency)
+
+            asyncio.run_coroutine_threadsafe(init(), loop).result()
+            self._loop = loop
+            return loop
+
+    async def _one(self, req: Request) -> Completion:
+        import time
+
         body: dict[str, Any] = {
             "model": self.model, "messages": [{"role": "user", "content": req.prompt}], "n": req.n,
             "temperature": req.temperature, "max_tokens": req.max_tokens, "seed": req.seed,
@@ -90,11 +129,14 @@ class OpenAIBackend:
                                                stop=stop_after_attempt(self.max_retries),
                                                wait=wait_exponential_jitter(multiplier=0.2, max=10), reraise=True):
                 with attempt:
-                    async with sem:
-                        r = await client.post(f"{self.base_url.rstrip('/')}/chat/completions", json=body,
-                                              headers=self._headers(), timeout=self.timeout_s)
+                    async with self._sem:
+                        if time.monotonic() < self._open_until:  # checked when its turn comes, not when queued
+                            raise CircuitOpen()
+                        r = await self._client.post(f"{self.base_url.rstrip('/')}/chat/completions", json=body,
+                                                    headers=self._headers(), timeout=self.timeout_s)
                     if r.status_code == 429 or r.status_code >= 500:
                         raise RetryableHTTP(f"HTTP {r.status_code}")
+                    self._failures_in_a_row = 0
                     if r.status_code >= 400:
                         return Completion([], error=f"HTTP {r.status_code}: {r.text[:200]}")
                     data = r.json()
@@ -102,18 +144,23 @@ class OpenAIBackend:
                     texts = [(c.get("message") or {}).get("content") or "" for c in data.get("choices", [])]
                     return Completion(texts, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
         except (RetryableHTTP, httpx.TimeoutException, httpx.TransportError) as e:
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.breaker_failures:
+                self._open_until = time.monotonic() + self.breaker_cooldown_s
             return Completion([], error=f"gave up after {self.max_retries} attempts: {type(e).__name__}: {e}")
+        except CircuitOpen:
+            return Completion([], error=f"circuit open: {self.base_url} failed {self.breaker_failures} requests in "
+                                        f"a row; not asked for {self.breaker_cooldown_s:.0f} s")
         except ValueError as e:  # body is not JSON
             return Completion([], error=f"malformed response: {e}")
         return Completion([], error="no attempt made")
 
     async def _all(self, requests: list[Request]) -> list[Completion]:
-        sem = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient() as client:
-            return await asyncio.gather(*(self._one(client, sem, r) for r in requests))
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        return asyncio.run(self._all(requests))
+        """Blocking for the caller; safe to call from several threads at once (they share the endpoint's bound)."""
+        return asyncio.run_coroutine_threadsafe(self._all(requests), self._start()).result()
 
 
 # --- in-process vLLM ---------------------------------------------------------------------------------------------

@@ -75,6 +75,15 @@ class RunStats:
         self.failures_by_reason[key] = self.failures_by_reason.get(key, 0) + 1
         return False
 
+    def merge(self, other: "RunStats") -> None:
+        """Add another run's counts (a judge that ran in its own thread)."""
+        for k in ("requested", "skipped_cached", "ok", "failed", "retries", "tokens_in", "tokens_out"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k, v in other.failures_by_reason.items():
+            self.failures_by_reason[k] = self.failures_by_reason.get(k, 0) + v
+        for model, u in other.usage.items():
+            self.usage.setdefault(model, Usage()).add(u)
+
     def as_metadata(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "usage"}
         d["pairs_per_s"] = round(self.requested / self.seconds, 2) if self.seconds else 0.0
@@ -349,14 +358,16 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
     stats = RunStats()
     t0 = time.perf_counter()
     sampling = f"t={temperature},seed={seed}"
-    written: list[str] = []
-    for backend in backends:
+
+    def one_judge(backend: Backend) -> tuple[RunStats, list[str]]:
+        stats, written = RunStats(), []
         done = done_keys(lake, table, backend.model_id, prompt.version, pairs, ["sample", "sampling"], retry_failed)
         todo = [(r, s) for r in pairs.iter_rows(named=True) for s in range(samples)
                 if (r["pair_id"], s, sampling) not in done]
         stats.skipped_cached += pairs.height * samples - len(todo)
         stats.requested += len(todo)
-        for part in _chunks(todo, chunk):
+
+        def ask(part: list) -> tuple:
             reqs, orders = [], []
             for r, s in part:
                 chosen_first = random.Random(f"{seed}|{r['pair_id']}|{s}").random() < 0.5
@@ -374,8 +385,13 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
                     VERDICT_SCHEMA, n=1, temperature=temperature, max_tokens=256, seed=seed * 1000 + s,
                     meta={"task": "judge", "pair_id": r["pair_id"], "n_exemplars": len(ex),
                           "truth_first_is_better": None if truth is None else (truth == chosen_first)}))
-            toks: list[list[int]] = []
-            res = generate_validated(backend, reqs, Verdict, max_attempts, stats, toks)
+            st, toks = RunStats(), []  # its own counters: chunks may be asked from two threads at once
+            res = generate_validated(backend, reqs, Verdict, max_attempts, st, toks)
+            return part, orders, reqs, res, toks, st
+
+        def commit(asked: tuple) -> None:
+            part, orders, reqs, res, toks, st = asked
+            stats.merge(st)
             rows = []
             for (r, s), chosen_first, req, ((parsed, raw, err, attempts),), (t_in, t_out) in zip(
                     part, orders, reqs, res, toks):
@@ -392,6 +408,37 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
                              "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
             cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=JUDGMENT_SCHEMA), [r for r, _ in part]),
                          written)
+
+        # a remote endpoint gets the next chunk while the previous one finishes and commits, so its concurrency
+        # stays full across chunk boundaries; an in-process engine takes one chunk at a time
+        depth = 2 if getattr(backend, "kind", "") == "openai" else 1
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        in_flight: deque = deque()
+        with ThreadPoolExecutor(depth, thread_name_prefix=f"ask-{backend.model_id}") as pool:
+            for part in _chunks(todo, chunk):
+                in_flight.append(pool.submit(ask, part))
+                if len(in_flight) >= depth:
+                    commit(in_flight.popleft().result())
+            while in_flight:
+                commit(in_flight.popleft().result())
+        return stats, written
+
+    # remote endpoints judge at the same time (each bounded by its own concurrency); in-process engines and the
+    # simulated judge one after another (they share this machine's cores or GPU)
+    parallel = len(backends) > 1 and all(getattr(b, "kind", "") == "openai" for b in backends)
+    if parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(backends), thread_name_prefix="judge") as pool:
+            results = list(pool.map(one_judge, backends))
+    else:
+        results = [one_judge(b) for b in backends]
+    written: list[str] = []
+    for st, w in results:
+        stats.merge(st)
+        written += [p for p in w if p not in written]
     compact(lake, table, written)
     stats.seconds = time.perf_counter() - t0
     return stats
