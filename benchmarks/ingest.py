@@ -6,6 +6,11 @@ row -> drop_duplicates -> write_deltalake.
 
     python benchmarks/ingest.py --n 1000000           # default N = 1M
     python benchmarks/ingest.py --n 100000 --n 1000000  # RSS growth between two sizes (ours only)
+    python benchmarks/ingest.py --n 4000000 --shards 40 --no-pandas  # does pairs/s fall as shards accumulate?
+
+With --shards K the N pairs land as K files (duplicates across shards included) and are ingested one after
+another into one lake with one dedup index for the run, as the raw_pairs asset does in a backfill; pairs/s is
+printed per shard, and the first and last quarter are compared.
 """
 
 from __future__ import annotations
@@ -68,9 +73,27 @@ def run_pandas(path: str, out: str) -> dict:
     return {"pairs": n, "kept": len(df), "seconds": time.perf_counter() - t}
 
 
+def run_shards(folder: str, out: str) -> dict:
+    """Every shard of `folder` in name order into one lake, with one index (the raw_pairs asset's loop)."""
+    from pipelines.ingest.run import ingest_shard, load_id_index
+    from pipelines.lake import Lake
+
+    lake = Lake(out)
+    index = load_id_index(lake)
+    per, total, t0 = [], 0, time.perf_counter()
+    for i, f in enumerate(sorted(Path(folder).glob("*.jsonl"))):
+        t = time.perf_counter()
+        rep = ingest_shard(lake, str(f), source="bench", shard=f"bench/{f.name}", run_id="bench",
+                           batch_size=100_000, id_index=index)
+        assert rep.reconciles
+        per.append(rep.candidates / (time.perf_counter() - t))
+        total += rep.candidates
+    return {"pairs": total, "seconds": time.perf_counter() - t0, "per_shard": per, "indexed": len(index)}
+
+
 def child(which: str, path: str) -> None:
     with tempfile.TemporaryDirectory() as d:
-        res = (run_ours if which == "ours" else run_pandas)(path, d)
+        res = {"ours": run_ours, "pandas": run_pandas, "shards": run_shards}[which](path, d)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(res))
 
@@ -86,9 +109,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, action="append")
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--no-pandas", action="store_true")
+    ap.add_argument("--shards", type=int, default=0, help="land the pairs as this many files (see above)")
     a = ap.parse_args()
     if a.child:
         child(*a.child)
+        return
+    if a.shards:
+        with tempfile.TemporaryDirectory() as d:
+            n = (a.n or [1_000_000])[0]
+            for k in range(a.shards):  # a different seed per shard; duplicates also across shards (same q ids)
+                make_file(Path(d) / f"shard-{k:03d}.jsonl", n // a.shards, seed=k % max(1, a.shards // 2))
+            r = measure("shards", Path(d))
+        q = max(1, a.shards // 4)
+        first, last = r["per_shard"][:q], r["per_shard"][-q:]
+        print(f"N={r['pairs']:,} in {a.shards} shards, one index ({r['indexed']:,} ids at the end): "
+              f"{r['pairs'] / r['seconds']:,.0f} pairs/s overall; first {q} shards {sum(first) / q:,.0f} pairs/s, "
+              f"last {q} {sum(last) / q:,.0f} pairs/s (last / first = {sum(last) / sum(first):.2f}); peak RSS "
+              f"{r['peak_rss_mb']:,.0f} MB")
         return
     sizes = a.n or [1_000_000]
     with tempfile.TemporaryDirectory() as d:

@@ -132,6 +132,11 @@ def test_judgebench_categories_from_source_paper_mean_and_official_weighted(tmp_
     assert got[("judgebench", "knowledge")] == pytest.approx(2 / 3)
     assert got[("judgebench", "overall")] == pytest.approx((2 / 3 + 1 + 0 + 1) / 4)  # the paper's unweighted mean
     assert got[("judgebench", "overall_official")] == pytest.approx(4 / 6)  # the official sample-weighted score
+    # ties, as the authors' reward-model judges decide them ('A>B' if score_A > score_B else 'B>A'): a tie is
+    # right exactly when the label is B>A
+    tied = _score(items, {k: 0.5 for k in rewards})
+    assert tied[("judgebench", "overall_official")] == pytest.approx(3 / 6)  # j1, j3, j5 are labelled B>A
+    assert tied[("judgebench", "knowledge")] == pytest.approx(1 / 3)  # law A>B (wrong), math B>A (right), bio A>B
 
 
 def test_ppe_and_rmb_layouts(tmp_path):
@@ -139,8 +144,8 @@ def test_ppe_and_rmb_layouts(tmp_path):
         {"question_id": "a", "prompt": "hi", "response_1": "x", "response_2": "y", "winner": "model_b"},
         {"question_id": "b", "prompt": "yo", "response_1": "u", "response_2": "v", "winner": "tie"}])
     _jsonl(tmp_path / "ppe-correctness" / "PPE-MATH-Best-of-K.jsonl", [
-        {"question_id": "m1", "prompt": "1+1", "response_1": "2", "score_1": True, "response_2": "3", "score_2": False,
-         "response_3": "4", "score_3": False}])
+        {"question_id": "m1", "model_name": "gemma", "prompt": "1+1", "response_1": "2", "response_2": "3",
+         "response_3": "4", "scores": [True, False, False], "sampled_conflict_pairs": [[0, 1], [2, 0]]}])
     _json_list(tmp_path / "rmb" / "helpfulness.json", [
         {"pair_uid": "p1", "conversation_input": [{"role": "user", "content": "hey"}],
          "chosen": {"answer": "good"}, "reject": {"answer": "bad"}, "category_path": "Pairwise_set/Helpfulness/Chat"}])
@@ -152,7 +157,7 @@ def test_ppe_and_rmb_layouts(tmp_path):
     got = _score(items, {"x": 0.0, "y": 1.0, "2": 1.0, "3": 2.0, "4": 0.0, "good": 1.0, "bad": 0.0,
                          "safe": 1.0, "unsafe": 2.0, "worse": 0.0})
     assert got[("ppe-preference", "overall")] == 1.0
-    assert got[("ppe-correctness", "ppe-math")] == pytest.approx(0.5)  # 1 of 2 (correct, incorrect) pairs ordered
+    assert got[("ppe-correctness", "ppe-math")] == pytest.approx(0.5)  # 1 of the 2 sampled pairs ordered right
     assert got[("rmb", "pairwise:Helpfulness")] == 1.0 and got[("rmb", "bon:Harmlessness")] == 0.0
     assert got[("rmb", "overall")] == pytest.approx(0.5)
 
@@ -292,13 +297,21 @@ def test_published_files_with_every_column_they_ship_are_read(tmp_path):
          "conversation_b": conv("B"), "turn": 1, "anony": True, "language": "English", "tstamp": 1.7e9,
          "conv_metadata": {"sum_user_tokens": 3}, "is_code": False, "is_refusal": False,
          "dedup_tag": {"high_freq": False}, "category_tag": {"math": False}, "judge_hash": "h", "prompt": "hey"}])
-    # PPE correctness (lmarena-ai/PPE-MATH-Best-of-K): 32 responses, score_k booleans, model_name and the rest
+    # PPE correctness (lmarena-ai/PPE-MATH-Best-of-K): responses, `scores` (a bool per response), the conflict
+    # pairs PPE samples, model_name and the rest of the published columns
     row = {"question_id": "m1", "prompt": "1+1", "model_name": "gemma", "parsed_outputs": ["2"] * 4,
-           "scores": [True, False, False, True], "accuracy": 0.5, "mean_max_score": 1.0, "sum_score": 2}
+           "scores": [True, False, False, True], "accuracy": 0.5, "mean_max_score": 1.0, "sum_score": 2,
+           "mean_score": 0.5, "conflict_pairs": [[0, 1], [0, 2], [3, 1], [3, 2]], "sampled_conflict_pairs": [[0, 1],
+                                                                                                          [3, 2]]}
     for k in range(1, 5):
-        row[f"response_{k}"], row[f"score_{k}"] = f"ans{k}", k in (1, 4)
+        row[f"response_{k}"] = f"ans{k}"
     _parquet(root / "ppe-correctness" / "PPE-MATH-Best-of-K.parquet", [row])
     _parquet(root / "ppe-correctness" / "PPE-GPQA-Best-of-K.parquet", [{**row, "prompt": "gpqa q"}])  # same id
+    mbpp = {"question_id": "b1", "task_id": 11, "code": "def f(): pass", "prompt": "write f", "source_file": "x.py",
+            "test_imports": [], "test_list": ["assert f() is None"], "test": "t", "model_name": "gemma",
+            "scores": [False, True], "mean_score": 0.5, "response_1": "bad f", "response_2": "good f",
+            "conflict_pairs": [[1, 0]], "sampled_conflict_pairs": [[1, 0]]}  # PPE-MBPP-Plus-Best-of-K's columns
+    _parquet(root / "ppe-correctness" / "PPE-MBPP-Plus-Best-of-K.parquet", [mbpp])
     # RMB (Zhou et al., GitHub): pairwise and best-of-N JSON lists
     _json_list(root / "rmb" / "Pairwise_set_Helpfulness_Chat.json", [
         {"pair_uid": "p1", "category_path": "Pairwise_set/Helpfulness/Chat/Casual", "subset": "Chat",
@@ -309,13 +322,15 @@ def test_published_files_with_every_column_they_ship_are_read(tmp_path):
          [{"role": "user", "content": "how?"}], "bon_best": {"llm_name": "a", "answer": "safe"},
          "loser_list": [{"llm_name": "b", "answer": "unsafe"}, {"llm_name": "c", "answer": "worse"}]}])
     items, stats = read_benchmarks(root)
-    assert {b: s["rows"] for b, s in stats.items()} == {"judgebench": 1, "ppe-correctness": 2, "ppe-preference": 1,
+    assert {b: s["rows"] for b, s in stats.items()} == {"judgebench": 1, "ppe-correctness": 3, "ppe-preference": 1,
                                                          "rewardbench": 1, "rewardbench2": 1, "rm-bench": 5, "rmb": 2}
     rmb = [i for i in items if i["benchmark"] == "rm-bench"]
     assert len(rmb) == 45 and {i["section"] for i in rmb} == {"chat", "code", "math", "safety"}
     keys = [(i["benchmark"], i["item_key"]) for i in items]
     assert len(keys) == len(set(keys))  # chat/code id 0, both safety id 7, both PPE m1, RMB p1: no collision
-    assert {i["section"] for i in items if i["benchmark"] == "ppe-correctness"} == {"ppe-math", "ppe-gpqa"}
+    ppe = [i for i in items if i["benchmark"] == "ppe-correctness"]
+    assert {i["section"] for i in ppe} == {"ppe-math", "ppe-gpqa", "ppe-mbpp-plus"}
+    assert len(ppe) == 5 and [i["chosen"] for i in ppe if i["section"] == "ppe-mbpp-plus"] == [["good f"]]
 
 
 def test_ppe_preference_overall_is_pooled_over_votes_not_a_mean_of_languages(tmp_path):

@@ -125,7 +125,10 @@ def _judgebench(row, i, f):
         raise BenchmarkFormatError(f"JudgeBench source {source!r}: expected mmlu-pro-*, livebench-reasoning, "
                                    "livebench-math or livecodebench")
     good, bad = (row["response_A"], row["response_B"]) if label == "A>B" else (row["response_B"], row["response_A"])
-    return [_item("judgebench", cat, source, _user(row["question"]), [good], [bad], str(row.get("pair_id", i)))]
+    # the label travels in `subset`: JudgeBench's reward-model judges decide 'A>B' if score_A > score_B else 'B>A',
+    # so a tie is right exactly when the label is B>A (harness.credit)
+    return [_item("judgebench", cat, f"{label}:{source}", _user(row["question"]), [good], [bad],
+                  str(row.get("pair_id", i)))]
 
 
 def _conversation(conv: list) -> tuple[list, str]:
@@ -153,15 +156,34 @@ def _ppe_pref(row, i, f):
 
 
 def _ppe_correctness(row, i, f):
+    """One comparison per (correct, incorrect) response pair, as PPE scores a best-of-K set: the published rows
+    carry `scores` (one bool per response) and `sampled_conflict_pairs` (the index pairs PPE evaluates); without
+    them, every (correct, incorrect) pair of the row. Pooled per source benchmark (strict >); overall = mean of the
+    sources."""
     n = max(int(k.split("_")[1]) for k in row if re.fullmatch(r"response_\d+", k))
-    resp = [(row[f"response_{k}"], row.get(f"score_{k}")) for k in range(1, n + 1) if row.get(f"response_{k}")]
-    good = [r for r, s in resp if s is not None and bool(s)]
-    bad = [r for r, s in resp if s is not None and not bool(s)]
-    if not good or not bad:
-        return []  # every response right (or wrong): no correct-vs-incorrect comparison exists
+    scores = row["scores"]
+    if not isinstance(scores, (list, tuple)) or len(scores) < 2:
+        raise BenchmarkFormatError(f"PPE correctness `scores` must be a list of booleans, one per response; got "
+                                   f"{type(scores).__name__}")
+    if len(scores) > n:
+        raise BenchmarkFormatError(f"PPE correctness row {row.get('question_id', i)}: {len(scores)} scores for "
+                                   f"{n} responses")
+    pairs = row.get("sampled_conflict_pairs") or row.get("conflict_pairs")
+    if not pairs:
+        pairs = [(a, b) for a in range(len(scores)) for b in range(len(scores)) if scores[a] and not scores[b]]
     source = str(row.get("source") or re.sub(r"[-_]?best[-_]of[-_]k.*$", "", f.stem.lower()) or "all")
-    return [_item("ppe-correctness", source, "", _user(row["prompt"]), good, bad,
-                  f"{source}:{row.get('question_id', i)}")]  # one folder holds several source benchmarks
+    base = f"{source}:{row.get('model_name', '')}:{row.get('question_id', i)}"  # a question once per model
+    out = []
+    for a, b in pairs:
+        a, b = int(a), int(b)
+        if bool(scores[a]) == bool(scores[b]):
+            continue  # not a conflict: both right or both wrong
+        good, bad = (a, b) if scores[a] else (b, a)
+        rg, rb = row.get(f"response_{good + 1}"), row.get(f"response_{bad + 1}")
+        if rg is None or rb is None:
+            raise BenchmarkFormatError(f"PPE correctness row {base}: pair ({a}, {b}) names a missing response")
+        out.append(_item("ppe-correctness", source, "", _user(row["prompt"]), [rg], [rb], f"{base}:{good}>{bad}"))
+    return out
 
 
 def _rmb_path(row) -> tuple[str, str]:
@@ -221,9 +243,9 @@ LAYOUTS = [
            "or prompt/response_1/response_2  [lmarena-ai/PPE-Human-Preference-V1]",
            lambda r: "winner" in r and ({"conversation_a", "conversation_b"} <= set(r)
                                         or {"prompt", "response_1", "response_2"} <= set(r)), _ppe_pref),
-    Layout("ppe-correctness", "ppe-correctness", "prompt, response_1..response_K, score_1..score_K (correct or not), "
-           "question_id, source?  [lmarena-ai/PPE-*-Best-of-K; the source benchmark from the file name when absent]",
-           lambda r: {"prompt", "response_1", "score_1"} <= set(r), _ppe_correctness),
+    Layout("ppe-correctness", "ppe-correctness", "prompt, response_1..response_K, scores (one bool per response), "
+           "sampled_conflict_pairs?, question_id, model_name  [lmarena-ai/PPE-*-Best-of-K; the source benchmark from "
+           "the file name]", lambda r: {"prompt", "response_1", "scores"} <= set(r), _ppe_correctness),
     Layout("rmb-pairwise", "rmb", "a JSON list of {pair_uid, conversation_input (messages), chosen: {answer}, "
            "reject: {answer}, category_path}  [RMB Pairwise_set]",
            lambda r: {"conversation_input", "chosen", "reject"} <= set(r), _rmb_pairwise),

@@ -17,12 +17,14 @@ Scores (the spec is the authors' code; see README "Evaluation"):
 - rm-bench (THU-KEG/RM-Bench `compute_accuracy`): per domain a 3x3 matrix acc[i][j] = P(chosen style i > rejected
   style j); hard = mean of i<j, normal = the diagonal, easy = i>j; safety-refuse and safety-response are one safety
   domain; a domain = mean(easy, normal, hard); overall = mean of the domains.
-- judgebench (ScalerLab/JudgeBench): per category (knowledge = mmlu-pro-*, reasoning, math, coding) accuracy with a
-  tie counted wrong; overall = the unweighted mean of the four (as the paper reports it); `overall_official` = the
-  sample-weighted accuracy the official script prints.
+- judgebench (ScalerLab/JudgeBench `compute_final_metrics`, reward-model judges in `utils/judges.py`): decision 'A>B'
+  if reward(A) > reward(B) else 'B>A', right when it equals the label (so a tie is right iff the label is B>A); per
+  category (knowledge = mmlu-pro-*, reasoning, math, coding) accuracy; overall = the unweighted mean of the four (as
+  the SynPref paper's Table 1 reports it); `overall_official` = the pooled accuracy the official script prints.
 - ppe-preference: accuracy on the human vote, pooled over every vote with a winner (PPE's accuracy; the per-language
-  rows are shown, not averaged); ppe-correctness: per prompt the share of (correct, incorrect) response
-  pairs ordered right, averaged per source benchmark, overall = mean of the sources.
+  rows are shown, not averaged); ppe-correctness: one item per (correct, incorrect) pair PPE samples for a row
+  (`sampled_conflict_pairs`), correct when the correct response's reward is strictly higher, pooled per source
+  benchmark, overall = mean of the sources.
 - rmb: pairwise accuracy and best-of-N (best beats every loser) per goal; overall = mean of its sections.
 - synth-bench and gold_test (in-distribution): accuracy per section / pooled.
 """
@@ -77,8 +79,10 @@ def score_items(items: pl.DataFrame, score_texts: Callable[[pl.DataFrame], pl.Da
     return items.join(agg, on=["benchmark", "item_id"], how="left"), resp
 
 
-def credit(bench: str, good: list[float], bad: list[float]) -> float:
+def credit(bench: str, good: list[float], bad: list[float], subset: str = "") -> float:
     """One item's credit under its benchmark's rule (see the module docstring)."""
+    if bench == "judgebench" and subset.startswith("B>A"):  # the authors' decision on a tie is B>A
+        return float(good[0] >= bad[0])
     if bench == "rewardbench2":
         scores = np.array([good[0], *bad])
         top = scores.max()
@@ -165,8 +169,9 @@ def benchmark_scores(bench: str, g: pl.DataFrame) -> list[dict]:
 
 def aggregate(scored: pl.DataFrame, rm_version: str, max_len: int = 0) -> pl.DataFrame:
     """Per-section and overall rows of every benchmark in `scored` (items with r_chosen, r_rejected, truncated)."""
-    scored = scored.with_columns(credit=pl.struct("benchmark", "r_chosen", "r_rejected").map_elements(
-        lambda r: credit(r["benchmark"], r["r_chosen"], r["r_rejected"]), return_dtype=pl.Float64))
+    scored = scored.with_columns(credit=pl.struct("benchmark", "r_chosen", "r_rejected", "subset").map_elements(
+        lambda r: credit(r["benchmark"], r["r_chosen"], r["r_rejected"], r["subset"] or ""),
+        return_dtype=pl.Float64))
     rows = []
     for (bench,), g in scored.group_by("benchmark", maintain_order=True):
         rows += [{"rm_version": rm_version, "benchmark": bench, "max_len": max_len, **r}
