@@ -398,6 +398,11 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
         {"id": i, "prompt": f"question {i}?", "chosen": _rmb3(i, "good"), "rejected": _rmb3(i, "bad"),
          "subset": "chat", "error": [], "error_key": []} for i in range(4)])
     add_benchmark(src, home / "benchmarks", "rm-bench")
+    jb = _jsonl(tmp_path / "src" / "judgebench.jsonl", [
+        {"pair_id": f"j{i}", "original_id": f"o{i}", "source": s_, "question": f"q{i}?", "response_model": "gpt-4o",
+         "response_A": f"answer A{i}", "response_B": f"answer B{i} " + "x" * i, "label": "A>B" if i % 2 else "B>A"}
+        for i, s_ in enumerate(["mmlu-pro-law", "livebench-math", "livecodebench", "livebench-reasoning", "mmlu-pro-x"])])
+    add_benchmark(jb, home / "benchmarks", "judgebench")
     model = build_tiny_decoder(tmp_path / "someone-elses-rm", "qwen3")
     env = {**os.environ, "SYNPREF_HOME": str(home)}
     p = subprocess.run([str(Path(sys.executable).parent / "synpref"), "evaluate", "--model", model,
@@ -410,7 +415,8 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     overall = res.filter((pl.col("benchmark") == "rm-bench") & (pl.col("section") == "overall"))
     assert overall.height == 1 and 0.0 <= overall["score"][0] <= 1.0 and overall["n"][0] == 36
     rewards = lake.read(RM_REWARDS).filter(pl.col("rm_version") == "external:theirs")
-    assert rewards.height == 36 * 2 and rewards["reward"].is_finite().all()
+    assert rewards.filter(pl.col("benchmark") == "rm-bench").height == 36 * 2 and rewards["reward"].is_finite().all()
+    assert rewards.filter(pl.col("benchmark") == "judgebench").height == 5 * 2
     lineage = lake.read(LINEAGE).filter(pl.col("asset") == "synpref evaluate")
     assert lineage.height == 1 and lineage["partition"][0] == model  # the lineage names the external model
     report = (home / "reports" / "rm_evaluation.md").read_text()
@@ -435,6 +441,14 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     got = summary["rm-bench"]
     assert (got["chat:hard"], got["chat:normal"], got["chat:easy"]) == pytest.approx((hard, normal, easy), abs=1e-12)
     assert got["overall"] == pytest.approx((hard + normal + easy) / 3, abs=1e-12)
+    # JudgeBench's own rows: its compute_final_metrics rule (decision == label, pooled) equals overall_official
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "judgebench.jsonl").read_text().splitlines()]
+    assert len(pairs) == 5 and all(p_["judge_name"] == "reward_model" for p_ in pairs)
+    official = sum(p_["judgments"][0]["decision"] == p_["label"] for p_ in pairs) / len(pairs)
+    assert summary["judgebench"]["overall_official"] == pytest.approx(official, abs=1e-12)
+    for p_ in pairs:
+        sa, sb = p_["judgments"][0]["judgment"]["scores"]
+        assert p_["judgments"][0]["decision"] == ("A>B" if sa > sb else "B>A")
 
 
 def test_bias_diagnostics_length_preference_rank_correlation_and_near_ties():

@@ -63,6 +63,7 @@ class Evaluation:
     lengths: pl.DataFrame  # per model and benchmark: texts scored whole / history cut / response cut
     leaks: pl.DataFrame
     bias: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=BIAS_SCHEMA))  # bias_diagnostics
+    judgebench: pl.DataFrame | None = None  # JudgeBench's items (350 pairs), for its authors' per-pair file
 
 
 def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engine: Engine, *,
@@ -89,7 +90,9 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
     t1, ind = table1(res, REAL_BENCHMARKS) if res.height else (pl.DataFrame(), pl.DataFrame())
     return Evaluation(res, pl.concat(rewards) if rewards else pl.DataFrame(schema=REWARD_SCHEMA), t1, ind,
                       pl.concat(lengths).sort("rm_version", "benchmark") if lengths else pl.DataFrame(),
-                      leaks(lake, items), pl.concat(bias) if bias else pl.DataFrame(schema=BIAS_SCHEMA))
+                      leaks(lake, items), pl.concat(bias) if bias else pl.DataFrame(schema=BIAS_SCHEMA),
+                      items.filter(pl.col("benchmark") == "judgebench").select(
+                          "item_key", "subset", "history", "chosen", "rejected") if items.height else None)
 
 
 def reported_pair_ids(items: pl.DataFrame) -> pl.DataFrame:
@@ -253,7 +256,8 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
     """One model's results in each benchmark's own terms, for re-checking with the authors' scripts:
     `summary.json` ({benchmark: {section: score}}, fractions, with `overall`, JudgeBench's `overall_official`), and
     `rm-bench.json`: a JSON list of {id, domain, score_chosen: [3], score_rejected: [3]} (styles in the published
-    order; domain as in the file names), what RM-Bench's `compute_accuracy` reads."""
+    order; domain as in the file names), what RM-Bench's `compute_accuracy` reads; `judgebench.jsonl`: JudgeBench's
+    own per-pair output rows (`_judgebench_lines`)."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -278,4 +282,32 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
             r["id"] = int(r["id"]) if str(r["id"]).lstrip("-").isdigit() else r["id"]
         written.append(out / "rm-bench.json")
         written[-1].write_text(json.dumps(sorted(rows.values(), key=lambda r: (r["domain"], str(r["id"]))), indent=1))
+    jb = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "judgebench"))
+    if jb.height and ev.judgebench is not None and ev.judgebench.height:
+        written.append(out / "judgebench.jsonl")
+        written[-1].write_text(_judgebench_lines(ev.judgebench, jb, rm_version))
     return written
+
+
+def _judgebench_lines(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: str) -> str:
+    """JudgeBench's own output rows (ScalerLab/JudgeBench `run_judge.py` with a reward-model judge): the pair's
+    fields plus `judge_name` and `judgments: [{judgment: {judge_model, scores: [score_A, score_B]}, decision}]`,
+    decision 'A>B' if score_A > score_B else 'B>A' as its reward-model judges decide; `compute_final_metrics`
+    re-scores the file (renamed to its `dataset=judgebench,...,judge_model=...` convention, run_judge.py skips
+    judging and prints the metrics)."""
+    import json
+
+    r = {(k, role): v for k, role, v in rewards.select("item_key", "role", "reward").iter_rows()}
+    lines = []
+    for key, subset, history, chosen, rejected in items.select("item_key", "subset", "history", "chosen",
+                                                               "rejected").iter_rows():
+        label, _, source = subset.partition(":")
+        good, bad = r[(key, "chosen")], r[(key, "rejected")]
+        (sa, sb), (ra, rb) = ((good, bad), (chosen[0], rejected[0])) if label == "A>B" else \
+            ((bad, good), (rejected[0], chosen[0]))
+        lines.append(json.dumps({
+            "pair_id": key, "source": source, "question": history[-1]["content"] if history else "",
+            "response_A": ra, "response_B": rb, "label": label, "judge_name": "reward_model",
+            "judgments": [{"judgment": {"judge_model": rm_version, "scores": [sa, sb]},
+                           "decision": "A>B" if sa > sb else "B>A"}]}))
+    return "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from pipelines.ingest.checks import Reason, RowError, check_frame
 from pipelines.ingest.decontaminate import NgramIndex
@@ -230,7 +229,7 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
     index = id_index if id_index is not None else load_id_index(lake)
     stats = ParseStats()
     quarantine: list[pl.DataFrame] = []
-    duplicates: list[dict[str, Any]] = []
+    duplicates: list[pl.DataFrame] = []
     parser_box: list = [PARSERS[fmt] if fmt else None, fmt]
     ingested_at = now_utc()
     # The Delta write of batch i overlaps the parsing/hashing of batch i+1 (deltalake releases the GIL); the
@@ -279,32 +278,32 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
         first = ok.select(pl.col("pair_id").is_first_distinct()).to_series()
         if not first.all():
             kept_row = ok.filter(first).select("pair_id", kept_row="row")
-            for r in ok.filter(~first).join(kept_row, on="pair_id").iter_rows(named=True):
-                duplicates.append({"source": source, "shard": shard, "source_row": r["row"], "pair_id": r["pair_id"],
-                                   "kept_source": source, "kept_shard": shard, "kept_source_row": r["kept_row"],
-                                   "run_id": run_id})
+            duplicates.append(ok.filter(~first).join(kept_row, on="pair_id").select(
+                "pair_id", source_row="row", kept_source=pl.lit(source), kept_shard=pl.lit(shard),
+                kept_source_row="kept_row"))
             report.duplicates += int((~first).sum())
             ok = ok.filter(first)
         if ok.height == 0:
             continue
 
         # against everything ingested before (this run's earlier batches included): exact, in memory
-        ids = ok["pair_id"].to_list()
         hi, lo = IdIndex.split(ok["pair_id"])
         rows_ = ok["row"].to_numpy()
         place, kept_row = index.lookup(hi, lo)
         hit = place >= 0
-        if hit.any():
+        if hit.any():  # column-wise: a shard that is mostly duplicates costs no Python object per row
             me = index.place(source, shard)
-            for i in np.flatnonzero(hit):
-                if place[i] == me and kept_row[i] == rows_[i]:
-                    report.already_present += 1
-                else:
-                    k_source, k_shard = index.places[place[i]]
-                    report.duplicates += 1
-                    duplicates.append({"source": source, "shard": shard, "source_row": int(rows_[i]),
-                                       "pair_id": ids[i], "kept_source": k_source, "kept_shard": k_shard,
-                                       "kept_source_row": int(kept_row[i]), "run_id": run_id})
+            same = hit & (place == me) & (kept_row == rows_)  # this very row, ingested before: a rerun
+            dup = np.flatnonzero(hit & ~same)
+            report.already_present += int(same.sum())
+            report.duplicates += int(dup.size)
+            if dup.size:
+                where = pl.DataFrame({"code": np.arange(len(index.places), dtype=np.int32),
+                                      "kept_source": [p[0] for p in index.places],
+                                      "kept_shard": [p[1] for p in index.places]})
+                duplicates.append(pl.DataFrame({"pair_id": ok["pair_id"].gather(dup), "source_row": rows_[dup],
+                                                "code": place[dup], "kept_source_row": kept_row[dup]})
+                                  .join(where, on="code", how="left").drop("code"))
             ok = ok.filter(pl.Series(~hit))
             hi, lo, rows_ = hi[~hit], lo[~hit], rows_[~hit]
         report.kept += ok.height
@@ -336,9 +335,13 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
                           quarantined_at=pl.lit(now_utc(), dtype=pl.Datetime("us", "UTC")))
             lake.merge_insert(QUARANTINE, qt.to_arrow(), keys=["shard", "source_row", "stage", "reason", "pair_id"],
                               schema=QUARANTINE_SCHEMA)
-        if duplicates:
-            lake.merge_insert(DUPLICATES, pa.Table.from_pylist(duplicates, DUPLICATES_SCHEMA),
-                              keys=["shard", "source_row", "pair_id"], schema=DUPLICATES_SCHEMA)
+        if duplicates:  # this shard's rows replaced in one commit (a rerun finds the same duplicates): the cost is
+            # the shard's, not the table's, where a MERGE would scan every shard's duplicates so far
+            dups = pl.concat(duplicates, how="diagonal_relaxed").select(
+                source=pl.lit(source), shard=pl.lit(shard), source_row=pl.col("source_row").cast(pl.Int64),
+                pair_id="pair_id", kept_source="kept_source", kept_shard="kept_shard",
+                kept_source_row=pl.col("kept_source_row").cast(pl.Int64), run_id=pl.lit(run_id))
+            lake.replace_where(DUPLICATES, dups.to_arrow(), "shard", shard, schema=DUPLICATES_SCHEMA)
         report.version = lake.version(RAW)
     return report
 
