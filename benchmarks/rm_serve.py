@@ -1,7 +1,8 @@
 """Reward-server throughput: `synpref serve`'s dynamic batching across requests vs per-request batching (the named
 peer: OpenRLHF's `serve_rm`, which scores each request's queries in its own forward(s), one request at a time).
 
-Both are real HTTP servers on 127.0.0.1 around the same RewardScorer (same model, tokenizer, renderer), so only
+Offline scoring of the same sequences (score_texts, batches of --max-batch) is timed in the same run: the server's
+goal is >= 0.8x of it at 32 clients. Both servers are real HTTP servers on 127.0.0.1 around the same RewardScorer (same model, tokenizer, renderer), so only
 the batching policy differs; the peer is a FastAPI app written here after serve_rm's design (a handler that
 scores its request under a lock). C concurrent clients send R requests of S rollouts each (real hh-rlhf
 conversations when ../shared has them, else project-made rows), as a PPO/GRPO trainer's workers do; every answer
@@ -133,7 +134,11 @@ def main() -> None:
         model = str(tmp / "rm")
     rows, origin = rows_for_bench(200, a.data)
     rm = load_reward_model(model)
-    want = score_texts(rm, rows, max_len=a.max_len)
+    want = score_texts(rm, rows, max_len=a.max_len)  # warm-up, and the reference every answer is checked against
+    per = [rows[(k * a.per_request + j) % len(rows)] for k in range(a.requests) for j in range(a.per_request)]
+    t0 = time.perf_counter()
+    score_texts(rm, per, max_len=a.max_len, batch_size=a.max_batch)  # offline: the same sequences, no server
+    offline_seq_s = len(per) / (time.perf_counter() - t0)
     out = {}
     for name in ("synpref serve (dynamic batching)", "per-request batching (OpenRLHF serve_rm policy)"):
         scorer = RewardScorer(rm, a.max_len, Calibration())
@@ -154,7 +159,9 @@ def main() -> None:
     for name, r in out.items():
         print(f"  {name:48s} {r['seq_per_s']:8.1f} seq/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
     ours, peer = out.values()
-    print(f"throughput ratio ours / peer: {ours['seq_per_s'] / peer['seq_per_s']:.2f}x")
+    print(f"  {'offline scoring of the same sequences':48s} {offline_seq_s:8.1f} seq/s")
+    print(f"throughput ratio ours / peer: {ours['seq_per_s'] / peer['seq_per_s']:.2f}x; ours / offline: "
+          f"{ours['seq_per_s'] / offline_seq_s:.2f}x (goal >= 0.8 at 32 clients)")
     print(json.dumps(out))
 
 

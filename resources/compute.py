@@ -62,6 +62,11 @@ class ComputeResource(RayResource):
         if self.get_env_vars_to_inject():
             opts.setdefault("runtime_env", {"env_vars": self.get_env_vars_to_inject()})
         context = ray.init(address=self.ray_address, **opts)
+        import logging
+
+        # Ray Data logs a progress line per operator every few seconds; in a Dagster run log that buries the steps'
+        # own lines (Stage 2 logs one per unit), so only its warnings pass
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         if self.address:  # attached to a cluster: dagster-ray disconnects after the step
             self._context = context
         # a local Ray lives as long as this process: the steps of one in-process run (`synpref demo`) share it

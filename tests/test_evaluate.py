@@ -403,6 +403,11 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
          "response_A": f"answer A{i}", "response_B": f"answer B{i} " + "x" * i, "label": "A>B" if i % 2 else "B>A"}
         for i, s_ in enumerate(["mmlu-pro-law", "livebench-math", "livecodebench", "livebench-reasoning", "mmlu-pro-x"])])
     add_benchmark(jb, home / "benchmarks", "judgebench")
+    rb2 = _jsonl(tmp_path / "src" / "rewardbench2.jsonl", [
+        {"id": str(i), "prompt": f"task {i}", "chosen": [f"right {i}"], "rejected": [f"wrong {i}.{k}" for k in range(3)],
+         "num_correct": 1, "num_incorrect": 3, "total_completions": 4, "models": ["m"] * 4,
+         "subset": "Math" if i < 3 else "Focus"} for i in range(5)])
+    add_benchmark(rb2, home / "benchmarks", "rewardbench2")
     model = build_tiny_decoder(tmp_path / "someone-elses-rm", "qwen3")
     env = {**os.environ, "SYNPREF_HOME": str(home)}
     p = subprocess.run([str(Path(sys.executable).parent / "synpref"), "evaluate", "--model", model,
@@ -449,6 +454,15 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     for p_ in pairs:
         sa, sb = p_["judgments"][0]["judgment"]["scores"]
         assert p_["judgments"][0]["decision"] == ("A>B" if sa > sb else "B>A")
+    # reward-bench v2's per-item file: per subset, the mean of `results` (its run_v2.py) equals the summary
+    cols = json.loads((tmp_path / "out" / "rewardbench2.json").read_text())
+    assert len(cols["id"]) == 5 and all(len(x) == 4 for x in cols["scores"]) and cols["num_correct"] == [1] * 5
+    for sub in ("Math", "Focus"):
+        res_ = [r_ for r_, s_ in zip(cols["results"], cols["subset"]) if s_ == sub]
+        assert summary["rewardbench2"][sub] == pytest.approx(sum(res_) / len(res_), abs=1e-12)
+    for sc, r_ in zip(cols["scores"], cols["results"]):  # reroll_and_score_dataset's rule on the stored scores
+        top = max(sc)
+        assert r_ == ((1 / sum(x == top for x in sc)) if sc[0] == top else 0)
 
 
 def test_bias_diagnostics_length_preference_rank_correlation_and_near_ties():

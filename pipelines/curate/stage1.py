@@ -172,12 +172,14 @@ def run_stage1(lake, cfg: Stage1Config, rms: RewardModels, judging, *, run_id: s
                 splits["gold_test"].select("pair_id"), silver.select("pair_id")]
         if lake.exists(STAGE1_JUDGMENTS):
             used.append(lake.scan(STAGE1_JUDGMENTS).select("pair_id").unique().collect())
-        pool = with_attributes(pool_pairs(lake, "stage1", cfg.stage1_fraction), lake).join(
-            pl.concat(used).lazy(), on="pair_id", how="anti").collect()
-        pool_e, pvecs = embedded(lake, pool.select("pair_id"))
+        # retrieval runs on ids + vectors only; the text (and attributes) is read for the retrieved pairs alone
+        pool_ids = with_attributes(pool_pairs(lake, "stage1", cfg.stage1_fraction, columns=["pair_id"]), lake).select(
+            "pair_id").join(pl.concat(used).lazy(), on="pair_id", how="anti").collect()
+        pool_e, pvecs = embedded(lake, pool_ids)
         val_e, vvecs = embedded(lake, val_p)
         retrieved = retrieve_for_gold(val_e, vvecs, VectorIndex(pool_e["pair_id"].to_list(), pvecs), cfg.k_max)
-        targets = pool.join(retrieved.select("pair_id").unique(), on="pair_id", how="semi")
+        targets = with_attributes(pool_pairs(lake, "stage1", cfg.stage1_fraction).join(
+            retrieved.select("pair_id").unique().lazy(), on="pair_id", how="semi"), lake).collect().sort("pair_id")
         agg = judge_with_exemplars(lake, targets, judging, exemplars, run_id=run_id, context=f"stage1-it{it}",
                                    table=STAGE1_JUDGMENTS)
         new = judged_to_silver(targets, agg, it, judging.prompt.version, cfg.min_agree, cfg.label_origin)

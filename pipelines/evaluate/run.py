@@ -63,7 +63,7 @@ class Evaluation:
     lengths: pl.DataFrame  # per model and benchmark: texts scored whole / history cut / response cut
     leaks: pl.DataFrame
     bias: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=BIAS_SCHEMA))  # bias_diagnostics
-    judgebench: pl.DataFrame | None = None  # JudgeBench's items (350 pairs), for its authors' per-pair file
+    author_items: pl.DataFrame | None = None  # JudgeBench and RewardBench 2 items, for the authors' files
 
 
 def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engine: Engine, *,
@@ -91,8 +91,9 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
     return Evaluation(res, pl.concat(rewards) if rewards else pl.DataFrame(schema=REWARD_SCHEMA), t1, ind,
                       pl.concat(lengths).sort("rm_version", "benchmark") if lengths else pl.DataFrame(),
                       leaks(lake, items), pl.concat(bias) if bias else pl.DataFrame(schema=BIAS_SCHEMA),
-                      items.filter(pl.col("benchmark") == "judgebench").select(
-                          "item_key", "subset", "history", "chosen", "rejected") if items.height else None)
+                      items.filter(pl.col("benchmark").is_in(["judgebench", "rewardbench2"])).select(
+                          "benchmark", "item_key", "section", "subset", "history", "chosen", "rejected")
+                      if items.height else None)
 
 
 def reported_pair_ids(items: pl.DataFrame) -> pl.DataFrame:
@@ -257,7 +258,8 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
     `summary.json` ({benchmark: {section: score}}, fractions, with `overall`, JudgeBench's `overall_official`), and
     `rm-bench.json`: a JSON list of {id, domain, score_chosen: [3], score_rejected: [3]} (styles in the published
     order; domain as in the file names), what RM-Bench's `compute_accuracy` reads; `judgebench.jsonl`: JudgeBench's
-    own per-pair output rows (`_judgebench_lines`)."""
+    own per-pair output rows (`_judgebench_lines`); `rewardbench2.json`: reward-bench v2's per-item scores file
+    (`_rewardbench2_scores`)."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -283,10 +285,37 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
         written.append(out / "rm-bench.json")
         written[-1].write_text(json.dumps(sorted(rows.values(), key=lambda r: (r["domain"], str(r["id"]))), indent=1))
     jb = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "judgebench"))
-    if jb.height and ev.judgebench is not None and ev.judgebench.height:
+    if jb.height and ev.author_items is not None:
         written.append(out / "judgebench.jsonl")
-        written[-1].write_text(_judgebench_lines(ev.judgebench, jb, rm_version))
+        written[-1].write_text(_judgebench_lines(ev.author_items.filter(pl.col("benchmark") == "judgebench"), jb,
+                                                 rm_version))
+    rb2 = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "rewardbench2"))
+    if rb2.height and ev.author_items is not None:
+        written.append(out / "rewardbench2.json")
+        written[-1].write_text(json.dumps(_rewardbench2_scores(ev.author_items.filter(
+            pl.col("benchmark") == "rewardbench2"), rb2, rm_version), indent=4, sort_keys=True))
     return written
+
+
+def _rewardbench2_scores(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: str) -> dict:
+    """reward-bench v2's per-item file (`results/eval-set-scores/<model>.json`, a column dict): per row `scores`
+    (the chosen responses first, then the rejected), `subset`, `id`, `num_correct` and `results` (1/k when the
+    first chosen ties k-1 others at the top, 1 alone, else 0; None for Ties, scored by `process_single_model`)."""
+    from pipelines.evaluate.harness import credit
+
+    r: dict = {}
+    for key, role, idx, reward in rewards.select("item_key", "role", "idx", "reward").iter_rows():
+        r.setdefault(key, {"chosen": {}, "rejected": {}})[role][idx] = reward
+    cols: dict = {"id": [], "subset": [], "scores": [], "num_correct": [], "results": []}
+    for key, section in items.select("item_key", "section").iter_rows():
+        good = [r[key]["chosen"][i] for i in sorted(r[key]["chosen"])]
+        bad = [r[key]["rejected"][i] for i in sorted(r[key]["rejected"])]
+        cols["id"].append(key)
+        cols["subset"].append(section)
+        cols["scores"].append([*good, *bad])
+        cols["num_correct"].append(len(good))
+        cols["results"].append(None if section == "Ties" else credit("rewardbench2", good, bad))
+    return {**cols, "model": rm_version, "model_type": "Seq. Classifier", "chat_template": None}
 
 
 def _judgebench_lines(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: str) -> str:

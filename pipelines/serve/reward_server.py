@@ -64,7 +64,7 @@ class RewardScorer:
     """Encodes and scores one batch of items (run in the batcher's worker thread, off the event loop). An item is
     ("chat", history, response) or ("text", rendered conversation)."""
 
-    def __init__(self, rm, max_len: int, calibration: Calibration, batch_tokens: int = 16384):
+    def __init__(self, rm, max_len: int, calibration: Calibration, batch_tokens: int = 4096):
         from pipelines.rm.data import LengthPolicy, Renderer
         from pipelines.rm.score import model_context
 
