@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,11 +25,7 @@ from fastapi import Request  # module level: FastAPI resolves the handler's anno
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port, serve_in_thread  # noqa: E402
 
 
 def fixed_latency_app(latency: float):
@@ -52,20 +46,6 @@ def fixed_latency_app(latency: float):
                 "usage": {"prompt_tokens": len(body["messages"][0]["content"]) // 4, "completion_tokens": 12}}
 
     return app, seen
-
-
-def serve(app, port: int):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           limit_concurrency=4096, backlog=4096))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline
-        time.sleep(0.02)
-    return server, t
 
 
 def main() -> None:
@@ -89,7 +69,7 @@ def main() -> None:
     for e in range(a.endpoints):
         app, seen = fixed_latency_app(a.latency)
         port = free_port()
-        servers.append((serve(app, port), seen))
+        servers.append((serve_in_thread(app, port, limit_concurrency=4096, backlog=4096), seen))
         backends.append(OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1", model=f"judge-{e}",
                                       concurrency=a.concurrency, structured=False))
     pairs = pl.DataFrame(synth_rows(a.pairs, seed=2)).unique("pair_id").with_columns(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,12 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.serve.reward_server import RewardRequest  # noqa: E402  (the peer's body type, resolved by FastAPI)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port, serve_in_thread  # noqa: E402
 
 
 def peer_app(scorer):
@@ -49,19 +43,6 @@ def peer_app(scorer):
         return {"data": [{"index": i, "reward": s.reward} for i, s in enumerate(out)]}
 
     return app
-
-
-def serve_in_thread(app, port: int):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and t.is_alive(), "server did not start"
-        time.sleep(0.05)
-    return server, t
 
 
 def load(url: str, rows, want, clients: int, requests: int, per: int) -> dict:

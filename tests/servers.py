@@ -34,3 +34,20 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def serve_in_thread(app, port: int, timeout: float = 60, **config):
+    """An ASGI app under uvicorn on 127.0.0.1:`port` in a daemon thread; returns (server, thread) once it listens
+    (uvicorn's own `started` flag, polled with a bound). Stop with `server.should_exit = True; thread.join()`."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + timeout
+    while not server.started:
+        assert time.time() < deadline and t.is_alive(), "server did not start"
+        time.sleep(0.02)
+    return server, t

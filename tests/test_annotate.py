@@ -276,11 +276,10 @@ def _latency_server(latency: float):
     most requests it held at once (across every model)."""
     import asyncio as aio
 
-    import uvicorn
     from fastapi import FastAPI
     from starlette.requests import Request as HTTPRequest
 
-    from tests.servers import free_port
+    from tests.servers import free_port, serve_in_thread
 
     app, state = FastAPI(), {"now": 0, "max": 0, "n": 0}
 
@@ -296,16 +295,7 @@ def _latency_server(latency: float):
 
     app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    started = threading.Event()
-    for _ in range(600):  # bounded wait for the server's own started flag
-        if server.started:
-            started.set()
-            break
-        t.join(0.05)
-    assert started.is_set()
+    server, _ = serve_in_thread(app, port)
     return f"http://127.0.0.1:{port}/v1", state, server
 
 
