@@ -121,8 +121,8 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
     folder = Path(config.benchmarks_dir) if config.benchmarks_dir else home() / "benchmarks"
     items = evaluation_items(lake, folder)
     refs = models_to_evaluate(lake, list(CATALOG), mlflow_store.uri, home() / "model_cache")
-    ev = evaluate_models(lake, items, refs, compute.make_engine(max_len=config.max_len_cap),
-                         max_len_cap=config.max_len_cap)
+    engine = compute.make_engine(max_len=config.max_len_cap)
+    ev = evaluate_models(lake, items, refs, engine, max_len_cap=config.max_len_cap)
     v = write_evaluation(lake, ev)
     report = write_report(ev, home() / "reports", md_table, plt)
     with tracking.run(mlflow_store.uri, mlflow_store.experiment, "rm-evaluation", mlflow_store.artifacts,
@@ -142,7 +142,7 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
         "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
         "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "biases": dg.MetadataValue.md(md_table(ev.bias)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
         "report": dg.MetadataValue.path(str(report)), "models": len(refs), "items": items.height,
-        "rewards_table": RM_REWARDS, "delta_version": v})
+        "rewards_table": RM_REWARDS, "delta_version": v, "engine": engine.describe()})
     yield dg.AssetCheckResult(check_name="no_leaks", passed=ev.leaks.height == 0,
                               metadata={"leaked_pairs": ev.leaks.height,
                                         "by_model": dg.MetadataValue.json(

@@ -148,8 +148,9 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
 
     lake = Lake(default_lake_root())
     folder = Path(args.benchmarks_dir) if args.benchmarks_dir else home() / "benchmarks"
+    engine = InProcessEngine(max_len=args.max_len)
     try:
-        ev, rm_version = evaluate_external(lake, args.model, InProcessEngine(max_len=args.max_len),
+        ev, rm_version = evaluate_external(lake, args.model, engine,
                                            name=args.name, benchmarks_dir=folder,
                                            tracking_uri=args.mlflow_uri or default_mlflow_uri(),
                                            cache_root=home() / "model_cache", max_len_cap=args.max_len,
@@ -158,7 +159,7 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(f"refused: {e}") from None
     report = write_report(evaluation_so_far(lake, ev), home() / "reports", md_table, plt)
     overall = ev.results.filter(ev.results["section"] == "overall").select("benchmark", "score", "n", "truncated")
-    print(f"{rm_version} (engine: transformers in this process, max_len <= {args.max_len}):")
+    print(f"{rm_version} (engine: {engine.describe()}, max_len <= {args.max_len}):")
     for b, score, n, cut in overall.iter_rows():
         print(f"  {b:16s} {score:.4f}  ({n} items, {cut} with a text cut)")
     print(table1_text(evaluation_so_far(lake, ev), md_table))

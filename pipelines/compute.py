@@ -72,6 +72,8 @@ class Engine(Protocol):
 
     def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray: ...
 
+    def describe(self) -> str: ...
+
 
 def _load_rm(path: str, device: str):
     """fp32 on CPU; bf16 on GPUs (half the memory and the bandwidth; scoring needs no fp32 accumulation outside
@@ -131,6 +133,11 @@ class InProcessEngine:
                 del rm
                 self.release(ref.rm_version)
         return out
+
+    def describe(self) -> str:
+        """What scored the texts, as the evaluation report names it."""
+        return (f"transformers AutoModelForSequenceClassification in one process ({self.device}, "
+                f"{'bf16' if self.device.startswith('cuda') else 'fp32'}, {self.batch_size} sequences a forward)")
 
     def release(self, rm_version: str) -> None:
         """Drop a loaded model (and its GPU memory)."""
@@ -310,6 +317,13 @@ class RayEngine:
         return {name: wide.select("text_key", *(pl.col(f"m{k}__{c}").alias(c) for c in TEXT_COLUMNS
                                                 if c != "text_key")).cast(TEXT_COLUMNS)
                 for k, name in enumerate(models)}
+
+    def describe(self) -> str:
+        """What scored the texts, as the evaluation report names it."""
+        actors = (f"{self.actors} actor(s)" if self.actors else f"actors sized to {self.gpus_total:g} GPU(s)")
+        where = (f"{self.gpus_per_actor:g} GPU each, bf16" if self.gpus_per_actor > 0 else "CPU, fp32")
+        return (f"transformers AutoModelForSequenceClassification on Ray Data actor pools ({actors} a model, {where}, "
+                f"{self.batch_size} sequences a forward)")
 
     def _cpus_per_actor(self, pools: int, reserve: float = 0.0) -> float:
         """CPU actors share the machine when several pools must run at once (each needs >= 1 actor); `reserve`

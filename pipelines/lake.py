@@ -179,11 +179,11 @@ class Lake:
         return self.version(table)  # type: ignore[return-value]
 
     def replace_where(self, table: str, data: pl.DataFrame | pa.Table, column: str, value: str | int | list,
-                      schema: pa.Schema | None = None) -> int:
+                      schema: pa.Schema | None = None, schema_mode: str | None = None) -> int:
         """Replace the rows with `column == value` (or `column IN value` for a list) by `data` in one commit
         (idempotent per value, and it costs the rows of that value, not the table: Delta skips files whose
         statistics cannot match). An empty `data` removes them. This is how a shard-at-a-time stage commits a
-        shard."""
+        shard. `schema_mode="merge"` lets `data` add a column (older rows read it as null)."""
         arrow = self._arrow(data, schema)
         if not self.exists(table):
             return self.append(table, arrow)
@@ -193,7 +193,7 @@ class Lake:
 
         predicate = (f"{column} IN ({', '.join(lit(v) for v in value)})" if isinstance(value, list)
                      else f"{column} = {lit(value)}")
-        write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=predicate,
+        write_deltalake(self.uri(table), arrow, mode="overwrite", predicate=predicate, schema_mode=schema_mode,
                         storage_options=self.storage_options)
         return self.version(table)  # type: ignore[return-value]
 

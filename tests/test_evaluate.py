@@ -132,11 +132,11 @@ def test_judgebench_categories_from_source_paper_mean_and_official_weighted(tmp_
     assert got[("judgebench", "knowledge")] == pytest.approx(2 / 3)
     assert got[("judgebench", "overall")] == pytest.approx((2 / 3 + 1 + 0 + 1) / 4)  # the paper's unweighted mean
     assert got[("judgebench", "overall_official")] == pytest.approx(4 / 6)  # the official sample-weighted score
-    # ties, as the authors' reward-model judges decide them ('A>B' if score_A > score_B else 'B>A'): a tie is
-    # right exactly when the label is B>A
+    # ties, as the authors score reward models (two games, the second flipped back): game 1 says B>A, game 2 says
+    # B>A on (B, A), i.e. A>B; the votes cancel, a tie, which compute_final_metrics does not count right, whatever
+    # the label
     tied = _score(items, {k: 0.5 for k in rewards})
-    assert tied[("judgebench", "overall_official")] == pytest.approx(3 / 6)  # j1, j3, j5 are labelled B>A
-    assert tied[("judgebench", "knowledge")] == pytest.approx(1 / 3)  # law A>B (wrong), math B>A (right), bio A>B
+    assert tied[("judgebench", "overall_official")] == 0.0 and tied[("judgebench", "knowledge")] == 0.0
 
 
 def test_ppe_and_rmb_layouts(tmp_path):
@@ -426,6 +426,9 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     assert lineage.height == 1 and lineage["partition"][0] == model  # the lineage names the external model
     report = (home / "reports" / "rm_evaluation.md").read_text()
     assert "external:theirs" in report and "leak check does not cover" in report
+    # the engine that scored it is named in the report and in its rows
+    assert "## Engine" in report and "transformers AutoModelForSequenceClassification in one process (cpu, fp32" in report
+    assert res["engine"].unique().to_list() == [res["engine"][0]] and "in one process" in res["engine"][0]
     # the authors' formats: RM-Bench's accuracy rule (3x3 matrix of chosen style i beating rejected style j;
     # hard = above the diagonal, normal = the diagonal, easy = below), computed from rm-bench.json alone, equals
     # the summary exactly
@@ -446,14 +449,23 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     got = summary["rm-bench"]
     assert (got["chat:hard"], got["chat:normal"], got["chat:easy"]) == pytest.approx((hard, normal, easy), abs=1e-12)
     assert got["overall"] == pytest.approx((hard + normal + easy) / 3, abs=1e-12)
-    # JudgeBench's own rows: its compute_final_metrics rule (decision == label, pooled) equals overall_official
+    # JudgeBench's own rows, both games as run_judge.py writes them by default: its compute_final_metrics rule
+    # (reverse_order: game 2 flipped back, votes netted, ties not right) recomputed from the file equals
+    # overall_official exactly
     pairs = [json.loads(x) for x in (tmp_path / "out" / "judgebench.jsonl").read_text().splitlines()]
-    assert len(pairs) == 5 and all(p_["judge_name"] == "reward_model" for p_ in pairs)
-    official = sum(p_["judgments"][0]["decision"] == p_["label"] for p_ in pairs) / len(pairs)
-    assert summary["judgebench"]["overall_official"] == pytest.approx(official, abs=1e-12)
+    assert len(pairs) == 5 and all(p_["judge_name"] == "reward_model" and len(p_["judgments"]) == 2 for p_ in pairs)
+    flip = {"A>B": "B>A", "B>A": "A>B"}
+    right = 0
     for p_ in pairs:
-        sa, sb = p_["judgments"][0]["judgment"]["scores"]
-        assert p_["judgments"][0]["decision"] == ("A>B" if sa > sb else "B>A")
+        g1, g2 = p_["judgments"]
+        assert g2["judgment"]["scores"] == g1["judgment"]["scores"][::-1]  # game 2 judges (B, A)
+        for g in (g1, g2):
+            sa, sb = g["judgment"]["scores"]
+            assert g["decision"] == ("A>B" if sa > sb else "B>A")
+        votes = sum(+1 if d == p_["label"] else -1 if d == flip[p_["label"]] else 0
+                    for d in (g1["decision"], flip[g2["decision"]]))
+        right += votes > 0
+    assert summary["judgebench"]["overall_official"] == pytest.approx(right / len(pairs), abs=1e-12)
     # reward-bench v2's per-item file: per subset, the mean of `results` (its run_v2.py) equals the summary
     cols = json.loads((tmp_path / "out" / "rewardbench2.json").read_text())
     assert len(cols["id"]) == 5 and all(len(x) == 4 for x in cols["scores"]) and cols["num_correct"] == [1] * 5

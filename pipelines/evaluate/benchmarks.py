@@ -125,8 +125,8 @@ def _judgebench(row, i, f):
         raise BenchmarkFormatError(f"JudgeBench source {source!r}: expected mmlu-pro-*, livebench-reasoning, "
                                    "livebench-math or livecodebench")
     good, bad = (row["response_A"], row["response_B"]) if label == "A>B" else (row["response_B"], row["response_A"])
-    # the label travels in `subset`: JudgeBench's reward-model judges decide 'A>B' if score_A > score_B else 'B>A',
-    # so a tie is right exactly when the label is B>A (harness.credit)
+    # the label travels in `subset`: the per-pair file for JudgeBench's own script (run.py `_judgebench_lines`) puts
+    # the responses back in their published A/B order
     return [_item("judgebench", cat, f"{label}:{source}", _user(row["question"]), [good], [bad],
                   str(row.get("pair_id", i)))]
 

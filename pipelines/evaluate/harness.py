@@ -17,8 +17,11 @@ Scores (the spec is the authors' code; see README "Evaluation"):
 - rm-bench (THU-KEG/RM-Bench `compute_accuracy`): per domain a 3x3 matrix acc[i][j] = P(chosen style i > rejected
   style j); hard = mean of i<j, normal = the diagonal, easy = i>j; safety-refuse and safety-response are one safety
   domain; a domain = mean(easy, normal, hard); overall = mean of the domains.
-- judgebench (ScalerLab/JudgeBench `compute_final_metrics`, reward-model judges in `utils/judges.py`): decision 'A>B'
-  if reward(A) > reward(B) else 'B>A', right when it equals the label (so a tie is right iff the label is B>A); per
+- judgebench (ScalerLab/JudgeBench `compute_final_metrics`, reward-model judges in `utils/judges.py`): each pair is
+  judged in both orders (run_judge.py's default; the authors' published reward-model outputs carry both games), a
+  game's decision 'A>B' if its first score is higher else 'B>A', the second game flipped back; a pair is right when
+  the votes net positive. A reward model's two games agree unless the rewards tie, and a tie nets zero (a tie, not
+  right): right iff reward(correct) > reward(other); per
   category (knowledge = mmlu-pro-*, reasoning, math, coding) accuracy; overall = the unweighted mean of the four (as
   the SynPref paper's Table 1 reports it); `overall_official` = the pooled accuracy the official script prints.
 - ppe-preference: accuracy on the human vote, pooled over every vote with a winner (PPE's accuracy; the per-language
@@ -81,8 +84,6 @@ def score_items(items: pl.DataFrame, score_texts: Callable[[pl.DataFrame], pl.Da
 
 def credit(bench: str, good: list[float], bad: list[float], subset: str = "") -> float:
     """One item's credit under its benchmark's rule (see the module docstring)."""
-    if bench == "judgebench" and subset.startswith("B>A"):  # the authors' decision on a tie is B>A
-        return float(good[0] >= bad[0])
     if bench == "rewardbench2":
         scores = np.array([good[0], *bad])
         top = scores.max()

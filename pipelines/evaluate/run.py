@@ -68,8 +68,10 @@ class Evaluation:
 
 def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engine: Engine, *,
                     max_len_cap: int = 4096) -> Evaluation:
-    """Score `items` (benchmark items incl. gold_test) under every model, once per distinct text per model."""
+    """Score `items` (benchmark items incl. gold_test) under every model, once per distinct text per model. Each
+    result row names the engine that scored it (`engine`: the report shows it per model)."""
     results, rewards, lengths, bias = [], [], [], []
+    engine_name = engine.describe()
     models = {ref.rm_version: (ref, model_max_len(ref, max_len_cap)) for ref in refs}
     resp_all = responses(items) if items.height else None
     texts = resp_all.unique("text_key", keep="first").select("text_key", "history", "response") if refs else None
@@ -77,7 +79,7 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
     for ref in refs:
         max_len = models[ref.rm_version][1]
         scored, resp = score_items(items, lambda _texts, v=ref.rm_version: by_model[v], resp_all)
-        results.append(aggregate(scored, ref.rm_version, max_len))
+        results.append(aggregate(scored, ref.rm_version, max_len).with_columns(engine=pl.lit(engine_name)))
         bias.append(bias_diagnostics(resp, ref.rm_version))
         rewards.append(resp.select(pl.lit(ref.rm_version).alias("rm_version"), "benchmark", "item_key", "role", "idx",
                                    "reward", "tokens", "truncated").cast(REWARD_SCHEMA))
@@ -86,7 +88,7 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
             history_cut=(pl.col("truncated") == "history").sum(),
             response_cut=(pl.col("truncated") == "response").sum()).with_columns(
             rm_version=pl.lit(ref.rm_version), max_len=pl.lit(max_len)))
-    res = pl.concat(results) if results else pl.DataFrame(schema=RESULT_SCHEMA)
+    res = pl.concat(results) if results else pl.DataFrame(schema={**RESULT_SCHEMA, "engine": pl.String})
     t1, ind = table1(res, REAL_BENCHMARKS) if res.height else (pl.DataFrame(), pl.DataFrame())
     return Evaluation(res, pl.concat(rewards) if rewards else pl.DataFrame(schema=REWARD_SCHEMA), t1, ind,
                       pl.concat(lengths).sort("rm_version", "benchmark") if lengths else pl.DataFrame(),
@@ -116,11 +118,12 @@ def leaks(lake: Lake, items: pl.DataFrame) -> pl.DataFrame:
 
 
 def write_evaluation(lake: Lake, ev: Evaluation) -> int:
-    """Each model's rows replace its earlier ones (one commit per model and table)."""
+    """Each model's rows replace its earlier ones (one commit per model and table). A table written before rows
+    named their engine gains the column (its older rows read null: "not recorded" in the report)."""
     v = 0
     for rm_version in ev.results["rm_version"].unique().to_list():
         v = lake.replace_where(RM_EVALUATION, ev.results.filter(pl.col("rm_version") == rm_version).to_arrow(),
-                               "rm_version", rm_version)
+                               "rm_version", rm_version, schema_mode="merge")
         lake.replace_where(RM_REWARDS, ev.rewards.filter(pl.col("rm_version") == rm_version).to_arrow(),
                            "rm_version", rm_version)
     return v
@@ -136,8 +139,17 @@ def table1_text(ev: Evaluation, md_table) -> str:
             "re-materialize rm_evaluation. gold_test below is scored either way._")
 
 
+def engines_of(results: pl.DataFrame) -> pl.DataFrame:
+    """rm_version -> the engine that scored it (rows written before engines were recorded: "not recorded")."""
+    if results.height == 0:
+        return pl.DataFrame(schema={"rm_version": pl.String, "engine": pl.String})
+    eng = pl.col("engine") if "engine" in results.columns else pl.lit(None, pl.String)
+    return results.select("rm_version", engine=eng.fill_null("not recorded")).unique().sort("rm_version")
+
+
 def report_markdown(ev: Evaluation, md_table) -> str:
-    per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort("rm_version", "benchmark", "section")
+    per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort("rm_version", "benchmark", "section"
+                                                                               ).drop("engine", strict=False)
     leak_line = ("No reported pair was trained or selected on by any registered RM."
                  if ev.leaks.height == 0 else f"**{ev.leaks.height} reported pairs leak** (see the leaks table).")
     external = sorted(v for v in ev.results["rm_version"].unique().to_list() if v.startswith("external:")) \
@@ -161,6 +173,10 @@ def report_markdown(ev: Evaluation, md_table) -> str:
         "shorter one (characters; a large gap is a length bias), Spearman correlation of reward with response "
         "length, and the share of comparisons decided by less than 1% of the model's reward spread.",
         md_table(ev.bias) if ev.bias.height else "_no comparisons scored_",
+        "## Engine: what scored each model",
+        "Every model is scored through the same renderer and length policy; this names the runtime and precision "
+        "(an engine's numerics can move a near-tie).",
+        md_table(engines_of(ev.results)),
         "## Leaks", leak_line,
         "## Per section",
         md_table(per),
@@ -319,14 +335,20 @@ def _rewardbench2_scores(items: pl.DataFrame, rewards: pl.DataFrame, rm_version:
 
 
 def _judgebench_lines(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: str) -> str:
-    """JudgeBench's own output rows (ScalerLab/JudgeBench `run_judge.py` with a reward-model judge): the pair's
-    fields plus `judge_name` and `judgments: [{judgment: {judge_model, scores: [score_A, score_B]}, decision}]`,
-    decision 'A>B' if score_A > score_B else 'B>A' as its reward-model judges decide; `compute_final_metrics`
-    re-scores the file (renamed to its `dataset=judgebench,...,judge_model=...` convention, run_judge.py skips
-    judging and prints the metrics)."""
+    """JudgeBench's own output rows as `run_judge.py` writes them for a reward-model judge in its default two-game
+    mode (the shape of the authors' published reward-model outputs): the pair's fields plus `judge_name` and
+    `judgments`, game 1 on (A, B) and game 2 on (B, A), each `{judgment: {judge_model, prompt, response, scores:
+    [first, second]}, decision}` with decision 'A>B' if the first score is higher else 'B>A'.
+    `compute_final_metrics` re-scores the file (renamed to its `dataset=judgebench,...,judge_model=...`
+    convention, run_judge.py skips judging and prints the metrics); with `--single_game` it reads game 1 alone."""
     import json
 
     r = {(k, role): v for k, role, v in rewards.select("item_key", "role", "reward").iter_rows()}
+
+    def game(first: float, second: float) -> dict:
+        return {"judgment": {"judge_model": rm_version, "prompt": "", "response": "", "scores": [first, second]},
+                "decision": "A>B" if first > second else "B>A"}
+
     lines = []
     for key, subset, history, chosen, rejected in items.select("item_key", "subset", "history", "chosen",
                                                                "rejected").iter_rows():
@@ -337,6 +359,5 @@ def _judgebench_lines(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: st
         lines.append(json.dumps({
             "pair_id": key, "source": source, "question": history[-1]["content"] if history else "",
             "response_A": ra, "response_B": rb, "label": label, "judge_name": "reward_model",
-            "judgments": [{"judgment": {"judge_model": rm_version, "scores": [sa, sb]},
-                           "decision": "A>B" if sa > sb else "B>A"}]}))
+            "judgments": [game(sa, sb), game(sb, sa)]}, ensure_ascii=False))
     return "\n".join(lines) + "\n"
