@@ -150,3 +150,27 @@ def test_a_stated_preference_strength_is_carried_as_margin_and_never_guessed(lak
     assert gaps == {"Blue.|A car.": 6.5, "Blue.|Red!": 2.0, "Red!|A car.": 4.5}
     t = dict(zip(raw.filter(pl.col("source") == "trl")["chosen"], raw.filter(pl.col("source") == "trl")["margin"]))
     assert t == {"Hello!": 1.5, "Hey.": None}
+
+
+def test_jsonl_batches_keep_row_numbers_through_blank_indented_crlf_and_unterminated_lines(tmp_path):
+    """The clean path cuts batches from bytes (no per-line Python); a blank, whitespace-only or indented line, a
+    CRLF line, a stray CR inside a line and a last line without a newline must still give one row per line, with
+    its own row number, and a blank line must be reported, never skipped."""
+    from pipelines.ingest.readers import iter_jsonl, read_ahead
+
+    lines = [json.dumps({"k": i}) for i in range(10)]
+    lines[3] = ""  # blank
+    lines[5] = "   "  # whitespace only
+    lines[6] = ' {"k": 6}'  # valid JSON with a leading space
+    lines[7] = '{"k": 7}\r'  # CRLF line ending
+    lines[8] = '{"k": "a\rb"}'  # a stray CR inside a line (JSON allows none raw: undecodable, own row)
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes("\n".join(lines).encode())  # no newline after the last line
+    for batch_size, chunk in ((4, 1 << 26), (3, 16), (100, 1 << 26)):
+        rows = {}
+        for b in read_ahead(iter_jsonl(str(path), batch_size=batch_size, chunk_bytes=chunk)):
+            for r in b.as_records():
+                rows[r.row] = r
+        assert sorted(rows) == list(range(10)), (batch_size, chunk)
+        assert rows[3].record is None and rows[5].record is None and rows[8].record is None
+        assert [rows[i].record["k"] for i in (0, 1, 2, 4, 6, 7, 9)] == [0, 1, 2, 4, 6, 7, 9]

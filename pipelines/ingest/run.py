@@ -23,7 +23,7 @@ import polars as pl
 from pipelines.ingest.checks import Reason, RowError, check_frame
 from pipelines.ingest.decontaminate import NgramIndex
 from pipelines.ingest.formats import PARSERS, ParseStats, apply_mapping, detect_format
-from pipelines.ingest.readers import RawRecord, iter_batches
+from pipelines.ingest.readers import RawRecord, iter_batches, read_ahead
 from pipelines.lake import Lake, now_utc
 from pipelines.schema import (DUPLICATES_SCHEMA, HISTORY_DTYPE, QUARANTINE_SCHEMA, RAW_PAIRS_SCHEMA, LabelOrigin,
                              pair_ids)
@@ -237,7 +237,7 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
     writer = ThreadPoolExecutor(max_workers=1)
     pending: Future | None = None
 
-    for batch in iter_batches(path, batch_size):
+    for batch in read_ahead(iter_batches(path, batch_size)):
         report.rows_read += len(batch)
         bad_rows: list[dict[str, Any]] = []
         cands = None
