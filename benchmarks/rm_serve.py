@@ -2,11 +2,13 @@
 peer: OpenRLHF's `serve_rm`, which scores each request's queries in its own forward(s), one request at a time).
 
 Offline scoring of the same sequences (score_texts, batches of --max-batch) is timed in the same run: the server's
-goal is >= 0.8x of it at 32 clients. Both servers are real HTTP servers on 127.0.0.1 around the same RewardScorer (same model, tokenizer, renderer), so only
-the batching policy differs; the peer is a FastAPI app written here after serve_rm's design (a handler that
-scores its request under a lock). C concurrent clients send R requests of S rollouts each (real hh-rlhf
-conversations when ../shared has them, else project-made rows), as a PPO/GRPO trainer's workers do; every answer
-is checked against offline scoring. Prints sequences/s, p50/p99 latency and the ratio.
+goal is >= 0.8x of it at 32 clients. Each server is its own process, as deployed (`synpref serve` itself; the peer
+a FastAPI app written here after serve_rm's design, a handler that scores its request under a lock, started by
+this script with --peer-server), around the same model, tokenizer and renderer, so only the batching policy
+differs; with --in-thread both run inside the client process instead (what earlier records measured). C concurrent
+clients send R requests of S rollouts each (real hh-rlhf conversations when ../shared has them, else project-made
+rows), as a PPO/GRPO trainer's workers do; every answer is checked against offline scoring. Prints sequences/s,
+p50/p99 latency and the ratios.
 
     python benchmarks/rm_serve.py --clients 32 --requests 512 --per-request 1 --model DIR
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.serve.reward_server import RewardRequest  # noqa: E402  (the peer's body type, resolved by FastAPI)
-from tests.servers import free_port, serve_in_thread  # noqa: E402
+from tests.servers import free_port, serve_in_thread, stop, wait_http  # noqa: E402
 
 
 def peer_app(scorer):
@@ -43,6 +47,23 @@ def peer_app(scorer):
         return {"data": [{"index": i, "reward": s.reward} for i, s in enumerate(out)]}
 
     return app
+
+
+def serve_peer(model: str, max_len: int, port: int) -> None:
+    """The peer in its own process, as `synpref serve` runs in its own."""
+    import uvicorn
+
+    from pipelines.rm.calibration import Calibration
+    from pipelines.rm.model import load_reward_model
+    from pipelines.serve.reward_server import RewardScorer
+
+    app = peer_app(RewardScorer(load_reward_model(model), max_len, Calibration()))
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def load(url: str, rows, want, clients: int, requests: int, per: int) -> dict:
@@ -99,7 +120,11 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--data", choices=["hh", "synth"], default="hh",
                     help="hh: real hh-rlhf conversations (~100-500 tokens); synth: short project-made rows (~40)")
+    ap.add_argument("--in-thread", action="store_true", help="servers in this process (as earlier records)")
+    ap.add_argument("--peer-server", type=int, default=0, help=argparse.SUPPRESS)  # internal: serve the peer
     a = ap.parse_args()
+    if a.peer_server:
+        return serve_peer(a.model, a.max_len, a.peer_server)
     from pipelines.rm.calibration import Calibration
     from pipelines.rm.model import load_reward_model, save_reward_model
     from pipelines.rm.score import score_texts
@@ -122,21 +147,34 @@ def main() -> None:
     offline_seq_s = len(per) / (time.perf_counter() - t0)
     out = {}
     for name in ("synpref serve (dynamic batching)", "per-request batching (OpenRLHF serve_rm policy)"):
-        scorer = RewardScorer(rm, a.max_len, Calibration())
-        cfg = ServeConfig(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=100_000, max_len=a.max_len,
-                          name="bench")
-        app = (create_app(scorer, cfg, calibration=Calibration(), max_len=scorer.max_len) if name.startswith("synpref")
-               else peer_app(scorer))
+        ours = name.startswith("synpref")
         port = free_port()
-        server, t = serve_in_thread(app, port)
+        if a.in_thread:
+            scorer = RewardScorer(rm, a.max_len, Calibration())
+            cfg = ServeConfig(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=100_000,
+                              max_len=a.max_len, name="bench")
+            app = create_app(scorer, cfg, calibration=Calibration(), max_len=scorer.max_len) if ours \
+                else peer_app(scorer)
+            server, t = serve_in_thread(app, port)
+            stop_server = lambda server=server, t=t: (setattr(server, "should_exit", True), t.join(60))  # noqa: E731
+        else:
+            cmd = ([sys.executable, "-m", "jobs.cli", "serve", "--model", model, "--port", str(port), "--max-len",
+                    str(a.max_len), "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms),
+                    "--max-queue", "100000", "--name", "bench"] if ours else
+                   [sys.executable, __file__, "--peer-server", str(port), "--model", model, "--max-len", str(a.max_len)])
+            log = Path(tempfile.mkdtemp(prefix="serve-log-")) / "server.log"
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+            wait_http(f"http://127.0.0.1:{port}/health", [proc], log, timeout=180)
+            stop_server = lambda proc=proc: stop([proc])  # noqa: E731
         try:
             load(f"http://127.0.0.1:{port}", rows, want, 4, 16, a.per_request)  # warm-up
             out[name] = load(f"http://127.0.0.1:{port}", rows, want, a.clients, a.requests, a.per_request)
         finally:
-            server.should_exit = True
-            t.join(60)
+            stop_server()
     print(f"{a.clients} clients x {a.requests} requests of {a.per_request} rollout(s), {origin}, max_len {a.max_len}, "
-          f"model {Path(model).name}")
+          f"model {Path(model).name}, servers {'in the client process' if a.in_thread else 'each in its own process'}")
     for name, r in out.items():
         print(f"  {name:48s} {r['seq_per_s']:8.1f} seq/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
     ours, peer = out.values()
