@@ -408,6 +408,13 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
          "num_correct": 1, "num_incorrect": 3, "total_completions": 4, "models": ["m"] * 4,
          "subset": "Math" if i < 3 else "Focus"} for i in range(5)])
     add_benchmark(rb2, home / "benchmarks", "rewardbench2")
+    rmb = _json_list(tmp_path / "src" / "rmb_pairwise.json", [
+        {"pair_uid": str(9218 + i), "category_path": f"Pairwise_set/{goal}/Chat/Casual Conversation",
+         "subset": "Chat", "conversation_input": [{"role": "user", "content": f"tell me {i}", "language": "en"}],
+         "chosen": {"llm_name": "a", "answer": f"a kind reply {i} " + "y" * i},
+         "reject": {"llm_name": "b", "answer": f"go away {i}"}}
+        for i, goal in enumerate(["Helpfulness"] * 4 + ["Harmlessness"] * 3)])
+    add_benchmark(rmb, home / "benchmarks", "rmb")
     model = build_tiny_decoder(tmp_path / "someone-elses-rm", "qwen3")
     env = {**os.environ, "SYNPREF_HOME": str(home)}
     p = subprocess.run([str(Path(sys.executable).parent / "synpref"), "evaluate", "--model", model,
@@ -472,6 +479,16 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     for sub in ("Math", "Focus"):
         res_ = [r_ for r_, s_ in zip(cols["results"], cols["subset"]) if s_ == sub]
         assert summary["rewardbench2"][sub] == pytest.approx(sum(res_) / len(res_), abs=1e-12)
+    # RMB's result list (my_run_rm.py's rows): is_correct by its rule, and per goal the mean of is_correct equals
+    # the summary's section
+    rmb_rows = json.loads((tmp_path / "out" / "rmb.json").read_text())
+    assert len(rmb_rows) == 7 and {r_["pair_uid"] for r_ in rmb_rows} == {str(9218 + i) for i in range(7)}
+    for goal in ("Helpfulness", "Harmlessness"):
+        mine = [r_ for r_ in rmb_rows if r_["category_path"].startswith(f"Pairwise_set/{goal}/")]
+        assert all(r_["is_correct"] == int(r_["chosen_reward"] > r_["reject_reward"]) for r_ in mine)
+        assert summary["rmb"][f"pairwise:{goal}"] == pytest.approx(sum(r_["is_correct"] for r_ in mine) / len(mine),
+                                                                   abs=1e-12)
+    assert rmb_rows[0]["category_path"] == "Pairwise_set/Helpfulness/Chat/Casual Conversation"
     for sc, r_ in zip(cols["scores"], cols["results"]):  # reroll_and_score_dataset's rule on the stored scores
         top = max(sc)
         assert r_ == ((1 / sum(x == top for x in sc)) if sc[0] == top else 0)

@@ -63,7 +63,7 @@ class Evaluation:
     lengths: pl.DataFrame  # per model and benchmark: texts scored whole / history cut / response cut
     leaks: pl.DataFrame
     bias: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=BIAS_SCHEMA))  # bias_diagnostics
-    author_items: pl.DataFrame | None = None  # JudgeBench and RewardBench 2 items, for the authors' files
+    author_items: pl.DataFrame | None = None  # JudgeBench, RewardBench 2 and RMB items, for the authors' files
 
 
 def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engine: Engine, *,
@@ -93,7 +93,7 @@ def evaluate_models(lake: Lake, items: pl.DataFrame, refs: list[ModelRef], engin
     return Evaluation(res, pl.concat(rewards) if rewards else pl.DataFrame(schema=REWARD_SCHEMA), t1, ind,
                       pl.concat(lengths).sort("rm_version", "benchmark") if lengths else pl.DataFrame(),
                       leaks(lake, items), pl.concat(bias) if bias else pl.DataFrame(schema=BIAS_SCHEMA),
-                      items.filter(pl.col("benchmark").is_in(["judgebench", "rewardbench2"])).select(
+                      items.filter(pl.col("benchmark").is_in(["judgebench", "rewardbench2", "rmb"])).select(
                           "benchmark", "item_key", "section", "subset", "history", "chosen", "rejected")
                       if items.height else None)
 
@@ -275,7 +275,7 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
     `rm-bench.json`: a JSON list of {id, domain, score_chosen: [3], score_rejected: [3]} (styles in the published
     order; domain as in the file names), what RM-Bench's `compute_accuracy` reads; `judgebench.jsonl`: JudgeBench's
     own per-pair output rows (`_judgebench_lines`); `rewardbench2.json`: reward-bench v2's per-item scores file
-    (`_rewardbench2_scores`)."""
+    (`_rewardbench2_scores`); `rmb.json`: RMB's per-pair result list (`_rmb_results`)."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +310,38 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
         written.append(out / "rewardbench2.json")
         written[-1].write_text(json.dumps(_rewardbench2_scores(ev.author_items.filter(
             pl.col("benchmark") == "rewardbench2"), rb2, rm_version), indent=4, sort_keys=True))
+    rmb = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "rmb"))
+    if rmb.height and ev.author_items is not None:
+        written.append(out / "rmb.json")
+        written[-1].write_text(json.dumps(_rmb_results(ev.author_items.filter(pl.col("benchmark") == "rmb"), rmb),
+                                          indent=2, ensure_ascii=False))
     return written
+
+
+def _rmb_results(items: pl.DataFrame, rewards: pl.DataFrame) -> list[dict]:
+    """RMB's result file (Zhou-Zoey/RMB-Reward-Model-Benchmark `eval/scripts/my_run_rm.py`, e.g. its
+    `eval/result/ArmoRM-Llama3-8B-v0.1_result.json`): per pairwise item `{pair_uid, category_path, chosen_reward,
+    reject_reward, is_correct}`, is_correct = 1 if chosen_reward > reject_reward else 0; its ACC is the mean of
+    is_correct over the files run. RMB publishes no script for best-of-N results; those rows take the same shape
+    (`bon_uid`, `bon_best_reward`, `loser_rewards`, is_correct = 1 when the best beats every loser, the paper's
+    rule), so every RMB section of the summary is the mean of is_correct over its rows."""
+    r: dict = {}
+    for key, role, idx, reward in rewards.select("item_key", "role", "idx", "reward").iter_rows():
+        r.setdefault(key, {"chosen": {}, "rejected": {}})[role][idx] = reward
+    out = []
+    for key, section, subset in items.select("item_key", "section", "subset").iter_rows():
+        kind, _, goal = section.partition(":")
+        uid = key.partition(":")[2]
+        path = "/".join(p for p in ("Pairwise_set" if kind == "pairwise" else "BoN_set", goal, subset) if p)
+        good = r[key]["chosen"][0]
+        bad = [r[key]["rejected"][i] for i in sorted(r[key]["rejected"])]
+        if kind == "pairwise":
+            out.append({"pair_uid": uid, "category_path": path, "chosen_reward": good, "reject_reward": bad[0],
+                        "is_correct": int(good > bad[0])})
+        else:
+            out.append({"bon_uid": uid, "category_path": path, "bon_best_reward": good, "loser_rewards": bad,
+                        "is_correct": int(all(good > b for b in bad))})
+    return out
 
 
 def _rewardbench2_scores(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: str) -> dict:
