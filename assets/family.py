@@ -19,7 +19,7 @@ from assets.meta import md_table, plt
 from assets.rm import gold_rm
 from pipelines.curate.stage2 import training_mix
 from pipelines.evaluate.run import (evaluate_models, evaluation_items, models_to_evaluate, table1_text,
-                                   write_evaluation, write_report)
+                                   write_authors_formats, write_evaluation, write_report)
 from pipelines.rm import tracking
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import home, minilm_path
@@ -125,6 +125,11 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
     ev = evaluate_models(lake, items, refs, engine, max_len_cap=config.max_len_cap)
     v = write_evaluation(lake, ev)
     report = write_report(ev, home() / "reports", md_table, plt)
+    # each RM's results in the benchmarks' own terms (summary.json, rm-bench.json, judgebench.jsonl, ...), as
+    # `synpref evaluate --out` writes them, so anyone can re-check a score with the authors' scripts
+    authors = home() / "reports" / "authors"
+    for rm_version in sorted(ev.results["rm_version"].unique().to_list()):
+        write_authors_formats(ev, rm_version, authors / re.sub(r"[^A-Za-z0-9_.-]", "_", rm_version))
     with tracking.run(mlflow_store.uri, mlflow_store.experiment, "rm-evaluation", mlflow_store.artifacts,
                       tags={"role": "evaluation"}):
         import mlflow
@@ -133,6 +138,7 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
             mlflow.log_metric(f"{r['rm_version'].replace(':', '_v')}.{r['benchmark']}", r["score"])
         mlflow.log_artifact(str(report))
         mlflow.log_artifact(str(report.with_suffix(".png")))
+        mlflow.log_artifacts(str(authors), artifact_path="authors")
     lake.record_lineage(run_id=context.run.run_id, asset="rm_evaluation", partition=None, table=RM_EVALUATION,
                         version_written=v, inputs=lake.input_versions([BENCHMARK_ITEMS, SEED, RM_REGISTRY]),
                         config=config.model_dump(), counts={"rows": ev.results.height, "models": len(refs),
@@ -141,7 +147,8 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
         "table1": dg.MetadataValue.md(table1_text(ev, md_table)),
         "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
         "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "biases": dg.MetadataValue.md(md_table(ev.bias)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
-        "report": dg.MetadataValue.path(str(report)), "models": len(refs), "items": items.height,
+        "report": dg.MetadataValue.path(str(report)), "authors_files": dg.MetadataValue.path(str(authors)),
+        "models": len(refs), "items": items.height,
         "rewards_table": RM_REWARDS, "delta_version": v, "engine": engine.describe()})
     yield dg.AssetCheckResult(check_name="no_leaks", passed=ev.leaks.height == 0,
                               metadata={"leaked_pairs": ev.leaks.height,

@@ -4,6 +4,7 @@ tests/test_stage2.py's Ray test, and starting Ray's actors three times over woul
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,10 @@ def test_demo_runs_every_asset_end_to_end(tmp_path):
     report = (home / "reports" / "rm_evaluation.md").read_text()
     assert "## In-distribution (never averaged in)" in report and "history_cut" in report
     assert (home / "reports" / "rm_evaluation.png").exists()
+    # each RM's summary in the benchmarks' own terms, next to the report, equal to its rm_evaluation rows
+    for rm_version, bench, score in ev.select("rm_version", "benchmark", "score").iter_rows():
+        folder = home / "reports" / "authors" / re.sub(r"[^A-Za-z0-9_.-]", "_", rm_version)
+        assert json.loads((folder / "summary.json").read_text())[bench]["overall"] == pytest.approx(score, abs=1e-12)
     # models are registered in MLflow and load back as HF folders
     import mlflow
     from mlflow.tracking import MlflowClient
