@@ -121,13 +121,19 @@ def main() -> None:
                 for idx, resp in enumerate(resps):
                     keys.append((bench, key, role, idx))
                     if rm.is_decoder:
-                        inputs.append(rm.tokenizer.apply_chat_template(
-                            [*hist, {"role": "assistant", "content": resp}], tokenize=False))
+                        # the template writes the BOS and the pipeline's tokenizer adds one: drop the rendered one,
+                        # as the Skywork-Reward-V2 model card warns (a second BOS changes the reward)
+                        text = rm.tokenizer.apply_chat_template([*hist, {"role": "assistant", "content": resp}],
+                                                                tokenize=False)
+                        bos = rm.tokenizer.bos_token
+                        inputs.append(text[len(bos):] if bos and text.startswith(bos) else text)
                     else:
                         inputs.append({"text": prompt_text(hist), "text_pair": resp})
         pipe = pipeline("text-classification", model=rm.model, tokenizer=rm.tokenizer, device=-1,
                         function_to_apply="none", top_k=None)
-        kw = {"truncation": "only_first" if not rm.is_decoder else True, "max_length": a.max_len}
+        # longest_first: "only_first" raises when a response alone is over the limit (differences are compared on
+        # texts neither side cut, so how the peer cuts does not enter the comparison)
+        kw = {"truncation": True, "max_length": a.max_len}
         pipe(inputs[:a.batch], batch_size=a.batch, **kw)  # warm-up
         t = time.perf_counter()
         with torch.inference_mode():
