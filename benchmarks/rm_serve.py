@@ -66,7 +66,7 @@ def serve_peer(model: str, max_len: int, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def load(url: str, rows, want, clients: int, requests: int, per: int) -> dict:
+def load(url: str, rows, want, clients: int, requests: int, per: int, server_pid: int = 0) -> dict:
     import httpx
 
     plan = [[(k * per + j) % len(rows) for j in range(per)] for k in range(requests)]
@@ -85,13 +85,36 @@ def load(url: str, rows, want, clients: int, requests: int, per: int) -> dict:
                 for d, i in zip(r.json()["data"], idx):
                     assert abs(d["reward"] - want[i]) < 1e-4, (d["reward"], want[i])
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    s0 = server_cpu(server_pid)
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, [plan[w::clients] for w in range(clients)]))
     wall = time.perf_counter() - t0
+    # cores used while loading: the clients (this process, every thread) and the server process, so a ratio below
+    # offline can be read against what the clients took from the same cores
+    client_cores = (time.process_time() - c0) / wall
+    server_cores = (server_cpu(server_pid) - s0) / wall if server_pid else float("nan")
     lat.sort()
     return {"seq_per_s": requests * per / wall, "p50_ms": 1e3 * statistics.median(lat),
-            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "wall_s": wall}
+            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "wall_s": wall,
+            "client_cores": client_cores, "server_cores": server_cores}
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a server process and its children; 0 when the server runs in this process."""
+    if not pid:
+        return 0.0
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def rows_for_bench(n: int, data: str):
@@ -157,6 +180,7 @@ def main() -> None:
                 else peer_app(scorer)
             server, t = serve_in_thread(app, port)
             stop_server = lambda server=server, t=t: (setattr(server, "should_exit", True), t.join(60))  # noqa: E731
+            pid = 0
         else:
             cmd = ([sys.executable, "-m", "jobs.cli", "serve", "--model", model, "--port", str(port), "--max-len",
                     str(a.max_len), "--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms),
@@ -168,15 +192,17 @@ def main() -> None:
                                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
             wait_http(f"http://127.0.0.1:{port}/health", [proc], log, timeout=180)
             stop_server = lambda proc=proc: stop([proc])  # noqa: E731
+            pid = proc.pid
         try:
             load(f"http://127.0.0.1:{port}", rows, want, 4, 16, a.per_request)  # warm-up
-            out[name] = load(f"http://127.0.0.1:{port}", rows, want, a.clients, a.requests, a.per_request)
+            out[name] = load(f"http://127.0.0.1:{port}", rows, want, a.clients, a.requests, a.per_request, pid)
         finally:
             stop_server()
     print(f"{a.clients} clients x {a.requests} requests of {a.per_request} rollout(s), {origin}, max_len {a.max_len}, "
           f"model {Path(model).name}, servers {'in the client process' if a.in_thread else 'each in its own process'}")
     for name, r in out.items():
-        print(f"  {name:48s} {r['seq_per_s']:8.1f} seq/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
+        print(f"  {name:48s} {r['seq_per_s']:8.1f} seq/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+              f"cores: server {r['server_cores']:.2f}, clients {r['client_cores']:.2f}")
     ours, peer = out.values()
     print(f"  {'offline scoring of the same sequences':48s} {offline_seq_s:8.1f} seq/s")
     print(f"throughput ratio ours / peer: {ours['seq_per_s'] / peer['seq_per_s']:.2f}x; ours / offline: "
