@@ -85,6 +85,7 @@ def load(url: str, rows, want, clients: int, requests: int, per: int, server_pid
                 for d, i in zip(r.json()["data"], idx):
                     assert abs(d["reward"] - want[i]) < 1e-4, (d["reward"], want[i])
 
+    h0 = scorer_stats(url)
     t0, c0 = time.perf_counter(), time.process_time()
     s0 = server_cpu(server_pid)
     with ThreadPoolExecutor(clients) as pool:
@@ -94,10 +95,25 @@ def load(url: str, rows, want, clients: int, requests: int, per: int, server_pid
     # offline can be read against what the clients took from the same cores
     client_cores = (time.process_time() - c0) / wall
     server_cores = (server_cpu(server_pid) - s0) / wall if server_pid else float("nan")
+    h1 = scorer_stats(url)
     lat.sort()
+    inside = {}
+    if h0 and h1:  # the server's own account of the load: its scoring thread's busy time and its padding
+        d = {k: h1[k] - h0[k] for k in ("batches", "sequences", "forwards", "tokens", "padded_tokens", "encode_s",
+                                        "forward_s")}
+        inside = {"busy_share": (d["encode_s"] + d["forward_s"]) / wall, "encode_s": d["encode_s"],
+                  "forward_s": d["forward_s"], "mean_batch": d["sequences"] / max(d["batches"], 1),
+                  "padding_share": 1 - d["tokens"] / max(d["padded_tokens"], 1)}
     return {"seq_per_s": requests * per / wall, "p50_ms": 1e3 * statistics.median(lat),
             "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "wall_s": wall,
-            "client_cores": client_cores, "server_cores": server_cores}
+            "client_cores": client_cores, "server_cores": server_cores, **inside}
+
+
+def scorer_stats(url: str) -> dict:
+    """The server's scorer counters from /health ({} for a server that has none, as the peer)."""
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=30).json().get("scorer", {})
 
 
 def server_cpu(pid: int) -> float:
@@ -150,7 +166,7 @@ def main() -> None:
         return serve_peer(a.model, a.max_len, a.peer_server)
     from pipelines.rm.calibration import Calibration
     from pipelines.rm.model import load_reward_model, save_reward_model
-    from pipelines.rm.score import score_texts
+    from pipelines.rm.score import score_texts, score_texts_detailed
     from pipelines.serve.reward_server import RewardScorer, ServeConfig, create_app
 
     model = a.model
@@ -166,8 +182,11 @@ def main() -> None:
     want = score_texts(rm, rows, max_len=a.max_len)  # warm-up, and the reference every answer is checked against
     per = [rows[(k * a.per_request + j) % len(rows)] for k in range(a.requests) for j in range(a.per_request)]
     t0 = time.perf_counter()
-    score_texts(rm, per, max_len=a.max_len, batch_size=a.max_batch)  # offline: the same sequences, no server
+    detailed = score_texts_detailed(rm, per, max_len=a.max_len, batch_size=a.max_batch)  # offline: no server
     offline_seq_s = len(per) / (time.perf_counter() - t0)
+    lengths = sorted(t for _, t, _ in detailed)  # offline's batches: globally length-sorted, max_batch each
+    offline_padding = 1 - sum(lengths) / sum(len(b) * b[-1] for b in (lengths[i:i + a.max_batch]
+                                                                       for i in range(0, len(lengths), a.max_batch)))
     out = {}
     for name in ("synpref serve (dynamic batching)", "per-request batching (OpenRLHF serve_rm policy)"):
         ours = name.startswith("synpref")
@@ -203,8 +222,13 @@ def main() -> None:
     for name, r in out.items():
         print(f"  {name:48s} {r['seq_per_s']:8.1f} seq/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
               f"cores: server {r['server_cores']:.2f}, clients {r['client_cores']:.2f}")
+        if "busy_share" in r:
+            print(f"    inside the server: scoring thread busy {100 * r['busy_share']:.0f}% of the wall (encode "
+                  f"{r['encode_s']:.1f} s, forwards {r['forward_s']:.1f} s), mean batch {r['mean_batch']:.1f} "
+                  f"sequences, padding {100 * r['padding_share']:.1f}% of forward tokens")
     ours, peer = out.values()
-    print(f"  {'offline scoring of the same sequences':48s} {offline_seq_s:8.1f} seq/s")
+    print(f"  {'offline scoring of the same sequences':48s} {offline_seq_s:8.1f} seq/s  "
+          f"(padding {100 * offline_padding:.1f}% of forward tokens)")
     print(f"throughput ratio ours / peer: {ours['seq_per_s'] / peer['seq_per_s']:.2f}x; ours / offline: "
           f"{ours['seq_per_s'] / offline_seq_s:.2f}x (goal >= 0.8 at 32 clients)")
     print(json.dumps(out))

@@ -82,23 +82,46 @@ class RSSWatch:
     """Samples, every 0.5 s, the summed RSS of this process's children (Ray's workers) and this process's own
     private memory (USS: pages no other process maps). ru_maxrss also counts the shared pages of Ray's object store
     that the driver touched while reading blocks zero-copy, so on the Ray path it grows with the data read up to the
-    store's size; USS is the driver's own footprint. Keeps the peaks."""
+    store's size. USS has two parts that are not the driver's own allocations either: object-store pages the driver
+    read (private once the worker that wrote them exits) and shared-library pages (torch, arrow, ...) that become
+    private to the driver when Ray's workers, which mapped the same files, exit at the end of the pipeline. So every
+    2 s it also sums the driver's private ANONYMOUS pages (heap, arenas, stacks: what the driver's code allocated),
+    and keeps that peak apart. Keeps the peaks."""
 
     def __init__(self):
         import psutil
 
-        self.me, self.peak, self.peak_uss, self._stop = psutil.Process(), 0, 0, threading.Event()
+        self.me, self.peak, self.peak_uss, self.peak_anon, self._stop = psutil.Process(), 0, 0, 0, threading.Event()
+        self.uss_parts: dict[str, int] = {}  # at the USS peak: private MB by kind of mapping
         self._t = threading.Thread(target=self._run, daemon=True)
+
+    def private_by_kind(self) -> dict[str, int]:
+        """Private bytes (clean + dirty) of this process by mapping: anon (no file, [heap], [stack]), shm (Ray's
+        object store under /dev/shm), file (libraries and other mapped files)."""
+        out = {"anon": 0, "shm": 0, "file": 0}
+        for m in self.me.memory_maps(grouped=True):
+            kind = ("anon" if not m.path or m.path.startswith("[") else
+                    "shm" if m.path.startswith("/dev/shm") or "plasma" in m.path else "file")
+            out[kind] += m.private_clean + m.private_dirty
+        return out
 
     def _run(self):
         import psutil
 
+        k = 0
         while not self._stop.wait(0.5):
             try:
-                self.peak_uss = max(self.peak_uss, self.me.memory_full_info().uss)
+                uss = self.me.memory_full_info().uss
+                if uss > self.peak_uss or k % 4 == 0:
+                    parts = self.private_by_kind()
+                    self.peak_anon = max(self.peak_anon, parts["anon"])
+                    if uss > self.peak_uss:
+                        self.uss_parts = {kk: v // 2**20 for kk, v in parts.items()}
+                self.peak_uss = max(self.peak_uss, uss)
                 self.peak = max(self.peak, sum(c.memory_info().rss for c in self.me.children(recursive=True)))
             except psutil.Error:  # a worker exited between listing and reading it: skip this sample
                 continue
+            k += 1
 
     def __enter__(self):
         self._t.start()
@@ -182,6 +205,7 @@ def child(args) -> None:
         out = (legacy_stage2(work, meta["rms"], args.max_len) if args.path == "legacy"
                else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours"))
     out["workers_peak_mb"], out["driver_peak_uss_mb"] = watch.peak / 2**20, watch.peak_uss / 2**20
+    out["driver_peak_anon_mb"], out["driver_uss_parts_mb"] = watch.peak_anon / 2**20, watch.uss_parts
     out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -239,7 +263,8 @@ def main() -> None:
             lo, hi = mine[-2], mine[-1]
             print(f"{path}: driver peak RSS {lo['n']:,} -> {hi['n']:,}: "
                   f"{100 * (hi['driver_peak_mb'] / lo['driver_peak_mb'] - 1):+.1f}%, private "
-                  f"{100 * (hi['driver_peak_uss_mb'] / lo['driver_peak_uss_mb'] - 1):+.1f}%")
+                  f"{100 * (hi['driver_peak_uss_mb'] / lo['driver_peak_uss_mb'] - 1):+.1f}%, private anonymous "
+                  f"{100 * (hi['driver_peak_anon_mb'] / lo['driver_peak_anon_mb'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def serve_cmd(args: argparse.Namespace) -> None:
     if args.api_key_env and not key:
         raise SystemExit(f"refused: --api-key-env {args.api_key_env} is set but the variable is empty")
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                      max_len=args.max_len, api_key=key, name=args.name or args.model.rstrip("/").split("/")[-1])
+                      max_len=args.max_len, batch_tokens=args.batch_tokens,
+                      forward_overhead_tokens=args.forward_overhead_tokens, api_key=key, name=args.name or args.model.rstrip("/").split("/")[-1])
     app, scorer = build_server(args.model, cfg, tracking_uri=args.mlflow_uri or default_mlflow_uri(),
                                cache_root=str(home() / "model_cache"))
     print(f"serving {cfg.name} on http://{args.host}:{args.port} (max_len {scorer.max_len}, calibration: "
@@ -300,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     sv.add_argument("--max-len", type=int, default=4096, help="cap on the model's own context")
     sv.add_argument("--max-batch", type=int, default=32, help="sequences per forward")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    sv.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens a forward may hold")
+    sv.add_argument("--forward-overhead-tokens", type=int, default=128,
+                    help="what one more forward costs in padded tokens, when a batch is cut into forwards (CPU: "
+                         "~128 measured; raise it on GPUs, where a forward's fixed cost is larger)")
     sv.add_argument("--max-queue", type=int, default=1024, help="sequences accepted and unanswered before 429")
     sv.add_argument("--api-key-env", default=None, help="env var holding a bearer token clients must send")
     sv.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")

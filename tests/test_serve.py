@@ -136,6 +136,10 @@ def test_scores_equal_offline_scoring_under_32_concurrent_clients(rm_dir, rows, 
               f"{1e3 * latencies[int(0.99 * len(latencies))]:.0f} ms; {health['batches']} forwards")
         assert len(latencies) == len(plan) and health["pending"] == 0
         assert health["batches"] < health["sequences"]  # requests really were batched together
+        sc = health["scorer"]  # the scorer's own account: every sequence it scored, every token, with padding
+        assert sc["sequences"] >= seqs and sc["batches"] == health["batches"] and sc["forwards"] >= sc["batches"]
+        assert 0 < sc["tokens"] <= sc["padded_tokens"] and 0 <= sc["padding_share"] < 1
+        assert sc["encode_s"] > 0 and sc["forward_s"] > 0 and 0 < sc["busy_share"] <= 1
     finally:
         proc.terminate()
         proc.wait(60)
@@ -229,3 +233,33 @@ def test_vllm_pooling_runner_scores_the_exported_rm_like_transformers(rm_dir, ro
     worst = max(abs(a - b) for a, b in zip(got, want))
     print(f"vLLM pooling runner vs transformers, {len(want)} responses: max |reward difference| {worst:.2e}")
     assert worst < 1e-4, list(zip(got, want))
+
+
+def test_forwards_are_cut_at_the_least_padding_within_the_token_budget():
+    """plan_forwards against every contiguous cut of small sorted batches: same least cost, each forward within
+    the budget (a lone over-budget sequence alone), every sequence in exactly one forward, in order."""
+    import itertools
+    import random
+
+    from pipelines.serve.reward_server import plan_forwards
+
+    rnd = random.Random(0)
+    for _ in range(300):
+        lengths = sorted(rnd.randint(1, 600) for _ in range(rnd.randint(1, 9)))
+        budget, overhead = rnd.choice([256, 1024, 4096]), rnd.choice([0, 128, 1000])
+
+        def cost(cuts):
+            return sum((e - s) * lengths[e - 1] + overhead for s, e in cuts)
+
+        def ok(cuts):
+            return all((e - s) * lengths[e - 1] <= budget or e - s == 1 for s, e in cuts)
+
+        plan = plan_forwards(lengths, budget, overhead)
+        assert [s for s, _ in plan] == [0, *(e for _, e in plan[:-1])] and plan[-1][1] == len(lengths)
+        assert ok(plan)
+        n = len(lengths)
+        brute = min(cost(c) for k in range(n) for inner in itertools.combinations(range(1, n), k)
+                    if ok(c := list(zip([0, *inner], [*inner, n]))))
+        assert cost(plan) == brute, (lengths, budget, overhead, plan)
+    assert plan_forwards([], 4096) == []
+    assert plan_forwards([5000], 4096) == [(0, 1)]  # longer than the budget: alone, never refused
