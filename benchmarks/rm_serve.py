@@ -1,14 +1,15 @@
 """Reward-server throughput: `synpref serve`'s dynamic batching across requests vs per-request batching (the named
 peer: OpenRLHF's `serve_rm`, which scores each request's queries in its own forward(s), one request at a time).
 
-Offline scoring of the same sequences (score_texts, batches of --max-batch) is timed in the same run: the server's
-goal is >= 0.8x of it at 32 clients. Each server is its own process, as deployed (`synpref serve` itself; the peer
-a FastAPI app written here after serve_rm's design, a handler that scores its request under a lock, started by
-this script with --peer-server), around the same model, tokenizer and renderer, so only the batching policy
-differs; with --in-thread both run inside the client process instead (what earlier records measured). C concurrent
-clients send R requests of S rollouts each (real hh-rlhf conversations when ../shared has them, else project-made
-rows), as a PPO/GRPO trainer's workers do; every answer is checked against offline scoring. Prints sequences/s,
-p50/p99 latency and the ratios.
+Offline scoring of the same sequences (score_texts, batches of --max-batch) is timed in the same run, before and
+after the servers (the mean is the reference): the server's goal is >= 0.8x of it at 32 clients. Each server is
+its own process, as deployed (`synpref serve` itself; the peer a FastAPI app written here after serve_rm's design,
+a handler that scores its request under a lock, started by this script with --peer-server), around the same
+model, tokenizer and renderer, so only the batching policy differs; with --in-thread both run inside the client
+process instead (what earlier records measured). C concurrent clients send R requests of S rollouts each (real
+hh-rlhf conversations when ../shared has them, else project-made rows), as a PPO/GRPO trainer's workers do; every
+answer is checked against offline scoring. Prints sequences/s, p50/p99 latency, the ratios, and the server's own
+account of its time (scoring-thread busy share, padding).
 
     python benchmarks/rm_serve.py --clients 32 --requests 512 --per-request 1 --model DIR
 """
@@ -181,9 +182,16 @@ def main() -> None:
     rm = load_reward_model(model)
     want = score_texts(rm, rows, max_len=a.max_len)  # warm-up, and the reference every answer is checked against
     per = [rows[(k * a.per_request + j) % len(rows)] for k in range(a.requests) for j in range(a.per_request)]
-    t0 = time.perf_counter()
-    detailed = score_texts_detailed(rm, per, max_len=a.max_len, batch_size=a.max_batch)  # offline: no server
-    offline_seq_s = len(per) / (time.perf_counter() - t0)
+
+    def offline() -> float:
+        """Offline scoring of the same sequences, no server: timed before and after the servers (this box's speed
+        drifts by +-15% within minutes; one sample made the ratio swing as much)."""
+        t0 = time.perf_counter()
+        score_texts(rm, per, max_len=a.max_len, batch_size=a.max_batch)
+        return len(per) / (time.perf_counter() - t0)
+
+    offline_runs = [offline()]
+    detailed = score_texts_detailed(rm, per, max_len=a.max_len, batch_size=a.max_batch)
     lengths = sorted(t for _, t, _ in detailed)  # offline's batches: globally length-sorted, max_batch each
     offline_padding = 1 - sum(lengths) / sum(len(b) * b[-1] for b in (lengths[i:i + a.max_batch]
                                                                        for i in range(0, len(lengths), a.max_batch)))
@@ -217,6 +225,8 @@ def main() -> None:
             out[name] = load(f"http://127.0.0.1:{port}", rows, want, a.clients, a.requests, a.per_request, pid)
         finally:
             stop_server()
+    offline_runs.append(offline())
+    offline_seq_s = statistics.mean(offline_runs)
     print(f"{a.clients} clients x {a.requests} requests of {a.per_request} rollout(s), {origin}, max_len {a.max_len}, "
           f"model {Path(model).name}, servers {'in the client process' if a.in_thread else 'each in its own process'}")
     for name, r in out.items():
@@ -227,7 +237,8 @@ def main() -> None:
                   f"{r['encode_s']:.1f} s, forwards {r['forward_s']:.1f} s), mean batch {r['mean_batch']:.1f} "
                   f"sequences, padding {100 * r['padding_share']:.1f}% of forward tokens")
     ours, peer = out.values()
-    print(f"  {'offline scoring of the same sequences':48s} {offline_seq_s:8.1f} seq/s  "
+    print(f"  {'offline scoring of the same sequences':48s} {offline_seq_s:8.1f} seq/s  (before/after the servers: "
+          f"{offline_runs[0]:.1f}/{offline_runs[1]:.1f}) "
           f"(padding {100 * offline_padding:.1f}% of forward tokens)")
     print(f"throughput ratio ours / peer: {ours['seq_per_s'] / peer['seq_per_s']:.2f}x; ours / offline: "
           f"{ours['seq_per_s'] / offline_seq_s:.2f}x (goal >= 0.8 at 32 clients)")

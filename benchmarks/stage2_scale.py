@@ -246,7 +246,9 @@ def main() -> None:
                 rows.append(r)
                 steps = ", ".join(f"{k} {r['pairs'] / max(v, 1e-9):,.0f}/s" for k, v in r["steps"].items())
                 print(f"N={n:>9,} {path:15s}: {r['pairs'] / r['seconds']:>8,.0f} pairs/s end to end ({r['seconds']:.0f} s; "
-                      f"{steps}); driver peak RSS {r['driver_peak_mb']:,.0f} MB (private {r['driver_peak_uss_mb']:,.0f} MB), Ray workers {r['workers_peak_mb']:,.0f} MB; "
+                      f"{steps}); driver peak RSS {r['driver_peak_mb']:,.0f} MB (private {r['driver_peak_uss_mb']:,.0f} MB = "
+                      f"{r['driver_uss_parts_mb']} MB by mapping; private anonymous peak "
+                      f"{r['driver_peak_anon_mb']:,.0f} MB), Ray workers {r['workers_peak_mb']:,.0f} MB; "
                       f"skipped annotation {100 * r['skipped_annotation']:.1f}%; units {r['units']}", flush=True)
     by = {(r["n"], r["path"]): r for r in rows}
     for n in a.n or []:
