@@ -10,7 +10,7 @@ own.
     python benchmarks/stage2_scale.py --n 100000 --n 1000000 --n 4000000 --peer-max 1000000
 
 Prints, per N and path: pairs/s end to end and per step (read+score, annotate+judge, keep+commit), peak RSS, and
-the share of pairs that skipped annotation.
+the share of pairs that skipped annotation; with --trace, the driver's memory by mapping after every unit.
 """
 
 from __future__ import annotations
@@ -105,6 +105,13 @@ class RSSWatch:
             out[kind] += m.private_clean + m.private_dirty
         return out
 
+    def unit_line(self, row: dict) -> None:
+        """--trace: one line per committed unit with the driver's private memory by mapping (where a step in
+        USS comes from: the driver's allocations, object-store pages or library pages)."""
+        parts = {k: v // 2**20 for k, v in self.private_by_kind().items()}
+        print(f"UNIT {row['work_unit']} uss={self.me.memory_full_info().uss // 2**20} MB private by mapping "
+              f"{parts} MB threads={self.me.num_threads()}", flush=True)
+
     def _run(self):
         import psutil
 
@@ -132,7 +139,8 @@ class RSSWatch:
         self._t.join()
 
 
-def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engine: bool = True) -> dict:
+def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engine: bool = True,
+             watch: "RSSWatch | None" = None) -> dict:
     import ray
 
     from pipelines.compute import InProcessEngine, RayEngine
@@ -148,7 +156,7 @@ def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engin
     rep = run_stage2(Lake(str(work / "lake")), Stage2Config(confidence_margin=0.1, unit_rows=unit_rows,
                                                              stage1_fraction=0.0, include_stage1=False,
                                                              annotate_chunk=4096),
-                     _inputs(work, rms), engine, run_id="bench")
+                     _inputs(work, rms), engine, run_id="bench", on_unit=watch.unit_line if watch else None)
     dt = time.perf_counter() - t
     if ray_engine:
         ray.shutdown()
@@ -203,7 +211,8 @@ def child(args) -> None:
     meta = json.loads((work / "meta.json").read_text())
     with RSSWatch() as watch:
         out = (legacy_stage2(work, meta["rms"], args.max_len) if args.path == "legacy"
-               else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours"))
+               else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours",
+                             watch=watch if args.trace else None))
     out["workers_peak_mb"], out["driver_peak_uss_mb"] = watch.peak / 2**20, watch.peak_uss / 2**20
     out["driver_peak_anon_mb"], out["driver_uss_parts_mb"] = watch.peak_anon / 2**20, watch.uss_parts
     out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -221,6 +230,7 @@ def main() -> None:
     ap.add_argument("--paths", default="ours,ours-inprocess,legacy")
     ap.add_argument("--child", choices=["ours", "ours-inprocess", "legacy"])
     ap.add_argument("--work")
+    ap.add_argument("--trace", action="store_true", help="print the driver's memory by mapping after every unit")
     a = ap.parse_args()
     if a.child:
         a.path = a.child
@@ -237,7 +247,11 @@ def main() -> None:
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "TRANSFORMERS_VERBOSITY": "error"}
                 out = subprocess.run([sys.executable, __file__, "--child", path, "--work", d, "--unit-rows",
-                                      str(a.unit_rows), "--max-len", str(a.max_len)], env=env, capture_output=True, text=True)
+                                      str(a.unit_rows), "--max-len", str(a.max_len), *(["--trace"] if a.trace else [])],
+                                     env=env, capture_output=True, text=True)
+                for x in out.stdout.splitlines():
+                    if x.startswith("UNIT "):
+                        print(f"N={n:,} {path} {x}")
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     print("\n".join(x for x in out.stderr.splitlines() if "Error" in x or "error" in x)[-3000:])
