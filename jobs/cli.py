@@ -178,7 +178,7 @@ def serve_cmd(args: argparse.Namespace) -> None:
     import uvicorn
 
     from jobs.progress import quiet_libraries
-    from pipelines.serve.reward_server import ServeConfig, build_server
+    from pipelines.serve.reward_server import FORWARD_OVERHEAD_TOKENS, ServeConfig, build_server
 
     quiet_libraries()
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
@@ -186,7 +186,9 @@ def serve_cmd(args: argparse.Namespace) -> None:
         raise SystemExit(f"refused: --api-key-env {args.api_key_env} is set but the variable is empty")
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_len=args.max_len, batch_tokens=args.batch_tokens,
-                      forward_overhead_tokens=args.forward_overhead_tokens, api_key=key, name=args.name or args.model.rstrip("/").split("/")[-1])
+                      forward_overhead_tokens=(FORWARD_OVERHEAD_TOKENS if args.forward_overhead_tokens is None
+                                               else args.forward_overhead_tokens), api_key=key,
+                      name=args.name or args.model.rstrip("/").split("/")[-1])
     app, scorer = build_server(args.model, cfg, tracking_uri=args.mlflow_uri or default_mlflow_uri(),
                                cache_root=str(home() / "model_cache"))
     print(f"serving {cfg.name} on http://{args.host}:{args.port} (max_len {scorer.max_len}, calibration: "
@@ -302,9 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     sv.add_argument("--max-batch", type=int, default=32, help="sequences per forward")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     sv.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens a forward may hold")
-    sv.add_argument("--forward-overhead-tokens", type=int, default=128,
-                    help="what one more forward costs in padded tokens, when a batch is cut into forwards (CPU: "
-                         "~128 measured; raise it on GPUs, where a forward's fixed cost is larger)")
+    sv.add_argument("--forward-overhead-tokens", type=int, default=None,
+                    help="what one more forward costs in padded tokens, when a batch is cut into forwards (default: "
+                         "reward_server.FORWARD_OVERHEAD_TOKENS, measured on CPU; raise it on GPUs, where a forward's "
+                         "fixed cost is larger)")
     sv.add_argument("--max-queue", type=int, default=1024, help="sequences accepted and unanswered before 429")
     sv.add_argument("--api-key-env", default=None, help="env var holding a bearer token clients must send")
     sv.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")

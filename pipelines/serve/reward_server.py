@@ -42,6 +42,12 @@ from pydantic import BaseModel, Field
 from pipelines.rm.calibration import Calibration
 
 
+# What one more forward costs, in padded tokens. On this project's 2-core CPU box, batches of 16 hh-rlhf
+# conversations (~100-500 tokens) scored 28-30 seq/s at 64-256 vs ~23.5 at 4096 (= greedy cuts, 19% padding) and
+# 27.6 at 0 (a forward per length). benchmarks/rm_serve.py prints the padding share a running server reached.
+FORWARD_OVERHEAD_TOKENS = 128
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch: int = 32  # sequences per forward
@@ -49,7 +55,7 @@ class ServeConfig:
     max_queue: int = 1024  # sequences accepted and not yet answered; past it: 429
     max_len: int = 4096  # tokens a sequence may have (capped at the model's context)
     batch_tokens: int = 4096  # padded tokens a forward may hold
-    forward_overhead_tokens: int = 128  # one more forward's cost in padded tokens (see plan_forwards)
+    forward_overhead_tokens: int = FORWARD_OVERHEAD_TOKENS  # one more forward's cost (see plan_forwards)
     api_key: str | None = None  # bearer token required when set
     name: str = ""  # the model id /v1/models and /classify report
 
@@ -83,12 +89,6 @@ class Scored:
     score: float  # calibrated reward (= reward without calibration)
     tokens: int
     truncation: str  # none | history | response
-
-
-# What one more forward costs, in padded tokens. On this project's 2-core CPU box, batches of 16 hh-rlhf
-# conversations (~100-500 tokens) scored 28-30 seq/s at 64-256 vs ~23.5 at 4096 (= greedy cuts, 19% padding) and
-# 27.6 at 0 (a forward per length). benchmarks/rm_serve.py prints the padding share a running server reached.
-FORWARD_OVERHEAD_TOKENS = 128
 
 
 def plan_forwards(lengths: list[int], budget: int, overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
@@ -158,8 +158,8 @@ class RewardScorer:
         enc = [self.renderer.encode_for_eval(it[1], it[2]) if it[0] == "chat" else self._encode_text(it[1])
                for it in items]
         t1 = time.perf_counter()
-        # length-sorted forwards of at most `batch_tokens` padded tokens: a batch of mixed lengths padded to its
-        # longest would spend most of its compute on padding
+        # length-sorted forwards of at most `batch_tokens` padded tokens, cut where padding is least
+        # (plan_forwards): a batch of mixed lengths padded to its longest would spend its compute on padding
         order = sorted(range(len(enc)), key=lambda i: len(enc[i][0].ids))
         rewards = [0.0] * len(enc)
         with torch.inference_mode():
