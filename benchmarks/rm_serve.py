@@ -183,16 +183,17 @@ def main() -> None:
     want = score_texts(rm, rows, max_len=a.max_len)  # warm-up, and the reference every answer is checked against
     per = [rows[(k * a.per_request + j) % len(rows)] for k in range(a.requests) for j in range(a.per_request)]
 
-    def offline() -> float:
-        """Offline scoring of the same sequences, no server: timed before and after the servers (this box's speed
-        drifts by +-15% within minutes; one sample made the ratio swing as much)."""
+    def offline() -> tuple[float, list[int]]:
+        """Offline scoring of the same sequences, no server: seq/s and each sequence's tokens. Timed before and
+        after the servers (this box's speed drifts by +-15% within minutes; one sample made the ratio swing as
+        much)."""
         t0 = time.perf_counter()
-        score_texts(rm, per, max_len=a.max_len, batch_size=a.max_batch)
-        return len(per) / (time.perf_counter() - t0)
+        detailed = score_texts_detailed(rm, per, max_len=a.max_len, batch_size=a.max_batch)
+        return len(per) / (time.perf_counter() - t0), [t for _, t, _ in detailed]
 
-    offline_runs = [offline()]
-    detailed = score_texts_detailed(rm, per, max_len=a.max_len, batch_size=a.max_batch)
-    lengths = sorted(t for _, t, _ in detailed)  # offline's batches: globally length-sorted, max_batch each
+    first, tokens = offline()
+    offline_runs = [first]
+    lengths = sorted(tokens)  # offline's batches: globally length-sorted, max_batch each
     offline_padding = 1 - sum(lengths) / sum(len(b) * b[-1] for b in (lengths[i:i + a.max_batch]
                                                                        for i in range(0, len(lengths), a.max_batch)))
     out = {}
@@ -225,7 +226,7 @@ def main() -> None:
             out[name] = load(f"http://127.0.0.1:{port}", rows, want, a.clients, a.requests, a.per_request, pid)
         finally:
             stop_server()
-    offline_runs.append(offline())
+    offline_runs.append(offline()[0])
     offline_seq_s = statistics.mean(offline_runs)
     print(f"{a.clients} clients x {a.requests} requests of {a.per_request} rollout(s), {origin}, max_len {a.max_len}, "
           f"model {Path(model).name}, servers {'in the client process' if a.in_thread else 'each in its own process'}")
