@@ -117,6 +117,21 @@ def test_id_index_is_exact_on_all_128_bits_and_knows_where_each_pair_lives():
     place, row = idx.lookup(hi, lo)
     assert row.tolist() == [9, 3, -1, 7] and place.tolist() == [0, 0, -1, 0]
     assert idx.places[0] == ("s", "s/1")
+    # randomized against a dict: probes in any order, many keys sharing a high half, several chunks
+    rng = np.random.default_rng(0)
+    big = IdIndex(merge_every=3)
+    want: dict[tuple[int, int], int] = {}
+    for chunk in range(7):
+        k_hi = rng.integers(0, 50, 400, dtype=np.uint64)
+        k_lo = rng.integers(0, 2**63, 400, dtype=np.uint64)
+        rows = np.arange(chunk * 400, chunk * 400 + 400)
+        big.add(k_hi, k_lo, np.zeros(400, dtype=np.int32), rows)
+        want.update({(int(h), int(l_)): int(r) for h, l_, r in zip(k_hi, k_lo, rows)})
+    keys = list(want)
+    probe = [keys[i] for i in rng.permutation(len(keys))[:1000]] + [(3, 12345), (99, 1)]
+    _, got = big.lookup(np.array([p[0] for p in probe], dtype=np.uint64), np.array([p[1] for p in probe],
+                                                                                    dtype=np.uint64))
+    assert got.tolist() == [want.get(p, -1) for p in probe]
 
 
 def test_later_stages_quarantine_pairs_with_provenance_idempotently(lake, tmp_path):
@@ -166,7 +181,7 @@ def test_jsonl_batches_keep_row_numbers_through_blank_indented_crlf_and_untermin
     lines[8] = '{"k": "a\rb"}'  # a stray CR inside a line (JSON allows none raw: undecodable, own row)
     path = tmp_path / "edge.jsonl"
     path.write_bytes("\n".join(lines).encode())  # no newline after the last line
-    for batch_size, chunk in ((4, 1 << 26), (3, 16), (100, 1 << 26)):
+    for batch_size, chunk in ((4, 1 << 26), (3, 16), (2, 5), (100, 1 << 26)):  # 5 B: lines outgrow the buffer
         rows = {}
         for b in read_ahead(iter_jsonl(str(path), batch_size=batch_size, chunk_bytes=chunk)):
             for r in b.as_records():

@@ -84,3 +84,38 @@ def test_checks_refuse_unusable_pairs(chosen, rejected, reason):
     with pytest.raises(RowError) as e:
         check_candidate([{"role": "user", "content": "q"}], chosen, rejected, max_chars=50)
     assert e.value.reason is reason
+
+
+def test_ids_fast_path_equals_the_definition_on_adversarial_texts():
+    """pair_ids/comparison_ids skip the normalization regex for texts it cannot change; on texts built from
+    every character the normalization treats specially (blank runs at edges and inside, CRLF, form feeds,
+    Unicode spaces, decomposed accents), they must equal the definition: XXH3-128 of key_expr(nfc=True)."""
+    import random
+
+    import polars as pl
+    import xxhash
+
+    from pipelines.schema import (HISTORY_DTYPE, comparison_ids, comparison_key_expr, key_expr, pair_ids)
+
+    pieces = ["a", "Bc", " ", "  ", "\t", "\r\n", "\r", "\n", "\x0b", "\x0c", "\u00a0", "\u2000", "\u3000",
+              "e\u0301", "\u00e9", "\x85", "\u200b", "x y", "ﬁ"]
+    rng = random.Random(7)
+
+    def text() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+
+    rows = [{"history": [{"role": rng.choice(["user", "assistant"]), "content": text()}
+                         for _ in range(rng.randint(1, 3))], "chosen": text(), "rejected": text()}
+            for _ in range(3000)]
+    rows += [{"history": [{"role": "user", "content": "plain ascii prompt"}], "chosen": " ok ", "rejected": "no"}]
+    df = pl.DataFrame(rows, schema={"history": HISTORY_DTYPE, "chosen": pl.String, "rejected": pl.String})
+    for fast, definition in ((pair_ids, key_expr(nfc=True)), (comparison_ids, comparison_key_expr(True))):
+        want = [xxhash.xxh3_128_hexdigest(k.encode()) for k in df.select(k=definition)["k"]]
+        assert fast(df).to_list() == want
+    # both paths were exercised: some rows need the full normalization, some do not
+    plain = df.select(k=key_expr(nfc=True))["k"] == df.select(
+        k=pl.concat_str([pl.col("history").list.eval(pl.element().struct.field("role") + "\x1f"
+                                                     + pl.element().struct.field("content").str.strip_chars())
+                         .list.join("\x1e"), pl.col("chosen").str.strip_chars(),
+                         pl.col("rejected").str.strip_chars()], separator="\x1d"))["k"]
+    assert 0 < plain.sum() < df.height
