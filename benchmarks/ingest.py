@@ -5,6 +5,7 @@ peak RSS and the ratio. The pandas peer is the straightforward implementation: r
 row -> drop_duplicates -> write_deltalake.
 
     python benchmarks/ingest.py --n 1000000           # default N = 1M
+    python benchmarks/ingest.py --n 1000000 --repeat 3  # ours and pandas alternated 3 times: median ratio
     python benchmarks/ingest.py --n 100000 --n 1000000  # RSS growth between two sizes (ours only)
     python benchmarks/ingest.py --n 4000000 --shards 40 --no-pandas  # does pairs/s fall as shards accumulate?
 
@@ -110,6 +111,9 @@ def main() -> None:
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--no-pandas", action="store_true")
     ap.add_argument("--shards", type=int, default=0, help="land the pairs as this many files (see above)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run ours and pandas alternately this many times on the first size and report the median "
+                         "ratio (this box drifts by +-15%% within minutes: one sample each is not a ratio)")
     a = ap.parse_args()
     if a.child:
         child(*a.child)
@@ -143,6 +147,20 @@ def main() -> None:
                          f"{pd_['peak_rss_mb']:,.0f} MB  |  speed ratio synpref/pandas = "
                          f"{(ours['pairs'] / ours['seconds']) / (pd_['pairs'] / pd_['seconds']):.2f}x, "
                          f"RSS ratio = {ours['peak_rss_mb'] / pd_['peak_rss_mb']:.2f}")
+                pairs = [(ours, pd_)]
+                for _ in range(a.repeat - 1):
+                    print(line, flush=True)
+                    o, q = measure("ours", p), measure("pandas", p)
+                    pairs.append((o, q))
+                    line = (f"N={n:,} again  synpref: {o['pairs'] / o['seconds']:,.0f} pairs/s  |  pandas: "
+                            f"{q['pairs'] / q['seconds']:,.0f} pairs/s  |  ratio {q['seconds'] / o['seconds']:.2f}x")
+                if a.repeat > 1:
+                    rates = sorted(o["pairs"] / o["seconds"] for o, _ in pairs)
+                    ratios = sorted(q["seconds"] / o["seconds"] for o, q in pairs)
+                    print(line, flush=True)
+                    line = (f"N={n:,} over {a.repeat} alternated runs: synpref median {rates[len(rates) // 2]:,.0f} "
+                            f"pairs/s (min {rates[0]:,.0f}, max {rates[-1]:,.0f}); median ratio synpref/pandas "
+                            f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)")
             print(line, flush=True)
             results[n] = ours
             p.unlink()
