@@ -164,15 +164,20 @@ def _read_units(batch: pa.Table, units: list, read: UnitReader) -> pa.Table:
 class _PairScorer:
     """Ray actor: loads one RM once, then scores record batches; adds `<role>_*` columns."""
 
-    def __init__(self, ref: ModelRef, role: str, max_len: int, batch_size: int, device: str):
+    def __init__(self, ref: ModelRef, role: str, max_len: int, batch_size: int, device: str,
+                 scores_only: bool = False):
         self.rm = _load_rm(ref.local_path(), device)
         self.role, self.max_len, self.batch_size = role, max_len, batch_size
+        self.scores_only = scores_only
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(PAIR_INPUT).to_pylist()
         s = score_pair_batch(self.rm, rows, max_len=self.max_len, batch_size=self.batch_size)
         s = s.rename({c: f"{self.role}__{c}" for c in s.columns if c != "pair_id"})
-        return pl.from_arrow(batch).join(s, on="pair_id", how="left").to_arrow()
+        out = pl.from_arrow(batch)
+        if self.scores_only:  # the last pool: ids and scores travel on, the texts stay behind
+            out = out.select("pair_id", *(c for c in out.columns if c == "_unit" or "__" in c))
+        return out.join(s, on="pair_id", how="left").to_arrow()
 
 
 class _TextScorer:
@@ -267,10 +272,10 @@ class RayEngine:
         ds = ds.map_batches(_read_units, fn_kwargs={"units": units, "read": read}, batch_size=1,
                             batch_format="pyarrow", num_cpus=READ_CPUS)
         cpus = self._cpus_per_actor(len(refs), reserve=READ_CPUS)
-        for role, ref in refs.items():
+        for i, (role, ref) in enumerate(refs.items()):
             ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
-                                                 batch_size=self.batch_size, device=self.device), num_cpus=cpus,
-                           pools=len(refs))
+                                                 batch_size=self.batch_size, device=self.device,
+                                                 scores_only=i == len(refs) - 1), num_cpus=cpus, pools=len(refs))
         pending: list[pl.DataFrame] = []
         nxt = 0  # the next unit to hand over
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -291,12 +296,18 @@ class RayEngine:
 
     @staticmethod
     def _split(unit, rows: pl.DataFrame | None, refs: dict[str, ModelRef], read: UnitReader):
+        """The unit's pairs, read here from the lake, and its scores, which came through the pipeline.
+
+        The pipeline brings back ids and scores only: a driver that took the texts from Ray's object store
+        read them zero-copy, and every shared-memory page it touched stayed in its private memory (USS grew with
+        the run, up to the store's size; benchmarks/RESULTS.md). Reading the unit again costs one bounded Delta
+        read; only pairs that were scored are handed on (one verified since the read task ran drops out)."""
         if rows is None or rows.height == 0:  # a unit with no pool pair sends no rows
             pairs = read(unit).head(0)
             return unit, pairs, {role: pl.DataFrame(schema=SCORE_COLUMNS) for role in refs}
         scores = {role: rows.select("pair_id", *(pl.col(f"{role}__{c}").alias(c) for c in SCORE_COLUMNS
                                                  if c != "pair_id")).cast(SCORE_COLUMNS) for role in refs}
-        pairs = rows.drop("_unit", *(c for c in rows.columns if "__" in c))
+        pairs = read(unit).join(rows.select("pair_id"), on="pair_id", how="semi")
         return unit, pairs, scores
 
     def score_texts(self, texts: pl.DataFrame, models: dict[str, tuple[ModelRef, int]]) -> dict[str, pl.DataFrame]:
