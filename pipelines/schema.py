@@ -113,7 +113,7 @@ def _ids(df: pl.DataFrame, key: Callable[[Callable[[pl.Expr], pl.Expr]], pl.Expr
 
 def pair_ids(df: pl.DataFrame) -> pl.Series:
     """pair_id of every row of a frame with history/chosen/rejected columns (128-bit XXH3, hex)."""
-    return _ids(df, lambda norm: _key(norm))
+    return _ids(df, _key)
 
 
 def comparison_ids(df: pl.DataFrame) -> pl.Series:

@@ -99,7 +99,7 @@ class IdIndex:
         """(place code, row) of each key already indexed, (-1, -1) where absent. Exact on all 128 bits.
 
         The probes are sorted once, so each chunk's binary searches walk it in order (numpy narrows each search
-        by the previous one): 6x less time than probing in arrival order."""
+        by the previous one): 5x less time than probing in arrival order (1.4 -> 0.3 s for 1M pairs)."""
         place = np.full(hi.shape, -1, dtype=np.int32)
         row = np.full(hi.shape, -1, dtype=np.int64)
         if hi.size == 0:
