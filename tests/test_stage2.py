@@ -308,6 +308,33 @@ def test_stage2_asset_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
     assert meta["llm_cost_projected_pool_usd"] == pytest.approx(meta["llm_cost_usd"] / meta["pool"] * pool, rel=1e-2)
 
 
+def test_the_last_ray_scorer_sends_the_driver_ids_and_scores_only_and_the_driver_reads_texts_itself(rms, tmp_path):
+    """The driver must not take texts out of Ray's object store (pages it reads there stay in its private memory):
+    the last scorer pool keeps ids, the unit tag and scores; the driver's pairs come from the lake, only those
+    that were scored."""
+    from pipelines.compute import RayEngine, _PairScorer, _read_units
+    from pipelines.curate.stage2 import UnitRead
+    from pipelines.pool import work_units
+
+    lake, inputs = build_lake(tmp_path, 300, *rms)
+    units = work_units(lake, 200)
+    read = UnitRead(lake.root, lake.storage_options, FRACTION)
+    batch = _read_units(pa.table({"_unit": [0]}), units, read)
+    first = _PairScorer(inputs.best, "best", 128, 16, "cpu")(batch)
+    last = _PairScorer(inputs.gold, "gold", 128, 16, "cpu", scores_only=True)(first)
+    assert {"history", "chosen", "rejected"} <= set(first.column_names)
+    assert set(last.column_names) == {"pair_id", "_unit", *(f"{r}__{c}" for r in ("best", "gold")
+                                                             for c in ("r_chosen", "r_rejected", "margin", "p",
+                                                                       "status", "detail"))}
+    rows = pl.from_arrow(last)
+    dropped = rows["pair_id"][0]  # as if verified after its read task ran: not scored for this unit
+    unit, pairs, scores = RayEngine._split(units[0], rows.filter(pl.col("pair_id") != dropped),
+                                           {"best": inputs.best, "gold": inputs.gold}, read)
+    want = read(units[0]).filter(pl.col("pair_id") != dropped)
+    assert pairs.height == rows.height - 1 > 0 and pairs.sort("pair_id").equals(want.sort("pair_id"))
+    assert scores["gold"].height == pairs.height and set(scores) == {"best", "gold"}
+
+
 def test_a_unit_where_every_pair_is_confident_asks_no_llm(rms, tmp_path):
     lake, inputs = build_lake(tmp_path, 300, *rms)
     report = run_stage2(lake, Stage2Config(confidence_margin=-1.0, unit_rows=1000, stage1_fraction=FRACTION),
