@@ -410,7 +410,7 @@ def item_pair_ids(items):
         return pl.DataFrame(schema={"benchmark": pl.String, "pair_id": pl.String})
     pairs = items.select("benchmark", "history", "chosen", "rejected").explode("chosen").explode("rejected")
     flipped = pairs.select("benchmark", "history", chosen="rejected", rejected="chosen")
-    return pl.concat([f.with_columns(pair_id=pl.Series(pair_ids(f), dtype=pl.String)).select("benchmark", "pair_id")
+    return pl.concat([f.with_columns(pair_id=pair_ids(f)).select("benchmark", "pair_id")
                       for f in (pairs, flipped)]).unique()
 
 

@@ -268,7 +268,7 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
         if refused.height:
             refused = _with_payload(refused, batch)
             quarantine.append(refused.select("row", "reason", "detail", "payload", pair_id=pl.lit("")))
-        ok = ok.with_columns(pair_id=pl.Series(pair_ids(ok), dtype=pl.String))
+        ok = ok.with_columns(pair_id=pair_ids(ok))
         if decontam is not None and len(decontam) and ok.height:
             hit = decontam.match_frame(ok.select(pl.col("history").list.eval(
                 pl.element().struct.field("content")).list.join("\n")).to_series())

@@ -58,8 +58,8 @@ def mark_label_conflicts(lake: Lake, candidates: pl.DataFrame) -> pl.DataFrame:
     raw_pairs). Only the candidates are hashed (their flipped ids); raw_pairs is read as one id column, streamed."""
     if candidates.height == 0 or not {"history", "chosen", "rejected"} <= set(candidates.columns):
         return candidates.with_columns(label_conflict=pl.lit(False))
-    flipped = candidates.select("pair_id", flipped=pl.Series(pair_ids(candidates.select(
-        "history", chosen="rejected", rejected="chosen")), dtype=pl.String))
+    flipped = candidates.select("pair_id", flipped=pair_ids(candidates.select(
+        "history", chosen="rejected", rejected="chosen")))
     twins = (lake.scan(RAW).select("pair_id").join(flipped.lazy().select(pair_id="flipped"), on="pair_id",
                                                    how="semi").collect(engine="streaming"))
     hit = flipped.join(twins.select(flipped="pair_id"), on="flipped", how="semi")["pair_id"]

@@ -50,12 +50,12 @@ def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame | pl.LazyFrame, attri
         label_flipped=flip,
         label_origin=pl.when(pl.col("origin") == "simulated").then(pl.lit("simulated")).otherwise(pl.lit("human")),
     )
-    df = df.with_columns(comparison_id=pl.Series(comparison_ids(df), dtype=pl.String))
+    df = df.with_columns(comparison_id=comparison_ids(df))
     df = df.with_columns(split=pl.col("comparison_id").map_elements(lambda c: gold_split(c, val_frac, test_frac),
                                                                      return_dtype=pl.String))
     if previous is not None and previous.height:
         prev = previous if "comparison_id" in previous.columns else previous.with_columns(
-            comparison_id=pl.Series(comparison_ids(previous), dtype=pl.String))
+            comparison_id=comparison_ids(previous))
         # an older seed split by pair id: its first split per comparison stands (gold_test before others)
         kept = (prev.select("comparison_id", prev_split="split")
                 .sort(pl.col("prev_split").replace_strict({"gold_test": 0, "gold_val": 1, "train": 2}))

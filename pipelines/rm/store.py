@@ -241,7 +241,7 @@ def canonical_pairs(df: pl.DataFrame, layout: str) -> tuple[pl.DataFrame, pl.Dat
     if "pair_id" not in good.columns:
         from pipelines.schema import pair_ids
 
-        good = good.with_columns(pair_id=pl.Series(pair_ids(good), dtype=pl.String))
+        good = good.with_columns(pair_id=pair_ids(good))
     refused = df.join(bad, on="_row").select(payload=pl.struct(pl.exclude("_row", "reason")).struct.json_encode(),
                                              reason="reason") if bad.height else pl.DataFrame(
         schema={"payload": pl.String, "reason": pl.String})
@@ -300,7 +300,7 @@ def build_shard(task: ShardTask) -> dict:
             if exclude is not None and df.height:
                 from pipelines.schema import comparison_ids
 
-                df = df.with_columns(comparison_id=pl.Series(comparison_ids(df), dtype=pl.String))
+                df = df.with_columns(comparison_id=comparison_ids(df))
                 kept = df.join(exclude, on="comparison_id", how="anti", maintain_order="left")
                 counts["held_out"] += df.height - kept.height
                 df = kept
