@@ -55,6 +55,14 @@ class LLMResource(dg.ConfigurableResource):
                 out.append(make_backend(self.backend, model=m))
         return out
 
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Free the judges when the step ends: an in-process vLLM engine holds GPU memory and engine processes
+        that the next step run in this process (in-process executor, tests, notebooks) would otherwise find
+        taken, and an OpenAI-compatible backend holds a loop thread and open connections."""
+        backends, self._backends = self._backends, None
+        for b in backends or []:
+            b.close()
+
     def pricing(self) -> Pricing:
         return Pricing(usd_per_mtok={m: (float(p[0]), float(p[1])) for m, p in self.usd_per_mtok.items()},
                        gpu_hour_usd=self.gpu_hour_usd, gpus=self.gpus)

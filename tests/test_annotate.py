@@ -326,3 +326,26 @@ def test_a_dead_endpoint_opens_the_circuit_instead_of_retrying_every_request():
     errors = [c.error for c in out]
     gave_up = [e for e in errors if e.startswith("gave up after 2 attempts: ConnectError")]
     assert len(gave_up) == 3 and sum(e.startswith("circuit open:") for e in errors) == 7, errors
+
+
+def test_the_llm_resource_frees_its_judges_when_the_step_ends():
+    """Dagster's teardown closes every backend the step built: the OpenAI backend's loop thread stops and its
+    connections close (an in-process vLLM engine shuts down the same way: tests/vllm_check.py); a backend used
+    again after `close` starts afresh."""
+    import dagster as dg
+
+    from resources.llm import LLMResource
+
+    url, state, server = _latency_server(0.0)
+    try:
+        with dg.build_resources({"llm": LLMResource(backend="openai", base_url=url, models=["j1", "j2"])}) as res:
+            judges = res.llm.backends()
+            assert all(c.error is None for b in judges for c in b.generate([Request("q", {})]))
+            threads = [b._thread for b in judges]
+            assert all(t.is_alive() for t in threads)
+        assert not any(t.is_alive() for t in threads) and all(b._loop is None for b in judges)
+        assert judges[0].generate([Request("again", {})])[0].error is None and judges[0]._thread.is_alive()
+        judges[0].close()
+        assert state["n"] == 3
+    finally:
+        server.should_exit = True

@@ -72,6 +72,7 @@ def test_vllm_engine_judges_and_the_position_bias_gate_stops_a_candidate_1_judge
     res = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("VLLM_CHECK "))[len("VLLM_CHECK "):])
     assert res["rows"] == 2 * res["pairs"] == 32 and res["ok"] + res["failed"] == res["rows"], res
     assert res["ok"] >= 28 and set(res["verdicts"]) <= {"1", "2", "undecidable"} and res["tokens_out"] > 0
+    assert res["closed"] and res["engine_processes"] >= 1, res  # close() shut the engine-core process down
     failed = lake.read("llm_judgments").filter(pl.col("status") == "failed")
     assert failed["prefers"].is_null().all() and (failed["raw_output"].str.len_chars() > 0).all()  # kept, not defaulted
     assert set(failed["error"].str.split(":").list.first()) <= {"unparseable", "off-schema", "refusal"}

