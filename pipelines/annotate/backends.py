@@ -186,6 +186,13 @@ class OpenAIBackend:
 
 
 # --- in-process vLLM ---------------------------------------------------------------------------------------------
+def shutdown_vllm(llm: Any) -> None:
+    """Stop a `vllm.LLM`'s engine core (its worker processes exit cleanly). vLLM's `LLM` has no public close."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 @dataclass
 class VLLMBackend:
     model: str
@@ -236,10 +243,8 @@ class VLLMBackend:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
-        del llm, core
+        shutdown_vllm(llm)
+        del llm
         import gc
 
         gc.collect()
