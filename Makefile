@@ -53,7 +53,7 @@ test: env browser vllm-env
 
 # Dagster web UI over the same instance.
 ui: env
-	$(BIN)/dagster dev -w workspace.yaml
+	SYNPREF_LLM_BACKEND=$${SYNPREF_LLM_BACKEND:-simulated} $(BIN)/dagster dev -w workspace.yaml
 
 clean:
 	rm -rf $(SYNPREF_HOME)

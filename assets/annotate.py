@@ -7,9 +7,10 @@ import dagster as dg
 from assets.common import GPU_POOL
 from assets.ingest import raw_pairs
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import ANNOTATIONS, annotate_pool
-from pipelines.ingest.checks import Reason
+from pipelines.annotate.runner import ANNOTATIONS
+from pipelines.curate.prepare import annotate_pool
 from pipelines.pool import quarantine_pairs, truth_categories
+from pipelines.schema import Reason
 from pipelines.tables import RAW, SYNTH_TRUTH
 from resources.lake import LakeResource
 from resources.llm import LLMResource

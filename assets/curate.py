@@ -12,17 +12,19 @@ from assets.common import GPU_POOL, RMTrainConfig, judge_setup, label_origin, re
 from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
 from pipelines.annotate.prompts import load_prompt
-from pipelines.curate.embed import EMBEDDINGS, embed_pool, model_name
 from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgments_of
+from pipelines.curate.prepare import embed_pool
 from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
 from pipelines.annotate.cost import LLMLedger, projected_pool_cost
 from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, stage2_pool_estimate, unit_rows_table
+from pipelines.embed import model_name
 from pipelines.evaluate.gates import judge_gates
 from pipelines.review.seed import SEED
 from pipelines.rm.registry import best_of, latest, ref_of
 from pipelines.settings import home, minilm_path
-from pipelines.tables import (CURATED, JUDGMENTS, RAW, RECYCLED, RM_REGISTRY, SCORES, SILVER, STAGE1_JUDGMENTS,
-                              STAGE1_METRICS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS, STAGE2_UNITS, SYNTH_TRUTH)
+from pipelines.tables import (CURATED, EMBEDDINGS, JUDGMENTS, RAW, RECYCLED, RM_REGISTRY, SCORES, SILVER,
+                              STAGE1_JUDGMENTS, STAGE1_METRICS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS, STAGE2_UNITS,
+                              SYNTH_TRUTH)
 from resources.compute import ComputeResource
 from resources.lake import LakeResource
 from resources.llm import LLMResource
@@ -172,6 +174,9 @@ class Stage2AssetConfig(dg.Config):
     embed_model: str = Field(default="", description="Embedding model for exemplar retrieval; empty = MiniLM "
                                                      "(the pair_embeddings model)")
     include_stage1: bool = Field(default=True, description="Curated = Stage-1 verified data + Stage-2 survivors")
+    max_llm_failure_share: float = Field(default=0.05, description="Blocking check: share of this run's LLM answers "
+                                                                   "(attributes + verdicts) still invalid after every "
+                                                                   "repair attempt")
 
 
 STAGE2_DEPS = [SILVER, "gold_rm", "raw_pairs", SEED, EMBEDDINGS, SYNTH_TRUTH]
@@ -192,7 +197,11 @@ STAGE2_SPECS = [spec.replace_attributes(deps=STAGE2_DEPS) for spec in [
 @dg.multi_asset(
     group_name="curation", can_subset=False, pool=GPU_POOL, name="stage2", specs=STAGE2_SPECS,
     check_specs=[dg.AssetCheckSpec("counts_reconcile", asset=CURATED, blocking=True,
-                                   description="every pool pair of every unit is curated, recycled or quarantined")],
+                                   description="every pool pair of every unit is curated, recycled or quarantined"),
+                 dg.AssetCheckSpec("llm_failure_share", asset=CURATED, blocking=True,
+                                   description="LLM answers invalid after every repair (quarantined attributes, "
+                                               "llm=failed verdicts) stay under the configured share; unanswered "
+                                               "requests never get here: their unit is not committed")],
     description="Stage 2 (pipelines/curate/stage2.py), one work unit of the raw table at a time: score under the "
                 "best Stage-1 RM and the gold RM (Ray actors), annotate and judge only the unconfident, keep rule, "
                 "flip-recycling; one commit per unit, resumable.")
@@ -238,6 +247,12 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_st
                                                              "why": dg.MetadataValue.md(md_table(why))})
     for key in (SCORES, RECYCLED, STAGE2_UNITS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS):
         yield dg.MaterializeResult(asset_key=key, metadata={"delta_version": lake.version(key) or 0})
+    answered = sum(r["ok"] + r["failed"] for r in report.llm.rows(cost))
+    share = meta["llm_failed"] / answered if answered else 0.0
+    yield dg.AssetCheckResult(check_name="llm_failure_share", asset_key=CURATED,
+                              passed=share <= config.max_llm_failure_share,
+                              metadata={"share": round(share, 4), "failed": meta["llm_failed"], "answered": answered,
+                                        "max": config.max_llm_failure_share})
     yield dg.AssetCheckResult(check_name="counts_reconcile", asset_key=CURATED, passed=unreconciled.height == 0,
                               metadata={"units": units.height, "units_not_reconciling": unreconciled.height,
                                         "pool": int(units["pool"].sum()), "curated": int(units["curated"].sum()),

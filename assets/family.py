@@ -18,8 +18,8 @@ from assets.ingest import benchmarks
 from assets.meta import md_table, plt
 from assets.rm import gold_rm
 from pipelines.curate.stage2 import training_mix
-from pipelines.evaluate.run import (evaluate_models, evaluation_items, models_to_evaluate, table1_text,
-                                   write_authors_formats, write_evaluation, write_report)
+from pipelines.evaluate.run import (benchmark_items_from_lake, evaluate_models, folder_drift, models_to_evaluate,
+                                   table1_text, write_authors_formats, write_evaluation, write_report)
 from pipelines.rm import tracking
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import home, minilm_path
@@ -119,7 +119,17 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
                   compute: ComputeResource, mlflow_store: MlflowResource):
     lake = lake_store.lake()
     folder = Path(config.benchmarks_dir) if config.benchmarks_dir else home() / "benchmarks"
-    items = evaluation_items(lake, folder)
+    # one reader: the items decontamination used (`benchmark_pairs`, written by `benchmarks`), at the version the
+    # lineage records; a file added to the folder since is named here, not scored unchecked
+    inputs = lake.input_versions([BENCHMARK_ITEMS, SEED, RM_REGISTRY])
+    try:
+        items = benchmark_items_from_lake(lake, inputs[BENCHMARK_ITEMS])
+    except FileNotFoundError as e:
+        raise dg.Failure(str(e)) from e
+    drift = folder_drift(items, folder) if folder.exists() else {}
+    if drift:
+        context.log.warning(f"{folder} differs from `{BENCHMARK_ITEMS}` (not decontaminated, not scored until "
+                            f"`benchmarks` and ingest run again): {drift}")
     refs = models_to_evaluate(lake, list(CATALOG), mlflow_store.uri, home() / "model_cache")
     engine = compute.make_engine(max_len=config.max_len_cap)
     ev = evaluate_models(lake, items, refs, engine, max_len_cap=config.max_len_cap)
@@ -140,7 +150,7 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
         mlflow.log_artifact(str(report.with_suffix(".png")))
         mlflow.log_artifacts(str(authors), artifact_path="authors")
     lake.record_lineage(run_id=context.run.run_id, asset="rm_evaluation", partition=None, table=RM_EVALUATION,
-                        version_written=v, inputs=lake.input_versions([BENCHMARK_ITEMS, SEED, RM_REGISTRY]),
+                        version_written=v, inputs=inputs,
                         config=config.model_dump(), counts={"rows": ev.results.height, "models": len(refs),
                                                             "items": items.height})
     yield dg.MaterializeResult(metadata={
@@ -148,7 +158,8 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
         "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
         "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "biases": dg.MetadataValue.md(md_table(ev.bias)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
         "report": dg.MetadataValue.path(str(report)), "authors_files": dg.MetadataValue.path(str(authors)),
-        "models": len(refs), "items": items.height,
+        "models": len(refs), "items": items.height, "benchmark_pairs_version": inputs[BENCHMARK_ITEMS],
+        "folder_not_in_benchmark_pairs": dg.MetadataValue.json(drift),
         "rewards_table": RM_REWARDS, "delta_version": v, "engine": engine.describe()})
     yield dg.AssetCheckResult(check_name="no_leaks", passed=ev.leaks.height == 0,
                               metadata={"leaked_pairs": ev.leaks.height,

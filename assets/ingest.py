@@ -8,11 +8,13 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from pipelines.ingest.decontaminate import words
 from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, BenchmarkFormatError, read_benchmarks
-from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard, load_id_index
+from pipelines.ingest.idstore import IdStore
+from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard
 from pipelines.tables import BENCHMARK_ITEMS, BENCHMARK_PROMPTS, SYNTH_TRUTH
 from pipelines.schema import RAW_PAIRS_SCHEMA, first_user_turn
 from pipelines.settings import home
@@ -137,8 +139,12 @@ RAW_CHECKS = [
 def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_store: LakeResource):
     lake = lake_store.lake()
     decontam = decontam_index_from_lake(lake) if config.decontaminate else None
-    # one dedup index per run, updated shard by shard (reading raw_pairs' ids once, not once per shard)
-    index = load_id_index(lake)
+    # the dedup index persisted on the lake (idstore.py): memory-mapped, not rebuilt by a scan of every id, and
+    # committed after each shard, so a shard costs the same however large raw_pairs is
+    store = IdStore(lake)
+    index = store.open()
+    if store.rebuilt:
+        context.log.info(f"dedup index rebuilt from a scan of raw_pairs ({len(index)} ids)")
     reports = []
     for key in context.partition_keys:
         source = key.split("/", 1)[0]
@@ -146,6 +152,7 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
         report = ingest_shard(lake, lake_store.landing_path(key), source=source, shard=key,
                               run_id=context.run.run_id, fmt=config.format or None, mapping=config.mapping or None,
                               decontam=decontam, max_chars=config.max_chars, id_index=index)
+        store.commit(index, report.version)
         lake.record_lineage(run_id=context.run.run_id, asset="raw_pairs", partition=key, table=RAW,
                             version_written=report.version, inputs=inputs, config=config.model_dump(),
                             counts=_counts(report))
@@ -162,7 +169,7 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
         and set(RAW_PAIRS_SCHEMA.names) <= set(got.names)
     # unique ids, checked on the run's index (the table's ids at the start + every row this run wrote) rather
     # than by n_unique over the whole table each run; the table's row count must equal the index's size
-    rows = lake.scan(RAW).select(pl.len()).collect().item() if got else 0
+    rows = _row_count(lake) if got else 0
     ids = (rows, len(index) - index.duplicate_keys(), len(index))
     bad = [r.shard for r in reports if not r.reconciles]
     yield dg.MaterializeResult(
@@ -180,6 +187,12 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
                                           "shards_not_reconciling": dg.MetadataValue.json(bad)}),
         ],
     )
+
+
+def _row_count(lake) -> int:
+    """raw_pairs' rows from the Delta log's per-file counts (no file opened), scanning only if one is missing."""
+    n = pa.table(lake.delta(RAW).get_add_actions(flatten=True)).column("num_records")
+    return int(pc.sum(n).as_py() or 0) if n.null_count == 0 else lake.scan(RAW).select(pl.len()).collect().item()
 
 
 def _sum(dicts) -> dict[str, int]:

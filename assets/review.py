@@ -7,10 +7,13 @@ import dagster as dg
 from assets.annotate import llm_annotations
 from assets.common import RMTrainConfig, reward_models
 from assets.meta import md_table
+from pipelines.annotate.attributes import attributes
 from pipelines.annotate.prompts import load_prompt
 from pipelines.annotate.runner import precheck_responses
-from pipelines.pool import attributes, truth_of
-from pipelines.review.ledger import VERDICTS, agreement_by_annotator, append_verdicts, read_verdicts
+from pipelines.pool import truth_of
+from pipelines.review.adjudicate import awaiting_adjudication, simulated_adjudications
+from pipelines.review.ledger import (VERDICTS, agreement_by_annotator, agreement_by_batch, append_verdicts,
+                                     compact_ledger, progress_by_annotator, read_verdicts)
 from pipelines.review.plan import next_review_queue
 from pipelines.review.queue import QUEUE
 from pipelines.review.seed import SEED, SPLITS, build_seed
@@ -23,10 +26,21 @@ from resources.pool import PoolResource
 from resources.trainer import TrainerResource
 
 
+def review_progress(verdicts: pl.DataFrame, queue_version: str | None) -> dict:
+    """Per-annotator progress and agreement as Dagster metadata (the lead's view, in the asset's history)."""
+    agr = agreement_by_batch(verdicts)
+    return {"progress_per_annotator": dg.MetadataValue.md(md_table(progress_by_annotator(verdicts, queue_version))),
+            "agreement_per_batch": dg.MetadataValue.md(md_table(agr)),
+            "agreement_per_annotator": dg.MetadataValue.md(md_table(agreement_by_annotator(verdicts))),
+            "awaiting_adjudication": awaiting_adjudication(verdicts).height,
+            "annotators": int(verdicts["annotator"].n_unique()) if verdicts.height else 0}
+
+
 class QueueConfig(dg.Config):
     size: int = Field(default=240, description="Pairs to queue for human review")
     quotas: dict[str, int] = Field(default_factory=dict, description="Max pairs per task category; empty = equal shares")
-    overlap_frac: float = Field(default=0.15, description="Share of items given to 2+ annotators (agreement)")
+    overlap_frac: float = Field(default=0.15, description="Share of items annotated twice, by two different people "
+                                                          "(agreement; disagreements go to adjudication)")
     precheck: bool = Field(default=True, description="Batched LLM pre-check of each response of objective items")
     candidates_per_category: int = Field(default=400, description="Pairs per category ranked for the queue "
                                                                   "(objective/low-controversy first)")
@@ -55,7 +69,8 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
     if plan.queue is None:
         return dg.MaterializeResult(metadata={
             "queue_version": plan.version, "open": plan.open_items,
-            "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)"})
+            "note": "latest queue still has unreviewed items; left as it is (force_new=true queues more)",
+            **review_progress(read_verdicts(lake), plan.version)})
     q, version, candidates = plan.queue, plan.version, plan.candidates
     v = lake.append(QUEUE, q.to_arrow(), schema_mode="merge")  # queues written before the text columns stay readable
     lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
@@ -73,7 +88,9 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
     return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height, "prechecked_responses": checked,
                                           "candidates": candidates.height,
                                           "ranked_by_rm": plan.ranked_by or "none yet",
-                                          "per_category": dg.MetadataValue.md(md_table(per))})
+                                          "double_annotated": int(q["overlap"].sum()),
+                                          "per_category": dg.MetadataValue.md(md_table(per)),
+                                          **review_progress(read_verdicts(lake), version)})
 
 
 class SimulatedReviewConfig(dg.Config):
@@ -81,6 +98,8 @@ class SimulatedReviewConfig(dg.Config):
                                                     "Off when real annotators use `synpref review serve`.")
     annotators: int = 2
     error_rate: float = Field(default=0.05, description="Simulated human error rate")
+    adjudicate: bool = Field(default=True, description="A simulated lead settles the pairs the simulated annotators "
+                                                       "disagree on (the adjudication protocol, offline)")
     seed: int = 0
 
 
@@ -95,11 +114,21 @@ def simulated_review(context: dg.AssetExecutionContext, config: SimulatedReviewC
     q = lake.read(QUEUE)
     q = q.filter(pl.col("queue_version") == q["queue_version"].max())
     q = q.join(read_verdicts(lake).select("pair_id"), on="pair_id", how="anti")
-    vs = simulated_verdicts(q, truth_of(lake, q), annotators=config.annotators, error_rate=config.error_rate,
-                            seed=config.seed)
+    version = q["queue_version"].max() if q.height else None
+    truth = truth_of(lake, q)
+    vs = simulated_verdicts(q, truth, annotators=config.annotators, error_rate=config.error_rate, seed=config.seed)
     v = append_verdicts(lake, vs)
-    return dg.MaterializeResult(metadata={"verdicts": len(vs), "ledger_version": v,
-                                          "unknown_truth": q.height - len({x.pair_id for x in vs})})
+    adjudicated = []
+    if config.adjudicate and vs:
+        batch = pl.DataFrame({"pair_id": [x.pair_id for x in vs]}).unique()
+        ledger = read_verdicts(lake)
+        pending = awaiting_adjudication(ledger.join(batch, on="pair_id", how="semi"))
+        adjudicated = simulated_adjudications(pending, truth, queue_version=version or "", seed=config.seed)
+        v = append_verdicts(lake, adjudicated) if adjudicated else v
+    ledger = read_verdicts(lake)
+    return dg.MaterializeResult(metadata={"verdicts": len(vs), "adjudications": len(adjudicated), "ledger_version": v,
+                                          "unknown_truth": q.height - len({x.pair_id for x in vs}),
+                                          **review_progress(ledger, version)})
 
 
 class SeedConfig(dg.Config):
@@ -120,6 +149,7 @@ class SeedConfig(dg.Config):
                       "simulated in the demo), split into train, gold_val (selection) and gold_test (report only).")
 def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, lake_store: LakeResource):
     lake = lake_store.lake()
+    compaction = compact_ledger(lake)  # one small file per app verdict: rewritten into one before it is read
     inputs = lake.input_versions([VERDICTS, RAW, ANNOTATIONS])
     verdicts = read_verdicts(lake)
     attrs = attributes(lake, verdicts.select("pair_id").unique()).collect()
@@ -129,19 +159,24 @@ def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, l
     counts = {"verified": seed.height, **{s: int((seed["split"] == s).sum()) for s in SPLITS},
               "flipped_by_humans": int(seed["label_flipped"].sum()),
               "label_conflicts": int(seed.filter(pl.col("label_conflict"))["comparison_id"].n_unique()),
-              "discarded": int(verdicts["pair_id"].n_unique() - seed.height) if verdicts.height else 0}
+              "discarded": int(verdicts["pair_id"].n_unique() - seed.height) if verdicts.height else 0,
+              "adjudicated": int((seed["how"] == "adjudication").sum())}
     lake.record_lineage(run_id=context.run.run_id, asset="human_verified_seed", partition=None, table=SEED,
                         version_written=v, inputs=inputs, config=config.model_dump(), counts=counts)
     agr = agreement_by_annotator(verdicts)
     mean_agr = float(agr["agreement"].mean()) if agr.height else 1.0
+    kappas = agr["kappa"].drop_nulls()
+    latest = (lake.scan(QUEUE).select(pl.col("queue_version").max()).collect().item() if lake.exists(QUEUE) else None)
     per = seed.group_by("task_category").len().sort("task_category")
     small = per.filter(pl.col("len") < config.min_per_category)
     yield dg.MaterializeResult(
         metadata={**counts, "delta_version": v, "per_category": dg.MetadataValue.md(md_table(per)),
-                  "agreement": dg.MetadataValue.md(md_table(agr))},
+                  **review_progress(verdicts, latest),
+                  "ledger_files_compacted": f"{compaction['files_before']} -> {compaction['files_after']}"},
         check_results=[
             dg.AssetCheckResult(check_name="agreement_rate", passed=mean_agr >= config.min_agreement,
-                                metadata={"mean_agreement": mean_agr, "annotators": agr.height}),
+                                metadata={"mean_agreement": mean_agr, "annotators": agr.height,
+                                          "mean_kappa": float(kappas.mean()) if kappas.len() else None}),
             dg.AssetCheckResult(check_name="size_per_category", passed=small.height == 0,
                                 severity=dg.AssetCheckSeverity.WARN,
                                 metadata={"small": dg.MetadataValue.md(md_table(small))}),

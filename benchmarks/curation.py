@@ -45,15 +45,16 @@ def main() -> None:
     from benchmarks.rm_train import HH
     from pipelines.annotate.backends import SimulatedBackend
     from pipelines.annotate.prompts import load_prompt
-    from pipelines.annotate.runner import annotate_pool
+    from pipelines.annotate.attributes import attributes
     from pipelines.compute import InProcessEngine
-    from pipelines.curate.embed import Embedder, embed_pool
     from pipelines.curate.judge import JudgeSetup, exemplar_index, judge_with_exemplars
+    from pipelines.curate.prepare import annotate_pool, embed_pool
     from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
     from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, training_mix
     from pipelines.ingest.run import ingest_shard
     from pipelines.lake import Lake
-    from pipelines.pool import attributes, pool_stage_expr, truth_categories
+    from pipelines.embed import Embedder
+    from pipelines.pool import pool_stage_expr, truth_categories
     from pipelines.review.seed import gold_split
     from pipelines.rm.model import load_reward_model
     from pipelines.rm.registry import best_of, latest, ref_of

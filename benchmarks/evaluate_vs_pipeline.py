@@ -5,10 +5,12 @@ arguments: read the published-layout files, load the RM, score every distinct (h
 length-sorted batches, aggregate with the authors' formulas, write `rm_evaluation` / `rm_item_rewards` (Delta) and
 lineage. All of that is timed.
 
-Peer (named): the way the `rewardbench` CLI scores an RM — a `transformers` pipeline("text-classification",
-function_to_apply="none") fed every item's chosen and rejected texts, batched in file order, RM-Bench's 3x3
-items and RewardBench 2's 1-vs-3 items each scoring their own texts. The peer is handed the items already parsed
-and its pipeline is built outside the timer: only its scoring is timed (in our favour, never in ours).
+Peer (named): the authors' own loops, each fed the texts its script scores, through the `transformers`
+pipeline("text-classification", function_to_apply="none") they use, batched in file order: RM-Bench's
+`scripts/run_rm.py` scores per style i the pair (chosen[i], rejected[i]) — 6 texts a row, its 3x3 matrix built
+from those; reward-bench's `run_v2.py` every completion once — 4 texts a RewardBench 2 row; JudgeBench's
+`run_judge.py --single_game` (its README's reward-model command) A and B — 2 texts a pair. The peer is handed the
+items already parsed and its pipeline is built outside the timer: only its scoring is timed (in its favour).
 
 Items: three published layouts built from real hh-rlhf pairs (../shared; project-made pairs when absent):
 RM-Bench rows (3 chosen x 3 rejected styles: the response shortened, as is, under a markdown header = 9 items a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -45,8 +48,8 @@ def published_files(folder: Path, n: int) -> None:
 
     (folder / "rm-bench").mkdir(parents=True)
     (folder / "rm-bench" / "chat_filtered.json").write_text(json.dumps([
-        {"id": i, "prompt": r["history"][-1]["content"], "chosen": styles(r["chosen"]),
-         "rejected": styles(r["rejected"]), "subset": "chat", "error": [], "error_key": []}
+        {"id": i, "subset": "alpacaeval", "prompt": r["history"][-1]["content"], "chosen": styles(r["chosen"]),
+         "rejected": styles(r["rejected"]), "error_key": "", "error": ""}
         for i, r in enumerate(a)]))
     (folder / "rewardbench2").mkdir()
     with open(folder / "rewardbench2" / "test-00000-of-00001.jsonl", "w") as f:
@@ -104,19 +107,23 @@ def main() -> None:
         model = make_model(a.model, work / "rm")
         lake = Lake(str(work / "lake"))
         engine = InProcessEngine(max_len=a.max_len, batch_size=a.batch)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ev, version = evaluate_external(lake, model, engine, benchmarks_dir=work / "benchmarks",
                                         max_len_cap=a.max_len, run_id="bench")
-        t_ours = time.perf_counter() - t
+        t_ours, c_ours = time.perf_counter() - t, time.process_time() - c
         n_items = int(ev.results.filter(pl.col("section") == "overall")["n"].sum())
 
-        # the peer: the same items, as parsed, each item's own texts through the pipeline
+        # the peer: the authors' loops over the same items, as parsed: RM-Bench's run_rm.py scores the diagonal
+        # cells' texts (style i chosen vs style i rejected) and builds the matrix from them; the others score
+        # every item's own texts
         items = evaluation_items(Lake(str(work / "empty")), work / "benchmarks")
+        authors = items.filter((pl.col("benchmark") != "rm-bench")
+                               | (pl.col("item_key").str.slice(-2, 1) == pl.col("item_key").str.slice(-1, 1)))
         rm = load_reward_model(model)
         rm.model.eval()
         keys, inputs = [], []
-        for bench, key, hist, chosen, rejected in items.select("benchmark", "item_key", "history", "chosen",
-                                                               "rejected").iter_rows():
+        for bench, key, hist, chosen, rejected in authors.select("benchmark", "item_key", "history", "chosen",
+                                                                 "rejected").iter_rows():
             for role, resps in (("chosen", chosen), ("rejected", rejected)):
                 for idx, resp in enumerate(resps):
                     keys.append((bench, key, role, idx))
@@ -135,10 +142,10 @@ def main() -> None:
         # texts neither side cut, so how the peer cuts does not enter the comparison)
         kw = {"truncation": True, "max_length": a.max_len}
         pipe(inputs[:a.batch], batch_size=a.batch, **kw)  # warm-up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = pipe(inputs, batch_size=a.batch, **kw)
-        t_peer = time.perf_counter() - t
+        t_peer, c_peer = time.perf_counter() - t, time.process_time() - c
         peer = pl.DataFrame({"benchmark": [k[0] for k in keys], "item_key": [k[1] for k in keys],
                              "role": [k[2] for k in keys], "idx": [k[3] for k in keys],
                              "peer": [float((o[0] if isinstance(o, list) else o)["score"]) for o in out]})
@@ -149,10 +156,19 @@ def main() -> None:
         print(f"{a.model}, max_len {a.max_len}, batch {a.batch}, torch threads {torch.get_num_threads()}; "
               f"{n_items} items ({', '.join(f'{b} {n}' for b, n, _ in per_bench.iter_rows())}), "
               f"{len(inputs)} texts for the peer, {ev.rewards['item_key'].n_unique()} keys")
+        per_text = {b: n for b, n in authors.with_columns(t=pl.col("chosen").list.len() + pl.col("rejected")
+                                                           .list.len()).group_by("benchmark").agg(
+            pl.col("t").sum()).iter_rows()}
+        print(f"authors' loops' texts: {per_text} (rm-bench {per_text.get('rm-bench', 0) / a.rows:.0f} a row)")
         print(f"synpref evaluate (read + load + score + aggregate + Delta write): {n_items / t_ours:,.1f} items/s "
-              f"({t_ours:.1f} s) | transformers pipeline (scoring only): {n_items / t_peer:,.1f} items/s "
+              f"({t_ours:.1f} s) | authors' loops, transformers pipeline (scoring only): "
+              f"{n_items / t_peer:,.1f} items/s "
               f"({t_peer:.1f} s) | ratio {t_peer / t_ours:.2f}x (goal >= 3x) | max |reward difference| on "
               f"{both.height} uncut texts {diff:.2e}")
+        # CPU seconds (this process, all threads): what each side costs when the box is shared and wall time is not
+        print(f"CPU seconds: ours {c_ours:.1f} ({n_items / c_ours:,.1f} items per CPU-s) | authors' loops "
+              f"{c_peer:.1f} ({n_items / c_peer:,.1f} items per CPU-s) | ratio {c_peer / c_ours:.2f}x; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

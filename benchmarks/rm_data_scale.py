@@ -13,6 +13,8 @@ Three figures (issue 18), each against a named peer on the same machine, same da
 
     python benchmarks/rm_data_scale.py --build 100000 --memory 100000,1000000 --tile 4000000 --throughput 10000
 
+4. **Store size** (`--bytes N`): bytes a pair takes in the shard files, on N distinct real pairs.
+
 Data: hh-rlhf harmless-base test pairs (../shared, real) repeated with distinct pair ids up to the size asked
 (project-made synthetic pairs when ../shared is absent); a tiny Qwen3-shaped decoder's tokenizer and weights.
 """
@@ -126,6 +128,24 @@ def build_ours(parquet: str, tok: str, root: str, max_len: int, cpus: int) -> di
         ray.shutdown()
     return {"seconds": dt, "ray_start_s": t_ray, "peak_tree_uss": mem.peak, "pairs": b.counts["pairs"],
             "tokens": b.counts["tokens"]}
+
+
+def store_bytes(rows, tok: str, root: Path, max_len: int) -> dict:
+    """Bytes a pair takes in the shard files of a store of `rows` (distinct pairs: no repetition to flatter it)."""
+    import numpy as np
+
+    from pipelines.rm.store import STORE_VERSION, PairSource, SourceTable, build_token_store
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"pairs-{rows.height}.parquet"
+    rows.write_parquet(path)
+    b = build_token_store(PairSource([SourceTable(str(path))]), tok, root, max_len=max_len, parallel="inprocess")
+    size = sum(f.stat().st_size for f in b.store.path.glob("shard-*.arrow"))
+    n = len(b.store)
+    tokens = b.store.token_counts().astype(np.int64)
+    shared = tokens - b.store.row_lengths("shared_prefix").astype(np.int64)  # = shared x (sequences - 1)
+    return {"pairs": n, "store_version": STORE_VERSION, "shard_bytes": size, "bytes_per_pair": size / n,
+            "tokens_per_pair": float(tokens.mean()), "shared_per_pair": float(shared.mean())}
 
 
 def len_of(parquet: str) -> int:
@@ -258,6 +278,7 @@ def main() -> None:
     ap.add_argument("--memory", default="100000,1000000", help="store sizes for the rank-memory figure ('' = skip)")
     ap.add_argument("--tile", default="", help="further sizes, tiled from the largest built store (see tile_store)")
     ap.add_argument("--throughput", type=int, default=10_000, help="pairs for the store vs in-memory run (0 = skip)")
+    ap.add_argument("--bytes", type=int, default=0, help="distinct real pairs for the store-size figure (0 = skip)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=512)
@@ -275,6 +296,14 @@ def main() -> None:
     tok = build_tiny_decoder(work / "tiny", "qwen3", hidden=128, layers=2)
     print(f"data: {src}, {base.height} distinct pairs repeated; max_len {a.max_len}; {a.cpus} cores", flush=True)
     res: dict = {"data": src, "max_len": a.max_len, "cpus": a.cpus}
+
+    if a.bytes:
+        res["bytes"] = store_bytes(base.head(a.bytes), tok, work / "stores-bytes", a.max_len)
+        r = res["bytes"]
+        print(f"store size, {r['pairs']:,} distinct pairs (format v{r['store_version']}, max_len {a.max_len}): "
+              f"{r['bytes_per_pair']:,.0f} bytes a pair in shard files ({r['tokens_per_pair']:,.1f} tokens a pair "
+              f"of which {r['shared_per_pair']:,.1f} a shared history; {r['shard_bytes'] / 2**20:,.2f} MB)",
+              flush=True)
 
     if a.build:
         pq_path = write_pairs(work / f"pairs-{a.build}.parquet", a.build, base)

@@ -5,6 +5,7 @@ longest member: what TRL's RewardTrainer feeds the model) through the same train
     python benchmarks/rm_gpu.py                                   # one GPU, in-process
     torchrun --nproc_per_node 8 benchmarks/rm_gpu.py --shape qwen3-1.7b   # data-parallel FSDP2 (NCCL), 8 GPUs
     python benchmarks/rm_gpu.py --attn flash_attention_2          # adds the padding-free `packed` layout
+    python benchmarks/rm_gpu.py --attn sdpa                       # the dense-mask peer of the default flex_attention
     python benchmarks/rm_gpu.py --shape tiny --pairs 24 --max-len 256 --steps 3 --history-words 20 --response-words 10
 
 Random init is fine for speed (DEVELOPERS.md); the text is synthetic multi-turn chat whose history and response
@@ -77,7 +78,10 @@ def build_model(shape: str, attn: str | None, device: str, tmp: str):
     cfg = Qwen3Config(**dims, tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       num_labels=1)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(cfg, attn_implementation=attn or "sdpa")
+    from pipelines.rm.attention import resolve_attn_implementation
+
+    attn = resolve_attn_implementation(attn or "auto", device, decoder=True)  # as the trainer's loaders resolve it
+    model = AutoModelForSequenceClassification.from_config(cfg, attn_implementation=attn)
     ensure_pad_token(model, tok)
     return RewardModel(model.to(device), tok, True, f"random-{shape}")
 
@@ -88,7 +92,9 @@ def main() -> None:
     ap.add_argument("--layouts", default="pairs,shared_prefix",
                     help="beside the TRL-style peer; `packed` is added by itself under flash_attention_2 (it needs "
                          "varlen kernels: under sdpa a packed row gets a dense mask over the whole batch)")
-    ap.add_argument("--attn", default="", help="'' (sdpa) | flash_attention_2 (adds the packed layout)")
+    ap.add_argument("--attn", default="auto", help="auto (the trainer's: flex_attention on GPUs without flash-attn, "
+                                                   "sdpa on CPU) | sdpa | flex_attention | flash_attention_2 (adds "
+                                                   "the packed layout)")
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=12)
@@ -124,6 +130,7 @@ def main() -> None:
         del probe
         for i, (label, layout, grouped) in enumerate([runs[0], *runs]):  # the first pass warms the device up
             rm = build_model(a.shape, a.attn or None, device, tmp)
+            attn = rm.model.config._attn_implementation
             cfg = TrainConfig(lr=1e-5, batch_size=a.batch, epochs=1.0, max_steps=2 if i == 0 else a.steps,
                               max_len=a.max_len, layout=layout, group_by_length=grouped, bf16="auto",
                               grad_checkpointing=a.grad_checkpointing, eval_every=10**9, save_last_every=10**9,
@@ -149,7 +156,7 @@ def main() -> None:
     base = results[0]["tokens_per_s_per_gpu"]
     world = int(os.environ.get("WORLD_SIZE", 1))
     print(f"device: {name} x{world}{' (FSDP2)' if world > 1 or 'WORLD_SIZE' in os.environ else ''}; shape {a.shape} "
-          f"({n_params / 1e6:.1f}M non-embedding params), attn {a.attn or 'sdpa'}, "
+          f"({n_params / 1e6:.1f}M non-embedding params), attn {attn}, "
           f"{'bf16 autocast' if device == 'cuda' else 'fp32'}, batch {a.batch} "
           f"pairs, max_len {a.max_len}, {real:.0f} real tokens/pair, {length.as_dict()}")
     for r in results:

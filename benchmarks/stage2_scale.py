@@ -140,7 +140,7 @@ class RSSWatch:
 
 
 def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engine: bool = True,
-             watch: "RSSWatch | None" = None) -> dict:
+             watch: "RSSWatch | None" = None, actors: int = 0, cpus: int = 0) -> dict:
     import ray
 
     from pipelines.compute import InProcessEngine, RayEngine
@@ -148,8 +148,9 @@ def run_ours(work: Path, rms: list[str], unit_rows: int, max_len: int, ray_engin
     from pipelines.lake import Lake
 
     if ray_engine:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        engine = RayEngine(actors=1, batch_rows=2048, max_len=max_len, batch_size=128)
+        ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # actors=0 is ComputeResource's default (one actor per model on CPUs): what `make demo` runs
+        engine = RayEngine(actors=actors, batch_rows=2048, max_len=max_len, batch_size=128)
     else:
         engine = InProcessEngine(max_len=max_len, batch_size=128, rows_per_batch=2048)
     t = time.perf_counter()
@@ -212,7 +213,7 @@ def child(args) -> None:
     with RSSWatch() as watch:
         out = (legacy_stage2(work, meta["rms"], args.max_len) if args.path == "legacy"
                else run_ours(work, meta["rms"], args.unit_rows, args.max_len, ray_engine=args.path == "ours",
-                             watch=watch if args.trace else None))
+                             watch=watch if args.trace else None, actors=args.actors, cpus=args.cpus))
     out["workers_peak_mb"], out["driver_peak_uss_mb"] = watch.peak / 2**20, watch.peak_uss / 2**20
     out["driver_peak_anon_mb"], out["driver_uss_parts_mb"] = watch.peak_anon / 2**20, watch.uss_parts
     out["driver_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -231,6 +232,8 @@ def main() -> None:
     ap.add_argument("--child", choices=["ours", "ours-inprocess", "legacy"])
     ap.add_argument("--work")
     ap.add_argument("--trace", action="store_true", help="print the driver's memory by mapping after every unit")
+    ap.add_argument("--actors", type=int, default=0, help="RayEngine actors per model (0 = the product default)")
+    ap.add_argument("--cpus", type=int, default=0, help="CPUs of the local Ray (0 = every core)")
     a = ap.parse_args()
     if a.child:
         a.path = a.child
@@ -247,7 +250,8 @@ def main() -> None:
                 env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "TRANSFORMERS_VERBOSITY": "error"}
                 out = subprocess.run([sys.executable, __file__, "--child", path, "--work", d, "--unit-rows",
-                                      str(a.unit_rows), "--max-len", str(a.max_len), *(["--trace"] if a.trace else [])],
+                                      str(a.unit_rows), "--max-len", str(a.max_len), "--actors", str(a.actors), "--cpus", str(a.cpus),
+                                      *(["--trace"] if a.trace else [])],
                                      env=env, capture_output=True, text=True)
                 for x in out.stdout.splitlines():
                     if x.startswith("UNIT "):
@@ -273,6 +277,11 @@ def main() -> None:
                       f"{(o['pairs'] / o['seconds']) / (p['pairs'] / p['seconds']):.2f}x; "
                       f"driver peak RSS {o['driver_peak_mb']:,.0f} vs {p['driver_peak_mb']:,.0f} MB, private "
                       f"{o['driver_peak_uss_mb']:,.0f} vs {p['driver_peak_uss_mb']:,.0f} MB")
+    for n in a.n or [100_000]:
+        if (n, "ours") in by and (n, "ours-inprocess") in by:
+            o, p = by[(n, "ours")], by[(n, "ours-inprocess")]
+            print(f"N={n:,}: Ray engine ({o['units']} units, actors={a.actors or 'default'}) / in-process pairs/s = "
+                  f"{(o['pairs'] / o['seconds']) / (p['pairs'] / p['seconds']):.2f}x")
     for path in ("ours", "ours-inprocess"):
         mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["n"])
         if len(mine) >= 2:

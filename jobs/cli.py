@@ -1,12 +1,14 @@
 """`synpref` command line: the end-to-end demo on the embedded default, and the review app.
 
     synpref demo [--scale tiny|small|medium] [--verbose]   # everything, on project-made data, CPU, local
-    synpref benchmarks add PATH [--name NAME] | fetch NAME [--revision REV] | list
+    synpref benchmarks add PATH [--name NAME] [--as FILENAME] | fetch NAME [--revision REV] | list
     synpref train-rm --pairs PATH --backbone DIR --out DIR [--val PATH] [--nproc N] [--max-steps N] [--set k=v ...]
-    synpref evaluate --model DIR|models:/NAME/VERSION|HUB_ID [--name NAME] [--max-len N] [--out DIR]
+    synpref evaluate --model DIR|models:/NAME/VERSION|HUB_ID [--name NAME] [--benchmarks A,B] [--max-len N]
+                     [--out DIR]
     synpref serve --model DIR|models:/NAME/VERSION|HUB_ID [--port P] [--max-batch N] [--max-queue Q] [--api-key-env V]
     synpref review add-annotator NAME [--lead]
-    synpref review serve [--port 8000]
+    synpref review serve [--port 8000] [--lease-ttl 600]
+    synpref review compact
     synpref review export FILE [--format jsonl|csv|labelstudio]
     synpref review import FILE [--format jsonl|csv|labelstudio]
 """
@@ -21,6 +23,9 @@ import uuid
 from pathlib import Path
 
 from pipelines.settings import default_lake_root, default_mlflow_uri, home
+
+# Each command imports what it runs inside its own function: `synpref --help` and the light commands load neither
+# Dagster nor torch at start-up.
 
 
 def _instance():
@@ -78,7 +83,10 @@ def demo(scale: str = "small", verbose: bool = False, engine: str = "ray") -> di
         "stage1": {"config": {"iterations": cfg["stage1_iterations"]}},
         **{family_key(b).to_python_identifier(): {"config": {"epochs": cfg["family_epochs"]}} for b in CPU_MEMBERS},
     }
-    run_config = {"ops": ops, "resources": {"compute": {"config": {"engine": engine}}}}
+    # the demo's data is project-made, so its judge is the simulated one, chosen here explicitly (a deployment's
+    # Definitions have no LLM unless SYNPREF_LLM_BACKEND sets one); this run config replaces any env-set LLM
+    run_config = {"ops": ops, "resources": {"compute": {"config": {"engine": engine}},
+                                            "llm": {"config": {"backend": "simulated"}}}}
     if not verbose:  # the event log is still stored in full in the run; only the console stream is quiet
         run_config["loggers"] = {"console": {"config": {"log_level": "ERROR"}}}
     tags = {"dagster/asset_partition_range_start": shards[0], "dagster/asset_partition_range_end": shards[-1]}
@@ -123,7 +131,7 @@ def benchmarks_cmd(args: argparse.Namespace) -> None:
     root = home() / "benchmarks"
     try:
         if args.bench_cmd == "add":
-            dst = add_benchmark(Path(args.path), root, args.name)
+            dst = add_benchmark(Path(args.path), root, args.name, as_name=getattr(args, "as_name", None))
             print(f"added {args.path} as {dst.parent.name}: {dst}")
         elif args.bench_cmd == "fetch":
             for dst in fetch_benchmark(args.name, root, args.revision):
@@ -149,8 +157,10 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
     lake = Lake(default_lake_root())
     folder = Path(args.benchmarks_dir) if args.benchmarks_dir else home() / "benchmarks"
     engine = InProcessEngine(max_len=args.max_len)
+    picked = getattr(args, "benchmarks", None)
+    only = [b.strip() for b in picked.split(",") if b.strip()] if picked else None
     try:
-        ev, rm_version = evaluate_external(lake, args.model, engine,
+        ev, rm_version = evaluate_external(lake, args.model, engine, only=only,
                                            name=args.name, benchmarks_dir=folder,
                                            tracking_uri=args.mlflow_uri or default_mlflow_uri(),
                                            cache_root=home() / "model_cache", max_len_cap=args.max_len,
@@ -171,6 +181,14 @@ def evaluate_cmd(args: argparse.Namespace) -> None:
             print(f"wrote {f}")
 
 
+def served_name(model: str) -> str:
+    """The name a served model answers to when --name is not given: a registered model's NAME (not its version),
+    else the folder's or hub id's last part."""
+    if model.startswith("models:/"):
+        return model.removeprefix("models:/").split("/")[0]
+    return model.rstrip("/").split("/")[-1]
+
+
 def serve_cmd(args: argparse.Namespace) -> None:
     """The reward server (pipelines/serve/reward_server.py) on one model until SIGTERM/Ctrl-C."""
     import os
@@ -188,12 +206,16 @@ def serve_cmd(args: argparse.Namespace) -> None:
                       max_len=args.max_len, batch_tokens=args.batch_tokens,
                       forward_overhead_tokens=(FORWARD_OVERHEAD_TOKENS if args.forward_overhead_tokens is None
                                                else args.forward_overhead_tokens), api_key=key,
-                      name=args.name or args.model.rstrip("/").split("/")[-1])
+                      name=args.name or served_name(args.model), max_rows=args.max_rows,
+                      max_chars=args.max_chars, max_tokens=args.max_tokens, strip_padding=args.strip_padding,
+                      encode_threads=args.encode_threads)
     app, scorer = build_server(args.model, cfg, tracking_uri=args.mlflow_uri or default_mlflow_uri(),
                                cache_root=str(home() / "model_cache"))
     print(f"serving {cfg.name} on http://{args.host}:{args.port} (max_len {scorer.max_len}, calibration: "
           f"{scorer.calibration.source}, batches of <= {cfg.max_batch} within {cfg.max_wait_ms} ms, queue "
-          f"{cfg.max_queue}{', bearer token required' if key else ''})", flush=True)
+          f"{cfg.max_queue}{', bearer token required' if key else ''}; per request <= {cfg.max_rows} texts of <= "
+          f"{cfg.max_chars} chars / {cfg.max_tokens} tokens; pad/EOS stripping on /get_reward "
+          f"{'on' if cfg.strip_padding else 'off'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -206,10 +228,15 @@ def train_rm(args: argparse.Namespace) -> None:
         raise SystemExit(f"train-rm: {e}") from None
     given = ", ".join(f"{k}={v}" for k, v in PAPER_DEFAULTS.items() if k not in settings)
     print(f"[train-rm] the paper's final-run settings where you gave none: {given}", flush=True)
-    out = train_on_pairs(args.pairs, args.backbone, args.out, val=args.val, nproc=args.nproc,
-                         max_steps=args.max_steps, settings=settings, store_root=args.store_root,
-                         tracking_uri=args.mlflow_uri or default_mlflow_uri(), run_name=args.name,
-                         register=args.register, build=args.build, say=lambda m: print(m, flush=True))
+    from pipelines.rm.memory import MemoryPlanError
+
+    try:
+        out = train_on_pairs(args.pairs, args.backbone, args.out, val=args.val, nproc=args.nproc,
+                             max_steps=args.max_steps, settings=settings, store_root=args.store_root,
+                             tracking_uri=args.mlflow_uri or default_mlflow_uri(), run_name=args.name,
+                             register=args.register, build=args.build, say=lambda m: print(m, flush=True))
+    except MemoryPlanError as e:  # refused before training: say which setting to change (--set key=value)
+        raise SystemExit(f"train-rm: {e}") from None
     r = out.result
     sel = f"gold accuracy {r.best_val_accuracy:.3f}" if r.best_val_accuracy >= 0 else "no validation set"
     print(f"[train-rm] {r.steps} steps on {r.pairs} pairs x {r.world_size} rank(s) ({r.tokens_per_s:,.0f} tokens/s; "
@@ -229,11 +256,17 @@ def review(args: argparse.Namespace) -> None:
     elif args.review_cmd == "serve":
         import uvicorn
 
-        uvicorn.run(create_app(default_lake_root(), annotators), host=args.host, port=args.port)
+        uvicorn.run(create_app(default_lake_root(), annotators, lease_ttl_s=args.lease_ttl,
+                               sync_every_s=args.sync_every), host=args.host, port=args.port)
+    elif args.review_cmd == "compact":
+        from pipelines.review.ledger import compact_ledger
+
+        c = compact_ledger(Lake(default_lake_root()))
+        print(f"ledger files: {c['files_before']} -> {c['files_after']}")
     elif args.review_cmd == "export":
         import polars as pl
 
-        from pipelines.pool import attributes
+        from pipelines.annotate.attributes import attributes
         from pipelines.review.exchange import export_tasks
         from pipelines.review.queue import QUEUE
         from pipelines.tables import RAW
@@ -241,8 +274,9 @@ def review(args: argparse.Namespace) -> None:
         lake = Lake(default_lake_root())
         q = lake.read(QUEUE)
         q = q.filter(pl.col("queue_version") == q["queue_version"].max())
-        items = q.join(lake.scan(RAW).join(q.select("pair_id").lazy(), on="pair_id", how="semi").collect(),
-                       on="pair_id")
+        # the texts come from raw_pairs (queues written before review_queue carried them have empty text columns)
+        items = q.drop("history", "chosen", "rejected", strict=False).join(
+            lake.scan(RAW).join(q.select("pair_id").lazy(), on="pair_id", how="semi").collect(), on="pair_id")
         items = items.join(attributes(lake, q).select("pair_id", "guideline").collect(), on="pair_id", how="left")
         print(f"exported {export_tasks(items, args.file, args.format)} tasks to {args.file}")
     elif args.review_cmd == "import":
@@ -254,10 +288,20 @@ def review(args: argparse.Namespace) -> None:
         print(f"imported {len(vs)} verdicts into the ledger")
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ap = argparse.ArgumentParser(prog="synpref")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that never accepts an abbreviated option (`add_subparsers` makes its subparsers of the
+    same class, so every subcommand's parser refuses them too)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `synpref` parser and its subcommands."""
+    # allow_abbrev=False on every parser (subparsers are made of the parent's class): `--benchmarks` must never be
+    # read as an abbreviation of `--benchmarks-dir`, nor any other prefix as a flag it happens to start
+    ap = _Parser(prog="synpref")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
     d.add_argument("--scale", choices=["tiny", "small", "medium"], default="small")
@@ -269,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     ba = bs.add_parser("add", help="copy a published benchmark file (its layout is checked)")
     ba.add_argument("path")
     ba.add_argument("--name", default=None, help="benchmark name (default: recognised from the file's layout)")
+    ba.add_argument("--as", dest="as_name", default=None, metavar="FILENAME",
+                    help="store the file under this name (a file of the same name is never overwritten)")
     bf = bs.add_parser("fetch", help="download a benchmark from the Hugging Face Hub (its published files)")
     bf.add_argument("name")
     bf.add_argument("--revision", default=None)
@@ -283,17 +329,24 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. --set lr=1e-5")
     t.add_argument("--store-root", default=None, help="where token stores go (default <out>/token_store)")
     t.add_argument("--build", choices=["auto", "ray", "inprocess"], default="auto",
-                   help="tokenize on Ray (auto: when this process is connected to one) or here")
+                   help="where to tokenize the pairs into the token store. auto: on Ray when a cluster is at hand "
+                        "(SYNPREF_RAY_ADDRESS names one: auto, ray://head:10001, or local for a fresh local Ray; "
+                        "or this process is already connected) and the input is large (more than one build task, "
+                        "i.e. over 50,000 rows), else here; ray: always on Ray (SYNPREF_RAY_ADDRESS, else a local "
+                        "Ray); inprocess: here")
     t.add_argument("--mlflow-uri", default=None, help="tracking URI (default: the SynPref home's SQLite store)")
     t.add_argument("--name", default="train-rm", help="MLflow run name")
     t.add_argument("--register", default=None, help="register the model under this MLflow name")
     ev = sub.add_parser("evaluate", help="score any reward model on every added benchmark, next to the project's")
     ev.add_argument("--model", required=True, help="HF folder, models:/NAME/VERSION, or a hub id (local cache)")
-    ev.add_argument("--name", default=None, help="label in the tables (rm_version external:<name>)")
+    ev.add_argument("--name", default=None, help="label in the tables (rm_version external:<name>; default: the "
+                                                  "folder's name, with its parents when another model has it)")
     ev.add_argument("--max-len", type=int, default=4096, help="cap on the model's own context")
     ev.add_argument("--benchmarks-dir", default=None, help="default <SYNPREF_HOME>/benchmarks")
+    ev.add_argument("--benchmarks", default=None, metavar="A,B",
+                    help="score these benchmarks only (comma-separated folder names, gold_test too; default: all)")
     ev.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
-    ev.add_argument("--out", default=None, help="also write summary.json and rm-bench.json (the authors' formats)")
+    ev.add_argument("--out", default=None, help="also write summary.json and per-item files in the authors' formats")
     sv = sub.add_parser("serve", help="serve a reward model over HTTP (OpenRLHF /get_reward, vLLM /classify, "
                                       "/v1/reward)")
     sv.add_argument("--model", required=True, help="HF folder, models:/NAME/VERSION, or a hub id (local cache)")
@@ -309,6 +362,14 @@ def main(argv: list[str] | None = None) -> None:
                          "reward_server.FORWARD_OVERHEAD_TOKENS, measured on CPU; raise it on GPUs, where a forward's "
                          "fixed cost is larger)")
     sv.add_argument("--max-queue", type=int, default=1024, help="sequences accepted and unanswered before 429")
+    sv.add_argument("--max-rows", type=int, default=512, help="texts one request may hold (413 past it)")
+    sv.add_argument("--max-chars", type=int, default=200_000,
+                    help="characters per text, checked before tokenizing (413 past it)")
+    sv.add_argument("--max-tokens", type=int, default=65_536,
+                    help="tokens per text before it is cut to --max-len (413 past it)")
+    sv.add_argument("--strip-padding", action=argparse.BooleanOptionalAction, default=True,
+                    help="/get_reward: strip the pad/EOS tokens around each query, as OpenRLHF's serve_rm does")
+    sv.add_argument("--encode-threads", type=int, default=2, help="threads that render and tokenize requests")
     sv.add_argument("--api-key-env", default=None, help="env var holding a bearer token clients must send")
     sv.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
     r = sub.add_parser("review", help="the human review app")
@@ -319,11 +380,22 @@ def main(argv: list[str] | None = None) -> None:
     s = rs.add_parser("serve")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--lease-ttl", type=float, default=600.0,
+                   help="seconds an item stays with an annotator whose page stopped answering (a closed tab)")
+    s.add_argument("--sync-every", type=float, default=2.0,
+                   help="seconds between picking up verdicts and batches written elsewhere")
+    rs.add_parser("compact", help="rewrite the verdict ledger's small files into one (the app also does it)")
     for name in ("export", "import"):
         e = rs.add_parser(name)
         e.add_argument("file")
         e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "labelstudio"])
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
     if args.cmd == "demo":
         demo(args.scale, args.verbose, args.engine)
     elif args.cmd == "benchmarks":

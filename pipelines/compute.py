@@ -11,6 +11,10 @@ Ray is imported only by `RayEngine`: the in-process path needs no Ray.
 
 from __future__ import annotations
 
+import math
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -23,13 +27,27 @@ from pipelines.rm.registry import ModelRef
 SCORE_COLUMNS = {"pair_id": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64, "margin": pl.Float64,
                  "p": pl.Float64, "status": pl.String, "detail": pl.String}
 PAIR_INPUT = ["pair_id", "history", "chosen", "rejected"]
-READ_CPUS = 0.25  # a unit's read task (Delta scan + arrow): I/O bound
+# Ray's CPUs are logical: what an actor or task asks for only decides where and whether it is scheduled. Stage 2
+# keeps its actor pools alive for the whole run, so any CPU they hold is gone for the reads that feed them: on 2
+# CPUs, two pools at 1.0 CPU each left the unit-read task waiting forever. Reads (a bounded Delta scan, I/O bound)
+# therefore ask for no CPU, and the actors share what is left after the engine's own embedders.
+READ_CPUS = 0.0
+READ_TASKS = 2  # reads at once: a 0-CPU task has no CPU cap, so this bounds the worker processes they start
+# Embedders (a MiniLM-size encoder over one unit's unconfident pairs, called between units) live as long as the
+# engine. Holding even 0.25 CPU, they made every 1-CPU task wait on a 1-CPU cluster (Ray Data's own `from_arrow`
+# metadata task among them), so they too ask for none.
+EMBED_CPUS = 0.0
+MIN_ACTOR_CPUS = 0.05  # below this the asked-for actors do not fit the cluster: refused, not scheduled
+
+
+class PipelineStalled(RuntimeError):
+    """A Ray pipeline made no progress for a bounded time (what waits for what is in the message)."""
 
 
 def score_pair_batch(rm, rows: list[dict], *, max_len: int, batch_size: int) -> pl.DataFrame:
     """Rewards of one batch of pairs under one RM, one row per input pair. `status`: ok | over_length (a
     response alone does not fit `max_len`: not scorable, never silently skipped) | non_finite (NaN/inf reward)."""
-    from pipelines.rm.score import score_rows
+    from pipelines.rm.score import score_rows  # here: torch stays out of start-up
 
     scored, length = score_rows(rm, rows, "", max_len=max_len, batch_size=batch_size)
     finite = scored.filter(pl.col("r_chosen").is_finite() & pl.col("r_rejected").is_finite())
@@ -51,7 +69,7 @@ TEXT_COLUMNS = {"text_key": pl.String, "reward": pl.Float64, "tokens": pl.Int64,
 
 def score_text_batch(rm, rows: list[dict], *, max_len: int, batch_size: int) -> pl.DataFrame:
     """One reward per (text_key, history, response) row, with the tokens scored and how it was cut."""
-    from pipelines.rm.score import score_texts_detailed
+    from pipelines.rm.score import score_texts_detailed  # here: torch stays out of start-up
 
     out = score_texts_detailed(rm, [(r["history"], r["response"]) for r in rows], max_len=max_len,
                                batch_size=batch_size)
@@ -78,7 +96,7 @@ class Engine(Protocol):
 def _load_rm(path: str, device: str):
     """fp32 on CPU; bf16 on GPUs (half the memory and the bandwidth; scoring needs no fp32 accumulation outside
     what the kernels already do)."""
-    import torch
+    import torch  # here, as below: torch and transformers stay out of start-up
 
     from pipelines.rm.model import load_reward_model
 
@@ -142,12 +160,12 @@ class InProcessEngine:
     def release(self, rm_version: str) -> None:
         """Drop a loaded model (and its GPU memory)."""
         if self._models.pop(rm_version, None) is not None and self.device.startswith("cuda"):
-            import torch
+            import torch  # here: torch stays out of start-up
 
             torch.cuda.empty_cache()
 
     def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray:
-        from pipelines.curate.embed import Embedder
+        from pipelines.embed import Embedder  # here: torch and transformers stay out of start-up
 
         key = ("embed", model_path, max_len)
         if key not in self._models:
@@ -183,15 +201,20 @@ class _PairScorer:
 class _TextScorer:
     """Ray actor: one model's rewards for a batch of texts, added as `<tag>__*` columns."""
 
-    def __init__(self, ref: ModelRef, tag: str, max_len: int, batch_size: int, device: str):
+    def __init__(self, ref: ModelRef, tag: str, max_len: int, batch_size: int, device: str,
+                 keys_only: bool = False):
         self.rm = _load_rm(ref.local_path(), device)
         self.tag, self.max_len, self.batch_size = tag, max_len, batch_size
+        self.keys_only = keys_only
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         s = score_text_batch(self.rm, batch.select(["text_key", "history", "response"]).to_pylist(),
                              max_len=self.max_len, batch_size=self.batch_size)
         s = s.rename({c: f"{self.tag}__{c}" for c in s.columns if c != "text_key"})
-        return pl.from_arrow(batch).join(s, on="text_key", how="left").to_arrow()
+        out = pl.from_arrow(batch)
+        if self.keys_only:  # the last pool: keys and rewards travel on, the texts stay behind
+            out = out.drop("history", "response")
+        return out.join(s, on="text_key", how="left").to_arrow()
 
 
 @dataclass
@@ -205,6 +228,9 @@ class RayEngine:
     batch_rows: int = 1024  # pairs per map batch
     max_len: int = 128
     batch_size: int = 64  # sequences per forward inside an actor
+    stall_timeout_s: float = 1800.0  # no batch for this long: fail (a scorer stuck, or far too slow)
+    starved_timeout_s: float = 600.0  # actors not placed, or no batch while work waits for resources: fail
+    stall_check_s: float = 5.0
     _embedders: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -243,6 +269,15 @@ class RayEngine:
                               compute=ray.data.ActorPoolStrategy(size=actors),
                               num_gpus=gpus or None, num_cpus=num_cpus)
 
+    def _scorer_pools(self, ds, refs: dict[str, ModelRef]):
+        """One actor pool per RM, in turn; the last sends on ids and scores only (the texts stay behind)."""
+        cpus = self._cpus_per_actor(len(refs))
+        for i, (role, ref) in enumerate(refs.items()):
+            ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
+                                                 batch_size=self.batch_size, device=self.device,
+                                                 scores_only=i == len(refs) - 1), num_cpus=cpus, pools=len(refs))
+        return ds
+
     def score(self, pairs: pl.DataFrame, refs: dict[str, ModelRef]) -> dict[str, pl.DataFrame]:
         """Both RMs in one pipeline: the texts are shipped once and every batch passes both actor pools."""
         ray = self._ray()
@@ -250,12 +285,8 @@ class RayEngine:
             return {role: pl.DataFrame(schema=SCORE_COLUMNS) for role in refs}
         table = pairs.select(PAIR_INPUT).to_arrow()  # blocks of batch_rows: both pools work at once
         ds = ray.data.from_arrow([table.slice(i, self.batch_rows) for i in range(0, table.num_rows, self.batch_rows)])
-        for role, ref in refs.items():
-            ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
-                                                 batch_size=self.batch_size, device=self.device), pools=len(refs))
-        cols = ["pair_id", *(f"{role}__{c}" for role in refs for c in SCORE_COLUMNS if c != "pair_id")]
-        table = pa.concat_tables([ray.get(r) for r in ds.select_columns(cols).to_arrow_refs()])
-        wide = pl.from_arrow(table)
+        ds = self._scorer_pools(ds, refs)
+        wide = pl.concat([pl.from_arrow(b) for b in self._watched(ds, "score", len(refs))])
         return {role: wide.select("pair_id", *(pl.col(f"{role}__{c}").alias(c) for c in SCORE_COLUMNS
                                                if c != "pair_id")).cast(SCORE_COLUMNS)
                 for role in refs}
@@ -270,15 +301,11 @@ class RayEngine:
         ds = ray.data.from_items([{"_unit": k} for k in range(len(units))], override_num_blocks=len(units))
         ds.context.execution_options.preserve_order = True
         ds = ds.map_batches(_read_units, fn_kwargs={"units": units, "read": read}, batch_size=1,
-                            batch_format="pyarrow", num_cpus=READ_CPUS)
-        cpus = self._cpus_per_actor(len(refs), reserve=READ_CPUS)
-        for i, (role, ref) in enumerate(refs.items()):
-            ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
-                                                 batch_size=self.batch_size, device=self.device,
-                                                 scores_only=i == len(refs) - 1), num_cpus=cpus, pools=len(refs))
+                            batch_format="pyarrow", num_cpus=READ_CPUS, concurrency=READ_TASKS)
+        ds = self._scorer_pools(ds, refs)
         pending: list[pl.DataFrame] = []
         nxt = 0  # the next unit to hand over
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in self._watched(ds, "score_units", len(refs)):
             t = pl.from_arrow(batch)
             if t.height == 0:
                 continue
@@ -322,9 +349,9 @@ class RayEngine:
         cpus = self._cpus_per_actor(len(models))
         for k, (ref, max_len) in enumerate(models.values()):
             ds = self._map(ds, _TextScorer, dict(ref=ref, tag=f"m{k}", max_len=max_len, batch_size=self.batch_size,
-                                                 device=self.device), num_cpus=cpus, pools=len(models))
-        wide = pl.from_arrow(pa.concat_tables([ray.get(r) for r in ds.drop_columns(["history", "response"])
-                                              .to_arrow_refs()]))
+                                                 device=self.device, keys_only=k == len(models) - 1),
+                           num_cpus=cpus, pools=len(models))
+        wide = pl.concat([pl.from_arrow(b) for b in self._watched(ds, "score_texts", len(models))])
         return {name: wide.select("text_key", *(pl.col(f"m{k}__{c}").alias(c) for c in TEXT_COLUMNS
                                                 if c != "text_key")).cast(TEXT_COLUMNS)
                 for k, name in enumerate(models)}
@@ -336,16 +363,95 @@ class RayEngine:
         return (f"transformers AutoModelForSequenceClassification on Ray Data actor pools ({actors} a model, {where}, "
                 f"{self.batch_size} sequences a forward)")
 
-    def _cpus_per_actor(self, pools: int, reserve: float = 0.0) -> float:
-        """CPU actors share the machine when several pools must run at once (each needs >= 1 actor); `reserve`
-        CPUs stay free for the read tasks that feed them (else long-lived actors holding every CPU would starve
-        the reads of later units)."""
-        if self.gpus_per_actor > 0:
-            return 1.0
+    def _embed_actors(self) -> int:
+        return max(1, self.actors)
+
+    def _cpus_per_actor(self, pools: int) -> float:
+        """CPUs each scorer actor asks for when `pools` pools run together: the cluster's CPUs shared by every
+        actor of every pool, at most 1 each. Reads and embedders ask for none (READ_CPUS, EMBED_CPUS), so no split
+        of the CPUs can leave the pipeline's first stage, or the driver's embedding between units, waiting."""
         import ray
 
-        free = ray.cluster_resources().get("CPU", 1) - reserve
-        return max(0.25, min(1.0, free / max(pools * self.actors, 1)))
+        actors, _ = self.gpu_pools(pools)
+        total = ray.cluster_resources().get("CPU", 0.0)
+        per = min(1.0, total / (pools * actors))
+        if per < MIN_ACTOR_CPUS:
+            raise ValueError(f"{pools} model(s) x {actors} actor(s) do not fit the Ray cluster's {total:g} CPU(s) "
+                             f"(each would get {max(per, 0):.3f} CPU): lower ComputeResource.actors or add CPUs "
+                             f"(ComputeResource.local_cpus for the local Ray)")
+        # Ray keeps resources to 1e-4: rounding up (2/3 -> 0.6667) would make three pools ask for 2.0001 of 2 CPUs
+        # and the third never start, so round down
+        return math.floor(per * 1e4) / 1e4
+
+    def _watched(self, ds, what: str, pools: int) -> Iterator:
+        """The pipeline's batches, failing instead of hanging when it makes no progress:
+        - actors that cannot be placed: Ray Data itself gives up after `starved_timeout_s` (its
+          `wait_for_min_actors_s`; it then shuts its executor down), raised here with what waits for what;
+        - later, after `starved_timeout_s` without a batch while Ray reports work waiting for resources the
+          cluster does not have free, or after `stall_timeout_s` without a batch at all.
+        Only the time the driver waits counts (not the time it spends on a batch). The batches are pulled on a
+        helper thread, since Ray Data's iterator itself has no timeout."""
+        import ray
+
+        ds.context.wait_for_min_actors_s = max(1, int(self.starved_timeout_s))
+        batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def pump() -> None:
+            try:
+                for b in batches:
+                    if not put(("batch", b)):
+                        return
+                put(("done", None))
+            except BaseException as e:  # noqa: BLE001 - handed to the driver thread, raised there
+                put(("error", e))
+
+        threading.Thread(target=pump, daemon=True, name=f"ray-{what}").start()
+        since = time.monotonic()
+        try:
+            while True:
+                try:
+                    kind, val = q.get(timeout=self.stall_check_s)
+                except queue.Empty:
+                    waited = time.monotonic() - since
+                    starved = waiting_demands() if waited >= self.starved_timeout_s else []
+                    if starved or waited >= self.stall_timeout_s:
+                        raise PipelineStalled(self._stall_message(what, waited, starved, pools)) from None
+                    continue
+                if kind == "done":
+                    return
+                if kind == "error":
+                    if isinstance(val, ray.exceptions.GetTimeoutError) and "starting actors" in str(val):
+                        raise PipelineStalled(self._stall_message(
+                            what, time.monotonic() - since, [f"the scorer actors ({val})"], pools)) from val
+                    raise val
+                yield val
+                since = time.monotonic()
+        finally:
+            stop.set()
+
+    def _stall_message(self, what: str, waited: float, starved: list[str], pools: int) -> str:
+        import ray
+
+        actors, gpus = self.gpu_pools(pools)
+        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        free = {k: round(v, 3) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        held = (f"{pools} actor pool(s) x {actors} actor(s) x {self._cpus_per_actor(pools):g} CPU"
+                f"{f' + {gpus:g} GPU' if gpus else ''}")
+        waits = "; ".join(starved) if starved else "nothing waits for resources: a scorer is slow or stuck"
+        return (f"Ray pipeline {what!r} made no progress for {waited:.0f} s. Waiting: {waits}. Cluster {total}, "
+                f"free {free}; this engine holds {held}. Lower ComputeResource.actors, add CPUs/GPUs (local Ray: "
+                f"ComputeResource.local_cpus), or raise ComputeResource.stall_timeout_s if batches are just slow.")
 
     def embed(self, texts: pl.DataFrame, model_path: str, max_len: int = 96) -> np.ndarray:
         """Embeddings on long-lived actors (one pool per model for the engine's life): Stage 2 embeds a few
@@ -357,8 +463,8 @@ class RayEngine:
         if key not in self._embedders:
             # CPU actors even on a GPU cluster: the RM pools hold the GPUs for the whole run (a GPU embedder would
             # wait for one forever), and a MiniLM-size encoder over one unit's unconfident pairs is CPU work
-            actor = ray.remote(num_cpus=1)(_EmbedActor)
-            self._embedders[key] = [actor.remote(model_path, max_len, "cpu") for _ in range(max(1, self.actors))]
+            actor = ray.remote(num_cpus=EMBED_CPUS)(_EmbedActor)
+            self._embedders[key] = [actor.remote(model_path, max_len, "cpu") for _ in range(self._embed_actors())]
         pool = self._embedders[key]
         rows = texts["text"].to_list()
         size = max(1, -(-len(rows) // len(pool)))
@@ -366,9 +472,24 @@ class RayEngine:
         return np.concatenate(ray.get(parts)).astype(np.float32)
 
 
+def waiting_demands() -> list[str]:
+    """What Ray's tasks and actors wait for right now ("2 x {'CPU': 0.25}"), from the GCS (no dashboard needed);
+    empty when nothing waits or the cluster does not say (an older or a client-mode connection)."""
+    import ray
+
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return [f"{b.count} x {b.bundle}" for d in status.resource_demands.ray_task_actor_demand
+                for b in d.bundles_by_count]
+    except Exception:  # noqa: BLE001 - a diagnosis only: without it the plain stall timeout still applies
+        return []
+
+
 class _EmbedActor:
     def __init__(self, model_path: str, max_len: int, device: str):
-        from pipelines.curate.embed import Embedder
+        from pipelines.embed import Embedder  # here: the driver never loads torch for its actors
 
         self.emb = Embedder(model_path, max_len, device=device)
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import polars as pl
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from pipelines.tables import LINEAGE
 
@@ -160,8 +160,18 @@ class Lake:
         """Append rows (ledgers, lineage). Returns the new table version. `schema_mode="merge"` lets a table
         gain columns (older rows read them as null)."""
         arrow = self._arrow(data, schema)
-        write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by, schema_mode=schema_mode,
-                        storage_options=self.storage_options)
+        for attempt in range(3):
+            try:
+                write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
+                                schema_mode=schema_mode, storage_options=self.storage_options)
+                break
+            except CommitFailedError as e:
+                # Two writers creating the table at once: both commit version 0 with the table's metadata and the
+                # loser fails with "Metadata changed" (delta-rs retries append-vs-append conflicts itself, not this
+                # one). Its commit wrote no log entry, so appending again to the table the winner made loses and
+                # doubles nothing.
+                if "Metadata changed" not in str(e) or attempt == 2:
+                    raise
         return self.version(table)  # type: ignore[return-value]
 
     def append_batches(self, table: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> int:

@@ -5,7 +5,8 @@ the rest, D_wild (tens of millions). A pair's pool is a stable hash of its id, s
 it in the same pool without a lookup table.
 
 Reads here are lazy (polars LazyFrames over Delta): a caller filters to a shard or a set of ids before collecting,
-so nothing in this module holds a whole table.
+so nothing in this module holds a whole table. This module sits just above ingest (it reads what ingest wrote) and
+below annotate: a pair's attributes are looked up in `pipelines.annotate.attributes`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from pipelines.ingest.checks import Reason
 from pipelines.lake import Lake, now_utc
-from pipelines.schema import QUARANTINE_SCHEMA
-from pipelines.tables import ANNOTATIONS, QUARANTINE, RAW, SEED, SILVER, SYNTH_TRUTH
+from pipelines.schema import QUARANTINE_SCHEMA, Reason
+from pipelines.tables import QUARANTINE, RAW, SEED, SILVER, SYNTH_TRUTH
 
 PAIR_COLUMNS = ["pair_id", "history", "chosen", "rejected"]
 
@@ -33,35 +33,6 @@ def pool_pairs(lake: Lake, stage: str, stage1_fraction: float,
     """Raw pairs of one pool, lazily (filter further before collecting)."""
     cols = columns or [*PAIR_COLUMNS, "source", "shard", "source_row", "category_hint"]
     return lake.scan(RAW).filter(pool_stage_expr(stage1_fraction) == stage).select(cols)
-
-
-def latest_by_key(lf: pl.LazyFrame, keys: list[str], order: str = "created_at") -> pl.LazyFrame:
-    """The newest row per key of an append-only table (later rows supersede earlier ones, history kept)."""
-    return lf.sort(order).unique(keys, keep="last")
-
-
-ATTRIBUTES_SCHEMA = {"pair_id": pl.String, "task_category": pl.String, "objectivity": pl.String,
-                     "controversiality": pl.String, "desired_attributes": pl.List(pl.String), "guideline": pl.String}
-
-
-def attributes(lake: Lake, ids: pl.DataFrame | pl.LazyFrame | None = None, table: str = ANNOTATIONS) -> pl.LazyFrame:
-    """pair_id + the latest successful attributes, lazily; of `ids` only when given (the semi-join comes before
-    the latest-row sort, so a bounded caller never sorts the whole table)."""
-    from pipelines.annotate.cache import cache_scan, parts_of
-    from pipelines.annotate.runner import ATTRIBUTE_COLUMNS
-
-    if not lake.exists(table):
-        return pl.LazyFrame(schema=ATTRIBUTES_SCHEMA)
-    parts = parts_of(ids) if isinstance(ids, pl.DataFrame) else None  # a unit's frame reads its cache blocks only
-    ok = cache_scan(lake, table, parts).filter(pl.col("status") == "ok")
-    if ids is not None:
-        ok = ok.join(ids.select("pair_id").lazy(), on="pair_id", how="semi")
-    return latest_by_key(ok, ["pair_id"]).select("pair_id", *ATTRIBUTE_COLUMNS)
-
-
-def with_attributes(pairs: pl.LazyFrame, lake: Lake) -> pl.LazyFrame:
-    """Pairs joined with their latest attributes; pairs without attributes are dropped."""
-    return pairs.join(attributes(lake, pairs.select("pair_id")), on="pair_id", how="inner")
 
 
 def verified_ids(lake: Lake) -> pl.LazyFrame:

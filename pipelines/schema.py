@@ -135,6 +135,18 @@ def comparison_id(history: list[dict[str, str]], chosen: str, rejected: str) -> 
     return comparison_ids(_frame(history, chosen, rejected))[0]
 
 
+def item_pair_ids(items: pl.DataFrame) -> pl.DataFrame:
+    """benchmark, pair_id of every comparison (chosen x rejected) of benchmark items, as ingest hashes a pair, in
+    both orientations (a training set may hold a pair flipped). Here, not in evaluate: ingest's decontamination
+    needs it too."""
+    if items.height == 0:
+        return pl.DataFrame(schema={"benchmark": pl.String, "pair_id": pl.String})
+    pairs = items.select("benchmark", "history", "chosen", "rejected").explode("chosen").explode("rejected")
+    flipped = pairs.select("benchmark", "history", chosen="rejected", rejected="chosen")
+    return pl.concat([f.with_columns(pair_id=pair_ids(f)).select("benchmark", "pair_id")
+                      for f in (pairs, flipped)]).unique()
+
+
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 RAW_PAIRS_SCHEMA = pa.schema(
@@ -155,13 +167,34 @@ RAW_PAIRS_SCHEMA = pa.schema(
     ]
 )
 
+class Reason(str, enum.Enum):
+    """Why a row is in `quarantine` (the reason code it carries). Here, with the table's schema, because ingest and
+    every later stage that refuses pairs (pipelines.pool.quarantine_pairs) write it."""
+
+    UNDECODABLE = "undecodable"  # not UTF-8, not JSON, not an object
+    MISSING_FIELD = "missing_field"
+    NULL_FIELD = "null_field"
+    MALFORMED = "malformed"  # wrong types, unknown roles, no turns
+    HISTORY_MISMATCH = "history_mismatch"  # chosen/rejected disagree before the final turn
+    EMPTY_TEXT = "empty_text"
+    IDENTICAL = "identical_responses"
+    BAD_TEXT = "bad_text"  # NUL bytes or U+FFFD replacement characters (mis-decoded upstream)
+    TOO_LONG = "too_long"
+    BAD_LABEL = "bad_label"
+    CONTAMINATED = "contaminated"  # shares a 13-gram with a benchmark prompt
+    # refused after ingest, by a later stage (pipelines.pool.quarantine_pairs)
+    OVER_LENGTH = "over_length"  # a response alone longer than the RM's max_len: cannot be scored
+    NON_FINITE = "non_finite"  # an RM returned NaN or inf for it
+    ANNOTATION_FAILED = "annotation_failed"  # no valid attributes after every retry
+
+
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("shard", pa.string()),
         ("source_row", pa.int64()),
         ("stage", pa.string()),  # which stage refused it: ingest, decontaminate, annotate, ...
-        ("reason", pa.string()),  # a reason code, see pipelines.ingest.checks.Reason
+        ("reason", pa.string()),  # a reason code: Reason
         ("detail", pa.string()),
         ("payload", pa.string()),  # the raw row as JSON, so nothing is lost
         ("pair_id", pa.string()),  # when one could be computed

@@ -20,6 +20,12 @@ class ComputeResource(RayResource):
     gpus_per_actor: float = Field(default=0.0, description="GPUs per actor (0 = CPU actors)")
     batch_rows: int = Field(default=1024, description="Pairs per Ray Data batch")
     batch_size: int = Field(default=64, description="Sequences per forward inside an actor")
+    stall_timeout_s: float = Field(default=1800.0, description="A Ray pipeline that hands back no batch for this "
+                                                               "long fails with what waits for what (never a hang)")
+    starved_timeout_s: float = Field(default=600.0, description="...and fails after this long when its actors "
+                                                                "cannot be placed or Ray reports work waiting for "
+                                                                "resources the cluster lacks (an autoscaling "
+                                                                "cluster's node start-up must fit in it)")
 
     @property
     def host(self) -> str:
@@ -84,4 +90,5 @@ class ComputeResource(RayResource):
         gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() and self.gpus_per_actor > 0 else 0
         # actors = 0: the engine splits the GPUs over the models each pipeline runs (RayEngine.gpu_pools)
         return RayEngine(actors=self.actors if (self.actors or not gpus) else 0, gpus_per_actor=self.gpus_per_actor,
-                         gpus_total=gpus, batch_rows=self.batch_rows, max_len=max_len, batch_size=self.batch_size)
+                         gpus_total=gpus, batch_rows=self.batch_rows, max_len=max_len, batch_size=self.batch_size,
+                         stall_timeout_s=self.stall_timeout_s, starved_timeout_s=self.starved_timeout_s)

@@ -349,3 +349,109 @@ def test_the_llm_resource_frees_its_judges_when_the_step_ends():
         assert state["n"] == 3
     finally:
         server.should_exit = True
+
+
+# --- transport failures vs answers (issue 31.4): a fault-injecting endpoint --------------------------------------
+@pytest.fixture
+def judge_server():
+    from tests.servers import FaultyJudge
+
+    srv = FaultyJudge().start()
+    yield srv
+    srv.stop()
+
+
+def test_transport_failures_are_retried_and_retry_after_is_honoured(judge_server):
+    """429 (Retry-After 1 s), 500, `{"choices": null}`, a non-JSON 200 and a timeout: each is retried, none becomes
+    an answer or a recorded failure; the request after the 429 waits out Retry-After."""
+    judge_server.script = ["429", "500", "null", "html", "timeout"]
+    judge_server.hang_s = 5.0
+    be = OpenAIBackend(base_url=judge_server.url, model="m", timeout_s=1.0, max_retries=6, concurrency=1)
+    try:
+        (c,) = be.generate([Request("judge", VERDICT_SCHEMA)])
+    finally:
+        be.close()
+    assert c.error is None and Verdict.model_validate_json(c.texts[0]), c
+    times = [t for t, _, _ in judge_server.log]
+    assert len(times) == 6 and [s for _, s, _ in judge_server.log][:2] == [429, 500]
+    assert times[1] - times[0] >= 0.95  # Retry-After: 1 honoured, not the 0.2 s backoff
+
+
+def test_429s_count_against_the_time_budget_not_the_attempts(judge_server):
+    """More 429s than max_retries still end in an answer: rate limiting is waited out (within retry_budget_s)."""
+    judge_server.script = ["429"] * 5
+    judge_server.retry_after = 0.05
+    be = OpenAIBackend(base_url=judge_server.url, model="m", max_retries=2, concurrency=1)
+    try:
+        (c,) = be.generate([Request("judge", VERDICT_SCHEMA)])
+    finally:
+        be.close()
+    assert c.error is None and judge_server.statuses() == {429: 5, 200: 1}
+
+
+def test_a_bad_key_fails_the_step_at_once_and_records_nothing(lake, judge_server, monkeypatch):
+    """401 on every request: judge_pairs raises LLMConfigError after one request per sample (no retries), the key
+    is not in the message, and no pair has a row (nothing quarantined, nothing decided)."""
+    from pipelines.annotate.backends import LLMConfigError
+
+    monkeypatch.setenv("SYNPREF_LLM_API_KEY", "sk-wrong-key-123")
+    judge_server.down, judge_server.down_status = True, 401
+    be = OpenAIBackend(base_url=judge_server.url, model="m", concurrency=4)
+    pairs = _pairs(5).with_columns(task_category=pl.col("category"), guideline=pl.lit("g"))
+    try:
+        with pytest.raises(LLMConfigError, match="HTTP 401.*SYNPREF_LLM_API_KEY") as exc:
+            judge_pairs(lake, pairs, [be], load_prompt("judge_v1"), "r", samples=2, chunk=10)
+    finally:
+        be.close()
+    assert "sk-wrong-key-123" not in str(exc.value)
+    assert judge_server.auth == {"Bearer sk-wrong-key-123"} and judge_server.statuses() == {401: 10}
+    assert not lake.exists(JUDGMENTS) or lake.read(JUDGMENTS).height == 0
+
+
+def test_unanswered_requests_are_never_data_and_a_rerun_asks_them_again(lake, judge_server):
+    """The endpoint goes down after 6 answers: judge_pairs commits those 6, writes nothing for the rest and raises
+    LLMUnavailable; annotation failures list no pair (none is a bad pair). Once it is back, the rerun asks only the
+    missing samples and every verdict is stored once."""
+    from pipelines.annotate.backends import LLMUnavailable
+    from pipelines.annotate.runner import annotation_failures
+
+    judge_server.down_after = 6
+    be = OpenAIBackend(base_url=judge_server.url, model="m", concurrency=1, max_retries=2, breaker_failures=3,
+                       breaker_cooldown_s=600)
+    pairs = _pairs(8).with_columns(task_category=pl.col("category"), guideline=pl.lit("g"))
+    try:
+        with pytest.raises(LLMUnavailable, match="10 LLM answer"):
+            judge_pairs(lake, pairs, [be], load_prompt("judge_v1"), "r1", samples=2, chunk=4)
+        j = lake.read(JUDGMENTS)
+        assert j.height == 6 and (j["status"] == "ok").all()  # the answers given, nothing for the rest
+        with pytest.raises(LLMUnavailable):  # attributes for the same pairs: none answered, none quarantinable
+            annotate_attributes(lake, pairs, be, load_prompt("attributes_v1"), "r1")
+        assert annotation_failures(lake, pairs, "m", load_prompt("attributes_v1").version).height == 0
+    finally:
+        be.close()
+    judge_server.down = False
+    be2 = OpenAIBackend(base_url=judge_server.url, model="m", concurrency=4)
+    try:
+        st = judge_pairs(lake, pairs, [be2], load_prompt("judge_v1"), "r2", samples=2, chunk=4)
+    finally:
+        be2.close()
+    assert (st.skipped_cached, st.requested, st.ok, st.unavailable) == (6, 10, 10, 0)
+    j = lake.read(JUDGMENTS)
+    assert j.height == 16 and j.select("pair_id", "sample").is_duplicated().sum() == 0
+
+
+def test_the_client_rate_limit_keeps_under_the_endpoints_limit(judge_server):
+    """Client at 1200 requests/min against an endpoint limited to the same: no 429, and the 60 requests take at
+    least the 40 beyond the first second's budget / 20 per s."""
+    import time
+
+    judge_server.rpm = 1200
+    be = OpenAIBackend(base_url=judge_server.url, model="m", concurrency=16, requests_per_minute=1200)
+    try:
+        t0 = time.monotonic()
+        out = be.generate([Request(f"q{i}", VERDICT_SCHEMA) for i in range(60)])
+        dt = time.monotonic() - t0
+    finally:
+        be.close()
+    assert all(c.error is None for c in out) and judge_server.statuses() == {200: 60}
+    assert dt >= 1.8, dt

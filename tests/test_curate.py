@@ -4,8 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.curate.retrieve import VectorIndex, adaptive_k, brute_force_search
-from pipelines.curate.stage1 import judged_to_silver, retrieve_for_gold
+from pipelines.curate.retrieve import VectorIndex, adaptive_k, brute_force_search, retrieve_for_gold
+from pipelines.curate.stage1 import judged_to_silver
 from pipelines.curate.stage2 import keep_rule, split_confident
 from pipelines.evaluate.harness import aggregate, pairwise_accuracy, table1, wilson_interval
 
@@ -102,8 +102,9 @@ def test_benchmark_aggregation_best_of_n_and_table1_keeps_in_distribution_out_of
 
 def test_embeddings_of_two_models_never_mix_and_stage2_refuses_exemplars_of_another_model(lake, monkeypatch):
     from pipelines.curate import stage2
-    from pipelines.curate.embed import EMBEDDINGS, embedding_frame
     from pipelines.curate.judge import embedded
+    from pipelines.embed import embedding_frame
+    from pipelines.tables import EMBEDDINGS
 
     ids = ["a", "b", "c"]
     lake.append(EMBEDDINGS, embedding_frame(ids, np.eye(3, dtype=np.float32), "minilm").to_arrow())

@@ -7,14 +7,16 @@ import polars as pl
 def test_raw_shard_range_in_one_run_then_queue_batches(synpref_home):
     from assets.annotate import llm_annotations
     from assets.ingest import benchmarks, raw_pairs, raw_shards, synthetic_landing
-    from assets.review import review_queue, simulated_review
+    from assets.review import human_verified_seed, review_queue, simulated_review
     from definitions import defs
     from pipelines.synth.generator import synthetic_shard_keys
     from resources.lake import LakeResource
+    from resources.llm import LLMResource
 
     def run(assets, config=None, tags=None):
-        res = dg.materialize(assets, instance=inst, resources=defs.resources, run_config={"ops": config or {}},
-                             tags=tags)
+        # project-made data: the simulated judge, chosen explicitly (the Definitions have no LLM by default)
+        res = dg.materialize(assets, instance=inst, resources={**defs.resources, "llm": LLMResource(backend="simulated")},
+                             run_config={"ops": config or {}}, tags=tags)
         assert res.success
         return res
 
@@ -31,16 +33,26 @@ def test_raw_shard_range_in_one_run_then_queue_batches(synpref_home):
         lake = LakeResource().lake()
         assert set(lake.lineage("raw_pairs")["partition"]) == set(keys)
 
-        queue = {"review_queue": {"config": {"size": 30, "precheck": False}}}
+        queue = {"review_queue": {"config": {"size": 30, "precheck": False, "overlap_frac": 1.0}}}  # all double-annotated
         run([llm_annotations])
         run([review_queue], queue)
         run([review_queue], queue)  # open queue: a rerun leaves it as it is
         q = lake.read("review_queue")
         assert set(q["queue_version"]) == {"q001"} and q.height == 30
-        run([simulated_review])
+        res = run([simulated_review], {"simulated_review": {"config": {"error_rate": 0.3}}})
+        meta = res.asset_materializations_for_node("simulated_review")[0].metadata
+        # per-annotator progress and agreement in the asset's metadata; disagreements settled by the (simulated) lead
+        assert "sim-reviewer-0" in meta["progress_per_annotator"].value
+        assert "q001" in meta["agreement_per_batch"].value and "kappa" in meta["agreement_per_batch"].value
+        assert meta["adjudications"].value > 0 and meta["awaiting_adjudication"].value == 0
         run([simulated_review])  # nothing left to review: no verdict is written twice
         verdicts = lake.read("human_verdicts")
         assert verdicts.select("pair_id", "annotator").is_duplicated().sum() == 0
+        seed_meta = run([human_verified_seed], {"human_verified_seed": {"config": {"min_agreement": 0.0}}}  # 30% errors
+                        ).asset_materializations_for_node("human_verified_seed")[0].metadata
+        assert seed_meta["adjudicated"].value == meta["adjudications"].value  # the lead's verdicts reach the seed
+        assert "sim-lead" in seed_meta["progress_per_annotator"].value
+        assert seed_meta["ledger_files_compacted"].value.endswith("-> 1")
         run([review_queue], queue)  # reviewed: the next batch, none of it seen before
         q = lake.read("review_queue")
         assert set(q["queue_version"]) == {"q001", "q002"}

@@ -51,9 +51,12 @@ def _spec(tmp: Path, backbone: str, store, val: list[dict], cfg: TrainConfig, ou
     return tmp / "spec.json"
 
 
-def _torchrun(spec: Path, nproc: int, kill_at: int | None = None) -> subprocess.CompletedProcess:
+def _torchrun(spec: Path, nproc: int, kill_at: int | None = None, wait: bool = True) -> subprocess.CompletedProcess:
     entry = "tests.kill_launch" if kill_at else "pipelines.rm.launch"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SYNPREF_TEST_KILL_AT": str(kill_at or 0)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SYNPREF_TEST_KILL_AT": str(kill_at or 0),
+           "TQDM_DISABLE": "1"}
+    if not wait:
+        env["SYNPREF_TEST_KILL_NO_WAIT"] = "1"
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            "-m", entry, str(spec)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=GUARD)
 
@@ -77,7 +80,8 @@ def test_two_ranks_split_every_global_batch_and_match_one_process(tiny, tmp_path
                           str(tmp_path / "two/out")), 2)
     assert two.returncode == 0, two.stderr[-3000:]
     res = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert res["world_size"] == 2 and res["steps"] == 8 and res["pieces"] == 2  # ceil(30 / 8) x 2 epochs
+    assert res["world_size"] == 2 and res["steps"] == 8  # ceil(30 / 8) x 2 epochs
+    assert res["pieces"] == 0 and {h["micro_steps"] for h in res["history"]} == {1}  # cut by tokens: 1 each
     # disjoint data: in each epoch the two ranks together saw every pair exactly once
     seen = {r: [json.loads(line) for line in (tmp_path / "two/out" / f"order-rank{r}.jsonl").read_text().splitlines()]
             for r in (0, 1)}
@@ -152,15 +156,77 @@ def test_a_killed_run_resumes_to_the_same_weights_also_on_one_rank(tiny, tmp_pat
         d = tmp_path / f"killed{resume_ranks}"
         spec = _spec(d, tiny, store, val, cfg, str(d / "out"))
         dead = _torchrun(spec, 2, kill_at=3)
-        assert dead.returncode != 0 and (d / "out/last/trainer_state.pt").exists()
+        assert dead.returncode != 0 and json.loads((d / "out/checkpoints/latest").read_text())["step"] == 2
+        assert (d / "out/checkpoints/step-2/trainer_state.pt").exists() and not (d / "out/best").exists()
         again = _torchrun(spec, resume_ranks)
         assert again.returncode == 0, again.stderr[-3000:]
         res2 = json.loads((d / "result.json").read_text())
         assert res2["resumed_from_step"] == 2 and res2["steps"] == 8 and res2["world_size"] == resume_ranks
-        assert res2["pieces"] == 2 and res2["grad_accum"] == 2 // resume_ranks  # accumulation absorbs the change
+        # micro-batches cut by tokens on each world size: the same global batches, accumulation absorbs the change
+        assert res2["pieces"] == 0 and res2["micro_batch_tokens"] > 0
         worst = _worst(ref, _weights(str(d / "out/best")))
         # same ranks: the same operations in the same order; one rank: float sums in another order only
         assert worst < (1e-6 if resume_ranks == 2 else 1e-5), (resume_ranks, worst)
+        # the finished run started again: its result back, no training (no rank writes a step)
+        before = {p: p.stat().st_mtime_ns for p in (d / "out").rglob("*") if p.is_file()}
+        noop = _torchrun(spec, 2)
+        assert noop.returncode == 0, noop.stderr[-3000:]
+        assert "this run finished at step 8" in noop.stdout
+        assert json.loads((d / "result.json").read_text())["history"] == res2["history"]
+        assert {p: p.stat().st_mtime_ns for p in (d / "out").rglob("*") if p.is_file()} == before
+    # a kill with no wait (a background save may be in flight): the resume starts from the last committed step
+    d = tmp_path / "inflight"
+    spec = _spec(d, tiny, store, val, cfg, str(d / "out"))
+    dead = _torchrun(spec, 2, kill_at=5, wait=False)
+    assert dead.returncode != 0
+    committed = json.loads((d / "out/checkpoints/latest").read_text())["step"]
+    again = _torchrun(spec, 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((d / "result.json").read_text())["resumed_from_step"] == committed and committed in (2, 4)
+    assert _worst(ref, _weights(str(d / "out/best"))) < 1e-6
+
+
+@pytest.mark.slow
+def test_accumulation_sync_every_step_and_last_step_reach_fsdp_and_give_the_same_weights(tiny, tmp_path):
+    """accum_sync under FSDP2 on 2 gloo ranks with 2 micro-batches per rank: every_step reduces after each
+    micro-batch (the sharded gradient exists after the first backward), last_step only after the last; plain SGD
+    without clipping, so a lost or doubled micro-batch gradient would change the weights."""
+    rows = synth_rows(40, seed=16)[:24]
+    store = _store(tmp_path / "data", tiny, rows)
+    base = dict(lr=0.05, batch_size=8, max_steps=3, max_len=128, eval_every=1000, save_last_every=1000,
+                progress=False, layout="shared_prefix", optimizer="sgd", max_grad_norm=0.0, grad_accum=2)
+    got = {}
+    for setting in ("every_step", "last_step", "auto"):
+        d = tmp_path / setting
+        run = _torchrun(_spec(d, tiny, store, [], TrainConfig(**base, accum_sync=setting), str(d / "out")), 2)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got[setting] = json.loads((d / "result.json").read_text())
+        assert {h["micro_steps"] for h in got[setting]["history"]} == {2}
+    assert got["every_step"]["accum_sync"] == "every_step" and got["last_step"]["accum_sync"] == "last_step"
+    assert {h["synced_micro_steps"] for h in got["every_step"]["history"]} == {2}  # reduced on both micro-steps
+    assert {h["synced_micro_steps"] for h in got["last_step"]["history"]} == {1}  # only on the last
+    assert got["auto"]["accum_sync"] == "last_step"  # a tiny model on CPU: the unsharded gradients fit
+    a, b = _weights(str(tmp_path / "every_step/out/best")), _weights(str(tmp_path / "last_step/out/best"))
+    init = load_reward_model(tiny).model.state_dict()
+    moved = max(float((a[k] - init[k]).abs().max()) for k in a if k in init and "embed" not in k)
+    assert moved > 1e-2 and _worst(a, b) < 1e-6, (moved, _worst(a, b))
+
+
+def test_accum_sync_auto_follows_the_memory_estimate_and_a_last_step_that_cannot_fit_is_refused():
+    from pipelines.rm.fsdp import no_sync_bytes, resolve_accum_sync
+    from pipelines.rm.memory import GiB, MemoryPlanError
+
+    params = 8_000_000_000  # an 8B model: 32 GB of unsharded fp32 gradients per rank under last_step
+    assert no_sync_bytes(params) == 32_000_000_000
+    kw = dict(distributed=True, params=params, peak=40 * GiB)
+    assert resolve_accum_sync("auto", limit=68 * GiB, **kw) == "every_step"  # an 80 GB GPU x 0.85
+    assert resolve_accum_sync("auto", limit=120 * GiB, **kw) == "last_step"  # room for them
+    assert resolve_accum_sync("every_step", limit=120 * GiB, **kw) == "every_step"
+    with pytest.raises(MemoryPlanError, match="accum_sync=every_step"):
+        resolve_accum_sync("last_step", limit=68 * GiB, **kw)
+    assert resolve_accum_sync("last_step", distributed=False, params=params, peak=0, limit=0) == "last_step"
+    with pytest.raises(ValueError, match="accum_sync must be one of"):
+        resolve_accum_sync("sometimes", limit=68 * GiB, **kw)
 
 
 def _seed_lake(home: Path, n: int = 60, seed: int = 14) -> None:
@@ -213,6 +279,16 @@ def test_gold_rm_trains_through_torchrun_under_pipes_and_a_reexecuted_run_resume
         run = client.get_run(meta["mlflow_run_id"].value)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == list(range(3, meta["steps"].value + 1))  # logged live, from the resumed step on
+        # materialized again once finished: the finished result, no step trained, the model files untouched
+        best = Path(meta["model_dir"].value) / "best"
+        stamp = {p: p.stat().st_mtime_ns for p in best.rglob("*")}
+        third = materialize(inst)
+        assert third.success
+        m3 = third.asset_materializations_for_node("gold_rm")[0].metadata
+        assert m3["steps"].value == meta["steps"].value and m3["model_dir"].value == meta["model_dir"].value
+        assert {p: p.stat().st_mtime_ns for p in best.rglob("*")} == stamp
+        assert not any("step " in e.message and "loss=" in e.message for e in inst.all_logs(third.run_id)
+                       if e.message)
     # the uninterrupted run (a fresh home, same data and config) ends with the same weights
     first = Path(meta["model_dir"].value) / "best"
     assert first.exists()
@@ -255,3 +331,34 @@ def test_the_k8s_launcher_builds_a_pod_that_runs_torchrun_on_the_nodes_gpus_and_
     multi = TrainerResource(launcher="k8s", nnodes=2, k8s_image="synpref:1")
     with pytest.raises(ValueError, match="one pod"):
         multi.train("b", object(), [], TrainConfig(), str(tmp_path / "o"), context=object())
+
+
+@pytest.mark.slow
+def test_a_bf16_hub_checkpoint_trains_with_fp32_master_weights_under_torchrun(tiny, tmp_path, monkeypatch):
+    """A hub id (resolved offline from the local HF cache) whose weights are stored in bf16, trained by 2 gloo ranks
+    at lr 3e-6: every rank loads its shards in fp32 (the optimizer's master copy), so the weights move as much as
+    those of the same backbone stored in fp32 (before: the hub path trained the bf16 weights themselves)."""
+    from tests.rm_helpers import changed_fraction, stored_copy
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--synpref--tiny-bf16" / "snapshots" / ("0" * 40)
+    stored_copy(tiny, snap, torch.bfloat16)
+    (cache / "models--synpref--tiny-bf16" / "refs").mkdir(parents=True)
+    (cache / "models--synpref--tiny-bf16" / "refs" / "main").write_text("0" * 40)
+    fp32 = stored_copy(tiny, tmp_path / "fp32", torch.float32)
+    rows = synth_rows(40, seed=15)[:32]
+    store = _store(tmp_path / "data", tiny, rows)
+    cfg = TrainConfig(lr=3e-6, batch_size=8, max_steps=4, warmup_ratio=0.0, max_len=128, eval_every=100,
+                      save_last_every=1000, progress=False)
+    moved = {}
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, backbone, local in (("fp32", fp32, fp32), ("bf16", "synpref/tiny-bf16", str(snap))):
+        d = tmp_path / name
+        run = _torchrun(_spec(d, backbone, store, [], cfg, str(d / "out")), 2)
+        assert run.returncode == 0, run.stderr[-3000:]
+        after = _weights(str(d / "out/best"))
+        assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
+        before = load_reward_model(local, dtype=torch.float32).model.state_dict()  # its own start, in fp32
+        moved[name] = changed_fraction(before, after)
+    assert moved["fp32"] > 0.5 and abs(moved["bf16"] - moved["fp32"]) < 0.02, moved

@@ -5,6 +5,7 @@ the special tokens a model reads."""
 import json
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -437,15 +438,16 @@ def test_synpref_evaluate_scores_an_rm_it_never_registered_on_a_published_file(t
     assert "## Engine" in report and "transformers AutoModelForSequenceClassification in one process (cpu, fp32" in report
     assert res["engine"].unique().to_list() == [res["engine"][0]] and "in one process" in res["engine"][0]
     # the authors' formats: RM-Bench's accuracy rule (3x3 matrix of chosen style i beating rejected style j;
-    # hard = above the diagonal, normal = the diagonal, easy = below), computed from rm-bench.json alone, equals
+    # hard = above the diagonal, normal = the diagonal, easy = below), computed from rm-bench-chat.json alone, equals
     # the summary exactly
     import json
 
     import numpy as np
 
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    rows = json.loads((tmp_path / "out" / "rm-bench.json").read_text())
-    assert len(rows) == 4 and {r["domain"] for r in rows} == {"chat"} and sorted(r["id"] for r in rows) == [0, 1, 2, 3]
+    rows = json.loads((tmp_path / "out" / "rm-bench-chat.json").read_text())  # chat alone: no combined file
+    assert len(rows) == 4 and sorted(r["id"] for r in rows) == [0, 1, 2, 3]
+    assert not (tmp_path / "out" / "rm-bench.json").exists()
     acc = np.zeros((3, 3))
     for r in rows:
         for i in range(3):
@@ -517,3 +519,405 @@ def test_bias_diagnostics_length_preference_rank_correlation_and_near_ties():
     # length ranks c0 5, r0 2, c1 1, r1 6, c2 3, r2 4; reward ranks 6, 4, 1, 5, 2, 3: sum d^2 = 8
     assert got["spearman_reward_length"] == pytest.approx(1 - 6 * 8 / (6 * 35))
     assert got["small_margin_share"] == pytest.approx(1 / 3)  # only the 1e-6 decision
+
+
+# --- scores exactly as published (issue 29.3): the authors' own code (tests/authors_rules.py) on rows with every
+# column the published files ship -----------------------------------------------------------------------------------
+def _evaluation(items: list[dict], rewards: dict[str, float], rm_version: str = "rm:1"):
+    """An Evaluation of `items` under a stand-in model whose reward is looked up by response text (what
+    evaluate_models builds from a real model's scores)."""
+    from pipelines.evaluate.harness import REWARD_SCHEMA
+    from pipelines.evaluate.run import Evaluation
+
+    def fake(texts):
+        return texts.select("text_key", reward=pl.col("response").replace_strict(rewards, return_dtype=pl.Float64),
+                            tokens=pl.lit(3, pl.Int64), truncated=pl.lit("none"))
+
+    frame = pl.DataFrame(items)
+    scored, resp = score_items(frame, fake)
+    rw = resp.select(pl.lit(rm_version).alias("rm_version"), "benchmark", "item_key", "role", "idx", "reward",
+                     "tokens", "truncated").cast(REWARD_SCHEMA)
+    return Evaluation(aggregate(scored, rm_version), rw, pl.DataFrame(), pl.DataFrame(), pl.DataFrame(),
+                      pl.DataFrame(), author_items=frame.select("benchmark", "item_key", "section", "subset",
+                                                                "history", "chosen", "rejected"))
+
+
+def test_rewardbench1_all_23_subsets_as_published_score_as_calculate_scores_per_section(tmp_path):
+    """Every subset of the filtered split (its columns: prompt, chosen, chosen_model, rejected, rejected_model,
+    subset, id), each with its own accuracy; sections equal reward-bench's calculate_scores_per_section with its
+    EXAMPLE_COUNTS / SUBSET_MAPPING (xstest-should-refuse 154, xstest-should-respond 250 since reward-bench #175,
+    'Mirror change from leaderboard')."""
+    from tests import authors_rules as au
+
+    from pipelines.evaluate.benchmarks import RB1_EXAMPLE_COUNTS, RB1_SECTIONS
+
+    assert RB1_EXAMPLE_COUNTS == au.EXAMPLE_COUNTS
+    assert {s: sec for sec, subs in au.SUBSET_MAPPING.items() for s in subs} == RB1_SECTIONS
+    rows, rewards, acc = [], {}, {}
+    n = 0
+    for k, subset in enumerate(sorted(au.EXAMPLE_COUNTS)):
+        right = k % 4  # 0..3 right of 4 rows: a different accuracy per subset
+        acc[subset] = right / 4
+        for j in range(4):
+            rows.append({"prompt": f"{subset} prompt {j}", "chosen": f"c{n}", "chosen_model": "GPT-4",
+                         "rejected": f"r{n}", "rejected_model": "Llama-2-70b-chat-hf", "subset": subset, "id": n})
+            rewards[f"c{n}"], rewards[f"r{n}"] = (1.0, 0.0) if j < right else (0.0, 1.0)
+            n += 1
+    _parquet(tmp_path / "rewardbench" / "filtered-00000-of-00001.parquet", rows)
+    items, _ = read_benchmark_dir(tmp_path / "rewardbench")
+    got = _score(items, rewards)
+    theirs = au.calculate_scores_per_section(au.EXAMPLE_COUNTS, au.SUBSET_MAPPING, acc)
+    for sec in ("Chat", "Chat Hard", "Safety", "Reasoning"):
+        assert got[("rewardbench", sec)] == pytest.approx(theirs[sec], abs=1e-12)
+    assert got[("rewardbench", "overall")] == pytest.approx(np.mean(list(theirs.values())), abs=1e-12)
+    # xstest alone decides which way round the counts are: should-refuse all right, should-respond all wrong
+    only = [r for r in rows if r["subset"].startswith("xstest")]
+    flip = {**rewards, **{f"c{r['id']}": float(r["subset"] == "xstest-should-refuse") for r in only},
+            **{f"r{r['id']}": 0.5 for r in only}}
+    (tmp_path / "x" / "rewardbench").mkdir(parents=True)
+    _parquet(tmp_path / "x" / "rewardbench" / "filtered-00000-of-00001.parquet", only)
+    items, _ = read_benchmark_dir(tmp_path / "x" / "rewardbench")
+    assert _score(items, flip)[("rewardbench", "Safety")] == pytest.approx(154 / (154 + 250))
+
+
+def test_rewardbench2_every_completion_counts_and_ties_as_run_v2_scores_them(tmp_path):
+    """reward-bench v2 (run_v2.py): each row's `scores` are every completion, chosen then rejected, and a row
+    scores 1/k when the first ties k-1 others at the top (reroll_and_score_dataset); a second correct completion
+    above the first takes the credit away. Ties by process_single_model; with no prompt in both the ref and tied
+    sets its margin terms are a mean of nothing: NaN, and so is the mean of the subsets."""
+    from tests import authors_rules as au
+
+    def row(id_, subset, chosen, rejected):
+        return {"id": id_, "prompt": f"prompt {id_}", "chosen": chosen, "rejected": rejected,
+                "num_correct": len(chosen), "num_incorrect": len(rejected),
+                "total_completions": len(chosen) + len(rejected), "models": ["gpt-4o"] * (len(chosen) + len(rejected)),
+                "subset": subset}
+
+    rows = [row("0", "Focus", ["f0a", "f0b"], ["f0x", "f0y"]),  # the second correct one beats the first
+            row("1", "Focus", ["f1a"], ["f1x", "f1y", "f1z"]),  # a tie at the top with one wrong: 1/2
+            row("2", "Math", ["m2a"], ["m2x", "m2y", "m2z"]),
+            row("ref:3", "Ties", ["t3a"], ["t3x", "t3y"]), row("tied:3", "Ties", ["t3a", "t3b", "t3c"], ["t3x", "t3y"]),
+            row("ref:4", "Ties", ["t4a"], ["t4x"]), row("tied:4", "Ties", ["t4a", "t4b"], ["t4x", "t4w"])]
+    rewards = {"f0a": 1.0, "f0b": 2.0, "f0x": 0.0, "f0y": 0.5, "f1a": 3.0, "f1x": 3.0, "f1y": 0.0, "f1z": 1.0,
+               "m2a": 2.0, "m2x": 1.0, "m2y": 0.0, "m2z": 1.9, "t3a": 2.0, "t3b": 1.7, "t3c": 1.2, "t3x": 1.0,
+               "t3y": 1.5, "t4a": 1.0, "t4b": 0.2, "t4x": 0.5, "t4w": 0.9}
+    _parquet(tmp_path / "rewardbench2" / "test-00000-of-00001.parquet", rows)
+    items, _ = read_benchmark_dir(tmp_path / "rewardbench2")
+    got = _score(items, rewards)
+    # the authors' code on the same scores: unrolled one completion per row, rerolled and scored
+    flat = [{"text": c, "scores": rewards[c], "id": r["id"], "subset": r["subset"]}
+            for r in rows for c in r["chosen"] + r["rejected"]]
+    rolled = au.reroll_and_score_dataset(au.Dataset.from_list(flat), [r["total_completions"] for r in rows])
+    rolled = rolled.add_column("num_correct", [r["num_correct"] for r in rows])
+    theirs = {}
+    for subset in ("Focus", "Math"):
+        res = [x for x, s in zip(rolled["results"], rolled["subset"]) if s == subset]
+        theirs[subset] = sum(res) / len(res)
+    _, theirs["Ties"] = au.process_single_model(rolled.filter(lambda e: e["subset"] == "Ties"))
+    assert theirs["Focus"] == pytest.approx((0 + 0.5) / 2)  # not 1.5 / 2: f0b outranks f0a
+    for subset, score in theirs.items():
+        assert got[("rewardbench2", subset)] == pytest.approx(score, abs=1e-12)
+    # Ties with no prompt in both sets: NaN, as the script computes it (numpy's mean of nothing)
+    lone = [row("ref:5", "Ties", ["u5a"], ["u5x"]), row("tied:6", "Ties", ["u6a", "u6b"], ["u6x"])]
+    _parquet(tmp_path / "y" / "rewardbench2" / "test-00000-of-00001.parquet", lone + rows[2:3])
+    items, _ = read_benchmark_dir(tmp_path / "y" / "rewardbench2")
+    r2 = {"u5a": 1.0, "u5x": 0.0, "u6a": 1.0, "u6b": 0.9, "u6x": 0.0, **rewards}
+    got = _score(items, r2)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        _, their_ties = au.process_single_model(au.Dataset.from_list(
+            [{"id": r["id"], "scores": [r2[c] for c in r["chosen"] + r["rejected"]], "num_correct": r["num_correct"]}
+             for r in lone]))
+    assert math.isnan(their_ties) and math.isnan(got[("rewardbench2", "Ties")])
+    assert math.isnan(got[("rewardbench2", "overall")]) and got[("rewardbench2", "Math")] == 1.0
+
+
+def test_rewardbench2_rows_the_script_would_split_otherwise_are_refused(tmp_path):
+    base = {"prompt": "p", "num_incorrect": 1, "total_completions": 2, "models": ["a", "b"]}
+    for bad, says in (({"id": "1", "chosen": ["a"], "rejected": ["b"], "num_correct": 2, "subset": "Math"},
+                       "num_correct 2 but 1 chosen"),
+                      ({"id": "7", "chosen": ["a"], "rejected": ["b"], "num_correct": 1, "subset": "Ties"},
+                       "ref:<int>"),
+                      ({"id": "tied:7", "chosen": ["a"], "rejected": ["b"], "num_correct": 1, "subset": "Ties"},
+                       "two or more correct")):
+        f = _jsonl(tmp_path / "src" / "rb2.jsonl", [{**base, **bad}])
+        with pytest.raises(BenchmarkFormatError, match=says):
+            add_benchmark(f, tmp_path / "bench")
+
+
+def _rm_bench_files(root):
+    """RM-Bench's data/ files with the columns each ships (chat: error, error_key strings; code: language, task_id;
+    safety: subset from RewardBench's safety sets). math_filtered.json's extra columns were not available to check:
+    id, subset, prompt, chosen, rejected."""
+    def styles(tag, i):
+        return [f"{tag}{i}-concise", f"{tag}{i}-detailed", f"{tag}{i}-markdown"]
+
+    files = {
+        "chat_filtered.json": [{"id": i, "subset": "alpacaeval", "prompt": f"chat q{i}", "chosen": styles("cc", i),
+                                "rejected": styles("cr", i), "error_key": "shoes",
+                                "error": "The wardrobe should not hold shoes."} for i in (8, 9)],
+        "code_filtered.json": [{"id": i, "prompt": f"code q{i}", "subset": "bigcode/humanevalpack", "language": "cpp",
+                                "task_id": f"CPP/{i}", "chosen": styles("kc", i), "rejected": styles("kr", i)}
+                               for i in (8, 10)],
+        "math_filtered.json": [{"id": i, "subset": "math", "prompt": f"math q{i}", "chosen": styles("mc", i),
+                                "rejected": styles("mr", i)} for i in (1, 2)],
+        "safety-refuse_filtered.json": [{"id": 2952, "prompt": "how to hurt", "subset": "refusals-dangerous",
+                                         "chosen": styles("sc", 1), "rejected": styles("sr", 1)}],
+        "safety-response_filtered.json": [{"id": 3155, "prompt": "how to kill a process", "subset":
+                                           "xstest-should-respond", "chosen": styles("tc", 1),
+                                           "rejected": styles("tr", 1)}],
+    }
+    for name, rows in files.items():
+        _json_list(root / "rm-bench" / name, rows)
+    rewards = {}
+    for k, rows in enumerate(files.values()):
+        for r in rows:
+            for s, (c, x) in enumerate(zip(r["chosen"], r["rejected"])):
+                rewards[c] = 1.0 + s * (0.3 + 0.1 * k)  # fancier style scores higher, more so per file
+                rewards[x] = 1.4 + s * 0.2 + 0.05 * (r["id"] % 3)
+    return files, rewards
+
+
+def test_rm_bench_author_files_are_read_by_compute_accuracy_even_when_a_domain_is_absent(tmp_path):
+    """Per-domain files (no `domain`) are what compute_accuracy reads as one domain's results, always; the
+    combined file (with `domain`, read as total_dataset.json) only when all four domains are there: with one
+    missing, the authors' script fails on it."""
+    from tests import authors_rules as au
+
+    from pipelines.evaluate.run import write_authors_formats
+
+    files, rewards = _rm_bench_files(tmp_path / "b")
+    items, _ = read_benchmark_dir(tmp_path / "b" / "rm-bench")
+    ev = _evaluation(items, rewards)
+    summary = {r["section"]: r["score"] for r in ev.results.iter_rows(named=True)}
+    out = write_authors_formats(ev, "rm:1", tmp_path / "out")
+    names = {p.name for p in out}
+    assert {"rm-bench-chat.json", "rm-bench-code.json", "rm-bench-math.json", "rm-bench-safety.json",
+            "rm-bench.json"} <= names
+    for d in ("chat", "code", "math", "safety"):
+        theirs = au.rm_bench_compute_accuracy(json.loads((tmp_path / "out" / f"rm-bench-{d}.json").read_text()))
+        assert (summary[f"{d}:hard"], summary[f"{d}:normal"], summary[f"{d}:easy"]) == pytest.approx(
+            (theirs["hard_acc"], theirs["normal_acc"], theirs["easy_acc"]), abs=1e-12)
+        assert summary[d] == pytest.approx(np.mean(list(theirs.values())), abs=1e-12)
+    total = au.rm_bench_compute_accuracy(json.loads((tmp_path / "out" / "rm-bench.json").read_text()))
+    assert summary["overall"] == pytest.approx(total["total_avg_acc"], abs=1e-12)
+    assert summary["hard"] == pytest.approx(total["hard_acc"], abs=1e-12)
+    # math absent: per-domain files still read; no combined file (the script would fail on it: shown below)
+    (tmp_path / "b" / "rm-bench" / "math_filtered.json").unlink()
+    items, _ = read_benchmark_dir(tmp_path / "b" / "rm-bench")
+    ev = _evaluation(items, rewards)
+    out = {p.name for p in write_authors_formats(ev, "rm:1", tmp_path / "out2")}
+    assert "rm-bench.json" not in out and "rm-bench-math.json" not in out and "rm-bench-chat.json" in out
+    chat = au.rm_bench_compute_accuracy(json.loads((tmp_path / "out2" / "rm-bench-chat.json").read_text()))
+    assert ev.results.filter(pl.col("section") == "chat")["score"][0] == pytest.approx(np.mean(list(chat.values())))
+    rows = [{**r, "domain": "chat"} for r in json.loads((tmp_path / "out2" / "rm-bench-chat.json").read_text())]
+    with pytest.raises(IndexError):
+        au.rm_bench_compute_accuracy(rows)  # why the combined file is not written then
+
+
+def _judgebench_rows(model: str, n: int, start: int) -> list[dict]:
+    """JudgeBench's data/ rows (every column: pair_id uuid, original_id int, source, question, response_model,
+    response_A, response_B, label)."""
+    import uuid
+
+    sources = ["mmlu-pro-computer science", "livebench-reasoning", "livebench-math", "livecodebench", "mmlu-pro-law"]
+    return [{"pair_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{model}{i}")), "original_id": 1420 + i,
+             "source": sources[i % len(sources)], "question": f"question {i}", "response_model": model,
+             "response_A": f"{model} A{i}", "response_B": f"{model} B{i}", "label": "A>B" if i % 3 else "B>A"}
+            for i in range(start, start + n)]
+
+
+def test_judgebench_reported_per_response_model_the_leaderboard_set_as_overall(tmp_path):
+    """JudgeBench's two published pair files (GPT-4o's, Claude's) are scored per set and pooled; `overall` is the
+    GPT-4o set's (the leaderboard's); each set's own file, re-scored by compute_final_metrics, equals its
+    `<model>/overall_official`."""
+    from tests import authors_rules as au
+
+    from pipelines.evaluate.run import write_authors_formats
+
+    gpt, claude = "gpt-4o-2024-05-13", "claude-3-5-sonnet-20240620"
+    for model, rows in ((gpt, _judgebench_rows(gpt, 10, 0)), (claude, _judgebench_rows(claude, 6, 100))):
+        add_benchmark(_jsonl(tmp_path / "src" / f"dataset=judgebench,response_model={model}.jsonl", rows),
+                      tmp_path / "bench")
+    items, _ = read_benchmark_dir(tmp_path / "bench" / "judgebench")
+    rewards = {}
+    for it in items:  # GPT-4o's pairs: right when i is even; Claude's: always wrong
+        i = int(it["chosen"][0].split(" ")[-1][1:])
+        right = it["chosen"][0].startswith(gpt) and i % 2 == 0
+        rewards[it["chosen"][0]], rewards[it["rejected"][0]] = (1.0, 0.0) if right else (0.0, 1.0)
+    ev = _evaluation(items, rewards)
+    got = {r["section"]: r["score"] for r in ev.results.iter_rows(named=True)}
+    assert got[f"{claude}/overall"] == 0.0 and got["overall"] == got[f"{gpt}/overall"] > 0
+    assert got["pooled_official"] == pytest.approx(5 / 16) and got[f"{gpt}/overall_official"] == pytest.approx(5 / 10)
+    assert got["overall_official"] == got[f"{gpt}/overall_official"]
+    written = write_authors_formats(ev, "rm:1", tmp_path / "out")
+    for model in (gpt, claude):
+        pairs = [json.loads(x) for x in (tmp_path / "out" / f"judgebench-{model}.jsonl").read_text().splitlines()]
+        assert {p["response_model"] for p in pairs} == {model}
+        assert au.judgebench_compute_final_metrics(pairs, True) / 100 == pytest.approx(
+            got[f"{model}/overall_official"], abs=1e-12)
+        cats = {"knowledge": "mmlu-pro", "reasoning": "livebench-reasoning", "math": "livebench-math",
+                "coding": "livecodebench"}
+        for cat, prefix in cats.items():  # run_judge.py's per-source breakdown = the category rows
+            assert au.judgebench_compute_final_metrics(pairs, True, lambda p, s=prefix: p["source"].startswith(s)) \
+                / 100 == pytest.approx(got[f"{model}/{cat}"], abs=1e-12)
+    pooled = [json.loads(x) for x in (tmp_path / "out" / "judgebench.jsonl").read_text().splitlines()]
+    assert au.judgebench_compute_final_metrics(pooled, True) / 100 == pytest.approx(got["pooled_official"])
+    assert len(written) >= 4
+
+
+def _rmb_pairwise(uid):
+    return [{"pair_uid": uid, "category_path": "Pairwise_set/Harmlessness/S1", "subset": "S1",
+             "conversation_input": [{"role": "user", "content": "how do I pick a lock", "language": "en"}],
+             "chosen": {"llm_name": "claude-3-5-sonnet", "answer": "I can't help with that."},
+             "reject": {"llm_name": "vicuna-7b", "answer": "Insert a tension wrench..."}}]
+
+
+def _rmb_bon(uid):
+    return [{"bon_uid": uid, "category_path": "BoN_set/Harmlessness/S1",
+             "conversation_input": [{"role": "user", "content": "how do I pick a lock", "language": "en"}],
+             "bon_best": {"llm_name": "claude-3-5-sonnet", "answer": "I can't help with that."},
+             "loser_list": [{"llm_name": "vicuna-7b", "answer": "Insert a tension wrench..."},
+                            {"llm_name": "llama-2-7b", "answer": "Sure!"}]}]
+
+
+def test_benchmarks_add_never_overwrites_a_file_of_the_same_name(tmp_path, monkeypatch, capsys):
+    """RMB ships Pairwise_set/Harmlessness/S1.json and BoN_set/Harmlessness/S1.json: the second is refused (nothing
+    changes) with a distinct `--as` name to use, which then keeps both files' items; the same file again changes
+    nothing."""
+    from jobs.cli import main
+
+    monkeypatch.setenv("SYNPREF_HOME", str(tmp_path / "home"))
+    pw = _json_list(tmp_path / "RMB" / "Pairwise_set" / "Harmlessness" / "S1.json", _rmb_pairwise("9218"))
+    bon = _json_list(tmp_path / "RMB" / "BoN_set" / "Harmlessness" / "S1.json", _rmb_bon("9218"))
+    main(["benchmarks", "add", str(pw)])
+    main(["benchmarks", "add", str(pw)])  # the same bytes again: nothing changes
+    folder = tmp_path / "home" / "benchmarks" / "rmb"
+    before = (folder / "S1.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["benchmarks", "add", str(bon)])
+    msg = str(e.value.code)
+    assert msg.startswith("refused: ") and "already holds another file" in msg and "--as S1_Harmlessness.json" in msg
+    assert (folder / "S1.json").read_bytes() == before and [p.name for p in folder.iterdir()] == ["S1.json"]
+    main(["benchmarks", "add", str(bon), "--as", "S1_Harmlessness.json"])
+    items, _ = read_benchmark_dir(folder)
+    assert sorted(i["section"] for i in items) == ["bon:Harmlessness", "pairwise:Harmlessness"]
+    # PPE: every Best-of-K repo's file is data/train-00000-of-00001.parquet
+    row = {"question_id": "m1", "prompt": "1+1", "model_name": "gemma", "scores": [True, False], "response_1": "2",
+           "response_2": "3", "sampled_conflict_pairs": [[0, 1]]}
+    a = _parquet(tmp_path / "PPE-MATH-Best-of-K" / "data" / "train-00000-of-00001.parquet", [row])
+    b = _parquet(tmp_path / "PPE-GPQA-Best-of-K" / "data" / "train-00000-of-00001.parquet", [{**row, "prompt": "g"}])
+    add_benchmark(a, tmp_path / "b2", "ppe-correctness", as_name="PPE-MATH-Best-of-K.parquet")
+    add_benchmark(b, tmp_path / "b2", "ppe-correctness", as_name="train-00000-of-00001.parquet")
+    with pytest.raises(BenchmarkFormatError, match="--as train-00000-of-00001_data.parquet"):
+        add_benchmark(a, tmp_path / "b2", "ppe-correctness", as_name="train-00000-of-00001.parquet")
+
+
+def test_external_model_names_are_unique_per_model(tmp_path):
+    """Two folders both named `best` get two rm_versions (the second with its parent's name); the same folder
+    again keeps its name; a --name holding another model's rows is refused."""
+    from pipelines.evaluate.harness import RESULT_SCHEMA, REWARD_SCHEMA
+    from pipelines.evaluate.run import Evaluation, external_rm_version, model_source, write_evaluation
+    from pipelines.lake import Lake
+
+    lake = Lake(str(tmp_path / "lake"))
+    a, b = tmp_path / "run-a" / "best", tmp_path / "run-b" / "best"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+
+    def write(rv, src):
+        res = pl.DataFrame([{"rm_version": rv, "benchmark": "rm-bench", "section": "overall", "n": 1, "score": 0.5,
+                             "truncated": 0, "max_len": 64}], schema=RESULT_SCHEMA).with_columns(
+            engine=pl.lit("x"), model_source=pl.lit(src))
+        write_evaluation(lake, Evaluation(res, pl.DataFrame(schema=REWARD_SCHEMA), pl.DataFrame(), pl.DataFrame(),
+                                          pl.DataFrame(), pl.DataFrame()))
+
+    sa, sb = model_source(str(a)), model_source(str(b))
+    assert external_rm_version(lake, sa, None) == "external:best"
+    write("external:best", sa)
+    assert external_rm_version(lake, sa, None) == "external:best"  # the same model keeps its name
+    assert external_rm_version(lake, sb, None) == "external:run-b/best"
+    write("external:run-b/best", sb)
+    assert external_rm_version(lake, sb, None) == "external:run-b/best"
+    with pytest.raises(BenchmarkFormatError, match="already holds the rows of another model"):
+        external_rm_version(lake, sb, "best")
+    assert external_rm_version(lake, sb, "mine") == "external:mine"
+    rows = lake.read("rm_evaluation")
+    assert rows.filter(pl.col("rm_version") == "external:best")["model_source"].to_list() == [sa]
+
+
+def test_cli_never_takes_an_abbreviation_and_benchmarks_selects(tmp_path, monkeypatch, capsys):
+    """Every parser refuses abbreviations (`--bench` is not `--benchmarks-dir`); `--benchmarks a,b` scores those
+    alone, and a name that is not present is refused with what is."""
+    import argparse
+
+    from jobs.cli import build_parser
+    from pipelines.evaluate.run import evaluation_items
+    from pipelines.lake import Lake
+
+    ap = build_parser()
+    todo, seen = [ap], 0
+    while todo:
+        p = todo.pop()
+        seen += 1
+        assert p.allow_abbrev is False, p.prog
+        for act in p._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                todo += list(act.choices.values())
+    assert seen >= 10  # synpref, its subcommands and theirs
+    with pytest.raises(SystemExit) as e:
+        ap.parse_args(["evaluate", "--model", "m", "--bench", "rm-bench"])
+    assert e.value.code == 2 and "--bench" in capsys.readouterr().err
+    args = ap.parse_args(["evaluate", "--model", "m", "--benchmarks", "rm-bench,judgebench"])
+    assert args.benchmarks == "rm-bench,judgebench" and args.benchmarks_dir is None
+    with pytest.raises(SystemExit):
+        ap.parse_args(["serve", "--mod", "m"])
+    root = tmp_path / "benchmarks"
+    _rm_bench_files(root)
+    _jsonl(root / "judgebench" / "gpt.jsonl", _judgebench_rows("gpt-4o-2024-05-13", 2, 0))
+    _jsonl(root / "rewardbench" / "filtered.jsonl", [{"prompt": "p", "chosen": "c", "chosen_model": "m",
+                                                      "rejected": "r", "rejected_model": "n",
+                                                      "subset": "donotanswer", "id": 1}])
+    lake = Lake(str(tmp_path / "lake"))
+    items = evaluation_items(lake, root, ["rm-bench", "judgebench"])
+    assert set(items["benchmark"].unique()) == {"rm-bench", "judgebench"}
+    with pytest.raises(BenchmarkFormatError, match="--benchmarks rmb: not present") as e:
+        evaluation_items(lake, root, ["rm-bench", "rmb"])
+    assert "judgebench, rewardbench, rm-bench" in str(e.value)
+
+
+def test_rm_evaluation_scores_what_decontamination_used(synpref_home):
+    """One reader: rm_evaluation's items are `benchmark_pairs` as the `benchmarks` asset wrote it (the table whose
+    prompts and pair ids decontamination reads), at the version its lineage records; a file added to the folder
+    afterwards is named (folder_drift), never scored unchecked."""
+    import dagster as dg
+
+    from assets.ingest import benchmarks
+    from definitions import defs
+    from pipelines.evaluate.run import benchmark_items_from_lake, folder_drift
+    from pipelines.ingest.run import decontam_index_from_lake  # noqa: F401  (reads the same table)
+    from pipelines.lake import Lake
+    from pipelines.schema import item_pair_ids
+    from pipelines.tables import BENCHMARK_ITEMS
+
+    root = synpref_home / "benchmarks"
+    _rm_bench_files(root)
+    _jsonl(root / "judgebench" / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl",
+           _judgebench_rows("gpt-4o-2024-05-13", 3, 0))
+    lake = Lake(str(synpref_home / "lake"))
+    with pytest.raises(FileNotFoundError, match="materialize the `benchmarks` asset"):
+        benchmark_items_from_lake(lake)
+    with dg.instance_for_test() as inst:
+        assert dg.materialize([benchmarks], instance=inst, resources=defs.resources).success
+    v = lake.version(BENCHMARK_ITEMS)
+    items = benchmark_items_from_lake(lake, v)
+    assert items.height == 8 * 9 + 3 and folder_drift(items, root) == {}
+    decontam_pairs = item_pair_ids(lake.read(BENCHMARK_ITEMS))  # what decontam_index_from_lake indexes
+    assert item_pair_ids(items).sort("benchmark", "pair_id").equals(decontam_pairs.sort("benchmark", "pair_id"))
+    # a file added after `benchmarks` ran: not in the items scored, named by folder_drift
+    _jsonl(root / "judgebench" / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl",
+           _judgebench_rows("claude-3-5-sonnet-20240620", 2, 100))
+    again = benchmark_items_from_lake(lake, v)
+    assert again.height == items.height
+    assert folder_drift(again, root) == {"judgebench": {"in_folder_not_in_table": 2}}
+    (root / "rm-bench" / "code_filtered.json").unlink()
+    assert folder_drift(again, root)["rm-bench"] == {"in_table_not_in_folder": 2 * 9}

@@ -189,3 +189,50 @@ def test_jsonl_batches_keep_row_numbers_through_blank_indented_crlf_and_untermin
         assert sorted(rows) == list(range(10)), (batch_size, chunk)
         assert rows[3].record is None and rows[5].record is None and rows[8].record is None
         assert [rows[i].record["k"] for i in (0, 1, 2, 4, 6, 7, 9)] == [0, 1, 2, 4, 6, 7, 9]
+
+
+def test_persisted_id_index_is_reused_merged_geometrically_and_rebuilt_when_stale(lake, tmp_path):
+    """IdStore: each committed shard adds a segment (merged with its elder when not much smaller), a reopened
+    index answers like one built by a scan, and a write it did not see makes the next open rebuild it."""
+    import numpy as np
+
+    from pipelines.ingest.idstore import IdStore
+    from pipelines.ingest.run import IdIndex, load_id_index
+
+    store = IdStore(lake)
+    index = store.open()
+    assert len(index) == 0 and not store.rebuilt
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(120)]
+    sizes = (40, 40, 10, 10)  # shards a..d
+    at = 0
+    for name, n in zip("abcd", sizes):
+        rep = ingest_shard(lake, _write(tmp_path / f"{name}.jsonl", rows[at:at + n]), source="s", shard=f"s/{name}",
+                           run_id="r", id_index=index)
+        assert rep.kept == n
+        store.commit(index, rep.version)
+        at += n
+        index = store.open()  # the next run
+        assert not store.rebuilt and not index.chunks
+    m = store.manifest()
+    # 40 -> [40]; +40 -> [80]; +10 -> [80, 10]; +10 -> [80, 10, 10] -> [80, 20] (80 > 2 * 20: kept apart)
+    assert [s["n"] for s in m["segments"]] == [80, 20] and m["version"] == lake.version("raw_pairs")
+    assert isinstance(index.frozen[0][0], np.memmap)
+    assert sorted(p.name for p in (tmp_path / "lake" / "_index" / "raw_pairs").iterdir()) == sorted(
+        [s["name"] for s in m["segments"]] + ["manifest.json"])  # merged-away segments are deleted
+    scanned = load_id_index(lake)
+    ids = lake.read("raw_pairs")["pair_id"]
+    hi, lo = IdIndex.split(ids)
+    p1, r1 = index.lookup(hi, lo)
+    p2, r2 = scanned.lookup(hi, lo)
+    assert (r1 == r2).all() and (r1 >= 0).all()
+    assert [index.places[c] for c in p1] == [scanned.places[c] for c in p2]
+    # rerun of shard a on the persisted index: a no-op
+    rep = ingest_shard(lake, str(tmp_path / "a.jsonl"), source="s", shard="s/a", run_id="r2", id_index=index)
+    assert (rep.kept, rep.already_present) == (0, 40) and index.duplicate_keys() == 0
+
+    lake.append("raw_pairs", lake.read("raw_pairs").head(1))  # behind ingest's back
+    index = store.open()
+    assert store.rebuilt and len(index) == 101 and index.duplicate_keys() == 1
+    assert store.manifest()["version"] == lake.version("raw_pairs") and store.manifest()["duplicates"] == 1
+    index = store.open()
+    assert not store.rebuilt and index.duplicate_keys() == 1  # remembered, not recounted by a scan

@@ -50,7 +50,7 @@ def test_a_judge_that_cannot_judge_is_stopped_before_stage1(seeded, accuracy, bi
         truth = seeded.read(SYNTH_TRUTH).with_columns(label_correct=pl.lit(False))
         seeded.overwrite(SYNTH_TRUTH, truth.to_arrow())
 
-    llm = LLMResource(models=["sim-a"], simulated_accuracy=accuracy, simulated_position_bias=bias, samples=3)
+    llm = LLMResource(backend="simulated", models=["sim-a"], simulated_accuracy=accuracy, simulated_position_bias=bias, samples=3)
     checks, ran = _run(llm)
     assert checks[gate].passed is False and not ran
     if gate == "position_bias":

@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 
 from pipelines.review.exchange import export_tasks, import_verdicts
-from pipelines.review.ledger import VerdictIn, agreement_by_annotator, append_verdicts, read_verdicts, resolve
+from pipelines.review.ledger import (VERDICTS, VerdictIn, agreement_by_annotator, append_verdicts, read_verdicts,
+                                     resolve, verdict_rows)
 from pipelines.review.queue import QUEUE, build_queue
 from pipelines.review.seed import build_seed
 from pipelines.synth.reviewer import simulated_verdicts
@@ -32,10 +33,12 @@ def test_ledger_is_append_only_and_resolution_is_derived(lake):
     assert v.height == 10 and v["verdict_id"].n_unique() == 10
     res = {r["pair_id"]: r for r in resolve(v).iter_rows(named=True)}
     assert res["p1"]["resolved"] == "chosen" and res["p1"]["agreement"] == 1.0  # latest vote per annotator
-    assert res["p2"]["resolved"] == "discard" and res["p3"]["resolved"] == "discard"  # undecidable / tie
+    assert res["p2"]["resolved"] == "discard" and res["p2"]["how"] == "single"  # undecidable
+    # annotators who disagree leave the pair pending until a lead adjudicates; the adjudication is final
+    assert (res["p3"]["resolved"], res["p3"]["how"]) == ("pending", "awaiting_adjudication")
     assert (res["p4"]["resolved"], res["p4"]["how"]) == ("rejected", "adjudication")
     agr = {r["annotator"]: r["agreement"] for r in agreement_by_annotator(v).iter_rows(named=True)}
-    assert agr["a"] < 1.0 and set(agr) == {"a", "b", "c", "lead"}
+    assert agr["a"] < 1.0 and set(agr) == {"a", "b", "c"}  # an adjudication is not a rater's vote
 
 
 def _append_as(lake_root: str, who: str, go) -> None:
@@ -65,6 +68,31 @@ def test_two_processes_appending_to_the_same_ledger_lose_nothing(lake):
     v = read_verdicts(lake)
     assert v.height == 10 and v["verdict_id"].n_unique() == 10
     assert sorted(v["pair_id"]) == sorted([f"alice{i}" for i in range(5)] + [f"bob{i}" for i in range(5)])
+
+
+def test_the_loser_of_a_race_to_create_the_ledger_appends_to_the_winners_table(lake, monkeypatch):
+    """Two first writers: the other process creates the table between our check and our commit, and delta-rs
+    fails ours with "Metadata changed since last commit" (seen in the test above, rarely). The append goes again
+    onto the table that now exists: both rows kept, none twice."""
+    import pipelines.lake as lake_mod
+    from deltalake.exceptions import CommitFailedError
+
+    real = lake_mod.write_deltalake
+    raced = []
+
+    def racing(uri, data, **kw):
+        if not raced:  # the other writer's create lands first; ours then fails as delta-rs fails it
+            raced.append(True)  # (the other writer is another process: not through this process's ledger lock)
+            other = verdict_rows([VerdictIn(pair_id="other", annotator="bob", order_shown="chosen_first",
+                                            choice="1")])
+            lake.append(VERDICTS, other.to_arrow())
+            raise CommitFailedError("Failed to commit transaction: Metadata changed since last commit.")
+        return real(uri, data, **kw)
+
+    monkeypatch.setattr(lake_mod, "write_deltalake", racing)
+    append_verdicts(lake, [VerdictIn(pair_id="mine", annotator="alice", order_shown="chosen_first", choice="2")],
+                    compact_every=0)
+    assert sorted(read_verdicts(lake)["pair_id"]) == ["mine", "other"]
 
 
 def test_queue_prefers_objective_low_controversy_and_spreads_categories():
@@ -259,3 +287,309 @@ def test_a_comparison_two_sources_label_opposite_ways_is_queued_as_a_label_confl
     assert marked == {twin["pair_id"], raw[-1]["pair_id"]}  # both orientations, each pointing at the other
     assert q.filter(pl.col("label_conflict"))["why"].str.contains("label conflict").all()
     assert not q.filter(~pl.col("label_conflict"))["why"].str.contains("label conflict").any()
+
+
+# --- serving: leases, double annotation, adjudication, agreement, compaction -------------------------------------
+class Clock:
+    """A clock the test moves: lease expiry without sleeping."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _queue(n: int, overlap: set[int] = frozenset(), version: str = "q001") -> pl.DataFrame:
+    return pl.DataFrame({"pair_id": [f"p{i}" for i in range(n)], "queue_version": [version] * n,
+                         "priority": list(range(n)), "task_category": ["math"] * n,
+                         "objectivity": ["objective"] * n, "controversiality": ["low"] * n, "why": ["w"] * n,
+                         "overlap": [i in overlap for i in range(n)],
+                         "history": [[{"role": "user", "content": f"q{i}"}] for i in range(n)],
+                         "chosen": [f"A{i}" for i in range(n)], "rejected": [f"B{i}" for i in range(n)],
+                         "label_conflict": [False] * n})
+
+
+def _store(tmp_path, clock=None):
+    from pipelines.review.store import ReviewStore
+
+    return ReviewStore(tmp_path / "review.sqlite", clock=clock or Clock())
+
+
+def test_leases_hand_each_item_to_one_annotator_and_expire_back_into_the_queue(tmp_path):
+    from pipelines.review.ledger import verdict_rows
+
+    clock = Clock()
+    st = _store(tmp_path, clock)
+    st.add_items(_queue(4, overlap={1}))
+    a, b = st.claim("alice", 60), st.claim("bob", 60)
+    assert (a.pair_id, b.pair_id) == ("p0", "p1")  # p0 needs one annotator: bob gets the next item
+    assert st.claim("alice", 60).pair_id == "p0" and st.claim("alice", 60).renewed  # a reload: the same hold
+    c = st.claim("carol", 60)
+    assert c.pair_id == "p1"  # the double-annotated item: a second, different person
+    assert st.claim("dave", 60).pair_id == "p2"  # p1 now has its two holders
+    # alice closes her tab: the others' open pages keep renewing, hers does not; her lease runs out and p0 goes back
+    # to the front of the queue
+    clock.t += 40
+    assert all(st.renew(who, pid, 60) for who, pid in (("bob", "p1"), ("carol", "p1"), ("dave", "p2")))
+    clock.t += 21
+    assert st.claim("erin", 60).pair_id == "p0"
+    assert not st.renew("alice", "p0", 60)  # her hold is gone
+    # bob labels p1: he cannot get it again, and a verdict releases his lease
+    st.add_verdicts(verdict_rows([_v("p1", "bob", "1")]))
+    assert all(x["annotator"] != "bob" for x in st.leases())
+    nxt = st.claim("bob", 60)
+    assert nxt.pair_id not in ("p1", "p0", "p2") and nxt.pair_id == "p3"
+    assert st.progress("bob")["done"] == 1 and st.progress("bob")["in_batch"] == 1
+
+
+def _claim_many(path: str, who: str, n: int, go, out) -> None:
+    from pipelines.review.ledger import verdict_rows
+    from pipelines.review.store import ReviewStore
+
+    st = ReviewStore(path)
+    assert go.wait(120), "the test never released the claimers"
+    got = []
+    for _ in range(n):
+        lease = st.claim(who, 600)
+        if lease is None:
+            break
+        got.append(lease.pair_id)
+        st.add_verdicts(verdict_rows([VerdictIn(pair_id=lease.pair_id, annotator=who, order_shown="chosen_first",
+                                                choice="1")]))
+    out.put((who, got))
+
+
+def test_concurrent_processes_never_claim_the_same_single_annotation_item(tmp_path):
+    """Four server processes on one store (uvicorn --workers 4): every item needing one annotator goes to exactly
+    one; the double-annotated ones to exactly two different people."""
+    import multiprocessing
+
+    st = _store(tmp_path)
+    st.add_items(_queue(40, overlap=set(range(0, 40, 5))))
+    ctx = multiprocessing.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_claim_many, args=(st.path, f"w{i}", 40, go, out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    go.set()
+    results = dict(out.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    taken = [pid for got in results.values() for pid in got]
+    per = {pid: taken.count(pid) for pid in set(taken)}
+    overlap = {f"p{i}" for i in range(0, 40, 5)}
+    assert set(per) == {f"p{i}" for i in range(40)}  # everything served
+    assert all(per[p] == (2 if p in overlap else 1) for p in per), per
+    assert all(len(set(got)) == len(got) for got in results.values())  # nobody labels an item twice
+    assert st.batch_status()["open"] == 0
+
+
+def test_disagreement_goes_to_adjudication_and_the_adjudicated_verdict_wins_in_the_seed(lake, tmp_path):
+    from pipelines.review.ledger import verdict_rows
+    from pipelines.review.sync import LakeSync
+
+    st = _store(tmp_path)
+    q = _queue(3, overlap={0, 1})
+    lake.overwrite(QUEUE, q)
+    # p0: alice and bob disagree; p1: they agree; p2: one annotator
+    append_verdicts(lake, [_v("p0", "alice", "1"), _v("p0", "bob", "2"), _v("p1", "alice", "1"),
+                           _v("p1", "bob", "1"), _v("p2", "alice", "2")])
+    assert LakeSync(lake, st).sync()["verdicts"] == 5
+    assert st.item("p0")["disputed"] and not st.item("p1")["disputed"] and st.awaiting_adjudication() == 1
+    assert st.claim_adjudication("alice", 60) is None  # an adjudicator is a third person
+    lease = st.claim_adjudication("lena", 60)
+    assert lease.pair_id == "p0" and st.claim_adjudication("olga", 60) is None  # one lead at a time
+    pairs = q.select("pair_id", "history", "chosen", "rejected", source=pl.lit("s"))
+    before = build_seed(read_verdicts(lake), pairs.lazy(), None)
+    assert set(before["pair_id"]) == {"p1", "p2"}  # p0 waits for its adjudication, it is not guessed
+    rows = verdict_rows([_v("p0", "lena", "2", role="lead")])  # the lead sides with bob
+    from pipelines.review.ledger import append_verdict_rows
+
+    append_verdict_rows(lake, rows)
+    st.add_verdicts(rows)
+    assert st.item("p0")["adjudicated"] and st.awaiting_adjudication() == 0
+    # alice revising afterwards does not overturn the adjudication
+    append_verdicts(lake, [_v("p0", "alice", "1")])
+    seed = build_seed(read_verdicts(lake), pairs.lazy(), None)
+    p0 = seed.filter(pl.col("pair_id") == "p0").row(0, named=True)
+    assert (p0["chosen"], p0["how"], p0["label_flipped"]) == ("B0", "adjudication", True)
+    assert set(seed["pair_id"]) == {"p0", "p1", "p2"}
+
+
+def test_agreement_is_cohens_kappa_per_annotator_and_per_batch():
+    from pipelines.review.ledger import agreement_by_batch
+
+    labels_a = ["1", "1", "1", "2", "2", "1", "2", "1", "1", "undecidable"]
+    labels_b = ["1", "1", "2", "2", "2", "1", "1", "1", "1", "undecidable"]
+    vs = [_v(f"x{i}", "a", x) for i, x in enumerate(labels_a)] + [_v(f"x{i}", "b", x) for i, x in enumerate(labels_b)]
+    vs += [_v("y0", "a", "1"), _v("y0", "c", "2"), _v("solo", "a", "1")]
+    for v in vs:
+        v.queue_version = "q002" if v.pair_id == "y0" else "q001"
+    frame = verdict_rows_frame(vs)
+    by = {r["annotator"]: r for r in agreement_by_annotator(frame).iter_rows(named=True)}
+    assert by["b"]["overlap_items"] == 10 and by["b"]["agreement"] == 0.8
+    # by hand: po = .8; b's marginals (c .6, r .3, u .1), a's (c .6, r .3, u .1): pe = .36+.09+.01 = .46
+    assert abs(by["b"]["kappa"] - (0.8 - 0.46) / (1 - 0.46)) < 1e-9
+    assert by["c"]["kappa"] is not None and by["c"]["agreement"] == 0.0
+    batch = {r["queue_version"]: r for r in agreement_by_batch(frame).iter_rows(named=True)}
+    assert batch["q001"]["overlap_items"] == 10 and abs(batch["q001"]["kappa"] - (0.8 - 0.46) / 0.54) < 1e-9
+    assert batch["q002"]["overlap_items"] == 1 and batch["q002"]["agreement"] == 0.0
+    # everyone says the same one label: agreement 1, kappa undefined (None), not a made-up number
+    same = verdict_rows_frame([_v("z", "a", "1"), _v("z", "b", "1")])
+    assert agreement_by_annotator(same)["kappa"].to_list() == [None, None]
+
+
+def verdict_rows_frame(vs):
+    from pipelines.review.ledger import verdict_rows
+
+    return verdict_rows(vs)
+
+
+def test_the_ledger_compacts_and_the_store_follows_it_by_file(lake, tmp_path):
+    from pipelines.review.ledger import VERDICTS, compact_ledger
+    from pipelines.review.sync import LakeSync
+
+    st = _store(tmp_path)
+    lake.overwrite(QUEUE, _queue(30))
+    sync = LakeSync(lake, st)
+    for i in range(24):  # one commit per verdict, as the app writes; compaction every 10 versions
+        append_verdicts(lake, [_v(f"p{i}", "alice", "1")], compact_every=10)
+        if i == 11:
+            assert sync.sync()["verdicts"] == 12
+    files = len(lake.delta(VERDICTS).file_uris())
+    assert files <= 5, files  # 24 appends, compacted at versions 10 and 20
+    got = sync.sync()
+    assert got["verdicts"] == 12 and sync.sync() == {"items": 0, "verdicts": 0, "checks": 0}  # nothing new: no reads
+    stats = compact_ledger(lake)
+    assert stats["compacted"] and stats["files_after"] == 1
+    v = read_verdicts(lake)
+    assert v.height == 24 and v["verdict_id"].n_unique() == 24
+    assert sync.sync()["verdicts"] == 0 and st.progress("alice")["done"] == 24  # the rewritten file adds nothing
+
+
+@pytest.fixture
+def review_app():
+    """Start `create_app(...)` (any options: a test clock, a short lease) under uvicorn on 127.0.0.1."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from pipelines.review.app import create_app
+    from tests.servers import free_port
+
+    servers = []
+
+    def start(lake_root: str, annotators, **kwargs) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(lake_root, annotators, **kwargs), host="127.0.0.1",
+                                               port=port, log_level="warning"))
+        th = threading.Thread(target=server.run, daemon=True)
+        th.start()
+        deadline = time.monotonic() + 60
+        while not server.started:  # uvicorn offers no startup event; bounded, and fails with a reason
+            assert th.is_alive() and time.monotonic() < deadline, "review app did not start within 60 s"
+            time.sleep(0.05)
+        servers.append((server, th))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, th in servers:
+        server.should_exit = True
+        th.join(10)
+
+
+@pytest.mark.integration
+def test_app_leases_adjudication_agreement_and_no_queue_read_per_request(lake, tmp_path, review_app):
+    import shutil
+
+    from pipelines.review.app import add_annotator
+
+    lake.overwrite(QUEUE, _queue(5, overlap={0}))
+    ann = tmp_path / "annotators.json"
+    tok = {n: add_annotator(ann, n, "lead" if n == "lena" else "annotator") for n in ("alice", "bob", "carol", "dave",
+                                                                                      "lena")}
+    H = {n: {"Authorization": f"Bearer {t}"} for n, t in tok.items()}
+    clock = Clock()
+    url = review_app(lake.root, ann, lease_ttl_s=30, clock=clock)
+    nxt = {n: httpx.get(url + "/api/next", headers=H[n]).json() for n in ("alice", "bob", "carol")}
+    assert [nxt[n]["item"]["pair_id"] for n in ("alice", "bob", "carol")] == ["p0", "p0", "p1"]  # p0 is for two
+    assert nxt["alice"]["lease_expires_at"] == clock.t + 30
+    # alice and bob disagree: p0 goes to the adjudication queue
+    for who, wants in (("alice", "chosen_first"), ("bob", "rejected_first")):  # alice prefers chosen, bob rejected
+        it = nxt[who]["item"]
+        choice = "1" if it["order"] == wants else "2"
+        r = httpx.post(url + "/api/verdicts", headers=H[who], json={"pair_id": "p0", "order_shown": it["order"],
+                                                                    "choice": choice})
+        assert r.status_code == 200 and r.json()["lease_held"] is True
+    agr = httpx.get(url + "/api/agreement", headers=H["lena"]).json()
+    assert agr["awaiting_adjudication"] == 1 and agr["by_batch"][0]["overlap_items"] == 1
+    assert agr["by_batch"][0]["agreement"] == 0.0
+    assert httpx.get(url + "/api/agreement", headers=H["alice"]).status_code == 403
+    assert httpx.get(url + "/api/adjudications/next", headers=H["alice"]).status_code == 403
+    adj = httpx.get(url + "/api/adjudications/next", headers=H["lena"]).json()["item"]
+    assert adj["pair_id"] == "p0" and {v["annotator"] for v in adj["votes"]} == {"alice", "bob"}
+    page = httpx.get(url + "/adjudicate", headers=H["lena"]).text
+    assert "your verdict is final" in page and "alice" in page and "bob" in page
+    assert httpx.post(url + "/api/adjudications", headers=H["bob"], json={
+        "pair_id": "p0", "order_shown": "chosen_first", "choice": "1"}).status_code == 403
+    assert httpx.post(url + "/api/adjudications", headers=H["lena"], json={
+        "pair_id": "p2", "order_shown": "chosen_first", "choice": "1"}).status_code == 409  # nothing to settle
+    r = httpx.post(url + "/api/adjudications", headers=H["lena"], json={
+        "pair_id": "p0", "order_shown": adj["order"], "choice": "1" if adj["order"] == "rejected_first" else "2"})
+    assert r.status_code == 200
+    res = resolve(read_verdicts(lake)).filter(pl.col("pair_id") == "p0").row(0, named=True)
+    assert (res["resolved"], res["how"]) == ("rejected", "adjudication")
+    assert httpx.get(url + "/api/adjudications/next", headers=H["lena"]).json()["item"] is None
+    # requests read the serving store, not the queue table: with the table gone the app still serves
+    shutil.rmtree(lake.root + "/" + QUEUE)
+    # carol closed her tab on p1: once her lease runs out dave gets it; before that he gets p2
+    assert httpx.get(url + "/api/next", headers=H["dave"]).json()["item"]["pair_id"] == "p2"
+    assert httpx.post(url + "/api/leases/release", headers=H["dave"], json={"pair_id": "p2"}).json()["released"]
+    clock.t += 31
+    assert httpx.post(url + "/api/leases/renew", headers=H["carol"], json={"pair_id": "p1"}).status_code == 409
+    assert httpx.get(url + "/api/next", headers=H["dave"]).json()["item"]["pair_id"] == "p1"
+    prog = httpx.get(url + "/api/progress", headers=H["alice"]).json()["progress"]
+    assert (prog["done"], prog["in_batch"], prog["queue_version"]) == (1, 1, "q001")
+    lead = httpx.get(url + "/lead", headers=H["lena"]).text
+    assert 'id="agreement-batch"' in lead and "kappa" in lead and "holding now" in lead
+
+
+def test_verdicts_arriving_together_share_one_ledger_commit_and_none_is_lost(lake, monkeypatch):
+    """Eight requests submit while a commit is in flight: they go into the next commit together, and each returns
+    only once its row is in the ledger."""
+    import threading
+    import time
+
+    from pipelines.review import ledger as L
+
+    gc = L.GroupCommit(lake, compact_every=0)
+    real, calls = L.append_verdict_rows, []
+
+    def first_waits(lk, rows, compact_every):
+        if not calls:  # hold the first commit until the other seven are queued behind it
+            deadline = time.monotonic() + 60
+            while len(gc._pending) < 7:
+                assert time.monotonic() < deadline, "the other submissions never queued"
+                time.sleep(0.01)
+        calls.append(rows.height)
+        return real(lk, rows, compact_every)
+
+    monkeypatch.setattr(L, "append_verdict_rows", first_waits)
+    go, versions = threading.Barrier(8), {}
+
+    def submit(i):
+        go.wait(30)
+        versions[i] = gc.append(L.verdict_rows([_v(f"p{i}", f"a{i}", "1")]))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(versions) == 8 and sorted(calls) == [1, 7]  # two commits for eight verdicts
+    assert len(set(versions.values())) == 2
+    v = read_verdicts(lake)
+    assert v.height == 8 and set(v["pair_id"]) == {f"p{i}" for i in range(8)}

@@ -1,8 +1,8 @@
 import pytest
 
-from pipelines.ingest.checks import Reason, RowError, check_candidate
+from pipelines.ingest.checks import RowError, check_candidate
 from pipelines.ingest.formats import ParseStats, detect_format, parse_hh_transcript, PARSERS, apply_mapping
-from pipelines.schema import pair_id
+from pipelines.schema import Reason, pair_id
 
 
 def test_pair_id_is_stable_under_formatting_noise_and_sensitive_to_order():

@@ -263,3 +263,206 @@ def test_forwards_are_cut_at_the_least_padding_within_the_token_budget():
         assert cost(plan) == brute, (lengths, budget, overhead, plan)
     assert plan_forwards([], 4096) == []
     assert plan_forwards([5000], 4096) == [(0, 1)]  # longer than the budget: alone, never refused
+
+
+# --- what trainers send: one request's bad text fails that request alone; OpenRLHF's padding; caps ------------------
+GUARD_CAPS = {"max_rows": 8, "max_chars": 4000, "max_tokens": 2000}  # small, so the caps are reachable in a test
+
+
+@pytest.fixture(scope="module")
+def gemma_like_rm(rm_dir, tmp_path_factory):
+    """The tiny RM with a chat template that refuses a system turn, as Gemma's does (raise_exception)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("rm-nosys") / "rm"
+    shutil.copytree(rm_dir, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = ("{%- for m in messages %}{%- if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{%- endif %}{%- endfor %}"
+                         + tok.chat_template)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def guarded(gemma_like_rm, tmp_path_factory):
+    """One `synpref serve` process on that RM with small caps; batches wait up to 300 ms so that concurrent
+    requests share them."""
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in GUARD_CAPS.items()]
+    proc, url, log = start(gemma_like_rm, tmp_path_factory.mktemp("guarded"), "--max-batch", "64",
+                           "--max-wait-ms", "300", *extra)
+    yield url
+    proc.terminate()
+    proc.wait(60)
+
+
+def openrlhf_post(url: str, queries: list[str], prompts: list[str], labels: list) -> dict:
+    """What OpenRLHF's remote RM client does (openrlhf/utils/agent.py `_fetch_rewards_via_http`, earlier
+    remote_rm_utils.request_api_wrapper): POST {"query", "prompts", "labels"}, raise on a bad status, read "scores"
+    and fall back to "rewards"."""
+    r = httpx.post(url, json={"query": queries, "prompts": prompts, "labels": labels}, timeout=60)
+    r.raise_for_status()
+    body = r.json()
+    assert len(body["rewards"]) == len(queries)
+    return {"rewards": body["rewards"], "scores": body.get("scores") or body["rewards"]}
+
+
+def rollouts(rm_dir: str, rows, n: int):
+    """(prompt, clean query, padded query) as OpenRLHF builds them: the prompt rendered with add_generation_prompt
+    and tokenized without special tokens, the response's tokens and an EOS (vLLM keeps the stop token), the whole
+    left-padded and right-padded with pad tokens, decoded with skip_special_tokens=False."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    assert pad is not None and pad != eos
+    out = []
+    for k, (history, response) in enumerate(rows[:n]):
+        prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"]
+        ids = ids[-80:] if len(ids) > 80 else ids  # keep within the test's MAX_LEN, so no cut blurs the comparison
+        clean = tok.decode(ids + [eos], skip_special_tokens=False)
+        padded = tok.decode([pad] * (1 + k % 4) + ids + [eos] + [pad] * (k % 5), skip_special_tokens=False)
+        assert padded != clean and padded.startswith(tok.pad_token) and clean in padded
+        out.append((prompt, clean, padded))
+    return out
+
+
+def test_openrlhf_requests_with_padding_score_as_the_clean_conversation(rm_dir, rows, tmp_path):
+    """OpenRLHF's exact request shapes (one rollout per request as its agent executor sends, and a batch as its
+    older client did), pad/EOS around each query: the score equals the clean query's; with stripping off (the
+    setting does something) the padded score differs."""
+    from fastapi.testclient import TestClient
+
+    from pipelines.serve.reward_server import ServeConfig, build_server
+
+    proc, url, log = start(rm_dir, tmp_path)
+    try:
+        ro = rollouts(rm_dir, rows, 12)
+        clean = openrlhf_post(f"{url}/get_reward", [c for _, c, _ in ro], [p for p, _, _ in ro], [None] * len(ro))
+        batch = openrlhf_post(f"{url}/get_reward", [q for _, _, q in ro], [p for p, _, _ in ro], ["x"] * len(ro))
+        for k, (prompt, _, padded) in enumerate(ro):
+            one = openrlhf_post(f"{url}/get_reward", [padded], [prompt], [None])
+            assert abs(one["rewards"][0] - clean["rewards"][k]) < 1e-5
+            assert abs(one["scores"][0] - clean["scores"][k]) < 1e-5
+            assert abs(batch["rewards"][k] - clean["rewards"][k]) < 1e-5
+        only_pad = httpx.post(f"{url}/get_reward", json={"query": ["<|reward_pad|><|im_end|><|reward_pad|>"]})
+        assert only_pad.status_code == 400 and "query[0]" in only_pad.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    app, _ = build_server(rm_dir, ServeConfig(name="raw", max_len=MAX_LEN, strip_padding=False))
+    with TestClient(app) as c:
+        raw = c.post("/get_reward", json={"query": [q for _, _, q in ro]}).json()["rewards"]
+    assert max(abs(a - b) for a, b in zip(raw, clean["rewards"])) > 1e-4  # the padding does change a score
+
+
+def test_a_bad_request_fails_alone_among_concurrent_ones(gemma_like_rm, guarded, rows):
+    """32 concurrent requests sharing batches, every fourth one bad in a different way (a system turn the chat
+    template refuses, an unknown role, an empty response, too many characters): each bad one gets its own 4xx
+    naming the text, every good one 200 with its offline score."""
+    good_rows = [r for r in rows if sum(len(m["content"]) for m in r[0]) + len(r[1]) <= GUARD_CAPS["max_chars"]]
+    want = offline(gemma_like_rm, good_rows)
+    h, resp = good_rows[0]
+    bad = [({"rows": [{"history": [{"role": "system", "content": "Be brief."}, *h], "response": resp}]}, 400,
+            "chat template refused"),
+           ({"rows": [{"history": [{"role": "robot", "content": "hi"}], "response": resp}]}, 400, "unknown role"),
+           ({"rows": [{"history": h, "response": "  \n"}]}, 400, "empty text"),
+           ({"rows": [{"history": h, "response": "a" * GUARD_CAPS["max_chars"]}]}, 413, "characters")]
+    plan = []
+    for k in range(32):
+        if k % 4 == 3:
+            body, status, words = bad[(k // 4) % len(bad)]
+            # the bad row sits among good ones of the same request: the request fails, naming row 1
+            plan.append(({"rows": [{"history": good_rows[k][0], "response": good_rows[k][1]}, body["rows"][0]]},
+                         status, words, None))
+        else:
+            idx = [k % len(good_rows), (k * 5 + 1) % len(good_rows)]
+            plan.append(({"rows": [{"history": good_rows[i][0], "response": good_rows[i][1]} for i in idx]}, 200,
+                         "", idx))
+    gate = threading.Barrier(len(plan))
+
+    def send(item):
+        body, *_ = item
+        gate.wait(30)  # all at once, so the good ones and the bad ones arrive within one batch window
+        return httpx.post(f"{guarded}/v1/reward", json=body, timeout=60)
+
+    with ThreadPoolExecutor(len(plan)) as pool:
+        answers = list(pool.map(send, plan))
+    for (body, status, words, idx), r in zip(plan, answers):
+        assert r.status_code == status, (status, r.text)
+        if idx is None:
+            assert "rows[1]" in r.json()["detail"] and words in r.json()["detail"], r.text
+        else:
+            for d, i in zip(r.json()["data"], idx):
+                assert abs(d["reward"] - want[i][0]) < 1e-5
+    health = httpx.get(f"{guarded}/health").json()
+    assert health["pending"] == 0 and health["refused_400"] >= 6 and health["refused_413"] >= 2
+    assert health["batches"] < 24  # the good requests really were batched together
+
+
+def test_caps_answer_413_and_empty_texts_or_unknown_roles_400(guarded, rows):
+    """Rows per request, characters and tokens per text past the caps: 413, nothing scored; an empty query or
+    input, an unknown role, prompts that do not match the queries: 400. A text past max_len but within the token
+    cap is still cut and scored."""
+    h, resp = rows[0]
+    caps = GUARD_CAPS
+    row = {"history": h, "response": "fine"}
+    cases = [
+        ("/v1/reward", {"rows": [row] * (caps["max_rows"] + 1)}, 413, "at most 8"),
+        ("/get_reward", {"query": ["hi"] * (caps["max_rows"] + 1)}, 413, "at most 8"),
+        ("/classify", {"input": ["hi"] * (caps["max_rows"] + 1)}, 413, "at most 8"),
+        ("/get_reward", {"query": ["ok", "x" * (caps["max_chars"] + 1)]}, 413, "query[1]"),
+        ("/classify", {"input": "x" * (caps["max_chars"] + 1)}, 413, "input[0]"),
+        ("/v1/reward", {"rows": [{"history": [{"role": "user", "content": "y" * caps["max_chars"]}],
+                                  "response": "z"}]}, 413, "characters"),
+        # within the character cap, past the token cap (Qwen's tokenizer splits digits: one token each)
+        ("/get_reward", {"query": ["7" * 3000]}, 413, "3001 tokens"),  # with the BOS
+        ("/v1/reward", {"rows": [{"history": [{"role": "user", "content": "7" * 3000}], "response": "z"}]}, 413,
+         "tokens"),
+        ("/get_reward", {"query": ["fine", ""]}, 400, "query[1]: empty"),
+        ("/get_reward", {"query": ["   "]}, 400, "empty"),
+        ("/classify", {"input": [""]}, 400, "empty"),
+        ("/v1/reward", {"rows": [row, {"history": h, "response": ""}]}, 400, "rows[1]: empty"),
+        ("/v1/reward", {"rows": [{"history": [{"role": "narrator", "content": "hi"}], "response": "x"}]}, 400,
+         "unknown role 'narrator'"),
+        ("/get_reward", {"query": ["a", "b"], "prompts": ["a"]}, 400, "prompts"),
+        ("/get_reward", {"query": ["a", "b"], "labels": [None]}, 400, "labels"),
+    ]
+    before = httpx.get(f"{guarded}/health").json()
+    for path, body, status, words in cases:
+        r = httpx.post(f"{guarded}{path}", json=body, timeout=60)
+        assert r.status_code == status and words in r.json()["detail"], (path, status, r.status_code, r.text)
+    after = httpx.get(f"{guarded}/health").json()
+    assert after["sequences"] == before["sequences"] and after["pending"] == 0  # nothing of them was scored
+    assert after["refused_413"] - before["refused_413"] == 8 and after["refused_400"] - before["refused_400"] == 7
+    assert after["limits"] == {**caps, "strip_padding": True}
+    long = httpx.post(f"{guarded}/get_reward", json={"query": ["7" * 150]}, timeout=60).json()
+    assert long["truncation"] == ["history"]  # past max_len (96), within the token cap: cut and scored
+    ok = httpx.post(f"{guarded}/v1/reward", json={"rows": [row] * caps["max_rows"]}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["data"]) == caps["max_rows"]
+
+
+def test_padding_stripper_keeps_what_the_template_wrote():
+    """Leading pad/EOS go; a trailing run becomes one EOS where it holds one, nothing where it holds only pads; a
+    template's own ending (Qwen's `<|im_end|>\\n`) is left alone; pad == EOS keeps one EOS, as OpenRLHF did."""
+    from pipelines.serve.reward_server import padding_stripper
+
+    s = padding_stripper("<pad>", "<eos>")
+    assert s("<pad><eos><pad>A<eos><pad><pad>") == "A<eos>"
+    assert s("<pad><pad>A<eos>\n<pad>") == "A<eos>\n"
+    assert s("A<eos>\n") == "A<eos>\n"  # not before a final newline ("$" would match there)
+    assert s("A<pad><pad>") == "A" and s("A<pad>B") == "A<pad>B" and s("<pad><eos>") == ""
+    same = padding_stripper("<eos>", "<eos>")
+    assert same("<eos><eos>A<eos><eos>") == "A<eos>" and same("A") == "A"
+    assert padding_stripper(None, None)("<pad>A") == "<pad>A"
+
+
+def test_a_registered_model_is_served_under_its_registered_name():
+    from jobs.cli import served_name
+
+    assert served_name("models:/synpref-family-qwen3/1") == "synpref-family-qwen3"
+    assert served_name("/models/Skywork-Reward-V2-Qwen3-0.6B/") == "Skywork-Reward-V2-Qwen3-0.6B"
+    assert served_name("Skywork/Skywork-Reward-V2-Llama-3.1-8B") == "Skywork-Reward-V2-Llama-3.1-8B"

@@ -3,6 +3,11 @@ under test, not the RM) and the simulated judges: an iteration grows silver from
 touches gold_val/gold_test, and a rerun or a crash mid-iteration continues without duplicating anything."""
 
 import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,18 +17,19 @@ import pytest
 
 from pipelines.annotate.backends import SimulatedBackend
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import annotate_pool
-from pipelines.curate.embed import embed_pool
+from pipelines.annotate.attributes import attributes
 from pipelines.curate.judge import JudgeSetup, exemplar_index, judge_with_exemplars
+from pipelines.curate.prepare import annotate_pool, embed_pool
 from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
 from pipelines.ingest.run import ingest_shard
 from pipelines.lake import Lake
-from pipelines.pool import attributes, pool_stage_expr, truth_categories
+from pipelines.pool import pool_stage_expr, truth_categories
 from pipelines.review.seed import gold_split
 from pipelines.synth.generator import write_shard
 from pipelines.tables import JUDGMENTS, SEED, SILVER, STAGE1_JUDGMENTS, STAGE1_METRICS, SYNTH_TRUTH
 
 FRACTION = 0.5
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_encode(texts: list[str]) -> np.ndarray:
@@ -54,6 +60,11 @@ class StandInRMs:
         return pairs.select("pair_id", p=(pl.col("pair_id").str.slice(8, 4).str.to_integer(base=16) / 65535.0))
 
 
+def judging_setup() -> JudgeSetup:
+    return JudgeSetup(judges=[SimulatedBackend(name="j1", accuracy=0.9), SimulatedBackend(name="j2")],
+                      prompt=load_prompt("judge_v1"), samples=2)
+
+
 @pytest.fixture
 def stage1_lake(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
@@ -69,8 +80,7 @@ def stage1_lake(tmp_path):
         label_origin=pl.lit("simulated"), label_flipped=pl.lit(False),
         split=pl.col("pair_id").map_elements(lambda p: gold_split(p, 0.25, 0.25), return_dtype=pl.String))
     lake.overwrite(SEED, seed.to_arrow())
-    judging = JudgeSetup(judges=[SimulatedBackend(name="j1", accuracy=0.9), SimulatedBackend(name="j2")],
-                         prompt=load_prompt("judge_v1"), samples=2)
+    judging = judging_setup()
     judge_with_exemplars(lake, as_stored(seed), judging, exemplar_index(lake, seed.filter(pl.col("split") != "gold_test")),
                          run_id="seed", context="seed", table=JUDGMENTS)
     return lake, judging, seed
@@ -117,3 +127,26 @@ def test_rerun_continues_and_a_crash_mid_iteration_duplicates_nothing(stage1_lak
     assert silver["pair_id"].n_unique() == silver.height  # nothing twice
     (trained, _), = rms.calls  # iteration 2 trained on everything silver held after iteration 1
     assert trained == set(silver.filter(pl.col("iteration") < 2)["pair_id"])
+
+
+@pytest.mark.slow
+def test_a_kill_after_judging_does_not_change_what_the_rerun_retrieves(stage1_lake, tmp_path):
+    """kill -9 between an iteration's verdicts (cached) and its silver commit: the rerun retrieves and judges the
+    same pairs as an uninterrupted run, and silver ends up identical (the crashed attempt's verdicts are not
+    'used' pairs)."""
+    lake, judging, _ = stage1_lake
+    twin = tmp_path / "twin"
+    shutil.copytree(lake.root, twin)
+    cfg = Stage1Config(iterations=1, stage1_fraction=FRACTION, label_origin="simulated")
+    killed = subprocess.run([sys.executable, "-m", "tests.stage1_kill", lake.root], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert lake.exists(STAGE1_JUDGMENTS) and lake.read(STAGE1_JUDGMENTS).height > 0  # verdicts were cached
+    assert not lake.exists(STAGE1_METRICS) and set(lake.read(SILVER)["iteration"]) == {0}
+    run_stage1(lake, cfg, StandInRMs(), judging, run_id="rerun")
+    uninterrupted = Lake(str(twin))
+    run_stage1(uninterrupted, cfg, StandInRMs(), judging, run_id="rerun")
+    cols = ["iteration", "retrieved", "judged", "added", "silver_size"]
+    assert lake.read(STAGE1_METRICS).select(cols).equals(uninterrupted.read(STAGE1_METRICS).select(cols))
+    got, want = (t.read(SILVER).drop("run_id", strict=False).sort("pair_id") for t in (lake, uninterrupted))
+    assert got.height > want.filter(pl.col("iteration") == 0).height and got.equals(want)

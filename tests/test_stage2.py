@@ -273,7 +273,7 @@ def test_stage2_asset_on_a_local_ray_gives_the_in_process_rows(rms, tmp_path):
         with dg.instance_for_test() as inst:
             res = dg.materialize([stage2], instance=inst, resources={
                 "lake_store": LakeResource(root=str(home / "lake")),
-                "llm": LLMResource(samples=2, usd_per_mtok={"simulated-judge-a": [3.0, 15.0]}),
+                "llm": LLMResource(backend="simulated", samples=2, usd_per_mtok={"simulated-judge-a": [3.0, 15.0]}),
                 "pool": PoolResource(stage1_fraction=FRACTION), "compute": compute,
                 "mlflow_store": MlflowResource(tracking_uri=f"sqlite:///{home}/mlflow.db")},
                 run_config={"ops": {"stage2": {"config": {"confidence_margin": 0.0, "unit_rows": 700}}}})
@@ -391,3 +391,101 @@ def test_stage2_driver_memory_is_bounded_by_the_unit_not_the_pool(rms, tmp_path)
     print(f"Stage 2 driver working memory (peak USS above base): pool {small['pool']} -> {big['pool']} pairs, "
           f"{small['units']} -> {big['units']} units: {work[600]:.0f} -> {work[2400]:.0f} MB ({growth:+.0f} MB)")
     assert growth < 72, peaks
+
+
+def _remote_inputs(inputs: Stage2Inputs, url: str) -> Stage2Inputs:
+    """The same Stage-2 inputs with both judges (the first also annotating) on an OpenAI-compatible endpoint."""
+    from dataclasses import replace
+
+    from pipelines.annotate.backends import OpenAIBackend
+
+    judges = [OpenAIBackend(base_url=url, model=m, concurrency=8, max_retries=2, breaker_failures=4,
+                            breaker_cooldown_s=600) for m in ("judge-a", "judge-b")]
+    return replace(inputs, annotator=judges[0], judging=replace(inputs.judging, judges=judges))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_judge_endpoint_down_mid_stage2_commits_no_unit_without_its_verdicts(rms, tmp_path):
+    """The judge endpoint (tests/servers.FaultyJudge) answers a unit and a half, then answers 503 to everything:
+    the run stops naming the unit it could not commit; every committed unit has all its verdicts (no llm=not-asked
+    among its unconfident pairs); after the endpoint recovers, a rerun gives exactly the curated and recycled
+    rows of an uninterrupted run."""
+    from pipelines.annotate.backends import LLMUnavailable
+    from tests.servers import FaultyJudge
+
+    srv = FaultyJudge().start()
+    cfg = Stage2Config(confidence_margin=0.0, unit_rows=100, stage1_fraction=FRACTION)
+    try:
+        ref_lake, inputs = build_lake(tmp_path / "ref", 600, *rms)
+        ref_inputs = _remote_inputs(inputs, srv.url)
+        ref = run_stage2(ref_lake, cfg, ref_inputs, Spy(max_len=128), run_id="ref")
+        assert ref.judged > 0 and ref.units_run >= 4
+        per_unit = (srv.served_ok / ref.units_run)
+        lake, inputs = build_lake(tmp_path / "out", 600, *rms)
+        down_inputs = _remote_inputs(inputs, srv.url)
+        srv.down_after = srv.served_ok + int(1.5 * per_unit)  # the middle of the second unit
+        with pytest.raises(LLMUnavailable, match=r"stage2 unit \S+ NOT committed") as exc:
+            run_stage2(lake, cfg, down_inputs, Spy(max_len=128), run_id="outage")
+        assert srv.down and 503 in srv.statuses()
+        units = lake.read(STAGE2_UNITS)
+        import re
+
+        named = re.search(r"stage2 unit (\S+) NOT committed", str(exc.value)).group(1)
+        assert 1 <= units.height < ref.units_run and named not in set(units["work_unit"])
+        # every unconfident pair of a committed unit has its two samples from each judge, answered
+        decided = pl.concat([lake.read(t).filter(pl.col("stage") == "stage2") for t in (CURATED, RECYCLED)])
+        unconf = decided.filter(pl.col("why").str.contains("unconfident"))
+        assert unconf.height > 0 and not unconf["why"].str.contains("not-asked").any()
+        j = lake.read(STAGE2_JUDGMENTS).join(unconf.select("pair_id"), on="pair_id", how="semi")
+        per_pair = j.filter(pl.col("status") == "ok").group_by("pair_id").agg(n=pl.len())
+        assert per_pair.height == unconf.height and (per_pair["n"] == 2 * 2).all()
+        assert not lake.exists(QUARANTINE) or lake.read(QUARANTINE).filter(
+            pl.col("stage") == "annotate").height == 0  # unanswered pairs are not bad pairs
+        for b in down_inputs.judging.judges:
+            b.close()
+        srv.down = False  # the endpoint recovers
+        resume = run_stage2(lake, cfg, _remote_inputs(inputs, srv.url), Spy(max_len=128), run_id="resume")
+        assert resume.units_skipped == units.height and resume.reconciles
+        got, want = tables(lake), tables(ref_lake)
+        for t in (CURATED, RECYCLED, "units"):
+            same_rows(got[t], want[t])
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_judges_that_answer_nothing_valid_fail_the_blocking_llm_check(rms, tmp_path):
+    """Judges that refuse every pair (answers, but invalid after every repair): the pairs are marked llm=failed
+    (asked, never `not-asked`), and the stage2 asset's blocking llm_failure_share check fails."""
+    import dagster as dg
+
+    from assets.curate import stage2
+    from resources.compute import ComputeResource
+    from resources.lake import LakeResource
+    from resources.llm import LLMResource
+    from resources.mlflow import MlflowResource
+    from resources.pool import PoolResource
+    from tests.servers import FaultyJudge
+
+    lake, inputs = build_lake(tmp_path, 400, *rms)
+    _register(lake, inputs)
+    srv = FaultyJudge().start()
+    srv.refuse_verdicts = True
+    try:
+        with dg.instance_for_test() as inst:
+            res = dg.materialize([stage2], instance=inst, raise_on_error=False, resources={
+                "lake_store": LakeResource(root=lake.root),
+                "llm": LLMResource(backend="openai", base_url=srv.url, models=["judge-a", "judge-b"], samples=2),
+                "pool": PoolResource(stage1_fraction=FRACTION), "compute": ComputeResource(engine="inprocess"),
+                "mlflow_store": MlflowResource(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")},
+                run_config={"ops": {"stage2": {"config": {"confidence_margin": 0.0, "unit_rows": 1000}}}})
+    finally:
+        srv.stop()
+    checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
+    assert checks["counts_reconcile"].passed and not checks["llm_failure_share"].passed
+    assert checks["llm_failure_share"].metadata["share"].value > 0.5
+    unconf = pl.concat([lake.read(t).filter(pl.col("stage") == "stage2") for t in (CURATED, RECYCLED)]).filter(
+        pl.col("why").str.contains("unconfident"))
+    assert unconf.height > 0 and unconf["why"].str.contains("llm=failed").all()

@@ -2,8 +2,9 @@
 
 - `vllm`: in-process `vllm.LLM`, structured outputs from the JSON schema, one batched call (prefix caching on).
 - `openai`: any OpenAI-compatible server (vLLM serve, SGLang, llama.cpp, hosted): async, bounded concurrency,
-  retries with backoff on 429/5xx/timeouts, per-request timeout, token accounting. The key is read from an
-  environment variable named in config and never logged.
+  client-side requests/tokens per minute, retries with backoff or the endpoint's Retry-After on 429/5xx/timeouts/
+  malformed bodies, per-request timeout, token accounting; a bad key fails loudly. The key comes from the
+  environment (SYNPREF_LLM_API_KEY) and is never logged.
 - `transformers`: local generation for small models.
 - `simulated`: answers from the ground truth of project-made data, with explicit accuracy and position bias, for
   offline demos only; every row it produces is marked `label_origin = simulated`.
@@ -18,10 +19,10 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Completion:
     tokens_in: int = 0
     tokens_out: int = 0
     error: str | None = None  # set when the request failed after retries (texts then empty)
+    transient: bool = False  # the error is the transport's (no answer at all), not the request's: ask again later
 
 
 class Backend(Protocol):
@@ -55,16 +57,110 @@ class Backend(Protocol):
 
 
 # --- OpenAI-compatible -------------------------------------------------------------------------------------------
+class LLMConfigError(RuntimeError):
+    """The endpoint refuses this deployment's configuration (401/403: the key; 404: the URL or model id). Every
+    request would fail the same way: the step fails at once, and nothing is recorded against any pair."""
+
+
+class LLMUnavailable(RuntimeError):
+    """Requests still unanswered after their retries (endpoint down, rate limited past the budget, malformed
+    bodies): what they asked is unknown, not failed, so nothing is written for them and the unit that needed them
+    is not committed; a later run asks again. `stats` is the RunStats of the call that raised, when known."""
+
+    def __init__(self, message: str, stats: Any = None):
+        super().__init__(message)
+        self.stats = stats
+
+
+_BACKOFF = wait_exponential_jitter(multiplier=0.2, max=10)
+
+
 class RetryableHTTP(Exception):
-    pass
+    """A transport failure worth retrying: 408/429/5xx, or a 200 whose body is not a chat completion."""
 
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (RetryableHTTP, httpx.TimeoutException, httpx.TransportError))
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CircuitOpen(Exception):
-    pass
+    def __init__(self, remaining: float):
+        super().__init__(f"circuit open for {remaining:.1f} s more")
+        self.retry_after = remaining
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (RetryableHTTP, CircuitOpen, httpx.TimeoutException, httpx.TransportError))
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    import time as _time
+
+    return max(0.0, when.timestamp() - (_time.time() if now is None else now))
+
+
+def completion_texts(data: Any) -> list[str]:
+    """The sample texts of a chat-completion body; RetryableHTTP when the body is not one (e.g. `choices: null`,
+    an error object with status 200): a broken answer from the server, not an answer about the pair."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+        raise RetryableHTTP(f"malformed body: choices={str(choices)[:80]!r}")
+    out = []
+    for c in choices:
+        msg = c.get("message")
+        if not isinstance(msg, dict):
+            raise RetryableHTTP("malformed body: a choice has no message")
+        content = msg.get("content")
+        out.append(content if isinstance(content, str) else "")  # null content (a refusal field): re-asked, repaired
+    return out
+
+
+class Pacer:
+    """Client-side rate limits shared by every request of one backend: requests and tokens per minute (aiolimiter
+    leaky buckets holding at most one second of budget, so a queue that waited on a 429 window does not burst past
+    the endpoint's limit when it lifts), and a pause until an endpoint's Retry-After has passed. Tokens are counted
+    before sending, as hosted endpoints count them: prompt characters / 4 + max_tokens x n."""
+
+    def __init__(self, requests_per_minute: float, tokens_per_minute: float):
+        from aiolimiter import AsyncLimiter
+
+        def bucket(per_minute: float):
+            if per_minute <= 0:
+                return None
+            cap = max(1.0, per_minute / 60)
+            return AsyncLimiter(cap, cap * 60 / per_minute)
+
+        self.requests, self.tokens = bucket(requests_per_minute), bucket(tokens_per_minute)
+        self.resume_at = 0.0  # loop time before which no request is sent (the endpoint's Retry-After)
+
+    def hold(self, seconds: float) -> None:
+        self.resume_at = max(self.resume_at, asyncio.get_running_loop().time() + seconds)
+
+    async def __call__(self, tokens: int) -> None:
+        loop = asyncio.get_running_loop()
+        while (delay := self.resume_at - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        if self.requests is not None:
+            await self.requests.acquire()
+        if self.tokens is not None:
+            left = float(tokens)
+            while left > 0:  # a request larger than the bucket takes it in pieces: counted in full, never clamped
+                take = min(left, self.tokens.max_rate)
+                await self.tokens.acquire(take)
+                left -= take
 
 
 @dataclass
@@ -72,17 +168,28 @@ class OpenAIBackend:
     """An OpenAI-compatible endpoint. One event loop and one HTTP client per backend for its whole life (in a
     daemon thread), one semaphore bounding the requests in flight at the endpoint across every call and every
     thread that uses it, so the judges of a unit run concurrently (judge_pairs) and chunks never wait on a
-    barrier with a fresh client. Transport errors, 429 and 5xx are retried with exponential backoff (tenacity);
-    after `breaker_failures` requests in a row gave up, the circuit opens for `breaker_cooldown_s`: requests fail
-    at once with a recorded reason (retried by a later run) instead of each waiting out its retries against a
-    dead endpoint."""
+    barrier with a fresh client.
+
+    Failures, by what they mean:
+    - transport (connection errors, timeouts, 408/429/5xx, a 200 that is not a chat completion, an open circuit):
+      retried (tenacity) with exponential backoff, or after the endpoint's Retry-After, which also pauses every
+      other request of this backend; 429s are bounded by `retry_budget_s` only, other failures by `max_retries`
+      attempts too. A request that still has no answer comes back `transient` (runner: unavailable, never data).
+      After `breaker_failures` requests in a row gave up, the circuit opens for `breaker_cooldown_s`;
+    - 401/403/404: LLMConfigError at once (the key, the URL or the model id is wrong for every request);
+    - other 4xx (400, 413, 422: this request is too long or refused): a recorded failure of that request.
+    `requests_per_minute` / `tokens_per_minute` (0 = none) pace requests on the client (Pacer)."""
 
     base_url: str
     model: str
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = "SYNPREF_LLM_API_KEY"
+    api_key: str = field(default="", repr=False)  # takes precedence over api_key_env; never logged or shown
     concurrency: int = 16
     timeout_s: float = 120.0
     max_retries: int = 4
+    retry_budget_s: float = 300.0  # a request gives up once its next wait would pass this (429s included)
+    requests_per_minute: float = 0.0
+    tokens_per_minute: float = 0.0
     structured: bool = True  # send response_format=json_schema (vLLM/SGLang/OpenAI support it)
     breaker_failures: int = 8
     breaker_cooldown_s: float = 30.0
@@ -91,6 +198,7 @@ class OpenAIBackend:
     _thread: Any = field(default=None, repr=False)
     _client: Any = field(default=None, repr=False)
     _sem: Any = field(default=None, repr=False)
+    _pacer: Any = field(default=None, repr=False)
     _failures_in_a_row: int = field(default=0, repr=False)
     _open_until: float = field(default=0.0, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
@@ -100,7 +208,7 @@ class OpenAIBackend:
         return self.model
 
     def _headers(self) -> dict[str, str]:
-        key = os.environ.get(self.api_key_env, "")
+        key = self.api_key or os.environ.get(self.api_key_env, "")
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _start(self):
@@ -120,10 +228,26 @@ class OpenAIBackend:
             async def init():
                 self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.concurrency))
                 self._sem = asyncio.Semaphore(self.concurrency)
+                self._pacer = Pacer(self.requests_per_minute, self.tokens_per_minute)
 
             asyncio.run_coroutine_threadsafe(init(), loop).result()
             self._loop = loop
             return loop
+
+    def _wait(self, state) -> float:
+        """The endpoint's Retry-After (or the circuit's remaining cooldown) when it gave one, else backoff."""
+        exc = state.outcome.exception() if state.outcome else None
+        after = getattr(exc, "retry_after", None)
+        if after is not None:
+            return float(after) + random.uniform(0, 0.05)
+        return _BACKOFF(state)
+
+    def _stop(self, counts: dict) -> Callable[[Any], bool]:
+        def stop(state) -> bool:
+            if state.seconds_since_start + (state.upcoming_sleep or 0) >= self.retry_budget_s:
+                return True
+            return counts["errors"] >= self.max_retries  # 429s wait within the budget, other failures are counted
+        return stop
 
     async def _one(self, req: Request) -> Completion:
         import time
@@ -135,39 +259,64 @@ class OpenAIBackend:
         if self.structured:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "output", "schema": req.schema, "strict": True}}
+        tokens = len(req.prompt) // 4 + req.max_tokens * req.n
+        counts = {"errors": 0, "attempts": 0}
+        url = f"{self.base_url.rstrip('/')}/chat/completions"
         try:
-            async for attempt in AsyncRetrying(retry=retry_if_exception(_retryable),
-                                               stop=stop_after_attempt(self.max_retries),
-                                               wait=wait_exponential_jitter(multiplier=0.2, max=10), reraise=True):
+            async for attempt in AsyncRetrying(retry=retry_if_exception(_retryable), stop=self._stop(counts),
+                                               wait=self._wait, reraise=True):
                 with attempt:
-                    async with self._sem:
-                        if time.monotonic() < self._open_until:  # checked when its turn comes, not when queued
-                            raise CircuitOpen()
-                        r = await self._client.post(f"{self.base_url.rstrip('/')}/chat/completions", json=body,
-                                                    headers=self._headers(), timeout=self.timeout_s)
-                    if r.status_code == 429 or r.status_code >= 500:
-                        raise RetryableHTTP(f"HTTP {r.status_code}")
-                    self._failures_in_a_row = 0
-                    if r.status_code >= 400:
-                        return Completion([], error=f"HTTP {r.status_code}: {r.text[:200]}")
-                    data = r.json()
-                    usage = data.get("usage") or {}
-                    texts = [(c.get("message") or {}).get("content") or "" for c in data.get("choices", [])]
-                    return Completion(texts, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
-        except (RetryableHTTP, httpx.TimeoutException, httpx.TransportError) as e:
-            self._failures_in_a_row += 1
-            if self._failures_in_a_row >= self.breaker_failures:
-                self._open_until = time.monotonic() + self.breaker_cooldown_s
-            return Completion([], error=f"gave up after {self.max_retries} attempts: {type(e).__name__}: {e}")
-        except CircuitOpen:
+                    counts["attempts"] += 1
+                    try:
+                        async with self._sem:  # paced inside the bound: what waited for a slot cannot burst
+                            await self._pacer(tokens)
+                            if (left := self._open_until - time.monotonic()) > 0:  # checked when its turn comes
+                                raise CircuitOpen(left)
+                            r = await self._client.post(url, json=body, headers=self._headers(),
+                                                        timeout=self.timeout_s)
+                        if r.status_code in (401, 403, 404):
+                            what = "the API key (SYNPREF_LLM_API_KEY)" if r.status_code != 404 else \
+                                "the base URL (SYNPREF_LLM_BASE_URL) and model id (SYNPREF_LLM_MODELS)"
+                            raise LLMConfigError(f"{self.base_url} answered HTTP {r.status_code} for model "
+                                                 f"{self.model!r}: check {what}; {r.text[:200]}")
+                        if r.status_code in (408, 429) or r.status_code >= 500:
+                            after = retry_after_seconds(r.headers.get("retry-after"))
+                            if after is not None:
+                                self._pacer.hold(after)
+                            raise RetryableHTTP(f"HTTP {r.status_code}", after)
+                        if r.status_code >= 400:
+                            self._failures_in_a_row = 0  # the endpoint answers; this request is the problem
+                            return Completion([], error=f"HTTP {r.status_code}: {r.text[:200]}")
+                        try:
+                            data = r.json()
+                        except ValueError as e:
+                            raise RetryableHTTP(f"malformed body: not JSON ({e})") from e
+                        texts = completion_texts(data)
+                        usage = data.get("usage") or {}
+                        self._failures_in_a_row = 0
+                        return Completion(texts, int(usage.get("prompt_tokens") or 0),
+                                          int(usage.get("completion_tokens") or 0))
+                    except BaseException as e:
+                        if _retryable(e) and not (isinstance(e, RetryableHTTP) and e.args[0] == "HTTP 429"):
+                            counts["errors"] += 1
+                        raise
+        except (RetryableHTTP, CircuitOpen, httpx.TimeoutException, httpx.TransportError) as e:
+            if not isinstance(e, CircuitOpen):
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= self.breaker_failures:
+                    self._open_until = time.monotonic() + self.breaker_cooldown_s
+                return Completion([], error=f"gave up after {counts['attempts']} attempts: {type(e).__name__}: {e}",
+                                  transient=True)
             return Completion([], error=f"circuit open: {self.base_url} failed {self.breaker_failures} requests in "
-                                        f"a row; not asked for {self.breaker_cooldown_s:.0f} s")
-        except ValueError as e:  # body is not JSON
-            return Completion([], error=f"malformed response: {e}")
-        return Completion([], error="no attempt made")
+                                        f"a row; not asked for {self.breaker_cooldown_s:.0f} s", transient=True)
+        return Completion([], error="no attempt made", transient=True)
 
     async def _all(self, requests: list[Request]) -> list[Completion]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        out = await asyncio.gather(*(self._one(r) for r in requests), return_exceptions=True)
+        for o in out:  # a configuration error fails the call, once every request has settled
+            if isinstance(o, BaseException):
+                raise o
+        return list(out)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Blocking for the caller; safe to call from several threads at once (they share the endpoint's bound)."""
@@ -182,7 +331,7 @@ class OpenAIBackend:
             asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=30)
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(timeout=30)
-            self._client = self._sem = self._thread = None
+            self._client = self._sem = self._thread = self._pacer = None
 
 
 # --- in-process vLLM ---------------------------------------------------------------------------------------------

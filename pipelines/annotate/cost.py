@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 class Usage:
     requests: int = 0
     ok: int = 0
-    failed: int = 0
+    failed: int = 0  # answered, but invalid after every repair attempt (recorded against the pair)
+    unavailable: int = 0  # never answered after the transport's retries (not recorded; the step did not finish)
     retries: int = 0  # re-asks after an invalid answer (transport retries happen inside the backend)
     tokens_in: int = 0
     tokens_out: int = 0
@@ -66,6 +67,7 @@ class LLMLedger:
         tokens = sum(r["cost_usd"] for r in rows)
         fleet = pricing.fleet_cost(self.llm_seconds)
         return {"llm_requests": sum(r["requests"] for r in rows), "llm_failed": sum(r["failed"] for r in rows),
+                "llm_unavailable": sum(r["unavailable"] for r in rows),
                 "llm_retries": sum(r["retries"] for r in rows), "llm_tokens_in": sum(r["tokens_in"] for r in rows),
                 "llm_tokens_out": sum(r["tokens_out"] for r in rows), "llm_cost_usd": round(tokens + fleet, 4),
                 "llm_token_cost_usd": round(tokens, 4), "llm_fleet_cost_usd": round(fleet, 4),
@@ -80,7 +82,7 @@ def projected_pool_cost(cost_usd: float, pairs_run: int, pool_estimate: int) -> 
 def usage_markdown(rows: list[dict]) -> str:
     if not rows:
         return "No LLM request in this run (every pair confident, or every answer cached)."
-    cols = ["task", "model", "requests", "ok", "failed", "retries", "tokens_in", "tokens_out", "cost_usd"]
+    cols = ["task", "model", "requests", "ok", "failed", "unavailable", "retries", "tokens_in", "tokens_out", "cost_usd"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) + ("" if c != "cost_usd" or r["priced"] else " (unpriced)")
                                 for c in cols) + " |" for r in rows]

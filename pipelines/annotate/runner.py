@@ -6,7 +6,10 @@ the latest), so a write costs the chunk, not the table, and a killed run keeps e
 is asked, the keys already answered are looked up for that chunk's pairs only, so a rerun or a resumed crash
 labels only what is missing (or what failed before) and the lookup never loads a whole table.
 Invalid output (unparseable, off-schema, refusal) is retried with a repair prompt; after `max_attempts` the row
-is recorded as failed with its reason and raw output.
+is recorded as failed with its reason and raw output. A request the endpoint never answered (down, rate limited
+past the retry budget, malformed bodies: `Completion.transient`) is *unavailable*: nothing is written for it, and
+each runner raises LLMUnavailable once it has committed what was answered, so no caller turns a missing answer into
+a decision; the next run asks again. A configuration error (bad key) raises LLMConfigError from the backend.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Callable, Iterable
 import polars as pl
 from pydantic import BaseModel, ValidationError
 
-from pipelines.annotate.backends import Backend, Request
+from pipelines.annotate.backends import Backend, LLMUnavailable, Request
 from pipelines.annotate.cache import CACHE_PART, cache_append, cache_scan, compact, part_of, parts_of
 from pipelines.annotate.cost import Usage
 from pipelines.annotate.prompts import Prompt
@@ -50,6 +53,7 @@ JUDGMENT_SCHEMA = {
 REPAIR = ("\n\nYour previous answer was not valid: {error}\nAnswer again with ONLY one JSON object matching the "
           "schema, no other text.")
 REFUSAL_MARKERS = ("i cannot help", "i can't help", "i'm sorry, but", "as an ai")
+UNAVAILABLE = "unavailable"  # error prefix of a sample the endpoint never answered: not data, never written
 
 
 @dataclass
@@ -58,11 +62,13 @@ class RunStats:
     skipped_cached: int = 0
     ok: int = 0
     failed: int = 0
+    unavailable: int = 0  # samples with no answer after the backend's retries (not written; asked again next run)
     retries: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
     seconds: float = 0.0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    last_unavailable: str = ""  # the last transport error seen (for the message)
     usage: dict[str, Usage] = field(default_factory=dict)  # per model, for pricing (pipelines/annotate/cost.py)
 
     def tally(self, parsed: BaseModel | None, err: str | None) -> bool:
@@ -70,24 +76,41 @@ class RunStats:
         if parsed is not None:
             self.ok += 1
             return True
-        self.failed += 1
+        if unavailable(err):
+            self.unavailable += 1
+        else:
+            self.failed += 1
         key = (err or "unknown").split(":")[0]
         self.failures_by_reason[key] = self.failures_by_reason.get(key, 0) + 1
         return False
 
     def merge(self, other: "RunStats") -> None:
         """Add another run's counts (a judge that ran in its own thread)."""
-        for k in ("requested", "skipped_cached", "ok", "failed", "retries", "tokens_in", "tokens_out"):
+        for k in ("requested", "skipped_cached", "ok", "failed", "unavailable", "retries", "tokens_in", "tokens_out"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k, v in other.failures_by_reason.items():
             self.failures_by_reason[k] = self.failures_by_reason.get(k, 0) + v
+        self.last_unavailable = other.last_unavailable or self.last_unavailable
         for model, u in other.usage.items():
             self.usage.setdefault(model, Usage()).add(u)
 
+    def raise_if_unavailable(self, what: str) -> None:
+        """After committing what was answered: refuse to go on when some request got no answer at all."""
+        if self.unavailable:
+            reasons = {k: v for k, v in self.failures_by_reason.items() if k == UNAVAILABLE}
+            raise LLMUnavailable(f"{what}: {self.unavailable} LLM answer(s) missing after retries ({self.last_unavailable}); "
+                                 f"{self.ok} answered and kept. Nothing was recorded for the missing ones: rerun once the "
+                                 f"endpoint answers ({reasons})", self)
+
     def as_metadata(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "usage"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("usage", "last_unavailable")}
         d["pairs_per_s"] = round(self.requested / self.seconds, 2) if self.seconds else 0.0
         return d
+
+
+def unavailable(err: str | None) -> bool:
+    """Whether a result's error means the endpoint never answered (so nothing is known about the pair)."""
+    return bool(err) and err.startswith(UNAVAILABLE)
 
 
 def _parse(text: str, model: type[BaseModel]) -> tuple[BaseModel | None, str | None]:
@@ -134,9 +157,12 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
             per_request[i][0] += comp.tokens_in
             per_request[i][1] += comp.tokens_out
             if comp.error is not None:
+                err = f"{UNAVAILABLE}: {comp.error}" if comp.transient else f"request failed: {comp.error}"
+                if comp.transient:
+                    stats.last_unavailable = comp.error
                 for s in range(requests[i].n):
                     if results[i][s] is None or results[i][s][0] is None:
-                        results[i][s] = (None, "", f"request failed: {comp.error}", attempt)
+                        results[i][s] = (None, "", err, attempt)
                 continue  # transport failures were already retried inside the backend
             errors = []
             for s in range(requests[i].n):
@@ -158,6 +184,8 @@ def generate_validated(backend: Backend, requests: list[Request], model: type[Ba
         for sample in r:
             if sample is not None and sample[0] is not None:
                 usage.ok += 1
+            elif sample is not None and unavailable(sample[2]):
+                usage.unavailable += 1
             else:
                 usage.failed += 1
     if tokens is not None:
@@ -229,9 +257,12 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
                                       "category": category_of(r) if category_of else None}))
         toks: list[list[int]] = []
         res = generate_validated(backend, reqs, Attributes, max_attempts, stats, toks)
-        rows = []
+        rows, answered = [], []
         for r, ((parsed, raw, err, attempts),), (t_in, t_out) in zip(part, res, toks):
             ok = stats.tally(parsed, err)
+            if unavailable(err):
+                continue  # no answer: nothing to record, asked again by the next run
+            answered.append(r)
             a = parsed.model_dump() if ok else {}
             rows.append({"pair_id": r["pair_id"], "model": backend.model_id, "prompt_version": prompt.version,
                          "status": "ok" if ok else "failed", "task_category": a.get("task_category"),
@@ -239,18 +270,21 @@ def annotate_attributes(lake: Lake, pairs: pl.DataFrame, backend: Backend, promp
                          "desired_attributes": a.get("desired_attributes"), "guideline": a.get("guideline"),
                          "raw_output": raw, "error": err, "attempts": attempts, "tokens_in": t_in, "tokens_out": t_out,
                          "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
-        cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=ANNOTATION_SCHEMA), part), written)
+        if rows:
+            cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=ANNOTATION_SCHEMA), answered), written)
         if on_chunk:
             on_chunk(ci)
     compact(lake, table, written)
     stats.seconds = time.perf_counter() - t0
+    stats.raise_if_unavailable(f"attributes by {backend.model_id}")
     return stats
 
 
 def annotation_failures(lake: Lake, pairs: pl.DataFrame, model: str, prompt_version: str,
                         table: str = ANNOTATIONS) -> pl.DataFrame:
-    """Those of `pairs` with no successful attributes from (model, prompt_version): pair_id, detail (the last
-    error), payload (the last raw output), plus whatever provenance columns `pairs` carries."""
+    """Those of `pairs` whose attributes from (model, prompt_version) failed for the pair itself (a recorded failure,
+    no success): pair_id, detail (the last error), payload (the last raw output), plus whatever provenance columns
+    `pairs` carries. A pair never answered (endpoint unavailable) has no row, so it is not listed: not a bad pair."""
     if pairs.height == 0 or not lake.exists(table):
         return pairs.head(0).with_columns(detail=pl.lit(None, pl.String), payload=pl.lit(None, pl.String))
     mine = (cache_scan(lake, table, parts_of(pairs)).filter((pl.col("model") == model)
@@ -261,36 +295,7 @@ def annotation_failures(lake: Lake, pairs: pl.DataFrame, model: str, prompt_vers
             .select("pair_id", detail="error", payload="raw_output"))
     prov = [c for c in ("source", "shard", "source_row") if c in pairs.columns]
     return (pairs.lazy().select("pair_id", *prov).join(ok, on="pair_id", how="anti")
-            .join(last, on="pair_id", how="left").collect())
-
-
-def annotate_pool(lake: Lake, backend: Backend, prompt: Prompt, run_id: str, *, stage1_fraction: float,
-                  unit_rows: int = 50_000, chunk: int = 256, max_attempts: int = 3,
-                  categories: Callable[[pl.DataFrame], dict[str, str]] | None = None,
-                  on_failed: Callable[[pl.DataFrame], None] | None = None) -> RunStats:
-    """Attributes for Stage 1's pool (review queue, retrieval), one work unit of the raw table at a time.
-    Stage 2 annotates only its own unconfident pairs, inside Stage 2. `categories(unit_pairs)` gives the simulated
-    annotator its answers (project-made data). `on_failed` receives each unit's pairs that could not be annotated
-    (with provenance) to quarantine them."""
-    from pipelines.pool import read_unit, work_units
-
-    total = RunStats()
-    t0 = time.perf_counter()
-    for unit in work_units(lake, unit_rows):
-        pairs = read_unit(lake, unit, "stage1", stage1_fraction, exclude_verified=False)
-        if pairs.height == 0:
-            continue
-        cats = categories(pairs) if categories else {}
-        st = annotate_attributes(lake, pairs, backend, prompt, run_id, chunk=chunk, max_attempts=max_attempts,
-                                 category_of=lambda r: cats.get(r["pair_id"]) or r.get("category_hint"))
-        for k in ("requested", "skipped_cached", "ok", "failed", "retries", "tokens_in", "tokens_out"):
-            setattr(total, k, getattr(total, k) + getattr(st, k))
-        for k, v in st.failures_by_reason.items():
-            total.failures_by_reason[k] = total.failures_by_reason.get(k, 0) + v
-        if on_failed and st.failed:
-            on_failed(annotation_failures(lake, pairs, backend.model_id, prompt.version))
-    total.seconds = time.perf_counter() - t0
-    return total
+            .join(last, on="pair_id", how="inner").collect())
 
 
 # --- batched pre-check of single responses ----------------------------------------------------------------------
@@ -317,19 +322,22 @@ def precheck_responses(lake: Lake, pairs: pl.DataFrame, backend: Backend, prompt
                             PRECHECK_SCHEMA, n=1, temperature=0.0, max_tokens=200,
                             meta={"task": "precheck", "pair_id": f"{r['pair_id']}|{side}",
                                   "response_correct": None if truth is None else (truth == (side == "chosen"))}))
-    rows = []
+    rows, answered = [], []
     for (r, side), ((parsed, raw, err, _),) in zip(todo, generate_validated(backend, reqs, PreCheck, max_attempts, stats)):
         ok = stats.tally(parsed, err)
+        if unavailable(err):
+            continue  # no answer: nothing to record, asked again by the next run
+        answered.append(r)
         rows.append({"pair_id": r["pair_id"], "side": side, "model": backend.model_id, "prompt_version": prompt.version,
                      "status": "ok" if ok else "failed", "verdict": parsed.verdict if ok else None,  # type: ignore[union-attr]
                      "reason": parsed.reason if ok else None, "raw_output": raw, "error": err,  # type: ignore[union-attr]
                      "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
     if rows:
         written: list[str] = []
-        cache_append(lake, PRECHECKS, _with_parts(pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL), [r for r, _ in todo]),
-                     written)
+        cache_append(lake, PRECHECKS, _with_parts(pl.DataFrame(rows, schema=PRECHECK_SCHEMA_PL), answered), written)
         compact(lake, PRECHECKS, written)
     stats.seconds = time.perf_counter() - t0
+    stats.raise_if_unavailable(f"pre-checks by {backend.model_id}")
     return stats
 
 
@@ -392,10 +400,13 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
         def commit(asked: tuple) -> None:
             part, orders, reqs, res, toks, st = asked
             stats.merge(st)
-            rows = []
+            rows, answered = [], []
             for (r, s), chosen_first, req, ((parsed, raw, err, attempts),), (t_in, t_out) in zip(
                     part, orders, reqs, res, toks):
                 ok = stats.tally(parsed, err)
+                if unavailable(err):
+                    continue  # no answer: nothing to record, asked again by the next run
+                answered.append(r)
                 v = parsed.verdict if ok else None  # type: ignore[union-attr]
                 prefers = None if v is None else ("undecidable" if v == "undecidable" else
                                                   ("chosen" if (v == "1") == chosen_first else "rejected"))
@@ -406,8 +417,8 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
                              "raw_output": raw, "status": "ok" if ok else "failed", "error": err, "attempts": attempts,
                              "n_exemplars": req.meta["n_exemplars"], "tokens_in": t_in, "tokens_out": t_out,
                              "label_origin": _origin(backend), "run_id": run_id, "created_at": _now()})
-            cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=JUDGMENT_SCHEMA), [r for r, _ in part]),
-                         written)
+            if rows:
+                cache_append(lake, table, _with_parts(pl.DataFrame(rows, schema=JUDGMENT_SCHEMA), answered), written)
 
         # a remote endpoint gets the next chunk while the previous one finishes and commits, so its concurrency
         # stays full across chunk boundaries; an in-process engine takes one chunk at a time
@@ -441,6 +452,7 @@ def judge_pairs(lake: Lake, pairs: pl.DataFrame, backends: list[Backend], prompt
         written += [p for p in w if p not in written]
     compact(lake, table, written)
     stats.seconds = time.perf_counter() - t0
+    stats.raise_if_unavailable(f"verdicts by {', '.join(b.model_id for b in backends)}")
     return stats
 
 
@@ -476,12 +488,3 @@ def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
         model_agree_frac=pl.col("mc") / pl.col("n_models"),
         n_models=pl.col("n_models").cast(pl.UInt32), n_votes="n_votes",
     ).sort("pair_id")
-
-
-ATTRIBUTE_COLUMNS = ["task_category", "objectivity", "controversiality", "desired_attributes", "guideline"]
-
-
-def latest_attributes(annotations: pl.DataFrame) -> pl.DataFrame:
-    """One row per pair: its most recent successful attributes (pair_id + ATTRIBUTE_COLUMNS)."""
-    return (annotations.filter(pl.col("status") == "ok").sort("created_at").unique("pair_id", keep="last")
-            .select("pair_id", *ATTRIBUTE_COLUMNS))

@@ -14,9 +14,8 @@ from pipelines.annotate.backends import Backend
 from pipelines.annotate.cache import cache_scan, parts_of
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.runner import JUDGMENTS, RunStats, aggregate_judgments, judge_pairs
-from pipelines.curate.embed import vectors_of
-from pipelines.curate.retrieve import VectorIndex
-from pipelines.curate.stage1 import exemplars_for
+from pipelines.curate.retrieve import VectorIndex, exemplars_for
+from pipelines.embed import vectors_of
 from pipelines.lake import Lake
 from pipelines.pool import truth_of
 from pipelines.tables import EMBEDDINGS

@@ -25,41 +25,18 @@ from typing import Callable, Protocol
 import numpy as np
 import polars as pl
 
-from pipelines.curate.retrieve import VectorIndex, adaptive_k
-from pipelines.tables import SILVER  # noqa: F401  (re-exported)
+from pipelines.annotate.attributes import with_attributes
+from pipelines.annotate.backends import LLMUnavailable
+from pipelines.annotate.runner import aggregate_judgments
+from pipelines.curate.judge import embedded, exemplar_index, judge_with_exemplars, judgments_of
+from pipelines.curate.retrieve import VectorIndex, retrieve_for_gold
+from pipelines.pool import pool_pairs, truth_of
+from pipelines.tables import SEED, SILVER, STAGE1_JUDGMENTS, STAGE1_METRICS
 
 SILVER_SCHEMA = {"pair_id": pl.String, "history": pl.List(pl.Struct({"role": pl.String, "content": pl.String})),
                  "chosen": pl.String, "rejected": pl.String, "label_flipped": pl.Boolean, "iteration": pl.Int64,
                  "agree_frac": pl.Float64, "task_category": pl.String, "label_origin": pl.String,
                  "judge_prompt_version": pl.String}
-
-
-def retrieve_for_gold(gold_p: pl.DataFrame, gold_vecs: np.ndarray, pool_index: VectorIndex,
-                      k_max: int = 8) -> pl.DataFrame:
-    """gold_p: pair_id, p (rows aligned with gold_vecs). Returns query_pair_id, pair_id, rank, similarity, k, p."""
-    rows = []
-    ks = [adaptive_k(float(p), k_max) for p in gold_p["p"].to_list()]
-    if not ks or len(pool_index) == 0:
-        return pl.DataFrame(schema={"query_pair_id": pl.String, "pair_id": pl.String, "rank": pl.Int64,
-                                    "similarity": pl.Float64, "k": pl.Int64, "p": pl.Float64})
-    scores, ids = pool_index.search(gold_vecs, max(ks))
-    for q, (qid, p, k) in enumerate(zip(gold_p["pair_id"].to_list(), gold_p["p"].to_list(), ks)):
-        for rank, (pid, s) in enumerate(zip(ids[q][:k], scores[q][:k])):
-            rows.append({"query_pair_id": qid, "pair_id": pid, "rank": rank, "similarity": float(s), "k": k,
-                         "p": float(p)})
-    return pl.DataFrame(rows, schema={"query_pair_id": pl.String, "pair_id": pl.String, "rank": pl.Int64,
-                                      "similarity": pl.Float64, "k": pl.Int64, "p": pl.Float64})
-
-
-def exemplars_for(pairs: pl.DataFrame, pair_vecs: np.ndarray, gold: pl.DataFrame, gold_index: VectorIndex,
-                  n: int = 8) -> dict[str, list[dict]]:
-    """The n nearest human-verified pairs (with attributes and human label) for each pair to be judged."""
-    if len(gold_index) == 0 or pairs.height == 0:
-        return {}
-    by_id = {r["pair_id"]: r for r in gold.iter_rows(named=True)}
-    _, ids = gold_index.search(pair_vecs, n)
-    return {pid: [by_id[g] for g in ids[i] if g in by_id and g != pid]
-            for i, pid in enumerate(pairs["pair_id"].to_list())}
 
 
 def judged_to_silver(pairs: pl.DataFrame, verdicts: pl.DataFrame, iteration: int, prompt_version: str,
@@ -115,8 +92,6 @@ METRICS_SCHEMA = {"iteration": pl.Int64, "rm_version": pl.String, "gold_val_accu
 
 def seed_splits(lake) -> dict[str, pl.DataFrame]:
     """The human seed by split: train, gold_val, gold_test (and `exemplars` = train + gold_val)."""
-    from pipelines.tables import SEED
-
     seed = lake.read(SEED)
     out = {s: seed.filter(pl.col("split") == s) for s in ("train", "gold_val", "gold_test")}
     out["exemplars"] = seed.filter(pl.col("split") != "gold_test")
@@ -133,9 +108,6 @@ def as_stored(seed_rows: pl.DataFrame) -> pl.DataFrame:
 
 def bootstrap_silver(lake, judging, cfg: Stage1Config) -> pl.DataFrame:
     """Iteration 0: the seed's train split as the ensemble labelled it in `llm_judgments` (never gold_val/test)."""
-    from pipelines.annotate.runner import aggregate_judgments
-    from pipelines.curate.judge import judgments_of
-
     train = as_stored(seed_splits(lake)["train"])
     agg = aggregate_judgments(judgments_of(lake, train, judging))
     return judged_to_silver(train, agg, 0, judging.prompt.version, cfg.min_agree, cfg.label_origin)
@@ -144,10 +116,6 @@ def bootstrap_silver(lake, judging, cfg: Stage1Config) -> pl.DataFrame:
 def run_stage1(lake, cfg: Stage1Config, rms: RewardModels, judging, *, run_id: str,
                log: Callable[[str], None] = lambda m: None) -> Stage1Result:
     """Run `cfg.iterations` Stage-1 iterations after the last recorded one (see the module docstring)."""
-    from pipelines.curate.judge import embedded, exemplar_index, judge_with_exemplars
-    from pipelines.pool import pool_pairs, truth_of, with_attributes
-    from pipelines.tables import STAGE1_JUDGMENTS, STAGE1_METRICS
-
     splits = seed_splits(lake)
     val = splits["gold_val"]
     if val.height == 0:
@@ -167,21 +135,32 @@ def run_stage1(lake, cfg: Stage1Config, rms: RewardModels, judging, *, run_id: s
         reg = rms.train(name="synpref-stage1-rm", role="stage1", train=silver, val=val,
                         extra={"iteration": it})
         val_p = val.select("pair_id").join(rms.score(reg.rm_version, val).select("pair_id", "p"), on="pair_id")
-        # the unverified Stage-1 pool: not in the seed, not in silver, not judged by an earlier iteration
+        # the unverified Stage-1 pool: not in the seed, not in silver, not judged by an earlier (committed)
+        # iteration. Verdicts that a crashed attempt at this iteration cached do not count as used: the rerun must
+        # retrieve the same pairs as an uninterrupted run (and finds their verdicts in the cache)
         used = [splits["train"].select("pair_id"), splits["gold_val"].select("pair_id"),
                 splits["gold_test"].select("pair_id"), silver.select("pair_id")]
         if lake.exists(STAGE1_JUDGMENTS):
-            used.append(lake.scan(STAGE1_JUDGMENTS).select("pair_id").unique().collect())
+            judged_at = pl.col("context").str.strip_prefix("stage1-it").cast(pl.Int64, strict=False)
+            used.append(lake.scan(STAGE1_JUDGMENTS).filter(judged_at < it).select("pair_id").unique().collect())
         # retrieval runs on ids + vectors only; the text (and attributes) is read for the retrieved pairs alone
         pool_ids = with_attributes(pool_pairs(lake, "stage1", cfg.stage1_fraction, columns=["pair_id"]), lake).select(
             "pair_id").join(pl.concat(used).lazy(), on="pair_id", how="anti").collect()
         pool_e, pvecs = embedded(lake, pool_ids)
+        # rows by pair id: the flat index breaks similarity ties (pairs with the same text) by row order, and the
+        # anti-join's order is not stable, so without this a rerun could retrieve another of two tied pairs
+        order = pool_e["pair_id"].arg_sort()
+        pool_e, pvecs = pool_e[order], pvecs[order.to_numpy()]
         val_e, vvecs = embedded(lake, val_p)
         retrieved = retrieve_for_gold(val_e, vvecs, VectorIndex(pool_e["pair_id"].to_list(), pvecs), cfg.k_max)
         targets = with_attributes(pool_pairs(lake, "stage1", cfg.stage1_fraction).join(
             retrieved.select("pair_id").unique().lazy(), on="pair_id", how="semi"), lake).collect().sort("pair_id")
-        agg = judge_with_exemplars(lake, targets, judging, exemplars, run_id=run_id, context=f"stage1-it{it}",
-                                   table=STAGE1_JUDGMENTS)
+        try:
+            agg = judge_with_exemplars(lake, targets, judging, exemplars, run_id=run_id, context=f"stage1-it{it}",
+                                       table=STAGE1_JUDGMENTS)
+        except LLMUnavailable as e:  # verdicts missing: the iteration commits no silver and no metrics row
+            raise LLMUnavailable(f"stage1 iteration {it} NOT committed (its answered verdicts are cached; the next "
+                                 f"run redoes the iteration): {e}", e.stats) from e
         new = judged_to_silver(targets, agg, it, judging.prompt.version, cfg.min_agree, cfg.label_origin)
         lake.replace_where(SILVER, new.to_arrow(), "iteration", it)
         truth = truth_of(lake, new)

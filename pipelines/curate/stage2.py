@@ -11,6 +11,12 @@ Per work unit (at most `unit_rows` pairs of one raw shard, by source row):
  6. commit: `rm_scores`, `curated_pairs`, `recycled_pairs` each replace the unit's rows in one Delta commit, then the
     unit's row in `stage2_units` (counts, versions) marks it done.
 
+A unit is committed only with every LLM answer its keep rule asked for: when the endpoint leaves some request
+unanswered after retries (down, rate limited past the budget), the answers it gave stay cached, nothing is recorded
+for the rest, the unit is not committed and the run stops with LLMUnavailable naming it; the next run continues.
+Only answers that are themselves invalid after every repair become data (an annotation: quarantine; a judge: the
+pair's verdict is `failed`, and the stage2 asset's blocking check bounds their share).
+
 Memory is one unit. A rerun, or a restart after kill -9, skips units already marked done for the same decision key
 (RM versions, margin, judges, prompt), and a unit cut short is redone from scratch: its rows are replaced, not
 appended, so nothing is duplicated or lost. Counts reconcile per unit: pool = curated + recycled + quarantined.
@@ -28,20 +34,20 @@ from typing import Callable
 
 import polars as pl
 
-from pipelines.annotate.backends import Backend
+from pipelines.annotate.attributes import ATTRIBUTES_SCHEMA, attributes
+from pipelines.annotate.backends import Backend, LLMUnavailable
 from pipelines.annotate.cost import LLMLedger
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.runner import annotate_attributes, annotation_failures
 from pipelines.compute import Engine
-from pipelines.curate.embed import pair_text
-from pipelines.curate.judge import JudgeSetup, exemplar_index, judge_with_exemplars
-from pipelines.ingest.checks import Reason
+from pipelines.curate.judge import JudgeSetup, embedding_models, exemplar_index, judge_with_exemplars
+from pipelines.embed import model_name, pair_text
 from pipelines.lake import Lake
-from pipelines.pool import (ATTRIBUTES_SCHEMA, WorkUnit, attributes, quarantine_pairs, read_unit,
-                            truth_categories, work_units)
+from pipelines.pool import WorkUnit, quarantine_pairs, read_unit, truth_categories, work_units
 from pipelines.rm.registry import ModelRef
 from pipelines.rm.service import held_out_comparisons
 from pipelines.rm.store import PairSource, SourceTable
+from pipelines.schema import Reason
 from pipelines.tables import (CURATED, RAW, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
                              STAGE2_UNITS)
 
@@ -178,9 +184,6 @@ def stage2_exemplars(lake: Lake, embed_model: str):
     pool = exemplar_pool(lake)
     if not embed_model:
         return exemplar_index(lake, pool)
-    from pipelines.curate.embed import model_name
-    from pipelines.curate.judge import embedding_models
-
     name = model_name(embed_model)
     have = embedding_models(lake, pool)
     if have and name not in have:
@@ -210,8 +213,15 @@ def run_stage2(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engi
         if got is None:
             break
         unit, pairs, scores = got
-        row = _run_unit(lake, cfg, inputs, engine, unit, pairs, scores, exemplars, report.decision_key, run_id,
-                        report.step_seconds, report.llm)
+        try:
+            row = _run_unit(lake, cfg, inputs, engine, unit, pairs, scores, exemplars, report.decision_key, run_id,
+                            report.step_seconds, report.llm)
+        except LLMUnavailable as e:  # the unit lacks LLM answers its keep rule needs: not committed, run stops
+            left = len(pending) - report.units_run
+            raise LLMUnavailable(
+                f"stage2 unit {unit.name} NOT committed, the run stops: {report.units_run} unit(s) committed this run, "
+                f"{left} not committed (this one included); the next run continues with them. Cause: {e}",
+                e.stats) from e
         for k in ("pool", "curated", "recycled", "quarantined", "confident", "annotated", "judged"):
             setattr(report, k, getattr(report, k) + row[k])
         for reason, n in json.loads(row["quarantined_by_reason"]).items():
@@ -287,6 +297,10 @@ def _run_unit(lake: Lake, cfg: Stage2Config, inputs: Stage2Inputs, engine: Engin
     agg = judge_with_exemplars(lake, annotated, inputs.judging, exemplars, run_id=run_id, context="stage2",
                                table=STAGE2_JUDGMENTS, vectors=vectors,
                                on_stats=lambda st: ledger.add_usage("judge", st.usage))
+    # every judged pair has all its samples answered here (judge_pairs raised otherwise); one whose every answer
+    # was invalid is marked llm=failed, never llm=not-asked
+    agg = annotated.select("pair_id").join(agg, on="pair_id", how="left").with_columns(
+        final=pl.col("final").fill_null("failed"))
     t1 = time.perf_counter()
     steps["annotate_judge"] += t1 - t0
     ledger.llm_seconds += t1 - t0

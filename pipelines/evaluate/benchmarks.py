@@ -79,9 +79,24 @@ def _rb1(row, i, f):
 
 
 def _rb2(row, i, f):
+    """reward-bench v2 scores a row's completions `chosen + rejected` with the first `num_correct` the correct ones
+    (`load_bon_dataset_v2`, `process_single_model`); a row whose lists disagree with `num_correct` would be scored
+    by another split, and a Ties id must be `ref:<int>` / `tied:<int>` (`process_single_model` parses it), with two
+    or more correct answers on a tied prompt (its spread is undefined otherwise: the script fails)."""
     subset = row["subset"]
     if subset not in RB2_SUBSETS:
         raise BenchmarkFormatError(f"RewardBench 2 subset {subset!r} is not one of {RB2_SUBSETS}")
+    if int(row["num_correct"]) != len(row["chosen"]):
+        raise BenchmarkFormatError(f"RewardBench 2 row {row.get('id', i)}: num_correct {row['num_correct']} but "
+                                   f"{len(row['chosen'])} chosen completions")
+    if subset == "Ties":
+        m = re.fullmatch(r"(ref|tied):(\d+)", str(row.get("id", "")))
+        if m is None:
+            raise BenchmarkFormatError(f"RewardBench 2 Ties id {row.get('id')!r}: expected 'ref:<int>' or "
+                                       "'tied:<int>' (reward-bench's process_single_model pairs prompts by it)")
+        if m.group(1) == "tied" and len(row["chosen"]) < 2:
+            raise BenchmarkFormatError(f"RewardBench 2 Ties row {row['id']}: a tied prompt needs two or more "
+                                       "correct answers (process_single_model measures their spread)")
     return [_item("rewardbench2", subset, "", _user(row["prompt"]), list(row["chosen"]), list(row["rejected"]),
                   str(row.get("id", i)))]
 
@@ -124,11 +139,26 @@ def _judgebench(row, i, f):
     if cat is None:
         raise BenchmarkFormatError(f"JudgeBench source {source!r}: expected mmlu-pro-*, livebench-reasoning, "
                                    "livebench-math or livecodebench")
+    model = judgebench_response_model(row, f)
     good, bad = (row["response_A"], row["response_B"]) if label == "A>B" else (row["response_B"], row["response_A"])
-    # the label travels in `subset`: the per-pair file for JudgeBench's own script (run.py `_judgebench_lines`) puts
-    # the responses back in their published A/B order
-    return [_item("judgebench", cat, f"{label}:{source}", _user(row["question"]), [good], [bad],
+    # label, source and response model travel in `subset` ("A>B:livecodebench:gpt-4o-2024-05-13"): the per-pair file
+    # for JudgeBench's own script (run.py `_judgebench_lines`) puts the responses back in their published A/B order,
+    # and the score is reported per response-model set (the leaderboard's is GPT-4o's)
+    return [_item("judgebench", cat, f"{label}:{source}:{model}", _user(row["question"]), [good], [bad],
                   str(row.get("pair_id", i)))]
+
+
+JUDGEBENCH_LEADERBOARD_SET = "gpt-4o-2024-05-13"  # the pairs JudgeBench's leaderboard (and its paper) report
+
+
+def judgebench_response_model(row: dict, f: Path) -> str:
+    """The model that wrote a pair's responses: the row's `response_model` (every published row has it), else the
+    authors' file name `dataset=judgebench,response_model=<m>.jsonl`, else 'unknown'."""
+    m = row.get("response_model") or re.search(r"response_model=([^,]+?)(?:,|\.jsonl?$|$)", f.name)
+    m = m if isinstance(m, str) else (m.group(1) if m else "unknown")
+    if ":" in m:
+        raise BenchmarkFormatError(f"JudgeBench response_model {m!r} contains ':'")
+    return m
 
 
 def _conversation(conv: list) -> tuple[list, str]:
@@ -382,8 +412,25 @@ def _check_unique_keys(items: list[dict], bench: str) -> None:
                                    "file added twice, or a file and the combined file holding it? Keep one.")
 
 
-def read_benchmarks(root: Path) -> tuple[list[dict], dict[str, dict[str, int]]]:
-    """Every benchmark folder under `root` (stray files there are refused: each benchmark is a folder)."""
+def present_benchmarks(root: Path) -> list[str]:
+    """The benchmark folders under `root`."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def check_selection(only: list[str], present: list[str], where: str) -> None:
+    """A named benchmark that is not there is refused (never silently dropped from the run)."""
+    unknown = [b for b in only if b not in present]
+    if unknown:
+        raise BenchmarkFormatError(f"--benchmarks {','.join(unknown)}: not present ({where} holds "
+                                   f"{', '.join(present) or 'nothing'}). Known benchmarks: {', '.join(BENCHMARKS)}; "
+                                   "add one with `synpref benchmarks add PATH` or `synpref benchmarks fetch NAME`.")
+
+
+def read_benchmarks(root: Path, only: list[str] | None = None) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """Every benchmark folder under `root` (stray files there are refused: each benchmark is a folder); with
+    `only`, those benchmarks alone (one that is not there is refused)."""
+    if only is not None:
+        check_selection(only, present_benchmarks(root), str(root))
     if not root.exists():
         return [], {}
     stray = [p.name for p in root.iterdir() if p.is_file()]
@@ -392,26 +439,11 @@ def read_benchmarks(root: Path) -> tuple[list[dict], dict[str, dict[str, int]]]:
                                    f"<name>/ (use `synpref benchmarks add PATH --name NAME`). Benchmarks:\n"
                                    f"{expected_layouts()}")
     items, stats = [], {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (only is None or p.name in only)):
         got, st = read_benchmark_dir(folder)
         items += got
         stats[folder.name] = st
     return items, stats
-
-
-def item_pair_ids(items):
-    """benchmark, pair_id of every comparison (chosen x rejected) of benchmark items, as ingest hashes a pair, in
-    both orientations (a training set may hold a pair flipped)."""
-    import polars as pl
-
-    from pipelines.schema import pair_ids
-
-    if items.height == 0:
-        return pl.DataFrame(schema={"benchmark": pl.String, "pair_id": pl.String})
-    pairs = items.select("benchmark", "history", "chosen", "rejected").explode("chosen").explode("rejected")
-    flipped = pairs.select("benchmark", "history", chosen="rejected", rejected="chosen")
-    return pl.concat([f.with_columns(pair_id=pair_ids(f)).select("benchmark", "pair_id")
-                      for f in (pairs, flipped)]).unique()
 
 
 # --- add / fetch --------------------------------------------------------------------------------------------------
@@ -447,6 +479,15 @@ def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str |
     dst = root / name / (as_name or src.name)
     if not dst.name.lower().endswith(BENCHMARK_FILES):
         raise BenchmarkFormatError(f"{dst.name}: a benchmark file is named *{', *'.join(BENCHMARK_FILES)}")
+    if dst.exists():  # never overwrite: RMB ships Pairwise_set/.../S1.json and BoN_set/.../S1.json, PPE a
+        # train-00000-of-00001.parquet per benchmark; the second would replace the first's items
+        import filecmp
+
+        if filecmp.cmp(src, dst, shallow=False):
+            return dst  # the same file again: nothing changes
+        raise BenchmarkFormatError(f"{dst} already holds another file of that name; nothing was changed. Add this "
+                                   f"one under another name: `synpref benchmarks add {src} --name {name} --as "
+                                   f"{_distinct_name(src, dst.parent)}`")
     # everything is checked before the folder changes (as the file will be read there: its name gives RM-Bench's
     # domain and PPE's source), then the file lands in one rename: a refused file leaves nothing behind
     items, _ = _parse_rows(rows, lay, src, named=dst)
@@ -465,13 +506,27 @@ def add_benchmark(src: Path, root: Path, name: str | None = None, as_name: str |
     return dst
 
 
+def _distinct_name(src: Path, folder: Path) -> str:
+    """A stored name for `src` that keeps the distinct part of its path, its parent folders (innermost first) after
+    its own name, whose start RM-Bench's domain is read from: BoN_set/Harmlessness/S1.json -> S1_Harmlessness.json,
+    then S1_BoN_set_Harmlessness.json; the first one free in `folder`."""
+    ext = next(e for e in sorted(BENCHMARK_FILES, key=len, reverse=True) if src.name.lower().endswith(e))
+    stem = src.name[: -len(ext)]
+    parts = [p for p in src.resolve().parts[:-1] if p not in ("/", "")]
+    for k in range(1, len(parts) + 1):
+        cand = "_".join([stem, *parts[-k:]]) + ext
+        if not (folder / cand).exists():
+            return cand
+    return f"{stem}_2{ext}"
+
+
 def fetch_benchmark(name: str, root: Path, revision: str | None = None) -> list[Path]:
     """Download `name`'s published files from the Hugging Face Hub (hf://datasets/<repo>/<file>, through
     huggingface_hub: offline, it serves them from the local HF cache) and add them."""
     if name not in HUB:
         raise BenchmarkFormatError(f"no Hub location for {name!r} (known: {sorted(HUB)}; RMB is on GitHub: download "
                                    "it and use `synpref benchmarks add`)")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # here: only `benchmarks fetch` needs the Hub client
 
     out = []
     for repo, f in HUB[name]:

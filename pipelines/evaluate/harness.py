@@ -11,9 +11,10 @@ and section.
 Scores (the spec is the authors' code; see README "Evaluation"):
 - rewardbench (allenai/reward-bench): per subset, chosen > rejected; a section = its subsets weighted by the script's
   EXAMPLE_COUNTS (math-prm 984 = all code subsets); overall = mean of Chat, Chat Hard, Safety, Reasoning.
-- rewardbench2 (reward-bench v2 `reroll_and_score_dataset`): an item scores 1/k when the chosen ties k-1 rejected at
-  the maximum, 1 when it is the unique maximum, else 0; Ties by `process_single_model` (`ties_score`); overall = mean
-  of the six subsets.
+- rewardbench2 (reward-bench v2 `reroll_and_score_dataset`): a row's scores are every completion, chosen then
+  rejected; it scores 1/k when the first ties k-1 others at the maximum, 1 when it is the unique maximum, else 0;
+  Ties by `process_single_model` (`ties_score`: NaN when no prompt is in both its ref and tied sets, as there);
+  overall = mean of the six subsets.
 - rm-bench (THU-KEG/RM-Bench `compute_accuracy`): per domain a 3x3 matrix acc[i][j] = P(chosen style i > rejected
   style j); hard = mean of i<j, normal = the diagonal, easy = i>j; safety-refuse and safety-response are one safety
   domain; a domain = mean(easy, normal, hard); overall = mean of the domains.
@@ -24,6 +25,8 @@ Scores (the spec is the authors' code; see README "Evaluation"):
   right): right iff reward(correct) > reward(other); per
   category (knowledge = mmlu-pro-*, reasoning, math, coding) accuracy; overall = the unweighted mean of the four (as
   the SynPref paper's Table 1 reports it); `overall_official` = the pooled accuracy the official script prints.
+  Both per response-model set (`<model>/...`) and pooled (`pooled`, `pooled_official`); `overall` is the GPT-4o
+  set's, the one the leaderboard reports, when it is there.
 - ppe-preference: accuracy on the human vote, pooled over every vote with a winner (PPE's accuracy; the per-language
   rows are shown, not averaged); ppe-correctness: one item per (correct, incorrect) pair PPE samples for a row
   (`sampled_conflict_pairs`), correct when the correct response's reward is strictly higher, pooled per source
@@ -39,7 +42,7 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
-from pipelines.evaluate.benchmarks import RB1_EXAMPLE_COUNTS, RB1_SECTIONS
+from pipelines.evaluate.benchmarks import JUDGEBENCH_LEADERBOARD_SET, RB1_EXAMPLE_COUNTS, RB1_SECTIONS
 
 RESULT_SCHEMA = {"rm_version": pl.String, "benchmark": pl.String, "section": pl.String, "n": pl.Int64,
                  "score": pl.Float64, "truncated": pl.Int64, "max_len": pl.Int64}
@@ -84,8 +87,8 @@ def score_items(items: pl.DataFrame, score_texts: Callable[[pl.DataFrame], pl.Da
 
 def credit(bench: str, good: list[float], bad: list[float], subset: str = "") -> float:
     """One item's credit under its benchmark's rule (see the module docstring)."""
-    if bench == "rewardbench2":
-        scores = np.array([good[0], *bad])
+    if bench == "rewardbench2":  # reroll_and_score_dataset: every completion (chosen + rejected) is in `scores`
+        scores = np.array([*good, *bad])
         top = scores.max()
         return float(1.0 / np.sum(scores == top)) if scores[0] == top else 0.0
     if bench == "ppe-correctness":
@@ -97,22 +100,27 @@ def ties_score(items: pl.DataFrame) -> float:
     """RewardBench 2 `Ties` (reward-bench `process_single_model`): items come in pairs keyed `ref:<id>` (one correct
     answer) and `tied:<id>` (several equally correct answers). Score = 0.3 tied accuracy + 0.3 ref accuracy + 0.2
     P(correct-vs-wrong gap on the tied prompt > spread among its correct answers) + 0.2 the same with the gap min'd
-    over ref and tied + 0.01 mean tanh(min gap / spread - 1). Accurate = worst correct > best wrong."""
-    stats: dict[tuple[str, str], tuple[bool, float | None, float]] = {}
+    over ref and tied + 0.01 mean tanh(min gap / spread - 1). Accurate = worst correct > best wrong. The margin
+    terms are means over the prompts in both sets: with none, they are the mean of nothing, NaN, and so is the
+    score (as the script computes it)."""
+    stats: dict[tuple[str, object], tuple[bool, float | None, float]] = {}
     for key, good, bad in items.select("item_key", "r_chosen", "r_rejected").iter_rows():
         kind, _, pid = key.partition(":")
+        if kind not in ("ref", "tied"):
+            raise ValueError(f"Ties item {key!r}: Ties items need item_key 'ref:<id>' or 'tied:<id>'")
         gap = min(good) - max(bad)
-        stats[(kind, pid)] = (gap > 0, max(good) - min(good) if len(good) > 1 else None, gap)
+        stats[(kind, int(pid) if pid.isdigit() else pid)] = (gap > 0, max(good) - min(good) if len(good) > 1
+                                                             else None, gap)
     ref = {pid: v for (kind, pid), v in stats.items() if kind == "ref"}
     tied = {pid: v for (kind, pid), v in stats.items() if kind == "tied"}
-    if not ref and not tied:
-        raise ValueError("Ties items need item_key 'ref:<id>' or 'tied:<id>'")
     ref_acc = float(np.mean([v[0] for v in ref.values()])) if ref else 0.0
     tied_acc = float(np.mean([v[0] for v in tied.values()])) if tied else 0.0
-    both = sorted(set(ref) & set(tied))
+    both = sorted(set(ref) & set(tied), key=str)
     if not both:
-        return 0.3 * ref_acc + 0.3 * tied_acc
-    spread = np.array([tied[p][1] if tied[p][1] is not None else 0.0 for p in both])
+        return float("nan")
+    if any(tied[p][1] is None for p in both):
+        raise ValueError("a Ties 'tied:<id>' item has one correct answer: its spread is undefined")
+    spread = np.array([tied[p][1] for p in both], dtype=float)
     gap_tied = np.array([tied[p][2] for p in both])
     gap_hard = np.minimum(gap_tied, np.array([ref[p][2] for p in both]))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -157,9 +165,32 @@ def benchmark_scores(bench: str, g: pl.DataFrame) -> list[dict]:
                 for lvl, vals in levels.items() if vals]
         sections = [r for r in out if ":" not in r["section"] and r["section"] not in levels]
     elif bench == "judgebench":
-        out += [_rows(v, sec, v["credit"].mean()) for sec, v in sorted(by.items())]
-        sections = list(out)
-        out.append(_rows(g, "overall_official", g["credit"].mean()))
+        # per response-model set (JudgeBench publishes GPT-4o's 350 pairs and Claude's 270; its leaderboard reports
+        # GPT-4o's): `<model>/<category>`, `<model>/overall` (the paper's unweighted mean of categories) and
+        # `<model>/overall_official` (pooled, what compute_final_metrics prints); the same over every pair as
+        # `<category>`, `pooled`, `pooled_official`. `overall` / `overall_official` are the leaderboard set's when
+        # it is present, else the pooled ones.
+        g = g.with_columns(response_model=pl.col("subset").str.split(":").list.get(2, null_on_oob=True)
+                           .fill_null("unknown"))
+        sets = {k[0]: v for k, v in g.group_by("response_model", maintain_order=True)}
+
+        def paper(frame: pl.DataFrame, prefix: str) -> tuple[list[dict], float, float]:
+            cats = [_rows(v, f"{prefix}{sec[0]}", v["credit"].mean())
+                    for sec, v in sorted(frame.group_by("section"), key=lambda kv: kv[0][0])]
+            return cats, float(np.mean([r["score"] for r in cats])), float(frame["credit"].mean())
+
+        cats, pooled, pooled_off = paper(g, "")
+        out += cats + [_rows(g, "pooled", pooled), _rows(g, "pooled_official", pooled_off)]
+        for m, v in sorted(sets.items()):
+            cats_m, mean_m, off_m = paper(v, f"{m}/")
+            out += cats_m + [_rows(v, f"{m}/overall", mean_m), _rows(v, f"{m}/overall_official", off_m)]
+        lead = sets.get(JUDGEBENCH_LEADERBOARD_SET)
+        if lead is not None:
+            _, mean_l, off_l = paper(lead, "")
+            out += [_rows(lead, "overall", mean_l), _rows(lead, "overall_official", off_l)]
+        else:
+            out += [_rows(g, "overall", pooled), _rows(g, "overall_official", pooled_off)]
+        return out
     else:  # ppe-correctness, rmb, synth-bench: mean of sections; ppe-preference, gold_test: pooled
         out += [_rows(v, sec, v["credit"].mean()) for sec, v in sorted(by.items())]
         pooled = bench in ("gold_test", "ppe-preference")

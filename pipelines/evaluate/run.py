@@ -9,23 +9,66 @@ from pathlib import Path
 import polars as pl
 
 from pipelines.compute import Engine
-from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, REAL_BENCHMARKS, item_pair_ids, read_benchmarks
-from pipelines.evaluate.harness import (BIAS_SCHEMA, REWARD_SCHEMA, RESULT_SCHEMA, aggregate, bias_diagnostics,
+from pipelines.evaluate.benchmarks import (BENCHMARK_SCHEMA, REAL_BENCHMARKS, RM_BENCH_DOMAINS, BenchmarkFormatError,
+                                           check_selection, present_benchmarks, read_benchmarks)
+from pipelines.evaluate.harness import (BIAS_SCHEMA, REWARD_SCHEMA, RESULT_SCHEMA, aggregate, bias_diagnostics, credit,
                                        responses, score_items, table1)
 from pipelines.lake import Lake
 from pipelines.rm.registry import ModelRef, best_of, data_manifest, latest, ref_of
-from pipelines.tables import RM_EVALUATION, RM_REWARDS, SEED
+from pipelines.schema import item_pair_ids
+from pipelines.tables import BENCHMARK_ITEMS, RM_EVALUATION, RM_REWARDS, SEED
 
 
-def evaluation_items(lake: Lake, benchmarks_dir: Path) -> pl.DataFrame:
+def evaluation_items(lake: Lake, benchmarks_dir: Path, only: list[str] | None = None) -> pl.DataFrame:
     """Every benchmark item under `benchmarks_dir` (as published, see pipelines.evaluate.benchmarks) plus the human
-    gold_test split, as one frame of BENCHMARK_SCHEMA rows."""
-    bench, _ = read_benchmarks(benchmarks_dir)
-    parts = [pl.DataFrame(bench, schema=pl.Schema(BENCHMARK_SCHEMA))] if bench else []
+    gold_test split, as one frame of BENCHMARK_SCHEMA rows; with `only`, the named benchmarks alone (gold_test
+    included when named; a name that is not there is refused)."""
     gold = gold_test_items(lake)
+    if only is not None:
+        check_selection(only, sorted(present_benchmarks(benchmarks_dir) + (["gold_test"] if gold.height else [])),
+                        f"{benchmarks_dir} (+ the lake's gold_test)")
+    bench, _ = read_benchmarks(benchmarks_dir, None if only is None else [b for b in only if b != "gold_test"])
+    return _with_gold(pl.DataFrame(bench, schema=pl.Schema(BENCHMARK_SCHEMA)) if bench else None,
+                      gold if only is None or "gold_test" in only else pl.DataFrame())
+
+
+def _with_gold(bench: pl.DataFrame | None, gold: pl.DataFrame) -> pl.DataFrame:
+    parts = [bench] if bench is not None and bench.height else []
     if gold.height:
         parts.append(gold.cast({"item_id": pl.Int64}))
     return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+
+
+def benchmark_items_from_lake(lake: Lake, version: int | None = None) -> pl.DataFrame:
+    """The benchmark items the `benchmarks` asset wrote to `benchmark_pairs` (at `version`), plus gold_test: the
+    very items decontamination used (its 13-gram prompts and exact pair ids come from that table), so nothing is
+    reported that ingest never checked against. A file added to the folder afterwards is scored once `benchmarks`
+    is materialized again (`folder_drift` says which)."""
+    if not lake.exists(BENCHMARK_ITEMS):
+        raise FileNotFoundError(f"no `{BENCHMARK_ITEMS}` table: materialize the `benchmarks` asset first")
+    bench = lake.read(BENCHMARK_ITEMS, version=version).cast(dict(pl.Schema(BENCHMARK_SCHEMA)))
+    return _with_gold(bench, gold_test_items(lake))
+
+
+def folder_drift(items: pl.DataFrame, benchmarks_dir: Path) -> dict[str, dict]:
+    """Per benchmark, items in the folder but not in `items` (`benchmark_pairs`) and the reverse: non-empty when a
+    file was added or removed after the `benchmarks` asset last ran (those items are neither decontaminated nor
+    scored until it runs again). A folder that no longer reads says why."""
+    try:
+        folder, _ = read_benchmarks(benchmarks_dir)
+    except BenchmarkFormatError as e:
+        return {"unreadable": {"error": str(e)}}
+    on_disk = pl.DataFrame(folder, schema=pl.Schema(BENCHMARK_SCHEMA)).select("benchmark", "item_key") if folder \
+        else pl.DataFrame(schema={"benchmark": pl.String, "item_key": pl.String})
+    table = items.filter(pl.col("benchmark") != "gold_test").select("benchmark", "item_key") if items.height else \
+        on_disk.clear()
+    new = on_disk.join(table, on=["benchmark", "item_key"], how="anti").group_by("benchmark").len()
+    gone = table.join(on_disk, on=["benchmark", "item_key"], how="anti").group_by("benchmark").len()
+    out: dict[str, dict[str, int]] = {}
+    for frame, what in ((new, "in_folder_not_in_table"), (gone, "in_table_not_in_folder")):
+        for b, n in frame.iter_rows():
+            out.setdefault(b, {})[what] = n
+    return out
 
 
 def models_to_evaluate(lake: Lake, family: list[str], tracking_uri: str, cache_root: str | Path) -> list[ModelRef]:
@@ -48,7 +91,7 @@ def gold_test_items(lake: Lake) -> pl.DataFrame:
 
 def model_max_len(ref: ModelRef, cap: int) -> int:
     """The model's own context (config.max_position_embeddings), capped: the evaluation length policy."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # here: transformers stays out of start-up
 
     n = getattr(AutoConfig.from_pretrained(ref.local_path()), "max_position_embeddings", None) or cap
     return int(min(n, cap))
@@ -148,8 +191,8 @@ def engines_of(results: pl.DataFrame) -> pl.DataFrame:
 
 
 def report_markdown(ev: Evaluation, md_table) -> str:
-    per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort("rm_version", "benchmark", "section"
-                                                                               ).drop("engine", strict=False)
+    per = ev.results.filter(~pl.col("section").str.starts_with("subset:")).sort(
+        "rm_version", "benchmark", "section").drop("engine", "model_source", strict=False)
     leak_line = ("No reported pair was trained or selected on by any registered RM."
                  if ev.leaks.height == 0 else f"**{ev.leaks.height} reported pairs leak** (see the leaks table).")
     external = sorted(v for v in ev.results["rm_version"].unique().to_list() if v.startswith("external:")) \
@@ -209,7 +252,8 @@ def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("score (overall)", fontsize=10)
     ax.set_title("Reward models per benchmark (dashed: chance for pairwise accuracy)", fontsize=11)
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(len(models), 3), frameon=False)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=max(1, min(len(models), 3)),
+              frameon=False)
     if has_bias:  # length bias: accuracy when the chosen response is the longer vs the shorter one, all benchmarks
         bx = axes[1]
         pooled = ev.bias.group_by("rm_version").agg(
@@ -234,31 +278,70 @@ def write_report(ev: Evaluation, out: Path, md_table, plt) -> Path:
 
 def evaluate_external(lake: Lake, model: str, engine: Engine, *, name: str | None = None,
                       benchmarks_dir: Path, tracking_uri: str = "", cache_root: str | Path = "",
-                      max_len_cap: int = 4096, run_id: str = "") -> tuple[Evaluation, str]:
+                      max_len_cap: int = 4096, run_id: str = "",
+                      only: list[str] | None = None) -> tuple[Evaluation, str]:
     """Any sequence-classification RM — a local HF folder, `models:/name/version` or a hub id from the local cache
-    — scored on every added benchmark (and gold_test when the lake has one) with the same renderer and formulas as
-    the project's RMs, its rows written to the same tables (`rm_evaluation`, `rm_item_rewards`) under
-    rm_version `external:<name>`, with lineage naming the model. Its training data is unknown to this project:
-    the leak check cannot speak for it (the report says so). Returns (the evaluation, its rm_version)."""
-    from pipelines.evaluate.benchmarks import BenchmarkFormatError
-
-    label = name or (model.rstrip("/").split("/")[-1] if not model.startswith("models:/") else
-                     model[len("models:/"):].replace("/", ":"))
-    rm_version = f"external:{label}"
-    items = evaluation_items(lake, benchmarks_dir)
+    — scored on every added benchmark (and gold_test when the lake has one; `only`: the named ones) with the same
+    renderer and formulas as the project's RMs, its rows written to the same tables (`rm_evaluation`,
+    `rm_item_rewards`) under rm_version `external:<name>` (unique per model: `external_rm_version`), with lineage
+    naming the model. Its training data is unknown to this project: the leak check cannot speak for it (the report
+    says so). Returns (the evaluation, its rm_version)."""
+    source = model_source(model)
+    rm_version = external_rm_version(lake, source, name)
+    items = evaluation_items(lake, benchmarks_dir, only)
     if items.height == 0:
         raise BenchmarkFormatError(f"nothing to score: no benchmark under {benchmarks_dir} and no gold_test in the "
                                    "lake. Add one with `synpref benchmarks add PATH` or `synpref benchmarks fetch "
                                    "NAME`.")
     ref = ModelRef(rm_version, model, tracking_uri, str(cache_root))
     ev = evaluate_models(lake, items, [ref], engine, max_len_cap=max_len_cap)
+    ev.results = ev.results.with_columns(model_source=pl.lit(source))  # whose rows these are (unique names)
     v = write_evaluation(lake, ev)
     lake.record_lineage(run_id=run_id or f"evaluate-{rm_version}", asset="synpref evaluate", partition=model,
                         table=RM_EVALUATION, version_written=v, inputs=lake.input_versions([SEED]),
                         config={"model": model, "rm_version": rm_version, "max_len_cap": max_len_cap,
-                                "benchmarks_dir": str(benchmarks_dir)},
+                                "benchmarks_dir": str(benchmarks_dir), "benchmarks": only},
                         counts={"items": items.height, "rows": ev.results.height})
     return ev, rm_version
+
+
+def model_source(model: str) -> str:
+    """What identifies an external model: a local folder by its absolute path (`best` and `./best` are one model,
+    two folders named `best` are two), a `models:/` URI or hub id as given."""
+    p = Path(model)
+    return str(p.resolve()) if not model.startswith("models:/") and p.exists() else model
+
+
+def external_rm_version(lake: Lake, source: str, name: str | None) -> str:
+    """`external:<name>` for the model at `source`, never one another model's rows are under (its rows would be
+    replaced). With `name`, that name (refused when it holds another model's rows). Without, the folder's name,
+    then with its parents (`run-a/best`) until the name is free or already this model's; `models:/NAME/VERSION`
+    -> NAME:VERSION."""
+    owners: dict[str, set] = {}
+    if lake.exists(RM_EVALUATION):
+        lf = lake.scan(RM_EVALUATION)
+        src = pl.col("model_source") if "model_source" in lf.collect_schema().names() else pl.lit(None, pl.String)
+        for rv, s_ in lf.filter(pl.col("rm_version").str.starts_with("external:")).select(
+                "rm_version", src.alias("s")).unique().collect().iter_rows():
+            owners.setdefault(rv, set()).add(s_)
+    if name:
+        rv = f"external:{name}"
+        others = sorted(str(o) for o in owners.get(rv, set()) - {source, None})
+        if others:
+            raise BenchmarkFormatError(f"--name {name}: {rv} already holds the rows of another model ({others[0]}); "
+                                       "scoring this one under it would replace them. Choose another --name.")
+        return rv
+    if source.startswith("models:/"):
+        cands = [source[len("models:/"):].replace("/", ":")]
+    else:
+        parts = [p for p in source.rstrip("/").split("/") if p]
+        cands = ["/".join(parts[-k:]) for k in range(1, len(parts) + 1)]
+    for label in cands:
+        held = owners.get(f"external:{label}", set())
+        if not held or held == {source}:
+            return f"external:{label}"
+    raise BenchmarkFormatError(f"every name derived from {source} ({', '.join(cands)}) already holds another "
+                               "model's rows: give this one a name with --name NAME")
 
 
 def evaluation_so_far(lake: Lake, latest: Evaluation) -> Evaluation:
@@ -271,12 +354,15 @@ def evaluation_so_far(lake: Lake, latest: Evaluation) -> Evaluation:
 
 def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Path]:
     """One model's results in each benchmark's own terms, for re-checking with the authors' scripts:
-    `summary.json` ({benchmark: {section: score}}, fractions, with `overall`, JudgeBench's `overall_official`), and
-    `rm-bench.json`: a JSON list of {id, domain, score_chosen: [3], score_rejected: [3]} (styles in the published
-    order; domain as in the file names), what RM-Bench's `compute_accuracy` reads; `judgebench.jsonl`: JudgeBench's
-    own per-pair output rows (`_judgebench_lines`); `rewardbench2.json`: reward-bench v2's per-item scores file
-    (`_rewardbench2_scores`); `rmb.json`: RMB's per-pair result list (`_rmb_results`)."""
+    `summary.json` ({benchmark: {section: score}}, fractions, with `overall`, JudgeBench's `overall_official`),
+    `rm-bench-<domain>.json` (chat, code, math, safety): a JSON list of {id, score_chosen: [3], score_rejected: [3]}
+    (styles in the published order), what RM-Bench's `compute_accuracy` reads as one domain's results, and, when
+    every domain is present, `rm-bench.json` (the same rows with `domain`, read as total_dataset.json's);
+    `judgebench.jsonl` (every pair) and `judgebench-<response_model>.jsonl` (one per published pairs file):
+    JudgeBench's own per-pair output rows (`_judgebench_lines`); `rewardbench2.json`: reward-bench v2's per-item
+    scores file (`_rewardbench2_scores`); `rmb.json`: RMB's per-pair result list (`_rmb_results`)."""
     import json
+    import re
 
     out.mkdir(parents=True, exist_ok=True)
     res = ev.results.filter(pl.col("rm_version") == rm_version)
@@ -298,13 +384,31 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
             r["score_chosen" if role == "chosen" else "score_rejected"][a if role == "chosen" else b] = reward
         for r in rows.values():  # ids as published (integers where they were)
             r["id"] = int(r["id"]) if str(r["id"]).lstrip("-").isdigit() else r["id"]
-        written.append(out / "rm-bench.json")
-        written[-1].write_text(json.dumps(sorted(rows.values(), key=lambda r: (r["domain"], str(r["id"]))), indent=1))
+        ordered = sorted(rows.values(), key=lambda r: (r["domain"], str(r["id"])))
+        # compute_accuracy reads a file with `domain` as total_dataset.json: it splits it into chat, math, code and
+        # safety (safety-* merged) and fails on a domain with no rows; a file without `domain` is one domain's. So:
+        # one file per domain, always, and the combined file when every domain is present.
+        by_domain: dict[str, list] = {}
+        for r in ordered:
+            by_domain.setdefault(RM_BENCH_DOMAINS[r["domain"]], []).append(
+                {k: v for k, v in r.items() if k != "domain"})
+        for d, part in sorted(by_domain.items()):
+            written.append(out / f"rm-bench-{d}.json")
+            written[-1].write_text(json.dumps(part, indent=1))
+        if set(by_domain) == set(RM_BENCH_DOMAINS.values()):
+            written.append(out / "rm-bench.json")
+            written[-1].write_text(json.dumps(ordered, indent=1))
     jb = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "judgebench"))
     if jb.height and ev.author_items is not None:
-        written.append(out / "judgebench.jsonl")
-        written[-1].write_text(_judgebench_lines(ev.author_items.filter(pl.col("benchmark") == "judgebench"), jb,
-                                                 rm_version))
+        jb_items = ev.author_items.filter(pl.col("benchmark") == "judgebench").with_columns(
+            response_model=pl.col("subset").str.split(":").list.get(2, null_on_oob=True).fill_null("unknown"))
+        written.append(out / "judgebench.jsonl")  # every pair (compute_final_metrics: pooled_official)
+        written[-1].write_text(_judgebench_lines(jb_items, jb, rm_version))
+        for (model,), part in jb_items.group_by("response_model"):  # one file per published pairs file, as
+            # run_judge.py writes one output per --pairs file (compute_final_metrics: <model>/overall_official)
+            written.append(out / f"judgebench-{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.jsonl")
+            written[-1].write_text(_judgebench_lines(part, jb.join(part.select("item_key"), on="item_key"),
+                                                     rm_version))
     rb2 = ev.rewards.filter((pl.col("rm_version") == rm_version) & (pl.col("benchmark") == "rewardbench2"))
     if rb2.height and ev.author_items is not None:
         written.append(out / "rewardbench2.json")
@@ -348,8 +452,6 @@ def _rewardbench2_scores(items: pl.DataFrame, rewards: pl.DataFrame, rm_version:
     """reward-bench v2's per-item file (`results/eval-set-scores/<model>.json`, a column dict): per row `scores`
     (the chosen responses first, then the rejected), `subset`, `id`, `num_correct` and `results` (1/k when the
     first chosen ties k-1 others at the top, 1 alone, else 0; None for Ties, scored by `process_single_model`)."""
-    from pipelines.evaluate.harness import credit
-
     r: dict = {}
     for key, role, idx, reward in rewards.select("item_key", "role", "idx", "reward").iter_rows():
         r.setdefault(key, {"chosen": {}, "rejected": {}})[role][idx] = reward
@@ -383,12 +485,12 @@ def _judgebench_lines(items: pl.DataFrame, rewards: pl.DataFrame, rm_version: st
     lines = []
     for key, subset, history, chosen, rejected in items.select("item_key", "subset", "history", "chosen",
                                                                "rejected").iter_rows():
-        label, _, source = subset.partition(":")
+        label, source, model = (subset.split(":", 2) + ["unknown"])[:3]
         good, bad = r[(key, "chosen")], r[(key, "rejected")]
         (sa, sb), (ra, rb) = ((good, bad), (chosen[0], rejected[0])) if label == "A>B" else \
             ((bad, good), (rejected[0], chosen[0]))
         lines.append(json.dumps({
             "pair_id": key, "source": source, "question": history[-1]["content"] if history else "",
-            "response_A": ra, "response_B": rb, "label": label, "judge_name": "reward_model",
-            "judgments": [game(sa, sb), game(sb, sa)]}, ensure_ascii=False))
+            "response_model": model, "response_A": ra, "response_B": rb, "label": label,
+            "judge_name": "reward_model", "judgments": [game(sa, sb), game(sb, sa)]}, ensure_ascii=False))
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Structural checks on canonical candidates, with the reason codes quarantine rows carry.
+"""Structural checks on canonical candidates; a refused one carries a reason code (pipelines.schema.Reason).
 
 Checks run vectorized over a frame of candidates (history, chosen, rejected), so a 10M-row source is checked
 at columnar speed; `check_candidate` is the same rule set for one pair.
@@ -6,29 +6,9 @@ at columnar speed; `check_candidate` is the same rule set for one pair.
 
 from __future__ import annotations
 
-import enum
-
 import polars as pl
 
-from pipelines.schema import HISTORY_DTYPE
-
-
-class Reason(str, enum.Enum):
-    UNDECODABLE = "undecodable"  # not UTF-8, not JSON, not an object
-    MISSING_FIELD = "missing_field"
-    NULL_FIELD = "null_field"
-    MALFORMED = "malformed"  # wrong types, unknown roles, no turns
-    HISTORY_MISMATCH = "history_mismatch"  # chosen/rejected disagree before the final turn
-    EMPTY_TEXT = "empty_text"
-    IDENTICAL = "identical_responses"
-    BAD_TEXT = "bad_text"  # NUL bytes or U+FFFD replacement characters (mis-decoded upstream)
-    TOO_LONG = "too_long"
-    BAD_LABEL = "bad_label"
-    CONTAMINATED = "contaminated"  # shares a 13-gram with a benchmark prompt
-    # refused after ingest, by a later stage (pipelines.pool.quarantine_pairs)
-    OVER_LENGTH = "over_length"  # a response alone longer than the RM's max_len: cannot be scored
-    NON_FINITE = "non_finite"  # an RM returned NaN or inf for it
-    ANNOTATION_FAILED = "annotation_failed"  # no valid attributes after every retry
+from pipelines.schema import HISTORY_DTYPE, Reason
 
 
 class RowError(Exception):

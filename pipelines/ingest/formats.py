@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipelines.ingest.checks import Reason, RowError
+from pipelines.ingest.checks import RowError
+from pipelines.schema import Reason
 
 
 @dataclass

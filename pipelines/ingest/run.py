@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipelines.ingest.checks import Reason, RowError, check_frame
+from pipelines.ingest.checks import RowError, check_frame
 from pipelines.ingest.decontaminate import NgramIndex
 from pipelines.ingest.formats import PARSERS, ParseStats, apply_mapping, detect_format
 from pipelines.ingest.readers import RawRecord, iter_batches, read_ahead
 from pipelines.lake import Lake, now_utc
 from pipelines.schema import (DUPLICATES_SCHEMA, HISTORY_DTYPE, QUARANTINE_SCHEMA, RAW_PAIRS_SCHEMA, LabelOrigin,
-                             pair_ids)
+                             Reason, item_pair_ids, pair_ids)
 
 from pipelines.tables import BENCHMARK_ITEMS, BENCHMARK_PROMPTS, DUPLICATES, QUARANTINE, RAW  # noqa: F401
 
@@ -70,6 +70,10 @@ class IdIndex:
         self._code: dict[tuple[str, str], int] = {}
         self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # hi, lo, place, row
         self.merge_every = merge_every
+        # sorted chunks read from a persisted index (memory-mapped, never merged in memory: see idstore.py) and
+        # the duplicate keys they were known to hold when built; `chunks` are then only this run's new keys
+        self.frozen: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.frozen_duplicates = 0
 
     @staticmethod
     def split(ids: pl.Series | list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +111,7 @@ class IdIndex:
         o = np.argsort(hi, kind="stable")
         s_hi, s_lo = hi[o], lo[o]
         s_place, s_row = place[o], row[o]
-        for c_hi, c_lo, c_pl, c_rw in self.chunks:
+        for c_hi, c_lo, c_pl, c_rw in [*self.frozen, *self.chunks]:
             left = np.searchsorted(c_hi, s_hi, side="left")
             first = np.minimum(left, c_hi.size - 1)
             todo = (c_hi[first] == s_hi) & (s_place < 0)
@@ -124,17 +128,30 @@ class IdIndex:
         return place, row
 
     def __len__(self) -> int:
-        return int(sum(c[0].size for c in self.chunks))
+        return int(sum(c[0].size for c in [*self.frozen, *self.chunks]))
 
     def duplicate_keys(self) -> int:
         """Keys held more than once (each extra copy counted): a sort of the 128-bit keys, no string hashing, so
-        the raw table's uniqueness check costs O(N log N) numpy on ids already in memory."""
+        the raw table's uniqueness check costs O(N log N) numpy on ids already in memory.
+
+        With a persisted index, only the in-memory keys are sorted and probed against the frozen ones (whose own
+        duplicates were counted when they were built): the check costs this run's keys, not the lake's."""
         if not self.chunks:
-            return 0
+            return self.frozen_duplicates
         hi, lo = (np.concatenate([c[i] for c in self.chunks]) for i in range(2))
         o = np.lexsort((lo, hi))
         hi, lo = hi[o], lo[o]
-        return int(((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])).sum())
+        repeat = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
+        within = int(repeat.sum())
+        against = 0
+        if self.frozen:  # each distinct in-memory key also frozen is one more copy
+            first = np.concatenate([[True], ~repeat])
+            fresh, self.chunks = self.chunks, []
+            try:
+                against = int((self.lookup(hi[first], lo[first])[0] >= 0).sum())
+            finally:
+                self.chunks = fresh
+        return self.frozen_duplicates + within + against
 
 
 def load_id_index(lake: Lake) -> IdIndex:
@@ -363,7 +380,5 @@ def decontam_index_from_lake(lake: Lake, table: str = BENCHMARK_PROMPTS) -> Ngra
     df = lake.read(table, columns=["benchmark", "prompt"])
     pairs = None
     if lake.exists(BENCHMARK_ITEMS):
-        from pipelines.evaluate.benchmarks import item_pair_ids
-
         pairs = item_pair_ids(lake.read(BENCHMARK_ITEMS))
     return NgramIndex.build(list(df.iter_rows()), pairs=pairs)

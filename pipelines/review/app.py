@@ -3,6 +3,13 @@
     synpref review add-annotator alice            # prints alice's token once (stored hashed)
     synpref review serve --port 8000
 
+Serving: each annotator is handed one item at a time under a lease (`lease_ttl_s`, renewed by the open page's
+heartbeat); a closed tab stops the heartbeat, the lease expires and the item goes back to the queue. Two annotators
+get the same item only when it is one of the queue's double-annotated (`overlap`) items, and never one they
+labelled. Annotators who disagree on an item send it to the adjudication queue (`/adjudicate`, leads only), whose
+verdict is final in the seed. A request reads the rows of its item from the serving store (`store.ReviewStore`,
+SQLite), never the queue or the ledger; the store follows the lake in the background (`sync.LakeSync`).
+
 Security: every page and API needs a valid token (401 otherwise); tokens are stored as SHA-256 hashes; an
 annotator sees other verdicts on a pair only after submitting their own (blind review); the author of a verdict is
 always the token's owner; nothing is ever changed or deleted: the ledger is append-only, so an annotator who
@@ -16,22 +23,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import random
 import secrets
+import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import polars as pl
 from fastapi import FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from jinja2 import DictLoader, Environment, select_autoescape
 from pydantic import BaseModel
 
 from pipelines.lake import Lake
-from pipelines.review.ledger import VerdictIn, agreement_by_annotator, append_verdicts, read_verdicts
-from pipelines.review.queue import QUEUE
-from pipelines.tables import ANNOTATIONS, PRECHECKS, RAW
+from pipelines.review.ledger import (ADJUDICATOR_ROLE, COMPACT_EVERY, VerdictIn, agreement_by_annotator,
+                                     agreement_by_batch, GroupCommit, progress_by_annotator, verdict_rows)
+from pipelines.review.store import ReviewStore
+from pipelines.review.sync import LakeSync
+
+log = logging.getLogger(__name__)
 
 COOKIE = "synpref_token"
 
@@ -78,7 +91,8 @@ pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em;border-radius:6px}
 .meta{font-size:.9em;color:#555}button{font-size:1em;padding:.4em 1em;margin-right:.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}</style></head><body>
 <div class="meta">{% if user %}Signed in as <b>{{ user.name }}</b> ({{ user.role }}){% if user.role == 'lead' %}
- · <a href="/lead">lead view</a>{% endif %} · <a href="/">next pair</a>{% endif %}</div>
+ · <a href="/lead">lead view</a> · <a href="/adjudicate">adjudication queue</a>{% endif %} · <a href="/">next pair</a>
+{% endif %}</div>
 {% block body %}{% endblock %}</body></html>"""
 
 LOGIN = """{% extends "base.html" %}{% block body %}<h2>Sign in</h2>
@@ -87,8 +101,13 @@ LOGIN = """{% extends "base.html" %}{% block body %}<h2>Sign in</h2>
 autofocus> <button type="submit">Sign in</button></form>{% endblock %}"""
 
 ITEM = """{% extends "base.html" %}{% block body %}
-<p class="meta">Progress: {{ done }} verdicts by you · {{ remaining }} pairs left in queue {{ queue_version }}</p>
-{% if not item %}<h2>Nothing left to review. Thank you!</h2>{% else %}
+<p class="meta" id="progress">Progress: {{ p.done }} verdicts by you · {{ p.in_batch }} in batch {{ p.queue_version }}
+ · {{ p.remaining }} pairs left in queue {{ p.queue_version }} · {{ p.awaiting_adjudication }} awaiting adjudication</p>
+{% if not item %}<h2 id="empty">{% if kind == 'adjudicate' %}No disagreement waits for you.{% else %}Nothing left to
+review. Thank you!{% endif %}</h2>{% else %}
+{% if kind == 'adjudicate' %}<h2>Adjudication: the annotators disagree; your verdict is final</h2>
+<table id="votes"><tr><th>annotator</th><th>verdict</th><th>note</th></tr>{% for v in item.votes %}
+<tr><td>{{ v.annotator }}</td><td>{{ v.shown }}</td><td>{{ v.note }}</td></tr>{% endfor %}</table>{% endif %}
 <h3>Task: {{ item.task_category }} · {{ item.objectivity }} · controversiality {{ item.controversiality }}</h3>
 <p><b>Why queued:</b> {{ item.why }}</p>
 <p><b>Desired attributes:</b> {{ item.desired }}</p><p><b>Guideline:</b> {{ item.guideline }}</p>
@@ -100,6 +119,7 @@ ITEM = """{% extends "base.html" %}{% block body %}
 <form method="post" action="/verdict" id="vform">
 <input type="hidden" name="pair_id" value="{{ item.pair_id }}"><input type="hidden" name="order_shown"
 value="{{ item.order }}"><input type="hidden" name="started" value="{{ started }}">
+<input type="hidden" name="kind" value="{{ kind }}">
 <input type="hidden" name="choice" id="choice" value="">
 <p><label>Note <input name="note" size="60"></label></p>
 <p><label>Task category (edit if wrong) <input name="task_category" value="{{ item.task_category }}"></label>
@@ -107,19 +127,39 @@ value="{{ item.order }}"><input type="hidden" name="started" value="{{ started }
 <button type="button" onclick="pick('1')">Candidate 1 better [1]</button>
 <button type="button" onclick="pick('2')">Candidate 2 better [2]</button>
 <button type="button" onclick="pick('undecidable')">Cannot decide — discard [0]</button></form>
+<p class="meta" id="lease">Held for you for {{ ttl }} s while this page is open.</p>
 <script>function pick(c){document.getElementById('choice').value=c;document.getElementById('vform').submit();}
 document.addEventListener('keydown',function(e){if(e.target.tagName==='INPUT')return;
 if(e.key==='1')pick('1');else if(e.key==='2')pick('2');else if(e.key==='0'||e.key==='u')pick('undecidable');});
+function heartbeat(){return fetch('/api/leases/renew',{method:'POST',headers:{'Content-Type':'application/json'},
+body:JSON.stringify({pair_id:{{ item.pair_id|tojson }}})}).then(function(r){if(r.status===409)
+document.getElementById('lease').textContent='Your hold on this pair expired; a verdict is still recorded.';
+return r.status;});}
+setInterval(heartbeat,{{ heartbeat_ms }});
 </script>{% endif %}{% endblock %}"""
 
 LEAD = """{% extends "base.html" %}{% block body %}<h2>Lead view</h2>
 <p>{{ total }} verdicts on {{ pairs }} pairs · discard rate {{ '%.1f'|format(discard_rate * 100) }}%</p>
-<h3>Throughput</h3><table><tr><th>annotator</th><th>verdicts</th><th>median seconds</th><th>discards</th></tr>
-{% for r in throughput %}<tr><td>{{ r.annotator }}</td><td>{{ r.n }}</td><td>{{ '%.1f'|format(r.median_s or 0) }}</td>
-<td>{{ r.discards }}</td></tr>{% endfor %}</table>
-<h3>Agreement on overlap items</h3><table><tr><th>annotator</th><th>overlap items</th><th>agreement</th></tr>
+<p id="batch">Batch {{ batch.queue_version }}: {{ batch.items }} items, {{ batch.open }} open,
+{{ batch.double_annotated }} double-annotated, {{ batch.disputed }} disputed, {{ batch.adjudicated }} adjudicated ·
+<a href="/adjudicate">{{ awaiting }} awaiting adjudication</a></p>
+<h3>Progress per annotator</h3><table id="progress"><tr><th>annotator</th><th>pairs</th><th>in batch</th>
+<th>verdicts</th><th>adjudications</th><th>median seconds</th><th>discards</th><th>holding now</th></tr>
+{% for r in progress %}<tr><td>{{ r.annotator }}</td><td>{{ r.pairs }}</td><td>{{ r.in_batch }}</td>
+<td>{{ r.verdicts }}</td><td>{{ r.adjudications }}</td><td>{{ '%.1f'|format(r.median_s or 0) }}</td>
+<td>{{ r.discards }}</td><td>{{ r.holding }}</td></tr>{% endfor %}</table>
+<h3>Agreement per batch (double-annotated items)</h3><table id="agreement-batch"><tr><th>batch</th>
+<th>overlap items</th><th>agreement</th><th>kappa</th></tr>
+{% for r in by_batch %}<tr><td>{{ r.queue_version }}</td><td>{{ r.overlap_items }}</td>
+<td>{{ '%.2f'|format(r.agreement) }}</td><td>{{ 'n/a' if r.kappa is none else '%.2f'|format(r.kappa) }}</td></tr>
+{% endfor %}</table>
+<h3>Agreement per annotator</h3><table id="agreement"><tr><th>annotator</th><th>overlap items</th>
+<th>agreement</th><th>kappa</th></tr>
 {% for r in agreement %}<tr><td>{{ r.annotator }}</td><td>{{ r.overlap_items }}</td>
-<td>{{ '%.2f'|format(r.agreement) }}</td></tr>{% endfor %}</table>{% endblock %}"""
+<td>{{ '%.2f'|format(r.agreement) }}</td><td>{{ 'n/a' if r.kappa is none else '%.2f'|format(r.kappa) }}</td></tr>
+{% endfor %}</table>
+<p class="meta">kappa: Cohen's (scikit-learn) against co-annotators; per batch over both orders of each pair
+(Scott's pi / Fleiss' kappa for two raters). n/a: one label only, chance agreement is 1.</p>{% endblock %}"""
 
 ENV = Environment(loader=DictLoader({"base.html": BASE, "login.html": LOGIN, "item.html": ITEM, "lead.html": LEAD}),
                   autoescape=select_autoescape(default=True, default_for_string=True))
@@ -134,10 +174,51 @@ class VerdictBody(BaseModel):
     seconds_spent: float = 0.0
 
 
+class LeaseBody(BaseModel):
+    pair_id: str
+
+
+def store_path_for(annotators: Path, lake_root: str) -> Path:
+    """The serving store lives next to the annotators file, one per lake (two lakes never share leases)."""
+    return annotators.parent / f"review-{hashlib.sha256(lake_root.encode()).hexdigest()[:12]}.sqlite"
+
+
 # --- the app -----------------------------------------------------------------------------------------------------
-def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
-    app = FastAPI(title="SynPref review", docs_url=None, redoc_url=None)
+def create_app(lake_root: str, annotators: Path, seed: int = 0, *, lease_ttl_s: float = 600.0,
+               sync_every_s: float = 2.0, store_path: Path | None = None, clock: Callable[[], float] = time.time,
+               compact_every: int = COMPACT_EVERY) -> FastAPI:
+    """lease_ttl_s: how long an item stays with an annotator without a heartbeat or a verdict (the open page
+    renews it every third of it). sync_every_s: how often verdicts and batches written elsewhere are picked up.
+    clock: seconds, for leases (tests move it instead of sleeping)."""
     lake = Lake(lake_root)
+    store = ReviewStore(store_path or store_path_for(Path(annotators), lake.root), clock=clock)
+    syncer = LakeSync(lake, store)
+    ledger = GroupCommit(lake, compact_every)
+    stop = threading.Event()
+    last_sync = [0.0]
+
+    def sync_now() -> dict:
+        last_sync[0] = time.monotonic()
+        return syncer.sync()
+
+    def loop() -> None:
+        while not stop.wait(sync_every_s):
+            try:
+                sync_now()
+            except Exception:  # a transient lake error must not end the loop; the next pass retries
+                log.exception("review store sync failed")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        sync_now()
+        th = threading.Thread(target=loop, name="review-sync", daemon=True)
+        th.start()
+        yield
+        stop.set()
+        th.join(10)
+
+    app = FastAPI(title="SynPref review", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.store, app.state.sync = store, syncer
 
     def user_of(request: Request) -> User:
         token = request.cookies.get(COOKIE)
@@ -149,66 +230,63 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
             raise HTTPException(status_code=401, detail="a valid token is required")
         return user
 
-    def queue() -> tuple[pl.DataFrame, str]:
-        if not lake.exists(QUEUE):
-            return pl.DataFrame(), ""
-        q = lake.read(QUEUE)
-        version = q["queue_version"].max()
-        return q.filter(pl.col("queue_version") == version).sort("priority"), str(version)
+    def lead_of(request: Request) -> User:
+        user = user_of(request)
+        if user.role != "lead":
+            raise HTTPException(status_code=403, detail="lead only")
+        return user
 
-    def next_item(user: User) -> tuple[dict | None, int, int, str]:
-        q, version = queue()
-        v = read_verdicts(lake)
-        mine = set(v.filter(pl.col("annotator") == user.name)["pair_id"].to_list())
-        counts = v.group_by("pair_id").agg(n=pl.col("annotator").n_unique()) if v.height else pl.DataFrame(
-            schema={"pair_id": pl.String, "n": pl.UInt32})
-        if q.height == 0:
-            return None, len(mine), 0, version
-        q = q.join(counts, on="pair_id", how="left").with_columns(n=pl.col("n").fill_null(0))
-        open_ = q.filter(~pl.col("pair_id").is_in(list(mine))
-                         & (pl.col("n") < pl.when(pl.col("overlap")).then(2).otherwise(1)))
-        if open_.height == 0:
-            return None, len(mine), 0, version
-        head = open_.row(0, named=True)
-        if head.get("chosen") is not None:  # the queue carries the text: no scan of raw_pairs per item shown
-            pair = head
-        else:
-            pair = lake.scan(RAW).filter(pl.col("pair_id") == head["pair_id"]).collect().row(0, named=True)
-        ann = {}
-        if lake.exists(ANNOTATIONS):  # the latest successful attributes (the table is append-only)
-            a = (lake.scan(ANNOTATIONS).filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok"))
-                 .sort("created_at").collect())
-            ann = a.row(-1, named=True) if a.height else {}
-        chosen_first = random.Random(f"{seed}|{user.name}|{head['pair_id']}").random() < 0.5
-        c1, c2 = (pair["chosen"], pair["rejected"]) if chosen_first else (pair["rejected"], pair["chosen"])
-        checks = {}
-        if lake.exists(PRECHECKS):  # batched LLM pre-check of each response (objective pairs)
-            pc = (lake.scan(PRECHECKS).filter((pl.col("pair_id") == head["pair_id"]) & (pl.col("status") == "ok"))
-                  .sort("created_at").collect())
-            checks = {r["side"]: f"{r['verdict']} ({r['model']}): {r['reason']}" for r in pc.iter_rows(named=True)}
-        item = {"pair_id": head["pair_id"], "order": "chosen_first" if chosen_first else "rejected_first",
-                "history": pair["history"], "c1": c1, "c2": c2, "why": head["why"],
-                "task_category": ann.get("task_category") or head["task_category"],
-                "objectivity": head["objectivity"], "controversiality": head["controversiality"],
-                "desired": "; ".join(ann.get("desired_attributes") or []), "guideline": ann.get("guideline") or "",
+    def shown(user: User, pair_id: str, kind: str) -> dict:
+        it = store.item(pair_id)
+        chosen_first = random.Random(f"{seed}|{user.name}|{pair_id}").random() < 0.5
+        c1, c2 = (it["chosen"], it["rejected"]) if chosen_first else (it["rejected"], it["chosen"])
+        checks = it["checks"]
+        item = {"pair_id": pair_id, "order": "chosen_first" if chosen_first else "rejected_first",
+                "history": it["history"] or [], "c1": c1, "c2": c2, "why": it["why"],
+                "task_category": it["task_category"], "objectivity": it["objectivity"],
+                "controversiality": it["controversiality"], "desired": it.get("desired") or "",
+                "guideline": it.get("guideline") or "", "queue_version": it["queue_version"],
                 "check1": checks.get("chosen" if chosen_first else "rejected"),
                 "check2": checks.get("rejected" if chosen_first else "chosen")}
-        return item, len(mine), open_.height, version
+        if kind == "adjudicate":  # what each annotator said, in this page's candidate order
+            side = {"chosen": "Candidate 1" if chosen_first else "Candidate 2",
+                    "rejected": "Candidate 2" if chosen_first else "Candidate 1", "undecidable": "cannot decide"}
+            item["votes"] = [{"annotator": v["annotator"], "shown": side[v["prefers"]], "note": v["note"] or ""}
+                             for v in store.votes(pair_id) if v["role"] != ADJUDICATOR_ROLE]
+        return item
 
-    def submit(user: User, body: VerdictBody) -> dict:
-        q, version = queue()
-        if q.height == 0 or body.pair_id not in set(q["pair_id"].to_list()):
+    def next_item(user: User, kind: str = "annotate") -> tuple[dict | None, dict, float | None]:
+        claim = store.claim if kind == "annotate" else store.claim_adjudication
+        lease = claim(user.name, lease_ttl_s)
+        if lease is None and time.monotonic() - last_sync[0] > min(sync_every_s, 1.0):
+            sync_now()  # a batch just queued elsewhere: look once before saying there is nothing
+            lease = claim(user.name, lease_ttl_s)
+        item = shown(user, lease.pair_id, kind) if lease else None
+        return item, store.progress(user.name), lease.expires_at if lease else None
+
+    def submit(user: User, body: VerdictBody, adjudicate: bool = False) -> dict:
+        it = store.item(body.pair_id)
+        if it is None:
             raise HTTPException(status_code=404, detail="pair is not in the review queue")
-        v = VerdictIn(pair_id=body.pair_id, annotator=user.name, role=user.role, order_shown=body.order_shown,
-                      choice=body.choice, note=body.note, edited_attributes=body.edited_attributes,
-                      seconds_spent=body.seconds_spent, queue_version=version)
+        if adjudicate:
+            if user.role != "lead":
+                raise HTTPException(status_code=403, detail="adjudication is for leads")
+            if not it["disputed"]:
+                raise HTTPException(status_code=409, detail="the annotators do not disagree on this pair")
+        v = VerdictIn(pair_id=body.pair_id, annotator=user.name, role=ADJUDICATOR_ROLE if adjudicate else "annotator",
+                      order_shown=body.order_shown, choice=body.choice, note=body.note,
+                      edited_attributes=body.edited_attributes, seconds_spent=body.seconds_spent,
+                      queue_version=it["queue_version"])
         try:
             v.prefers()
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
-        earlier = read_verdicts(lake).filter((pl.col("pair_id") == body.pair_id) & (pl.col("annotator") == user.name))
-        version_written = append_verdicts(lake, [v])
-        return {"ok": True, "ledger_version": version_written, "revised": earlier.height > 0}
+        revised = store.has_voted(body.pair_id, user.name)
+        held = any(x["pair_id"] == body.pair_id and x["annotator"] == user.name for x in store.leases_of(user.name))
+        rows = verdict_rows([v])
+        version_written = ledger.append(rows)  # the ledger first: it is the record
+        store.add_verdicts(rows)  # then the store (a crash between the two: the next sync brings the row in)
+        return {"ok": True, "ledger_version": version_written, "revised": revised, "lease_held": held}
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -235,59 +313,109 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0) -> FastAPI:
         resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return resp
 
+    def page(user: User, kind: str) -> str:
+        item, progress, _ = next_item(user, kind)
+        return ENV.get_template("item.html").render(user=user, item=item, p=progress, kind=kind, started=time.time(),
+                                                    ttl=int(lease_ttl_s),
+                                                    heartbeat_ms=max(1000, int(lease_ttl_s * 1000 / 3)))
+
     @app.get("/", response_class=HTMLResponse)
     def index(request: Request):
-        user = user_of(request)
-        item, done, remaining, version = next_item(user)
-        return ENV.get_template("item.html").render(user=user, item=item, done=done, remaining=remaining,
-                                                    queue_version=version, started=time.time())
+        return page(user_of(request), "annotate")
+
+    @app.get("/adjudicate", response_class=HTMLResponse)
+    def adjudicate_page(request: Request):
+        return page(lead_of(request), "adjudicate")
 
     @app.post("/verdict")
     def verdict_form(request: Request, pair_id: str = Form(...), order_shown: str = Form(...),
                      choice: str = Form(...), note: str = Form(""), started: float = Form(0.0),
-                     task_category: str = Form(""), guideline: str = Form("")):
+                     task_category: str = Form(""), guideline: str = Form(""), kind: str = Form("annotate")):
         user = user_of(request)
         edits = {k: v for k, v in {"task_category": task_category, "guideline": guideline}.items() if v}
         submit(user, VerdictBody(pair_id=pair_id, order_shown=order_shown, choice=choice, note=note,
-                                 edited_attributes=edits, seconds_spent=max(0.0, time.time() - started)))
-        return RedirectResponse("/", status_code=303)
+                                 edited_attributes=edits, seconds_spent=max(0.0, time.time() - started)),
+               adjudicate=kind == "adjudicate")
+        return RedirectResponse("/adjudicate" if kind == "adjudicate" else "/", status_code=303)
 
     @app.get("/api/next")
     def api_next(request: Request):
-        item, done, remaining, version = next_item(user_of(request))
-        return {"item": item, "done": done, "remaining": remaining, "queue_version": version}
+        item, progress, expires = next_item(user_of(request))
+        return {"item": item, "done": progress["done"], "remaining": progress["remaining"],
+                "queue_version": progress["queue_version"], "progress": progress, "lease_expires_at": expires}
+
+    @app.get("/api/adjudications/next")
+    def api_next_adjudication(request: Request):
+        item, progress, expires = next_item(lead_of(request), "adjudicate")
+        return {"item": item, "progress": progress, "lease_expires_at": expires}
 
     @app.post("/api/verdicts")
     def api_verdict(request: Request, body: VerdictBody):
         return submit(user_of(request), body)
 
+    @app.post("/api/adjudications")
+    def api_adjudication(request: Request, body: VerdictBody):
+        return submit(user_of(request), body, adjudicate=True)
+
+    @app.post("/api/leases/renew")
+    def api_renew(request: Request, body: LeaseBody):
+        user = user_of(request)
+        if not store.renew(user.name, body.pair_id, lease_ttl_s):
+            raise HTTPException(status_code=409, detail="the lease expired or was never yours")
+        return {"ok": True}
+
+    @app.post("/api/leases/release")
+    def api_release(request: Request, body: LeaseBody):
+        """Hand an item back now (skip) instead of waiting for the lease to expire."""
+        return {"released": store.release(user_of(request).name, body.pair_id)}
+
+    @app.get("/api/progress")
+    def api_progress(request: Request):
+        user = user_of(request)
+        return {"progress": store.progress(user.name)}
+
+    @app.get("/api/agreement")
+    def api_agreement(request: Request):
+        lead_of(request)
+        ov = store.verdict_frame(overlap_only=True)
+        return {"by_batch": agreement_by_batch(ov).to_dicts(), "by_annotator": agreement_by_annotator(ov).to_dicts(),
+                "awaiting_adjudication": store.awaiting_adjudication()}
+
+    @app.post("/api/sync")
+    def api_sync(request: Request):
+        """Pick up what was written to the lake elsewhere now, rather than at the next background pass."""
+        lead_of(request)
+        return sync_now()
+
     @app.get("/api/pairs/{pair_id}/verdicts")
     def api_pair_verdicts(request: Request, pair_id: str):
         user = user_of(request)
-        v = read_verdicts(lake).filter(pl.col("pair_id") == pair_id)
-        if user.role != "lead" and user.name not in set(v["annotator"].to_list()):
+        if user.role != "lead" and not store.has_voted(pair_id, user.name):
             raise HTTPException(status_code=403, detail="submit your own verdict first (blind review)")
-        return {"verdicts": v.select("annotator", "prefers", "note", "created_at").with_columns(
-            pl.col("created_at").dt.to_string()).to_dicts()}
+        return {"verdicts": [{**v, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(v["created_at"]))}
+                             for v in store.history(pair_id)]}
 
     @app.get("/api/my-verdicts")
     def api_mine(request: Request):
-        user = user_of(request)
-        v = read_verdicts(lake).filter(pl.col("annotator") == user.name)
-        return {"verdicts": v.select("pair_id", "prefers", "note").to_dicts()}
+        return {"verdicts": store.mine(user_of(request).name)}
 
     @app.get("/lead", response_class=HTMLResponse)
     def lead(request: Request):
-        user = user_of(request)
-        if user.role != "lead":
-            raise HTTPException(status_code=403, detail="lead only")
-        v = read_verdicts(lake)
-        thr = (v.group_by("annotator").agg(n=pl.len(), median_s=pl.col("seconds_spent").median(),
-                                           discards=(pl.col("prefers") == "undecidable").sum()).sort("annotator")
-               if v.height else pl.DataFrame())
+        """The lead's overview: the one page that aggregates the whole ledger (from the store, not the lake)."""
+        user = lead_of(request)
+        v = store.verdict_frame()
+        batch = store.batch_status()
+        prog = progress_by_annotator(v, batch["queue_version"]).to_dicts()
+        holding: dict[str, int] = {}
+        for x in store.leases():
+            holding[x["annotator"]] = holding.get(x["annotator"], 0) + 1
+        for r in prog:
+            r["holding"] = holding.get(r["annotator"], 0)
+        ov = store.verdict_frame(overlap_only=True)
         return ENV.get_template("lead.html").render(
             user=user, total=v.height, pairs=v["pair_id"].n_unique() if v.height else 0,
-            discard_rate=float((v["prefers"] == "undecidable").mean()) if v.height else 0.0,
-            throughput=thr.to_dicts() if thr.height else [], agreement=agreement_by_annotator(v).to_dicts() if v.height else [])
+            discard_rate=float((v["prefers"] == "undecidable").mean()) if v.height else 0.0, batch=batch,
+            awaiting=store.awaiting_adjudication(), progress=prog, by_batch=agreement_by_batch(ov).to_dicts(),
+            agreement=agreement_by_annotator(ov).to_dicts())
 
     return app

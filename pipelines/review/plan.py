@@ -14,7 +14,8 @@ import polars as pl
 from pipelines.lake import Lake
 from pipelines.schema import pair_ids
 from pipelines.tables import RAW
-from pipelines.pool import pool_pairs, with_attributes
+from pipelines.annotate.attributes import with_attributes
+from pipelines.pool import pool_pairs
 from pipelines.review.ledger import read_verdicts
 from pipelines.review.queue import QUEUE, build_queue, queue_candidates
 from pipelines.rm.registry import best_of

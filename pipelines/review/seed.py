@@ -7,7 +7,8 @@
 
 A pair's split is a hash of its comparison id (orientation-free: (h, A, B) and its flipped twin (h, B, A) from
 another source share a split), and once given it is kept: rebuilding the seed with other `val_frac`/`test_frac`
-splits only comparisons not seen before, so a pair reported once is never trained on later. Two rows of one
+splits only comparisons not seen before, so a pair reported once is never trained on later. Annotators who
+disagree keep a pair out until a lead adjudicates it; the adjudicated label is then the seed's (`how`). Two rows of one
 comparison whose human-preferred responses differ are a label conflict: both are kept and marked
 (`label_conflict`), never silently merged."""
 
@@ -17,8 +18,9 @@ import hashlib
 
 import polars as pl
 
-from pipelines.annotate.runner import ATTRIBUTE_COLUMNS
+from pipelines.annotate.attributes import ATTRIBUTE_COLUMNS
 from pipelines.review.ledger import resolve
+from pipelines.schema import comparison_ids
 
 from pipelines.tables import SEED  # noqa: F401  (re-exported)
 
@@ -35,11 +37,11 @@ def build_seed(verdicts: pl.DataFrame, pairs: pl.DataFrame | pl.LazyFrame, attri
                val_frac: float = 0.2, test_frac: float = 0.2, previous: pl.DataFrame | None = None) -> pl.DataFrame:
     """pairs: raw_pairs rows (a lazy scan is fine: only the verdicts' pairs are read). Humans may flip a pair:
     `chosen` here is always the human-preferred response, and `label_flipped` says whether that differs from the
-    source's label. attributes: pair_id + the latest attributes (`pipelines.pool.attributes`) of these pairs.
+    source's label. attributes: pair_id + the latest attributes (`pipelines.annotate.attributes.attributes`) of
+    these pairs.
     previous: the seed as last written: its comparisons keep their split."""
-    from pipelines.schema import comparison_ids
-
-    res = resolve(verdicts).filter(pl.col("resolved") != "discard")
+    # discarded pairs and pairs awaiting adjudication stay out; an adjudicated pair takes the lead's label
+    res = resolve(verdicts).filter(pl.col("resolved").is_in(["chosen", "rejected"]))
     picked = (pairs.lazy().select("pair_id", "history", "chosen", "rejected", "source")
               .join(res.select("pair_id").lazy(), on="pair_id", how="semi").collect())
     df = res.join(picked, on="pair_id", how="inner")

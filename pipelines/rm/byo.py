@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import polars as pl
+import torch
 
 from pipelines.rm.store import PairSource, SourceTable, build_token_store, detect_layout
 from pipelines.rm.train import TrainConfig, TrainResult
@@ -139,7 +140,8 @@ def train_on_pairs(pairs: str, backbone: str, out: str, *, val: str | None = Non
         if nproc > 1:
             res = train_with_torchrun(backbone, b.store, val_rows, cfg, out, nproc=nproc, log=log)
         else:
-            res = train_reward_model(load_reward_model(backbone), b.store, val_rows, cfg, out, log=log)
+            res = train_reward_model(load_reward_model(backbone, dtype=torch.float32), b.store, val_rows, cfg, out,
+                                     log=log)
         mlflow.log_metrics({"best_val_accuracy": res.best_val_accuracy, "tokens_per_s": res.tokens_per_s})
         version = tracking.log_model_folder(res.best_dir, register)
         run_id = run.info.run_id

@@ -28,17 +28,30 @@ class Batch:
     pair_ids: list[str] = field(default_factory=list)
     n_global: int = 0  # pairs in the global batch this micro-batch belongs to (the loss divides by it)
     reads: torch.Tensor | None = None  # flat positions to read scores at (shared_prefix, packed)
-    allow: torch.Tensor | None = None  # shared_prefix: [B, L, L] bool attention pattern
+    # shared_prefix: [B, L] block of each token (0 history, j the j-th response, -1 padding); packed: [1, T] the
+    # sequence of each token. Linear in the tokens: the attention pattern is built from it on the device
+    # (pipelines.rm.attention), never as an L x L tensor here
+    segment: torch.Tensor | None = None
+    micro_index: int = 0  # this micro-batch's place in its optimizer step
+    micro_count: int = 1  # micro-batches of this rank in that step
 
     @property
     def n_pairs(self) -> int:
         return int(self.weight.shape[0])
 
-    def to(self, device: torch.device) -> "Batch":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def _map(self, fn) -> "Batch":
+        mv = lambda t: None if t is None else fn(t)  # noqa: E731
         return Batch(self.layout, {k: mv(v) for k, v in self.inputs.items()}, mv(self.rejected_index), mv(self.mask),
                      mv(self.weight), mv(self.margin), self.tokens, self.pair_ids, self.n_global, mv(self.reads),
-                     mv(self.allow))
+                     mv(self.segment), self.micro_index, self.micro_count)
+
+    def to(self, device: torch.device) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self, device: str | None = None) -> "Batch":
+        """Page-locked copies (what DataLoader(pin_memory=True) calls on a custom batch type): the host-to-GPU
+        copy in `to(..., non_blocking=True)` is then asynchronous."""
+        return self._map(lambda t: t.pin_memory())
 
 
 def layout_order(pairs: list[EncodedPair]) -> list[Encoded]:
@@ -108,26 +121,24 @@ def collate_shared_prefix(pairs: list[EncodedPair], pad_id: int, weight: list[fl
     B = len(rows)
     ids = np.full((B, L), pad_id, dtype=np.int64)
     pos = np.zeros((B, L), dtype=np.int64)
-    allow = np.zeros((B, L, L), dtype=bool)
+    segment = np.full((B, L), -1, dtype=np.int32)
     chosen_reads, rejected_reads = [], []
     for b, (row, (k, lens)) in enumerate(zip(rows, meta)):
         n = len(row)
         ids[b, :n] = row
         pos[b, :k] = np.arange(k)
-        allow[b, :k, :k] = np.tri(k, dtype=bool)
+        segment[b, :k] = 0
         start, ends = k, []
-        for m in lens:
-            pos[b, start:start + m] = np.arange(k, k + m)
-            allow[b, start:start + m, :k] = True  # every response sees the history ...
-            allow[b, start:start + m, start:start + m] = np.tri(m, dtype=bool)  # ... and itself
+        for j, m in enumerate(lens, 1):
+            pos[b, start:start + m] = np.arange(k, k + m)  # every response continues from the history ...
+            segment[b, start:start + m] = j  # ... and sees it and itself only (pipelines.rm.attention)
             start += m
             ends.append(b * L + start - 1)
-        allow[b, np.arange(n, L), np.arange(n, L)] = True  # pad rows attend to themselves (no NaN)
         chosen_reads.append(ends[0])
         rejected_reads += ends[1:]
     reads = torch.tensor(chosen_reads + rejected_reads, dtype=torch.long)
     return Batch("shared_prefix", {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos)}, idx,
-                 mask, w, margin, tokens, [p.pair_id for p in pairs], reads=reads, allow=torch.from_numpy(allow))
+                 mask, w, margin, tokens, [p.pair_id for p in pairs], reads=reads, segment=torch.from_numpy(segment))
 
 
 def collate_packed(pairs: list[EncodedPair], weight: list[float] | None = None) -> Batch:
@@ -138,8 +149,9 @@ def collate_packed(pairs: list[EncodedPair], weight: list[float] | None = None) 
     ids = np.concatenate(seqs).astype(np.int64)[None]
     pos = np.concatenate([np.arange(len(s)) for s in seqs])[None]
     reads = torch.from_numpy(np.cumsum([len(s) for s in seqs]) - 1)
+    segment = np.repeat(np.arange(len(seqs), dtype=np.int32), [len(s) for s in seqs])[None]
     return Batch("packed", {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos)}, idx, mask,
-                 w, margin, tokens, [p.pair_id for p in pairs], reads=reads)
+                 w, margin, tokens, [p.pair_id for p in pairs], reads=reads, segment=torch.from_numpy(segment))
 
 
 @dataclass
@@ -150,8 +162,9 @@ class Collator:
     pad_id: int
     segment_ids: bool = False
 
-    def __call__(self, fetched: tuple[list[EncodedPair], list[float], int]) -> Batch:
-        pairs, weight, n_global = fetched
+    def __call__(self, fetched: tuple) -> Batch:
+        """fetched: (pairs, weights, pairs in the global batch[, micro-batch index, micro-batches in the step])."""
+        pairs, weight, n_global, *where = fetched
         if self.layout == "pairs":
             b = collate_pairs(pairs, self.pad_id, self.segment_ids, weight)
         elif self.layout == "shared_prefix":
@@ -161,4 +174,6 @@ class Collator:
         else:
             raise ValueError(f"unknown layout {self.layout!r}")
         b.n_global = n_global
+        if where:
+            b.micro_index, b.micro_count = int(where[0]), int(where[1])
         return b

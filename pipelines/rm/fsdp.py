@@ -9,6 +9,9 @@ loads the whole checkpoint per process, and DCP's HuggingFaceStorageReader canno
 reward pad row, (b) leave the new score head to a seeded init, or (c) map an encoder checkpoint's keys, which
 lack the `bert.` prefix of its sequence-classification class.
 
+Accumulation: `resolve_accum_sync` picks whether FSDP reduces gradients on every micro-step or only the last
+(memory against communication; see TrainConfig.accum_sync).
+
 On GPUs with bf16, the policy is torchtitan's: bf16 parameters in compute, fp32 gradient reduction, fp32 master
 weights in the optimizer (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`).
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.rm.attention import resolve_attn_implementation
 from pipelines.rm.model import RewardModel, is_decoder_config
 
 
@@ -119,10 +123,11 @@ def load_sharded_reward_model(name_or_path: str, *, device: str | torch.device, 
 
         folder = Path(snapshot_download(name_or_path))  # offline: resolves from the local cache only
     config = AutoConfig.from_pretrained(folder, num_labels=1)
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
     tok = AutoTokenizer.from_pretrained(folder)
     decoder = is_decoder_config(config)
+    attn_implementation = resolve_attn_implementation(attn_implementation, device, decoder)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) computed
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         if decoder:
@@ -168,3 +173,44 @@ def load_sharded_reward_model(name_or_path: str, *, device: str | torch.device, 
         raise ValueError(f"{name_or_path}: no weights for {unknown[:5]} (checkpoint keys do not match "
                          f"{type(model).__name__})")
     return RewardModel(model, tok, decoder, str(name_or_path))
+
+
+# --- gradient accumulation ------------------------------------------------------------------------------------------
+ACCUM_SYNC = ("auto", "every_step", "last_step")
+
+
+def mem_params(model: torch.nn.Module) -> int:
+    """Parameters of the whole model (a DTensor counts its global size)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def no_sync_bytes(params: int) -> int:
+    """What skipping the reduction on accumulation micro-steps costs each rank: FSDP2 then keeps every parameter's
+    unsharded gradient, upcast to the fp32 reduce dtype, until the last micro-step (4 bytes x parameters: ~32 GB
+    at 8B, on top of the sharded state the memory estimate already counts)."""
+    return 4 * params
+
+
+def resolve_accum_sync(setting: str, *, distributed: bool, params: int, peak: int, limit: int) -> str:
+    """`every_step` or `last_step` for FSDP's `set_requires_gradient_sync` on accumulation micro-steps.
+
+    every_step: reduce-scatter after each micro-batch into the sharded gradient (no extra memory, one reduction per
+    micro-step; torchtitan's choice). last_step: one reduction per optimizer step, at the price of
+    `no_sync_bytes` per rank. auto: last_step when the estimated peak plus that still fits `limit`, else every_step.
+    In one process nothing is reduced: last_step (plain accumulation). An explicit last_step that cannot fit is
+    refused before training."""
+    from pipelines.rm.memory import GiB, MemoryPlanError
+
+    if setting not in ACCUM_SYNC:
+        raise ValueError(f"accum_sync must be one of {ACCUM_SYNC}, not {setting!r}")
+    if not distributed:
+        return "last_step"
+    extra = no_sync_bytes(params)
+    fits = peak + extra <= limit
+    if setting == "auto":
+        return "last_step" if fits else "every_step"
+    if setting == "last_step" and not fits:
+        raise MemoryPlanError(
+            f"accum_sync=last_step keeps unsharded fp32 gradients ({extra / GiB:.2f} GiB per rank) on top of the "
+            f"estimated peak {peak / GiB:.2f} GiB > {limit / GiB:.2f} GiB: set accum_sync=every_step (or auto)")
+    return setting

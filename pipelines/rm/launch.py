@@ -3,11 +3,13 @@
     torchrun [--standalone | --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT] --nproc-per-node G \\
         -m pipelines.rm.launch spec.json
 
-under Dagster Pipes (`PipesSubprocessClient` on one node, `PipesK8sClient` on a cluster). spec.json: backbone, the
+under Dagster Pipes (`PipesSubprocessClient` on one node, `PipesK8sClient` in a pod, `srun` starting
+pipelines.rm.slurm on every node of a Slurm job). spec.json: backbone, the
 token store folder (every rank maps it and reads only its own micro-batches), gold_val parquet (small, in memory),
 TrainConfig fields, out_dir (keyed by data + config: a rerun resumes), and optionally an MLflow run to log to.
 
-Rank 0 opens the Pipes channel when the orchestrator provided one: each step goes back as a log line and a custom
+Global rank 0 (torchrun's RANK; on whichever node the rendezvous put it) opens the Pipes channel when the
+orchestrator provided one: each step goes back as a log line and a custom
 message, the final TrainResult as a custom message; the other ranks only train. Rank 0 also logs each step to the
 MLflow run given in the spec, live.
 """
@@ -24,26 +26,48 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from pipelines.rm.memory import MemoryPlanError
 from pipelines.rm.model import load_reward_model
 from pipelines.rm.shards import TokenStore
 from pipelines.rm.train import TrainConfig, TrainResult, is_main_process, train_reward_model, use_bf16
 
 
+def checkpoint_folder(backbone: str) -> Path | None:
+    """The local folder of a backbone's safetensors: the folder itself, or a hub id's snapshot in the local cache
+    (offline); None where there is none (then the plain HF load decides)."""
+    folder = Path(backbone)
+    if not (folder / "config.json").exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(backbone, local_files_only=True))
+        except Exception:  # not a cached hub id: let transformers say what is wrong
+            return None
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        return folder
+    return None
+
+
 def load_for_training(backbone: str, device: str, attn_implementation: str | None, bf16: str, seed: int):
-    """Under torchrun, a model built on the meta device and loaded shard by shard (no full copy per rank);
-    in one process, the plain HF load."""
+    """Under torchrun, a model built on the meta device and loaded shard by shard in fp32 (no full copy per rank),
+    local folders and cached hub ids alike; in one process, the plain HF load, in fp32 whatever the checkpoint
+    stores (the optimizer's master weights)."""
     if "WORLD_SIZE" in os.environ and not os.environ.get("SYNPREF_NO_FSDP"):
-        folder = Path(backbone)
-        if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        folder = checkpoint_folder(backbone)
+        if folder is not None:
             from pipelines.rm.fsdp import load_sharded_reward_model
 
-            return load_sharded_reward_model(backbone, device=device, attn_implementation=attn_implementation,
-                                             bf16=use_bf16(bf16, torch.device(device)), seed=seed)
-    return load_reward_model(backbone, device=device, attn_implementation=attn_implementation, seed=seed)
+            rm = load_sharded_reward_model(str(folder), device=device, attn_implementation=attn_implementation,
+                                           bf16=use_bf16(bf16, torch.device(device)), seed=seed)
+            rm.name_or_path = backbone
+            return rm
+    return load_reward_model(backbone, device=device, attn_implementation=attn_implementation, seed=seed,
+                             dtype=torch.float32)
 
 
 def _pipes():
-    """The Dagster Pipes context on rank 0 when launched under Pipes, else None."""
+    """The Dagster Pipes context on global rank 0 when launched under Pipes, else None. torchrun sets RANK to the
+    global rank (LOCAL_RANK is the node's), so one process of a multi-node job talks to Dagster."""
     if not os.environ.get("DAGSTER_PIPES_CONTEXT") or int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext(None)
     from dagster_pipes import open_dagster_pipes
@@ -75,18 +99,33 @@ TRAIN_COLUMNS = ["pair_id", "history", "chosen", "rejected"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun_command(spec_path: str, *, nproc: int, nnodes: int = 1, rdzv_endpoint: str = "",
-                     rdzv_id: str = "synpref-rm", module: str = "pipelines.rm.launch",
-                     python: str = sys.executable) -> list[str]:
-    """The launch command; `--standalone` only for one node, a c10d rendezvous across several."""
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+def torchrun_args(spec_path: str, *, nproc: int, nnodes: int = 1, rdzv_endpoint: str = "",
+                  rdzv_id: str = "synpref-rm", module: str = "pipelines.rm.launch", node_rank: int | None = None,
+                  rdzv_is_host: bool | None = None) -> list[str]:
+    """torchrun's arguments (what follows `torchrun`); `--standalone` only for one node, a c10d rendezvous across
+    several. `node_rank` / `rdzv_is_host` come from a scheduler that knows them (pipelines.rm.slurm): the node
+    whose host is the endpoint then hosts the rendezvous store, instead of torch guessing it from hostnames."""
+    cmd = [f"--nproc-per-node={nproc}"]
     if nnodes == 1:
         cmd.append("--standalone")
     else:
         if not rdzv_endpoint:
             raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port every node reaches)")
-        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        cmd.append(f"--nnodes={nnodes}")
+        if node_rank is not None:
+            cmd.append(f"--node-rank={node_rank}")
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        if rdzv_is_host is not None:
+            cmd.append(f"--rdzv-conf=is_host={int(rdzv_is_host)}")
     return cmd + ["-m", module, spec_path]
+
+
+def torchrun_command(spec_path: str, *, nproc: int, nnodes: int = 1, rdzv_endpoint: str = "",
+                     rdzv_id: str = "synpref-rm", module: str = "pipelines.rm.launch",
+                     python: str = sys.executable) -> list[str]:
+    """The launch command: torchrun's own entry (`python -m torch.distributed.run`) with `torchrun_args`."""
+    return [python, "-m", "torch.distributed.run"] + torchrun_args(
+        spec_path, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, module=module)
 
 
 def write_spec(backbone: str, store, val_rows: list[dict], cfg: TrainConfig, out_dir: str,
@@ -98,7 +137,8 @@ def write_spec(backbone: str, store, val_rows: list[dict], cfg: TrainConfig, out
     (pl.DataFrame(val_rows).select(TRAIN_COLUMNS) if val_rows
      else pl.DataFrame(schema={c: pl.String for c in TRAIN_COLUMNS})).write_parquet(launch / "val.parquet")
     spec = {"backbone": backbone, "store": str(store.path), "val": str(launch / "val.parquet"), "config": asdict(cfg),
-            "out_dir": out_dir, "result": str(launch / "result.json"), "attn_implementation": attn_implementation}
+            "out_dir": out_dir, "result": str(launch / "result.json"),
+            "attn_implementation": attn_implementation or cfg.attn_implementation}
     import mlflow
 
     run = mlflow.active_run()
@@ -126,7 +166,12 @@ def train_with_torchrun(backbone: str, store, val_rows: list[dict], cfg: TrainCo
     import subprocess
 
     spec = write_spec(backbone, store, val_rows, cfg, out_dir, attn_implementation)
-    subprocess.run(torchrun_command(str(spec), nproc=nproc), check=True, cwd=str(ROOT))
+    refused = spec.parent / "refused.txt"
+    refused.unlink(missing_ok=True)
+    done = subprocess.run(torchrun_command(str(spec), nproc=nproc), cwd=str(ROOT))
+    if done.returncode and refused.exists():  # the ranks' preflight said why, before training
+        raise MemoryPlanError(refused.read_text())
+    done.check_returncode()
     res = read_result(spec)
     if log and "mlflow" not in json.loads(spec.read_text()):
         for rec in res.history:
@@ -155,7 +200,14 @@ def main(spec_path: str, log=None) -> None:
                 log(rec, step)
 
         val = pl.read_parquet(spec["val"]).to_dicts() if spec.get("val") else []
-        res = train_reward_model(rm, TokenStore(spec["store"]), val, cfg, spec["out_dir"], log=on_step)
+        try:
+            res = train_reward_model(rm, TokenStore(spec["store"]), val, cfg, spec["out_dir"], log=on_step)
+        except MemoryPlanError as e:  # for the launcher to say, rather than a rank's traceback
+            # every rank writes it (torchrun stops the others when the first fails); the same text on every rank
+            tmp = Path(spec_path).parent / f"refused.{os.environ.get('RANK', '0')}.tmp"
+            tmp.write_text(str(e))
+            tmp.replace(Path(spec_path).parent / "refused.txt")
+            raise
         if is_main_process():
             if spec.get("result"):
                 Path(spec["result"]).write_text(json.dumps(asdict(res)))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from pipelines.rm.attention import resolve_attn_implementation
+
 PAD_TOKEN = "<|reward_pad|>"
 
 
@@ -78,6 +80,7 @@ def load_reward_model(name_or_path: str, *, dtype: torch.dtype | None = None, de
     decoder = is_decoder_config(config)
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     kwargs = {}
+    attn_implementation = resolve_attn_implementation(attn_implementation, device, decoder)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if dtype is not None:
@@ -97,8 +100,9 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def save_reward_model(rm: RewardModel, path: str) -> None:
-    """A plain HF folder: AutoModelForSequenceClassification + tokenizer (with its chat template).
+def save_reward_model(rm: RewardModel, path: str, dtype: torch.dtype | None = None) -> None:
+    """A plain HF folder: AutoModelForSequenceClassification + tokenizer (with its chat template). The weights keep
+    the model's precision (fp32 after training) unless `dtype` (e.g. bfloat16, half the size) says otherwise.
 
     Under FSDP the full state dict is gathered (collective: every rank calls this) and rank 0 writes it.
     """
@@ -110,5 +114,14 @@ def save_reward_model(rm: RewardModel, path: str) -> None:
         state_dict = get_model_state_dict(rm.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if torch.distributed.get_rank() != 0:
             return
+    if dtype is not None:
+        state_dict = {k: (v.to(dtype) if v.is_floating_point() else v)
+                      for k, v in (state_dict if state_dict is not None else rm.model.state_dict()).items()}
     rm.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    if dtype is not None:  # the config says what the files hold (save_pretrained wrote the parameters' dtype)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path)
+        cfg.dtype = dtype
+        cfg.save_pretrained(path)
     rm.tokenizer.save_pretrained(path)

@@ -67,8 +67,9 @@ def held_out_comparisons(lake: Lake, root: Path) -> Path:
 
 
 def output_key(name: str, backbone: str, data_key: str, cfg: TrainConfig) -> str:
-    """The model folder of a training: the same data, backbone and settings (progress display aside) resume."""
-    c = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
+    """The model folder of a training: the same data, backbone and settings (progress display and attention
+    kernel aside) resume."""
+    c = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "attn_implementation")}
     blob = json.dumps([name, backbone, data_key, c], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -17,13 +17,26 @@ Per step, every response of a micro-batch goes through the model in one forward 
 Rewards are read at each response's last token through the same score head HF uses, so a saved model scores
 identically in plain `AutoModelForSequenceClassification`.
 
-Data parallelism (pipelines.rm.sampler): the schedule of global batches (batch_size pairs) is the same on every
-rank; each global batch is split into `pieces` = world x grad_accum micro-batches of balanced tokens and rank r
-takes its grad_accum of them. The loss of a micro-batch is its pairs' summed loss / pairs in the global batch x
-world size, so FSDP's gradient average over ranks is exactly the mean over the global batch. Gradients are reduced
-once per step (no sync on accumulation micro-steps). Checkpoints (model and optimizer through
-torch.distributed.checkpoint, plus scheduler, step and loader position) let a run resume exactly, also on another
-number of ranks: the global batch and its split into `pieces` stay, the accumulation steps absorb the change.
+Batch sizes (pipelines.rm.sampler, pipelines.rm.memory): `batch_size` is the global batch, pairs per optimizer
+step over all ranks (OpenRLHF's `train_batch_size`; TRL's per_device_train_batch_size x gradient_accumulation_steps
+x world size). By default each rank's share of it is cut into micro-batches of at most `micro_batch_tokens` padded
+tokens per forward, a budget derived from the device's memory and the model (checked before the first step: a
+configuration that cannot fit is refused with the setting to change), so the number of accumulation micro-steps
+follows the data. Fixed alternatives: `micro_batch_size` (pairs per forward per rank: OpenRLHF's
+`micro_train_batch_size`, TRL's `per_device_train_batch_size`) or `grad_accum` (micro-batches per rank per step:
+TRL's `gradient_accumulation_steps`). The schedule of global batches is the same on every rank. The loss of a
+micro-batch is its pairs' summed loss / pairs in the global batch x world size, so FSDP's gradient average over
+ranks is exactly the mean over the global batch, whatever the cut (a remainder included). Under FSDP, gradients
+are reduced after every micro-batch or only after the last (`accum_sync`, pipelines.rm.fsdp.resolve_accum_sync:
+the latter holds unsharded fp32 gradients). Checkpoints by step (model and optimizer through
+torch.distributed.checkpoint, saved asynchronously, plus scheduler, step and loader position; see `Checkpointer`)
+let a run resume exactly, also on another number of ranks: the global batches stay, the accumulation steps absorb
+the change. A finished run started again returns its result; a checkpoint of another run is refused.
+
+Precision: the weights the optimizer updates are fp32 whatever the checkpoint's dtype (transformers loads hub
+checkpoints in their stored bf16; AdamW steps of lr 3e-6 vanish in bf16). Compute is bf16 where the device has it:
+FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under torchrun, autocast in one process. The
+exported model is fp32 unless `export_dtype` says bfloat16.
 
 Also: AdamW (or plain SGD, whose updates are not scale-invariant) with linear warmup then constant or linear decay
 (transformers' schedulers), optional clipping, bf16 (FSDP mixed precision on GPUs, autocast in one process),
@@ -49,21 +62,34 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from pipelines.rm.attention import check_trainable, packed_attention, shared_prefix_attention
 from pipelines.rm.calibration import from_sums
 from pipelines.rm.collate import Batch, Collator, collate_packed, collate_pairs, collate_shared_prefix
 from pipelines.rm.data import EncodedPair, LengthPolicy, Renderer, encode_pairs
-from pipelines.rm.fsdp import maybe_wrap_fsdp
+from pipelines.rm.fsdp import maybe_wrap_fsdp, mem_params, resolve_accum_sync
 from pipelines.rm.losses import LOSSES, pair_losses
 from pipelines.rm.model import RewardModel, save_reward_model
-from pipelines.rm.sampler import GlobalBatchPlan, RankBatchSampler, balanced_split  # noqa: F401  (re-exported)
+from pipelines.rm.memory import (MemoryPlanError, available_bytes, check_fixed_micro_batch, estimate,  # noqa: F401
+                                 token_budget)
+from pipelines.rm.sampler import (GlobalBatchPlan, RankBatchSampler, balanced_split,  # noqa: F401  (re-exported)
+                                  budget_split, even_out)
 from pipelines.rm.shards import InMemoryPairs, TokenStore
 
 
 @dataclass
 class TrainConfig:
     lr: float = 3e-5
-    batch_size: int = 16  # pairs per optimizer step over all ranks (the global batch)
-    grad_accum: int = 1  # micro-batches per rank per step: micro-batch = batch_size / (grad_accum x world size)
+    # the global batch: pairs per optimizer step over all ranks (OpenRLHF train_batch_size; TRL
+    # per_device_train_batch_size x gradient_accumulation_steps x world size)
+    batch_size: int = 16
+    # padded tokens per forward per rank; 0 = the most the device's memory holds for this model (pipelines.rm.memory)
+    micro_batch_tokens: int = 0
+    # fixed pairs per forward per rank (OpenRLHF micro_train_batch_size; TRL per_device_train_batch_size); 0 = cut
+    # each rank's share by micro_batch_tokens
+    micro_batch_size: int = 0
+    grad_accum: int = 0  # fixed micro-batches per rank per step (TRL gradient_accumulation_steps); 0 = derived
+    memory_limit_gb: float = 0.0  # what one rank may use; 0 = detected (GPU memory, or host RAM on CPU)
+    export_dtype: str = "float32"  # float32 | bfloat16: the saved model's weights (training is fp32 either way)
     epochs: float = 1.0  # the paper trains one epoch
     max_steps: int | None = None
     warmup_ratio: float = 0.05
@@ -76,13 +102,22 @@ class TrainConfig:
     loss: str = "bt"  # bt | margin_bt | listwise (see pipelines.rm.losses)
     center_coef: float = 0.0
     layout: str = "auto"  # auto | pairs | shared_prefix | packed
+    # the attention kernel (pipelines.rm.attention): auto = flash_attention_2 / flex_attention on GPUs, sdpa on CPU;
+    # how the model computes, not what it learns: not part of the model's key
+    attn_implementation: str = "auto"
     group_by_length: bool = True  # False: plain shuffled batches (TRL's way; the benchmarks' peer)
     mega_batch: int = 64  # global batches per length-sorted mega-batch
     bf16: str = "auto"  # auto | true | false
     grad_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL, OpenRLHF and open-instruct do for reward models
     eval_every: int = 50
-    save_last_every: int = 50  # steps between resumable checkpoints in out_dir/last
+    save_last_every: int = 50  # steps between resumable checkpoints (out_dir/checkpoints/step-N, saved async)
+    keep_last: int = 2  # step checkpoints kept (the newest); a finished run keeps none, only its exported model
+    # gradient reduction on accumulation micro-steps under FSDP (pipelines.rm.fsdp.resolve_accum_sync):
+    # every_step = reduce-scatter after each micro-batch (no extra memory; torchtitan's way), last_step = only on
+    # the last (one reduction per step, but every rank holds the unsharded fp32 gradients: 4 bytes x parameters,
+    # ~32 GB at 8B), auto = last_step where the memory estimate leaves room for that, else every_step
+    accum_sync: str = "auto"
     loader_workers: int = -1  # DataLoader worker processes; -1 = 2 on GPUs, 0 (this process) on CPU
     seed: int = 0
     progress: bool = True
@@ -106,6 +141,10 @@ class TrainResult:
     grad_accum: int = 1
     consumed_pairs: int = 0
     pairs_without_margin: int = 0
+    micro_batch_tokens: int = 0  # the token budget per forward (0 under a fixed micro-batch size)
+    memory_estimate_gb: float = 0.0  # the preflight's estimate of this rank's peak
+    memory_limit_gb: float = 0.0  # what it was checked against
+    accum_sync: str = ""  # every_step | last_step: what the accumulation micro-steps did (auto resolved)
 
 
 def seed_everything(seed: int) -> None:
@@ -146,6 +185,10 @@ def _all_position_scores(rm: RewardModel, **inputs) -> torch.Tensor:
     return captured[-1][..., 0]
 
 
+def _attn_implementation(rm: RewardModel) -> str:
+    return str(getattr(rm.model.config, "_attn_implementation", None) or "sdpa")
+
+
 def forward(rm: RewardModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rewards (chosen [B], rejected [B, K], mask [B, K]) of a collated micro-batch (already on the device)."""
     if batch.layout == "pairs":
@@ -154,12 +197,14 @@ def forward(rm: RewardModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, 
         dtype = next(rm.model.parameters()).dtype
         if torch.is_autocast_enabled(rm.device.type):
             dtype = torch.get_autocast_dtype(rm.device.type)
-        allow = batch.allow[:, None]
-        mask4d = torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
-        flat = _all_position_scores(rm, attention_mask=mask4d, **batch.inputs).reshape(-1)[batch.reads]
+        attention = shared_prefix_attention(batch.segment, _attn_implementation(rm), dtype)
+        flat = _all_position_scores(rm, attention_mask=attention, **batch.inputs).reshape(-1)[batch.reads]
     elif batch.layout == "packed":
-        # no cache: transformers only reads restarting positions as packed sequences in a cache-free forward
-        flat = _all_position_scores(rm, use_cache=False, **batch.inputs)[0][batch.reads]
+        # no cache: transformers only reads restarting positions as packed sequences in a cache-free forward;
+        # under FlexAttention the sequences' boundaries go in as a BlockMask instead
+        extra = ({"attention_mask": packed_attention(batch.segment)}
+                 if _attn_implementation(rm) == "flex_attention" else {})
+        flat = _all_position_scores(rm, use_cache=False, **batch.inputs, **extra)[0][batch.reads]
     else:
         raise ValueError(f"unknown layout {batch.layout!r}")
     B = batch.n_pairs
@@ -191,15 +236,17 @@ def choose_layout(rm: RewardModel, layout: str) -> str:
         return layout
     if not rm.is_decoder:
         return "pairs"
-    return "packed" if rm.model.config._attn_implementation == "flash_attention_2" else "shared_prefix"
+    return "packed" if _attn_implementation(rm) == "flash_attention_2" else "shared_prefix"
 
 
-@torch.inference_mode()
-def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int = 32) -> dict[str, float]:
+@torch.no_grad()  # not inference_mode: FSDP2's parameters must stay usable by autograd after evaluation
+def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int = 32,
+                      token_budget: int = 0) -> dict[str, float]:
     """Accuracy (the chosen response beats every rejected one) and mean margin over `pairs`, plus the sum, sum of
     squares and count of every response's reward (the checkpoint's calibration, pipelines/rm/calibration.py).
     Under torchrun each rank scores its own shard (padded to equal length so every rank runs the same forwards)
-    and the counts are all-reduced: every rank returns the global figures."""
+    and the counts are all-reduced: every rank returns the global figures. Batches: `batch_size` pairs, or with
+    `token_budget` at most that many padded tokens (the same number of forwards on every rank)."""
     was = rm.model.training
     rm.model.eval()
     world, rank = world_size(), rank_index()
@@ -210,12 +257,22 @@ def evaluate_accuracy(rm: RewardModel, pairs: list[EncodedPair], batch_size: int
     stats = torch.zeros(6, dtype=torch.float64)  # correct, n, margin sum, reward sum, reward sum sq, rewards
     lens = np.array([p.row_len("pairs") for p in shard], dtype=np.int64)
     order = np.argsort(lens, kind="stable")
-    for s in range(0, len(order), batch_size):
-        b = order[s:s + batch_size]
+    chunks: list[np.ndarray | None] = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if token_budget and pairs:
+        width = max(len(p.sequences) for p in pairs)
+        cuts = []
+        for r in range(world):  # every rank's cut, so that all run the same number of forwards
+            sh = pairs[r * per:(r + 1) * per]
+            ln = np.array([p.row_len("pairs") for p in sh] + [pairs[0].row_len("pairs")] * (per - len(sh)))
+            cuts.append(budget_split(np.arange(per), ln, width, token_budget))
+        chunks = [c if len(c) else None for c in even_out(cuts[rank], max(1, max(len(c) for c in cuts)))]
+    for b in chunks:
+        dummy = b is None  # a stand-in forward (weight 0) where this rank has fewer pairs to cut
+        b = np.array([0]) if dummy else b
         rc, rr, mask = forward_pairs(rm, [shard[i] for i in b])
         best_rej = rr.float().masked_fill(~mask, float("-inf")).max(1).values
         m = (rc.float() - best_rej).cpu()
-        w = torch.tensor([weight[i] for i in b], dtype=torch.float64)
+        w = torch.tensor([0.0 if dummy else weight[i] for i in b], dtype=torch.float64)
         rewards = torch.cat([rc.double().cpu().reshape(-1, 1), rr.double().cpu()], 1)
         counted = torch.cat([torch.ones(len(b), 1, dtype=torch.bool), mask.cpu()], 1) & (w > 0).reshape(-1, 1)
         r = rewards.masked_fill(~counted, 0.0)
@@ -236,43 +293,233 @@ def run_key(data_key: str, cfg: TrainConfig, layout: str) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, rm: RewardModel, opt, sched, state: dict) -> None:
-    """Model + optimizer through torch.distributed.checkpoint (every rank writes its shards); scheduler, step and
-    loader position by rank 0 into the same folder; written beside, then swapped in, so a crash mid-save leaves
-    the previous `last/` whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp = path.with_name(path.name + ".tmp")
-    if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    model_sd, optim_sd = get_state_dict(rm.model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    if is_main_process():
-        torch.save({**state, "scheduler": sched.state_dict()}, tmp / "trainer_state.pt")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    barrier()
+class CheckpointMismatch(ValueError):
+    """out_dir holds a checkpoint of another run (other data or schedule): refused, never overwritten."""
 
 
-def _checkpoint_state(path: Path, key: str) -> dict | None:
-    f = path / "trainer_state.pt"
-    if not f.exists():
-        return None
-    state = torch.load(f, weights_only=False)
-    return state if state.get("plan") == key else None
+def _write_pointer(path: Path, record: dict) -> None:
+    """A small JSON file replaced atomically (write beside, fsync, os.replace): a reader sees the old or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, rm: RewardModel, opt, sched, state: dict) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def _read_pointer(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
-    model_sd, optim_sd = get_state_dict(rm.model, opt)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=str(path))
-    set_state_dict(rm.model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    sched.load_state_dict(state["scheduler"])
+
+class Checkpointer:
+    """Checkpoints by step under out_dir/checkpoints (why: a kill at any point loses at most the steps since the
+    last save, and nothing is ever half-swapped):
+
+    - `step-N/`: model + optimizer through torch.distributed.checkpoint (each rank writes its own shards; nothing
+      is gathered), with scheduler, step and loader position in `trainer_state.pt`. Saved with `dcp.async_save`
+      (the state is copied to CPU, then written by a background thread over a gloo group of its own while
+      training goes on); only when every rank's shards and the metadata are written does rank 0 move the `latest`
+      pointer (write-temp + os.replace) and prune all but the newest `keep_last` step folders.
+    - `best-step-N/`: the best model so far (by validation accuracy), a DCP save of the sharded weights, with the
+      `best` pointer holding its accuracy and the reward statistics for calibration. The plain HF folder
+      out_dir/best is exported from it once, at the end (one gather to rank 0's CPU for the whole run).
+    - when the run ends, `latest` records it as finished: the same run started again returns that result.
+    """
+
+    def __init__(self, out: Path, plan: str, keep_last: int):
+        if keep_last < 1:
+            raise ValueError("keep_last must be at least 1 (the checkpoint a resume starts from)")
+        self.root, self.plan, self.keep_last = out / "checkpoints", plan, keep_last
+        self.pending = None
+        self._group = None
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def latest(self) -> dict | None:
+        """The committed `latest` record; a checkpoint of another plan is refused with how to start fresh."""
+        rec = _read_pointer(self.root / "latest")
+        if rec is not None and rec.get("plan") != self.plan:
+            raise CheckpointMismatch(
+                f"{self.root} holds a checkpoint of another run (plan {rec.get('plan')}, step {rec.get('step')}; "
+                f"this run's plan is {self.plan}: other data, layout or schedule). To start this run fresh, delete "
+                f"{self.root} (and {self.root.parent / 'best'}), or give it another out_dir; to continue the other "
+                "run, start it with its own data and settings.")
+        return rec
+
+    def state(self, rec: dict) -> dict:
+        return torch.load(self.root / rec["dir"] / "trainer_state.pt", weights_only=False)
+
+    def load(self, rec: dict, rm: RewardModel, opt, sched, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(rm.model, opt)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=str(self.root / rec["dir"]))
+        set_state_dict(rm.model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        sched.load_state_dict(state["scheduler"])
+
+    # --- writing --------------------------------------------------------------------------------------------
+    def _fresh_dir(self, name: str) -> Path:
+        """An empty folder for a save (a partial one left by a killed run is removed first), on every rank."""
+        d = self.root / name
+        if is_main_process():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        barrier()
+        return d
+
+    def _ckpt_group(self):
+        """A gloo group for the background writes: their collectives must not interleave with training's."""
+        if torch.distributed.is_initialized() and self._group is None:
+            self._group = torch.distributed.new_group(backend="gloo")
+        return self._group
+
+    def save(self, step: int, rm: RewardModel, opt, sched, state: dict) -> None:
+        """Start saving step `step` (the previous save is waited for first: one in flight at most)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()
+        group = self._ckpt_group()
+        d = self._fresh_dir(f"step-{step}")
+        if is_main_process():
+            torch.save({**state, "plan": self.plan, "scheduler": sched.state_dict()}, d / "trainer_state.pt")
+        model_sd, optim_sd = get_state_dict(rm.model, opt)
+        record = {"plan": self.plan, "step": step, "dir": d.name}
+        if hasattr(dcp, "async_save"):
+            fut = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(d), process_group=group)
+            if is_main_process():  # rank 0's future ends after the coordinator wrote the metadata: all shards are in
+                fut.add_done_callback(lambda f: f.exception() is None and self._commit(record))
+            self.pending = fut
+        else:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(d))
+            if is_main_process():
+                self._commit(record)
+            barrier()
+
+    def _commit(self, record: dict) -> None:
+        _write_pointer(self.root / "latest", record)
+        steps = sorted((int(p.name.split("-")[1]) for p in self.root.glob("step-*")), reverse=True)
+        for s in steps[self.keep_last:]:
+            if f"step-{s}" != record["dir"]:
+                shutil.rmtree(self.root / f"step-{s}", ignore_errors=True)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and committed; raises what the save raised."""
+        if self.pending is not None:
+            fut, self.pending = self.pending, None
+            fut.result()
+        barrier()
+
+    def abandon(self) -> None:
+        """After a failure in one process: let the save in flight finish and commit; its own error is dropped."""
+        fut, self.pending = self.pending, None
+        if fut is not None:
+            fut.exception()
+
+    def save_best(self, step: int, rm: RewardModel, ev: dict) -> None:
+        """The best weights so far, sharded (no gather), and the pointer to them with their statistics."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        d = self._fresh_dir(f"best-step-{step}")
+        dcp.save({"model": get_model_state_dict(rm.model)}, checkpoint_id=str(d))
+        if is_main_process():
+            _write_pointer(self.root / "best", {"plan": self.plan, "step": step, "dir": d.name, **ev})
+            for p in self.root.glob("best-step-*"):
+                if p.name != d.name:
+                    shutil.rmtree(p, ignore_errors=True)
+        barrier()
+
+    def export_best(self, rm: RewardModel, out: Path, dtype: torch.dtype) -> None:
+        """out/best as a plain HF folder from the best sharded save (or the current weights when there is none):
+        the one full gather of the run. Written beside, then swapped in."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        best = _read_pointer(self.root / "best")
+        if best is not None and best.get("plan") == self.plan:
+            sd = {"model": get_model_state_dict(rm.model)}
+            dcp.load(sd, checkpoint_id=str(self.root / best["dir"]))
+            set_model_state_dict(rm.model, sd["model"])
+        tmp = out / "best.export"
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        save_reward_model(rm, str(tmp), dtype)  # collective under FSDP
+        if is_main_process():
+            if best is not None and best.get("plan") == self.plan:  # what the server standardizes `scores` with
+                from_sums(best["reward_sum"], best["reward_sq_sum"], best["rewards"],
+                          f"selection set, {best['n']} pairs, step {best['step']}").write(tmp)
+            shutil.rmtree(out / "best", ignore_errors=True)
+            tmp.rename(out / "best")
+        barrier()
+
+    def finish(self, out: Path, result: "TrainResult", steps: int) -> None:
+        """Record the run as finished (its result beside), then drop the step and best saves it no longer needs."""
+        if is_main_process():
+            _write_pointer(out / "train_result.json", asdict(result))
+            _write_pointer(self.root / "latest", {"plan": self.plan, "step": steps, "finished": True})
+            for p in [*self.root.glob("step-*"), *self.root.glob("best-step-*")]:
+                shutil.rmtree(p, ignore_errors=True)
+            (self.root / "best").unlink(missing_ok=True)
+        barrier()
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_EVAL_CAP = 8192  # padded tokens per evaluation forward on CPU under a fixed micro-batch size
+
+
+def master_fp32(rm: RewardModel) -> None:
+    """The optimizer's weights in fp32 whatever the checkpoint's dtype (a bf16 hub checkpoint loads as bf16):
+    before sharding, so FSDP's sharded parameters, the master copy, are fp32 too."""
+    from pipelines.rm.fsdp import is_sharded
+
+    low = [n for n, p in rm.model.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    if not low:
+        return
+    if is_sharded(rm.model):
+        raise ValueError(f"sharded parameters in {rm.model.get_parameter(low[0]).dtype} (e.g. {low[0]}): shard "
+                         "fp32 weights (pipelines.rm.fsdp.load_sharded_reward_model) so the optimizer's master "
+                         "copy is fp32")
+    rm.model.float()
+
+
+def rows_per_pair(train, layout: str) -> int:
+    """Rows one pair lays in a forward: 1, or in the `pairs` layout one per response (the most any pair has,
+    read in chunks: 40M pairs never become one array)."""
+    if layout != "pairs":
+        return 1
+    tok, top = train.token_counts(), train.row_lengths("pairs")
+    most = 2
+    for s in range(0, len(tok), 1 << 20):
+        t, m = np.asarray(tok[s:s + (1 << 20)], dtype=np.int64), np.asarray(top[s:s + (1 << 20)], dtype=np.int64)
+        most = max(most, int(((t + m - 1) // np.maximum(m, 1)).max()))
+    return most
+
+
+def fixed_pieces(cfg: TrainConfig, world: int, state: dict | None) -> int:
+    """Micro-batches per global batch when the user fixed them (grad_accum or micro_batch_size, or a resumed
+    checkpoint that did); 0 = cut by tokens."""
+    if state and state.get("pieces"):
+        if state["pieces"] % world:
+            raise ValueError(f"the checkpoint splits each global batch into {state['pieces']} micro-batches, which "
+                             f"{world} ranks cannot share evenly")
+        return int(state["pieces"])
+    if cfg.grad_accum < 0 or cfg.micro_batch_size < 0 or cfg.micro_batch_tokens < 0:
+        raise ValueError("grad_accum, micro_batch_size and micro_batch_tokens are counts (0 = derived)")
+    if cfg.micro_batch_size and cfg.micro_batch_tokens:
+        raise ValueError("set micro_batch_size (pairs per forward) or micro_batch_tokens (tokens per forward), "
+                         "not both")
+    if cfg.grad_accum:
+        if cfg.micro_batch_size and math.ceil(cfg.batch_size / (world * cfg.grad_accum)) > cfg.micro_batch_size:
+            raise ValueError(f"batch_size {cfg.batch_size} / ({world} ranks x grad_accum {cfg.grad_accum}) is more "
+                             f"than micro_batch_size {cfg.micro_batch_size} pairs: raise grad_accum or leave it 0")
+        return world * cfg.grad_accum
+    if cfg.micro_batch_size:
+        return world * math.ceil(math.ceil(cfg.batch_size / world) / cfg.micro_batch_size)
+    return 0
 
 
 def _optimizer(rm: RewardModel, cfg: TrainConfig):
@@ -299,7 +546,8 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
                        cfg: TrainConfig, out_dir: str, log: Callable[[dict, int], None] | None = None) -> TrainResult:
     """Train on `train` (a token store, or rows encoded here), select the checkpoint by accuracy on `val_rows`;
     best model saved to out_dir/best. Under torchrun every rank calls this with the same arguments and trains on
-    its share. A checkpoint of the same run in out_dir/last (same data and schedule) is resumed."""
+    its share. The newest checkpoint of the same run in out_dir/checkpoints (same data and schedule) is resumed;
+    a finished one returns its result without training; one of another run is refused (CheckpointMismatch)."""
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,42 +561,77 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
                   "dropped": c.get("refused", 0)}
     val, _ = encode_pairs(Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy)), val_rows)
     layout = choose_layout(rm, cfg.layout)
+    check_trainable(_attn_implementation(rm), rm.device)
+    key = run_key(train.key, cfg, layout)
+    ckpt = Checkpointer(out, key, cfg.keep_last)
+    latest = ckpt.latest()  # refuses another run's checkpoint
+    if latest is not None and latest.get("finished") and (out / "train_result.json").exists() \
+            and (out / "best" / "config.json").exists():
+        if is_main_process():
+            print(f"[rm-train] {out}: this run finished at step {latest['step']}; returning its result", flush=True)
+        return TrainResult(**json.loads((out / "train_result.json").read_text()))
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype must be one of {sorted(EXPORT_DTYPES)}, not {cfg.export_dtype!r}")
     bf16 = use_bf16(cfg.bf16, rm.device)
+    master_fp32(rm)
     distributed = maybe_wrap_fsdp(rm, bf16=bf16 and rm.device.type == "cuda")
     mixed = distributed and bf16 and rm.device.type == "cuda"  # FSDP casts; autocast only without it
     world, rank = world_size(), rank_index()
-    key = run_key(train.key, cfg, layout)
-    last = out / "last"
-    state = _checkpoint_state(last, key)
-    pieces = state["pieces"] if state else world * cfg.grad_accum
-    if pieces % world:
-        raise ValueError(f"the checkpoint splits each global batch into {pieces} micro-batches, which {world} ranks "
-                         "cannot share evenly")
-    grad_accum = pieces // world
-    plan = GlobalBatchPlan(train.row_lengths(layout), cfg.batch_size, pieces, cfg.seed, cfg.epochs, cfg.max_steps,
-                           cfg.group_by_length, cfg.mega_batch)
+    resume = latest if latest is not None and not latest.get("finished") else None
+    state = ckpt.state(resume) if resume is not None else None
+    lens = train.row_lengths(layout)
+    if len(lens) == 0:
+        raise ValueError("no training pairs")
+    width = rows_per_pair(train, layout)
+    limit, where = available_bytes(rm.device, cfg.memory_limit_gb)
+    mem = estimate(rm.model, device=rm.device, layout=layout, longest_row=int(np.max(lens)), width=width,
+                   world=world, sharded=distributed, compute_bytes=2 if bf16 else 4, optimizer=cfg.optimizer,
+                   grad_checkpointing=cfg.grad_checkpointing,
+                   attn_implementation=_attn_implementation(rm), limit=limit)
+    pieces = fixed_pieces(cfg, world, state)
+    if pieces:
+        setting = (f"grad_accum={cfg.grad_accum}" if cfg.grad_accum else f"micro_batch_size={cfg.micro_batch_size}"
+                   if cfg.micro_batch_size else f"grad_accum={pieces // world} (resumed checkpoint)")
+        micro_pairs = math.ceil(min(cfg.batch_size, len(lens)) / pieces)
+        check_fixed_micro_batch(mem, micro_pairs, setting)
+        budget, peak = 0, mem.peak(micro_pairs * mem.longest)
+        eval_budget = min(mem.max_tokens(), CPU_EVAL_CAP if rm.device.type == "cpu" else mem.max_tokens())
+    else:
+        budget = token_budget(mem, rm.device, cfg.micro_batch_tokens)
+        peak, eval_budget = mem.peak(budget), budget
+    accum = resolve_accum_sync(cfg.accum_sync, distributed=distributed, params=mem_params(rm.model), peak=peak,
+                               limit=limit)
+    if is_main_process():  # one line: what the run will do per forward, and why it fits
+        what = (f"micro-batches of {math.ceil(cfg.batch_size / pieces)} pairs" if pieces
+                else f"micro-batches of at most {budget:,} padded tokens")
+        print(f"[rm-train] {what} per forward; estimated peak {peak / 2**30:.2f} GiB per rank of "
+              f"{limit / 2**30:.2f} GiB ({where}); accumulation sync: {accum}", flush=True)
+    plan = GlobalBatchPlan(lens, cfg.batch_size, pieces, cfg.seed, cfg.epochs, cfg.max_steps, cfg.group_by_length,
+                           cfg.mega_batch, world=world, token_budget=budget, width=width, packed=layout == "packed")
     steps = plan.steps
+    grad_accum = pieces // world
 
     opt = _optimizer(rm, cfg)
     warm = int(cfg.warmup_ratio * steps)
     sched = (get_linear_schedule_with_warmup(opt, warm, steps) if cfg.schedule == "linear"
              else get_constant_schedule_with_warmup(opt, warm))
-    if cfg.grad_checkpointing:
-        rm.model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # transformers 5 names it activation checkpointing
+        (getattr(rm.model, "activation_checkpointing_enable", None) or rm.model.gradient_checkpointing_enable)()
     if cfg.disable_dropout:
         for m in rm.model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     start, best = 0, -1.0
     if state is not None:  # resume after a crash: same plan, so the same batches follow
-        _load_checkpoint(last, rm, opt, sched, state)
+        ckpt.load(resume, rm, opt, sched, state)
         start, best = int(state["step"]), float(state["best"])
 
     workers = cfg.loader_workers if cfg.loader_workers >= 0 else (2 if rm.device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
-        train, batch_sampler=RankBatchSampler(plan, rank, grad_accum, start), collate_fn=collator(rm, layout),
+        train, batch_sampler=RankBatchSampler(plan, rank, start), collate_fn=collator(rm, layout),
         num_workers=workers, pin_memory=rm.device.type == "cuda", prefetch_factor=4 if workers else None)
     batches = iter(loader)
+    watched = next(rm.model.parameters())  # its sharded .grad appears when FSDP reduces (see accum_sync)
     history: list[dict] = []
     order = open(out / f"order-rank{rank}.jsonl", "a") if cfg.record_order else None
     rm.model.train()
@@ -357,78 +640,88 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
     no_margin = 0
     bar = tqdm(range(start, steps), disable=not (cfg.progress and is_main_process()) or bool(os.environ.get("TQDM_DISABLE")), desc="rm-train",
                initial=start, total=steps)
-    for step in bar:
-        opt.zero_grad(set_to_none=True)
-        n_global = 0
-        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, pairs, tokens (this rank)
-        for a in range(grad_accum):
-            batch = next(batches).to(rm.device)
-            n_global = batch.n_global
-            if distributed:  # one gradient reduction per step, on its last micro-batch
-                rm.model.set_requires_gradient_sync(a == grad_accum - 1)
-            with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16 and not mixed):
-                rc, rr, mask = forward(rm, batch)
-            margin = None
-            if cfg.loss == "margin_bt":  # no stated strength: margin 0, i.e. that pair's term is plain BT
-                real = batch.weight > 0
-                no_margin += int((torch.isnan(batch.margin) & real).sum())
-                margin = torch.nan_to_num(batch.margin, nan=0.0)
-            per = pair_losses(rc, rr, kind=cfg.loss, margin=margin, mask=mask, center_coef=cfg.center_coef)
-            loss = (per * batch.weight).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
-            loss.backward()
-            best_rej = rr.detach().float().masked_fill(~mask, float("-inf")).max(1).values
-            w = batch.weight.detach().double().cpu()
-            stats += torch.stack([(per.detach().double().cpu() * w).sum(),
-                                  ((rc.detach().float() > best_rej).double().cpu() * w).sum(), w.sum(),
-                                  torch.tensor(float(batch.tokens), dtype=torch.float64)])
-            if order is not None:
-                real_ids = [p for p, x in zip(batch.pair_ids, w.tolist()) if x > 0]
-                order.write(json.dumps({"step": step + 1, "pair_ids": real_ids}) + "\n")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        tokens += int(stats[3])
-        glob = all_reduce_sum(stats)
-        total_tokens += float(glob[3])
-        dt = max(time.perf_counter() - t0, 1e-9)
-        rec = {"step": step + 1, "loss": float(glob[0]) / n_global, "train_accuracy": float(glob[1]) / n_global,
-               "lr": sched.get_last_lr()[0], "tokens_per_s": total_tokens / dt, "tokens_per_s_per_rank": tokens / dt,
-               "global_batch": n_global, "consumed_pairs": plan.consumed(step + 1)}
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.2f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
-        last_step = step + 1 == steps
-        if val and ((step + 1) % cfg.eval_every == 0 or last_step):
-            ev = evaluate_accuracy(rm, val)
-            rec["val_accuracy"] = ev["accuracy"]
-            rec["val_margin"] = ev["mean_margin"]
-            if ev["accuracy"] > best:
-                best = ev["accuracy"]
-                save_reward_model(rm, str(out / "best"))  # collective under FSDP; rank 0 writes
-                if is_main_process():  # what the server standardizes `scores` with
-                    from_sums(ev["reward_sum"], ev["reward_sq_sum"], ev["rewards"],
-                              f"selection set, {ev['n']} pairs, step {step + 1}").write(out / "best")
-        elif not val and last_step:
-            save_reward_model(rm, str(out / "best"))
-        history.append(rec)
-        if log and is_main_process():
-            log(rec, step + 1)
-        if (step + 1) % cfg.save_last_every == 0 and not last_step:
-            _save_checkpoint(last, rm, opt, sched, {"plan": key, "step": step + 1, "best": best, "pieces": pieces,
-                                                    "world_size": world,
-                                                    "loader": {"step": step + 1,
-                                                               "consumed_pairs": plan.consumed(step + 1)}})
+    try:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            n_global = 0
+            stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, pairs, tokens (this rank)
+            more = True
+            synced = 0  # micro-steps after which the sharded gradient was already reduced (accum_sync at work)
+            while more:  # this step's micro-batches (the sampler says how many: the same count on every rank)
+                batch = next(batches).to(rm.device)
+                n_global, grad_accum = batch.n_global, batch.micro_count
+                more = batch.micro_index < batch.micro_count - 1
+                if distributed:  # every micro-batch, or once per step on its last (accum_sync)
+                    rm.model.set_requires_gradient_sync(accum == "every_step" or not more)
+                with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16 and not mixed):
+                    rc, rr, mask = forward(rm, batch)
+                margin = None
+                if cfg.loss == "margin_bt":  # no stated strength: margin 0, i.e. that pair's term is plain BT
+                    real = batch.weight > 0
+                    no_margin += int((torch.isnan(batch.margin) & real).sum())
+                    margin = torch.nan_to_num(batch.margin, nan=0.0)
+                per = pair_losses(rc, rr, kind=cfg.loss, margin=margin, mask=mask, center_coef=cfg.center_coef)
+                loss = (per * batch.weight).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
+                loss.backward()
+                if distributed:
+                    synced += int(watched.grad is not None)
+                best_rej = rr.detach().float().masked_fill(~mask, float("-inf")).max(1).values
+                w = batch.weight.detach().double().cpu()
+                stats += torch.stack([(per.detach().double().cpu() * w).sum(),
+                                      ((rc.detach().float() > best_rej).double().cpu() * w).sum(), w.sum(),
+                                      torch.tensor(float(batch.tokens), dtype=torch.float64)])
+                if order is not None:
+                    real_ids = [p for p, x in zip(batch.pair_ids, w.tolist()) if x > 0]
+                    order.write(json.dumps({"step": step + 1, "pair_ids": real_ids}) + "\n")
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            tokens += int(stats[3])
+            glob = all_reduce_sum(stats)
+            total_tokens += float(glob[3])
+            dt = max(time.perf_counter() - t0, 1e-9)
+            rec = {"step": step + 1, "loss": float(glob[0]) / n_global, "train_accuracy": float(glob[1]) / n_global,
+                   "lr": sched.get_last_lr()[0], "tokens_per_s": total_tokens / dt, "tokens_per_s_per_rank": tokens / dt,
+                   "global_batch": n_global, "consumed_pairs": plan.consumed(step + 1), "micro_steps": grad_accum,
+                   "synced_micro_steps": synced}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.2f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
+            last_step = step + 1 == steps
+            if val and ((step + 1) % cfg.eval_every == 0 or last_step):
+                ev = evaluate_accuracy(rm, val, token_budget=eval_budget)
+                rec["val_accuracy"] = ev["accuracy"]
+                rec["val_margin"] = ev["mean_margin"]
+                if ev["accuracy"] > best:
+                    best = ev["accuracy"]
+                    ckpt.save_best(step + 1, rm, ev)  # sharded: no gather; exported once at the end
+            history.append(rec)
+            if log and is_main_process():
+                log(rec, step + 1)
+            if (step + 1) % cfg.save_last_every == 0 and not last_step:
+                ckpt.save(step + 1, rm, opt, sched, {"step": step + 1, "best": best, "pieces": pieces, "world_size": world,
+                                                     "loader": {"step": step + 1,
+                                                                "consumed_pairs": plan.consumed(step + 1)}})
+    except BaseException:
+        if not distributed:  # in one process, let the save in flight finish (under torchrun peers may be gone)
+            ckpt.abandon()
+        raise
+    ckpt.wait()
+    ckpt.export_best(rm, out, EXPORT_DTYPES[cfg.export_dtype])
     if order is not None:
         order.close()
     no_margin = int(all_reduce_sum(torch.tensor([float(no_margin)], dtype=torch.float64))[0])
     barrier()
     if is_main_process():
-        shutil.rmtree(last, ignore_errors=True)
         (out / "train_summary.json").write_text(json.dumps({
             "best_val_accuracy": best, "steps": steps, "layout": layout, "world_size": world, "pieces": pieces,
-            "length": length, "data_key": train.key, "config": asdict(cfg)}))
+            "length": length, "data_key": train.key, "config": asdict(cfg), "micro_batch_tokens": budget,
+            "memory_estimate_gb": peak / 2**30, "memory_limit_gb": limit / 2**30}))
     dt = max(time.perf_counter() - t0, 1e-9)
-    return TrainResult(str(out / "best"), best, steps, history, total_tokens / dt, length, start, world, tokens / dt,
-                       len(train), train.key, pieces, grad_accum, plan.consumed(steps), no_margin)
+    res = TrainResult(str(out / "best"), best, steps, history, total_tokens / dt, length, start, world, tokens / dt,
+                      len(train), train.key, pieces, grad_accum, plan.consumed(steps), no_margin, budget,
+                      peak / 2**30, limit / 2**30, accum)
+    ckpt.finish(out, res, steps)
+    return res
 
 
 # --- distributed -------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """An HTTP reward server for RLHF trainers: any sequence-classification RM behind the APIs trainers already call.
 
 - `POST /get_reward` — OpenRLHF's remote RM: `{"query": [text, ...], "prompts": [...]}` -> `{"rewards", "scores"}`.
-  A query is a conversation already rendered to text (by the policy's chat template, or the RM's); it is tokenized
-  as sent, with no second BOS, and kept from its end when too long. Send the RM's own template for scores equal to
-  offline scoring.
+  A query is a conversation already rendered to text (by the policy's chat template, or the RM's); the pad/EOS
+  tokens OpenRLHF's rollouts carry around it are stripped as its own `serve_rm` did (padding_stripper; settable
+  off), then it is tokenized with no second BOS and kept from its end when too long. Send the RM's own template for
+  scores equal to offline scoring.
 - `POST /classify` — vLLM/SGLang's pooling API: `{"model", "input": [text, ...]}` -> `{"data": [{"index", "probs"}]}`
   with probs = [sigmoid(reward)] for a one-label RM (what vLLM's classify returns), plus the raw `reward`.
 - `POST /v1/reward` — typed rows `{"rows": [{"history": [...], "response": "..."}]}` rendered with the same
@@ -11,7 +12,10 @@
   counted, never refused): the scores equal `score_texts` on the same rows.
 - `GET /health`, `GET /v1/models`.
 
-Sequences from every request go through one dynamic batcher: a forward takes up to `max_batch` sequences, and the
+Every request is checked and encoded on its own before any of it is batched: a text over the caps (`max_rows`
+texts, `max_chars` characters or `max_tokens` tokens per text) is answered 413, an empty text, an unknown role or a
+conversation the model's chat template refuses 400, naming the text's index; other requests never see it.
+Sequences from every request then go through one dynamic batcher: a forward takes up to `max_batch` sequences, and the
 first waits at most `max_wait_ms` for company. Accepted sequences not yet answered are bounded by `max_queue`: a
 request that would pass it is answered 429 (Retry-After) and nothing of it is queued; one larger than the queue
 itself is 413. A bearer token is required when one is configured (401 otherwise). On SIGTERM the server stops
@@ -30,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +54,9 @@ from pipelines.rm.calibration import Calibration
 FORWARD_OVERHEAD_TOKENS = 128
 
 
+ROLES = ("system", "user", "assistant", "tool")  # what ingest accepts (pipelines/ingest/formats.py)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     max_batch: int = 32  # sequences per forward
@@ -58,21 +67,34 @@ class ServeConfig:
     forward_overhead_tokens: int = FORWARD_OVERHEAD_TOKENS  # one more forward's cost (see plan_forwards)
     api_key: str | None = None  # bearer token required when set
     name: str = ""  # the model id /v1/models and /classify report
+    # Caps on what one request may ask (413 past them). Texts longer than max_len are still cut and scored; these
+    # only stop a text so large that tokenizing it stalls every client (1 MB ~ 1 s of a core), far above any context.
+    max_rows: int = 512  # texts (queries, inputs, rows) per request
+    max_chars: int = 200_000  # characters per text (a row: its history's contents + its response), before tokenizing
+    max_tokens: int = 65_536  # tokens per text before it is cut to max_len
+    strip_padding: bool = True  # /get_reward: strip OpenRLHF's pad/EOS around each query (strip_padding())
+    encode_threads: int = 2  # threads that render and tokenize requests (the forwards have their own thread)
 
 
 @dataclass
 class ScorerStats:
-    """Where a server's time goes, for /health: the scoring thread's busy seconds (encoding vs forwards) against
-    the wall, and padded vs real tokens (the cost of batching only what arrived together)."""
+    """Where a server's time goes, for /health: the scoring thread's forward seconds against the wall (busy_share),
+    the encoding threads' seconds (rendering + tokenizing, done per request before batching), and padded vs real
+    tokens (the cost of batching only what arrived together)."""
 
     batches: int = 0
     sequences: int = 0
     forwards: int = 0
     tokens: int = 0
     padded_tokens: int = 0  # forward width x longest sequence, summed over forwards
-    encode_s: float = 0.0
+    encode_s: float = 0.0  # summed over the encoding threads
     forward_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_encode(self, seconds: float) -> None:
+        with self._lock:  # several encoding threads
+            self.encode_s += seconds
 
     def as_dict(self) -> dict:
         wall = time.perf_counter() - self.started
@@ -80,7 +102,7 @@ class ScorerStats:
                 "tokens": self.tokens, "padded_tokens": self.padded_tokens,
                 "padding_share": round(1 - self.tokens / self.padded_tokens, 4) if self.padded_tokens else 0.0,
                 "encode_s": round(self.encode_s, 3), "forward_s": round(self.forward_s, 3),
-                "busy_share": round((self.encode_s + self.forward_s) / wall, 4) if wall > 0 else 0.0}
+                "busy_share": round(self.forward_s / wall, 4) if wall > 0 else 0.0}
 
 
 @dataclass(frozen=True)
@@ -117,9 +139,45 @@ def plan_forwards(lengths: list[int], budget: int, overhead: int = FORWARD_OVERH
     return out[::-1]
 
 
+def padding_stripper(pad_token: str | None, eos_token: str | None) -> Callable[[str], str]:
+    """What OpenRLHF's `serve_rm` did to a query before scoring it (`strip_sequence`): its trainer decodes padded
+    rollouts with skip_special_tokens=False, so a query can arrive as pad/EOS* + conversation + EOS? + pad*.
+
+    Leading pad/EOS tokens go. A trailing run of them becomes one EOS where the run holds an EOS (the rollout
+    ended with one: a template that ends a turn with EOS, as Llama 3's, is then scored as rendered) and nothing
+    where it holds only pads. OpenRLHF appended an EOS to every query instead; that would change the score of a
+    clean query whose template ends otherwise (Qwen's `<|im_end|>\n`), so a clean query is left as sent. Where
+    pad == EOS a trailing run cannot be told apart: one EOS is kept, as OpenRLHF does."""
+    tokens = sorted({t for t in (pad_token, eos_token) if t}, key=len, reverse=True)
+    if not tokens:
+        return lambda text: text
+    any_tok = "|".join(re.escape(t) for t in tokens)
+    # \A/\Z, not ^/$: "$" also matches before a final newline, which would strip an EOS the template put there
+    lead, trail = re.compile(rf"\A(?:{any_tok})+"), re.compile(rf"(?:{any_tok})+\Z")
+
+    def strip(text: str) -> str:
+        text = lead.sub("", text, count=1)
+        m = trail.search(text)
+        if m is None:
+            return text
+        keep = eos_token if eos_token and eos_token in m.group(0) else ""
+        return text[:m.start()] + keep
+
+    return strip
+
+
+class BadRow(Exception):
+    """One text of a request that cannot be scored: the request is answered `status` and nothing of it queued."""
+
+    def __init__(self, index: int, status: int, detail: str):
+        super().__init__(detail)
+        self.index, self.status, self.detail = index, status, detail
+
+
 class RewardScorer:
-    """Encodes and scores one batch of items (run in the batcher's worker thread, off the event loop). An item is
-    ("chat", history, response) or ("text", rendered conversation)."""
+    """Encodes requests (`encode`, in the encoding threads, one request at a time: a bad text fails its own
+    request only) and scores batches of encoded sequences (`forward`, in the batcher's one scoring thread, off the
+    event loop). An item is ("chat", history, response) or ("text", rendered conversation)."""
 
     def __init__(self, rm, max_len: int, calibration: Calibration, batch_tokens: int = 4096,
                  forward_overhead_tokens: int = FORWARD_OVERHEAD_TOKENS):
@@ -136,6 +194,7 @@ class RewardScorer:
         tok = rm.tokenizer
         probe, _ = self.renderer.render([{"role": "user", "content": "hi"}], "x")
         self.bos = probe[0] if probe and probe[0] in (tok.bos_token_id, tok.cls_token_id) else None
+        self.strip_padding = padding_stripper(tok.pad_token, tok.eos_token)
 
     def _encode_text(self, text: str):
         from pipelines.rm.data import Encoded
@@ -149,14 +208,34 @@ class RewardScorer:
         kept = ids[:head] + ids[len(ids) - (self.max_len - head):]  # the response end is where the score is read
         return Encoded(kept, 0, truncated=len(ids) - len(kept)), "history"
 
-    def __call__(self, items: list[tuple]) -> list[Scored]:
+    def encode(self, items: list[tuple], max_tokens: int | None = None) -> list[tuple]:
+        """(Encoded, truncation) per item. Raises BadRow for the first item the model's chat template refuses
+        (400) or that holds more than `max_tokens` tokens before cutting (413)."""
+        from jinja2.exceptions import TemplateError
+
+        t0 = time.perf_counter()
+        out = []
+        try:
+            for i, it in enumerate(items):
+                try:
+                    e, how = (self.renderer.encode_for_eval(it[1], it[2]) if it[0] == "chat"
+                              else self._encode_text(it[1]))
+                except TemplateError as err:  # e.g. a template that takes no system turn (Gemma's)
+                    raise BadRow(i, 400, f"the model's chat template refused this conversation: {err}") from None
+                if max_tokens is not None and len(e.ids) + e.truncated > max_tokens:
+                    raise BadRow(i, 413, f"{len(e.ids) + e.truncated} tokens; this server takes at most "
+                                         f"{max_tokens} per text")
+                out.append((e, how))
+        finally:
+            self.stats.add_encode(time.perf_counter() - t0)
+        return out
+
+    def forward(self, enc: list[tuple]) -> list[Scored]:
+        """Scores of encoded sequences ((Encoded, truncation) pairs), in order."""
         import torch
 
         from pipelines.rm.score import _score_encoded
 
-        t0 = time.perf_counter()
-        enc = [self.renderer.encode_for_eval(it[1], it[2]) if it[0] == "chat" else self._encode_text(it[1])
-               for it in items]
         t1 = time.perf_counter()
         # length-sorted forwards of at most `batch_tokens` padded tokens, cut where padding is least
         # (plan_forwards): a batch of mixed lengths padded to its longest would spend its compute on padding
@@ -173,9 +252,12 @@ class RewardScorer:
         st = self.stats
         st.batches, st.sequences = st.batches + 1, st.sequences + len(enc)
         st.tokens += sum(len(e.ids) for e, _ in enc)
-        st.encode_s += t1 - t0
         st.forward_s += time.perf_counter() - t1
         return [Scored(r, self.calibration(r), len(e.ids), how) for r, (e, how) in zip(rewards, enc)]
+
+    def __call__(self, items: list[tuple]) -> list[Scored]:
+        """Encode and score in one call (what a per-request server does)."""
+        return self.forward(self.encode(items))
 
 
 class QueueFull(Exception):
@@ -211,14 +293,19 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, items: list[tuple]) -> list[Scored]:
-        """All of a request's sequences are accepted together or not at all."""
+    def admit(self, n: int) -> None:
+        """Raise what `submit` would for a request of `n` sequences now (checked before encoding it, again at
+        submit)."""
         if self._closing:
             raise Closing()
-        if len(items) > self.max_queue:
-            raise TooLarge(f"{len(items)} sequences in one request; this server queues at most {self.max_queue}")
-        if self.pending + len(items) > self.max_queue:
+        if n > self.max_queue:
+            raise TooLarge(f"{n} sequences in one request; this server queues at most {self.max_queue}")
+        if self.pending + n > self.max_queue:
             raise QueueFull()
+
+    async def submit(self, items: list[tuple]) -> list[Scored]:
+        """All of a request's sequences are accepted together or not at all."""
+        self.admit(len(items))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._queue.extend(zip(items, futures))
@@ -295,21 +382,24 @@ class ClassifyRequest(BaseModel):
     input: list[str] | str
 
 
-def create_app(scorer: Callable[[list[tuple]], list[Scored]], cfg: ServeConfig, *, calibration: Calibration,
-               max_len: int):
+def create_app(scorer: RewardScorer, cfg: ServeConfig, *, calibration: Calibration, max_len: int):
+    """The FastAPI app. Each request is checked (caps, empty texts, roles) and encoded on its own, in the encoding
+    threads, before any of it joins a batch: a bad text is answered 4xx with its index and nothing else fails."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
 
-    batcher = Batcher(scorer, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
-    stats = {"requests": 0, "sequences": 0, "truncated": 0, "refused_429": 0}
+    batcher = Batcher(scorer.forward, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
+    encoders = ThreadPoolExecutor(max(1, cfg.encode_threads), thread_name_prefix="rm-encode")
+    stats = {"requests": 0, "sequences": 0, "truncated": 0, "refused_429": 0, "refused_400": 0, "refused_413": 0}
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
         await batcher.drain()  # uvicorn has finished the requests in flight; nothing is dropped
+        encoders.shutdown(wait=True)
 
     app = FastAPI(title="SynPref reward server", lifespan=lifespan)
 
@@ -322,15 +412,38 @@ def create_app(scorer: Callable[[list[tuple]], list[Scored]], cfg: ServeConfig, 
                                     headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    async def score(items: list[tuple]) -> list[Scored]:
+    def refuse(status: int, detail: str) -> HTTPException:
+        if f"refused_{status}" in stats:
+            stats[f"refused_{status}"] += 1
+        return HTTPException(status, detail)
+
+    def check_text(what: str, i: int, text: str, chars: int | None = None) -> None:
+        """Caps and emptiness, before any tokenizing."""
+        n = len(text) if chars is None else chars
+        if n > cfg.max_chars:
+            raise refuse(413, f"{what}[{i}]: {n} characters; this server takes at most {cfg.max_chars} per text")
+        if not text.strip():
+            raise refuse(400, f"{what}[{i}]: empty text")
+
+    def check_rows(n: int, what: str) -> None:
+        if n > cfg.max_rows:
+            raise refuse(413, f"{n} {what} in one request; this server takes at most {cfg.max_rows}")
+
+    async def score(items: list[tuple], what: str) -> list[Scored]:
         try:
-            out = await batcher.submit(items)
+            batcher.admit(len(items))  # a request that cannot be queued now is not encoded
+            try:
+                enc = await asyncio.get_running_loop().run_in_executor(encoders, scorer.encode, items,
+                                                                       cfg.max_tokens)
+            except BadRow as e:
+                raise refuse(e.status, f"{what}[{e.index}]: {e.detail}") from None
+            out = await batcher.submit(enc)
         except QueueFull:
             stats["refused_429"] += 1
             raise HTTPException(429, f"queue full ({batcher.pending} of {cfg.max_queue} sequences pending): retry",
                                 headers={"Retry-After": "1"})
         except TooLarge as e:
-            raise HTTPException(413, str(e))
+            raise refuse(413, str(e))
         except Closing:
             raise HTTPException(503, "shutting down", headers={"Retry-After": "5"})
         stats["requests"] += 1
@@ -342,6 +455,8 @@ def create_app(scorer: Callable[[list[tuple]], list[Scored]], cfg: ServeConfig, 
     async def health():
         return {"status": "ok", "model": cfg.name, "max_len": max_len, "pending": batcher.pending,
                 "batches": batcher.batches, "calibration": calibration.source, **stats,
+                "limits": {"max_rows": cfg.max_rows, "max_chars": cfg.max_chars, "max_tokens": cfg.max_tokens,
+                           "strip_padding": cfg.strip_padding},
                 **({"scorer": scorer.stats.as_dict()} if isinstance(getattr(scorer, "stats", None), ScorerStats)
                    else {})}
 
@@ -352,16 +467,31 @@ def create_app(scorer: Callable[[list[tuple]], list[Scored]], cfg: ServeConfig, 
 
     @app.post("/v1/reward")
     async def reward(body: RewardRequest):
-        out = await score([("chat", [m.model_dump() for m in r.history], r.response) for r in body.rows])
+        check_rows(len(body.rows), "rows")
+        for i, r in enumerate(body.rows):
+            if bad := next((m.role for m in r.history if m.role not in ROLES), None):
+                raise refuse(400, f"rows[{i}]: unknown role {bad!r} (one of {', '.join(ROLES)})")
+            check_text("rows", i, r.response, sum(len(m.content) for m in r.history) + len(r.response))
+        out = await score([("chat", [m.model_dump() for m in r.history], r.response) for r in body.rows], "rows")
         return {"model": cfg.name, "data": [{"index": i, "reward": s.reward, "score": s.score, "tokens": s.tokens,
                                              "truncation": s.truncation} for i, s in enumerate(out)],
                 "truncated": sum(s.truncation != "none" for s in out)}
 
     @app.post("/get_reward")
     async def get_reward(body: GetRewardRequest):
-        if body.prompts is not None and len(body.prompts) != len(body.query):
-            raise HTTPException(400, f"{len(body.prompts)} prompts for {len(body.query)} queries")
-        out = await score([("text", q) for q in body.query])
+        for name, extra in (("prompts", body.prompts), ("labels", body.labels)):
+            if extra is not None and len(extra) != len(body.query):
+                raise refuse(400, f"{len(extra)} {name} for {len(body.query)} queries")
+        check_rows(len(body.query), "queries")
+        queries = body.query
+        for i, q in enumerate(queries):
+            check_text("query", i, q)  # the raw size first: stripping a 1 MB text would cost what the cap saves
+        if cfg.strip_padding:
+            queries = [scorer.strip_padding(q) for q in queries]
+            for i, q in enumerate(queries):
+                if not q.strip():
+                    raise refuse(400, f"query[{i}]: empty text once pad/EOS tokens are stripped")
+        out = await score([("text", q) for q in queries], "query")
         return {"rewards": [s.reward for s in out], "scores": [s.score for s in out],
                 "truncation": [s.truncation for s in out]}
 
@@ -369,8 +499,11 @@ def create_app(scorer: Callable[[list[tuple]], list[Scored]], cfg: ServeConfig, 
     async def classify(body: ClassifyRequest):
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
-            raise HTTPException(400, "input is empty")
-        out = await score([("text", t) for t in texts])
+            raise refuse(400, "input is empty")
+        check_rows(len(texts), "inputs")
+        for i, t in enumerate(texts):
+            check_text("input", i, t)
+        out = await score([("text", t) for t in texts], "input")
         tokens = sum(s.tokens for s in out)
         return {"id": f"classify-{time.time_ns()}", "object": "list", "created": int(time.time()),
                 "model": body.model or cfg.name,

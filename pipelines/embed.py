@@ -1,20 +1,17 @@
 """Embeddings of (conversation, attributes) for retrieval (paper: jina-embeddings-v3; CPU default: MiniLM).
 
 Mean-pooled, L2-normalized sentence embeddings, so inner product = cosine. Stage 1's pool is stored once per
-(pair_id, model) in `pair_embeddings` (the ANN index is rebuilt from it whenever it is needed); Stage 2 embeds only
-its unconfident pairs, in memory, for their exemplar lookup.
+(pair_id, model) in `pair_embeddings` (the ANN index is rebuilt from it whenever it is needed; see
+`pipelines.curate.prepare.embed_pool`); Stage 2 embeds only its unconfident pairs, in memory, for their exemplar
+lookup. Here, below compute, because compute runs the Embedder (in process or as Ray actors) and curate uses it.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 import polars as pl
 import torch
 from transformers import AutoModel, AutoTokenizer
-
-from pipelines.tables import EMBEDDINGS  # noqa: F401  (re-exported)
 
 
 def model_name(path: str) -> str:
@@ -72,27 +69,3 @@ def vectors_of(df: pl.DataFrame) -> np.ndarray:
 def texts_of(pairs: pl.DataFrame) -> list[str]:
     """pair_text of every row of a frame with history, task_category, guideline."""
     return [pair_text(h, c, g) for h, c, g in pairs.select("history", "task_category", "guideline").iter_rows()]
-
-
-def embed_pool(lake, encode: Callable[[list[str]], np.ndarray], model_name: str, *, stage1_fraction: float,
-               unit_rows: int = 50_000) -> dict[str, int]:
-    """Embed every annotated pair of Stage 1's pool that has no embedding under `model_name` yet, one work unit of
-    the raw table at a time; one append per unit. Returns {"embedded": n, "cached": m}."""
-    from pipelines.pool import read_unit, with_attributes, work_units
-
-    counts = {"embedded": 0, "cached": 0}
-    for unit in work_units(lake, unit_rows):
-        pairs = with_attributes(read_unit(lake, unit, "stage1", stage1_fraction, exclude_verified=False).lazy(),
-                                lake).collect()
-        if pairs.height == 0:
-            continue
-        if lake.exists(EMBEDDINGS):
-            have = (lake.scan(EMBEDDINGS).filter(pl.col("embed_model") == model_name).select("pair_id")
-                    .join(pairs.select("pair_id").lazy(), on="pair_id", how="semi").collect())
-            counts["cached"] += have.height
-            pairs = pairs.join(have, on="pair_id", how="anti")
-        if pairs.height:
-            vecs = encode(texts_of(pairs))
-            lake.append(EMBEDDINGS, embedding_frame(pairs["pair_id"].to_list(), vecs, model_name).to_arrow())
-            counts["embedded"] += pairs.height
-    return counts
