@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -96,6 +96,15 @@ def code_version() -> str:
 def config_hash(config: Any) -> str:
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
+
+
+def latest_by_key(frame: FrameT, keys: str | list[str], order: str = "created_at") -> FrameT:
+    """The newest row per key of an append-only table (later rows supersede earlier ones; history kept). Eager or
+    lazy: the one way every table here is read "latest per key"."""
+    return frame.sort(order).unique(keys, keep="last")
 
 
 @dataclass
@@ -213,47 +222,32 @@ class Lake:
 
         Returns {"inserted": n, "version": v}. Creates the table on first write.
         """
-        arrow = self._arrow(data, schema)
-        keys = list(keys)
-        if not self.exists(table):
-            write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
-                            storage_options=self.storage_options)
-            return {"inserted": arrow.num_rows, "version": self.version(table)}  # type: ignore[dict-item]
-        if arrow.num_rows == 0:
-            return {"inserted": 0, "version": self.version(table)}  # type: ignore[dict-item]
-        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        metrics = (
-            self.delta(table)
-            .merge(arrow, predicate=predicate, source_alias="s", target_alias="t")
-            .when_not_matched_insert_all()
-            .execute()
-        )
-        return {"inserted": int(metrics.get("num_target_rows_inserted", 0)), "version": self.version(table)}  # type: ignore[dict-item]
+        out = self._merge(table, data, keys, schema, partition_by, update=False)
+        return {"inserted": out["inserted"], "version": out["version"]}
 
     def upsert(self, table: str, data: pl.DataFrame | pa.Table, keys: Iterable[str],
                schema: pa.Schema | None = None, partition_by: list[str] | None = None) -> dict[str, int]:
         """Insert new keys and update existing ones (derived tables recomputed for the same key)."""
+        return self._merge(table, data, keys, schema, partition_by, update=True)
+
+    def _merge(self, table: str, data: pl.DataFrame | pa.Table, keys: Iterable[str], schema: pa.Schema | None,
+               partition_by: list[str] | None, update: bool) -> dict[str, int]:
+        """One Delta MERGE on `keys`: new keys inserted, existing ones updated when `update`. Creates the table."""
         arrow = self._arrow(data, schema)
-        keys = list(keys)
         if not self.exists(table):
             write_deltalake(self.uri(table), arrow, mode="append", partition_by=partition_by,
                             storage_options=self.storage_options)
             return {"inserted": arrow.num_rows, "updated": 0, "version": self.version(table)}  # type: ignore[dict-item]
         if arrow.num_rows == 0:
             return {"inserted": 0, "updated": 0, "version": self.version(table)}  # type: ignore[dict-item]
-        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        metrics = (
-            self.delta(table)
-            .merge(arrow, predicate=predicate, source_alias="s", target_alias="t")
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute()
-        )
-        return {
-            "inserted": int(metrics.get("num_target_rows_inserted", 0)),
-            "updated": int(metrics.get("num_target_rows_updated", 0)),
-            "version": self.version(table),  # type: ignore[dict-item]
-        }
+        merge = self.delta(table).merge(arrow, predicate=" AND ".join(f"t.{k} = s.{k}" for k in keys),
+                                        source_alias="s", target_alias="t")
+        if update:
+            merge = merge.when_matched_update_all()
+        metrics = merge.when_not_matched_insert_all().execute()
+        return {"inserted": int(metrics.get("num_target_rows_inserted", 0)),
+                "updated": int(metrics.get("num_target_rows_updated", 0)),
+                "version": self.version(table)}  # type: ignore[dict-item]
 
     # --- lineage ---------------------------------------------------------------------------------------------
     def record_lineage(self, *, run_id: str, asset: str, partition: str | None, table: str,

@@ -4,7 +4,7 @@ import fsspec
 import dagster as dg
 from pydantic import Field
 
-from pipelines.ingest.readers import _fs_options, file_kind
+from pipelines.ingest.readers import fs_options, file_kind
 from pipelines.lake import Lake
 from pipelines.settings import default_landing_root, default_lake_root
 
@@ -37,7 +37,7 @@ class LakeResource(dg.ConfigurableResource):
     def list_landing(self) -> list[str]:
         """Relative paths <source>/<file> of every readable shard under the landing root."""
         root = self.landing
-        fs, _, (base,) = fsspec.get_fs_token_paths(root, storage_options=_fs_options(root))
+        fs, _, (base,) = fsspec.get_fs_token_paths(root, storage_options=fs_options(root))
         if not fs.exists(base):
             return []
         out = []

@@ -360,12 +360,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _tree(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow
-def test_checkpoints_by_step_keep_last_k_a_finished_run_is_a_no_op_and_another_plan_is_refused(tiny_qwen, tmp_path):
+def test_checkpoints_by_step_keep_last_k_a_finished_run_is_a_no_op_and_another_plan_is_refused(tiny_qwen, tmp_path,
+                                                                                                 monkeypatch):
     """Step checkpoints are DCP folders behind an atomic `latest` pointer, only the newest `keep_last` kept; the
     best model is a sharded save exported once; the same run started again returns its result without training
     (no file touched, no log call); a checkpoint of another plan is refused with how to start fresh, untouched."""
@@ -378,23 +383,24 @@ def test_checkpoints_by_step_keep_last_k_a_finished_run_is_a_no_op_and_another_p
                       progress=False, layout="shared_prefix")
     out = tmp_path / "run"
     seen: list[dict] = []
+    from pipelines.rm.train import Checkpointer
+    real_wait = Checkpointer.wait
 
-    def watch(rec, step):  # after step 5's log: steps 1..4 saved and committed, at most 2 step folders kept
-        if step == 5:
+    def wait_then_look(self):  # the moment save(5) has waited for save(4) and its commit (pointer + prune)
+        real_wait(self)
+        latest = _read_json(out / "checkpoints" / "latest")
+        if latest is not None and latest.get("step") == 4 and not seen:
             ck = out / "checkpoints"
-            seen.append({"latest": json.loads((ck / "latest").read_text()),
-                         "steps": sorted(p.name for p in ck.glob("step-*")),
+            seen.append({"latest": latest, "steps": sorted(p.name for p in ck.glob("step-*")),
                          "best": json.loads((ck / "best").read_text()),
-                         "best_dirs": sorted(p.name for p in ck.glob("best-step-*"))})
-            seen[-1]["metadata"] = (ck / seen[-1]["latest"]["dir"] / ".metadata").exists()
-            seen[-1]["exported"] = (out / "best").exists()
+                         "best_dirs": sorted(p.name for p in ck.glob("best-step-*")),
+                         "metadata": (ck / "step-4" / ".metadata").exists(), "exported": (out / "best").exists()})
 
-    first = train_reward_model(load_reward_model(tiny_qwen), rows, val, cfg, str(out), log=watch)
+    monkeypatch.setattr(Checkpointer, "wait", wait_then_look)
+    first = train_reward_model(load_reward_model(tiny_qwen), rows, val, cfg, str(out))
+    monkeypatch.undo()
     s = seen[0]
-    done = s["latest"]["step"]  # step 4's save may still be in flight (async); those up to `done` are committed
-    committed = [d for d in s["steps"] if int(d.split("-")[1]) <= done]
-    assert done >= 3 and "step-1" not in s["steps"] and len(committed) == 2, s
-    assert f"step-{done}" in s["steps"] and s["metadata"]  # the pointer names a whole DCP save
+    assert s["steps"] == ["step-3", "step-4"] and s["metadata"], s  # only the newest keep_last=2, whole DCP saves
     assert s["best_dirs"] == [s["best"]["dir"]] and not s["exported"]  # sharded best, no HF export yet
     assert first.steps == 7 and (out / "best" / "config.json").exists()
     assert json.loads((out / "checkpoints/latest").read_text())["finished"]

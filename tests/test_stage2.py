@@ -2,6 +2,7 @@
 on a real local Ray as in-process, unscorable pairs quarantined with a reason, confident pairs never sent to an LLM,
 and never more than a unit in memory."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -32,9 +33,22 @@ ROOT = Path(__file__).resolve().parents[1]
 FRACTION = 0.3
 
 
-def build_lake(root: Path, n: int, tiny_a: str, tiny_b: str) -> tuple[Lake, Stage2Inputs]:
-    """Two landed shards ingested, a human seed from the Stage-1 pool, two tiny random RMs (best and gold)."""
+def build_lake(root: Path, n: int, tiny_a: str, tiny_b: str, land: bool = True) -> tuple[Lake, Stage2Inputs]:
+    """Two landed shards ingested, a human seed from the Stage-1 pool, two tiny random RMs (best and gold).
+    `land=False`: the lake is already there (a rerun on it); only the inputs are built."""
     lake = Lake(str(root / "lake"))
+    if land:
+        _land(lake, root, n)
+    judges = [SimulatedBackend(name="judge-a", accuracy=0.9), SimulatedBackend(name="judge-b", accuracy=0.85)]
+    inputs = Stage2Inputs(best=ModelRef("best:1", tiny_a, "", str(root / "cache")),
+                          gold=ModelRef("gold:1", tiny_b, "", str(root / "cache")),
+                          annotator=SimulatedBackend(name="annotator"),
+                          attributes_prompt=load_prompt("attributes_v1"),
+                          judging=JudgeSetup(judges=judges, prompt=load_prompt("judge_v1"), samples=2))
+    return lake, inputs
+
+
+def _land(lake: Lake, root: Path, n: int) -> None:
     truth = []
     for s in range(2):
         f = root / "landing" / f"shard-{s}.jsonl"
@@ -47,13 +61,6 @@ def build_lake(root: Path, n: int, tiny_a: str, tiny_b: str) -> tuple[Lake, Stag
                          split=pl.col("pair_id").map_elements(lambda p: gold_split(p, 0.2, 0.2),
                                                               return_dtype=pl.String))
     lake.overwrite(SEED, seed.to_arrow())
-    judges = [SimulatedBackend(name="judge-a", accuracy=0.9), SimulatedBackend(name="judge-b", accuracy=0.85)]
-    inputs = Stage2Inputs(best=ModelRef("best:1", tiny_a, "", str(root / "cache")),
-                          gold=ModelRef("gold:1", tiny_b, "", str(root / "cache")),
-                          annotator=SimulatedBackend(name="annotator"),
-                          attributes_prompt=load_prompt("attributes_v1"),
-                          judging=JudgeSetup(judges=judges, prompt=load_prompt("judge_v1"), samples=2))
-    return lake, inputs
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +194,8 @@ def test_pairs_that_cannot_be_scored_go_to_quarantine_with_a_reason(rms, tmp_pat
     assert engine.victim not in set(lake.read(CURATED)["pair_id"]) | set(lake.read(RECYCLED)["pair_id"])
 
 
-KILL_SCRIPT = """
-import sys, threading
+STAGE2_SCRIPT = """
+import json, sys, threading
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from tests.test_stage2 import build_lake, Spy
@@ -196,29 +203,37 @@ from pipelines.curate.stage2 import Stage2Config, run_stage2
 
 class BlockOnThird(Spy):
     def score(self, pairs, refs):
-        if len(self.units_scored) == 2:  # two units committed: stop here for good, forever
+        if {block} and len(self.units_scored) == 2:  # two units committed: stop here for good, forever
             print("BLOCKED", flush=True)
             threading.Event().wait()
         return super().score(pairs, refs)
 
-lake, inputs = build_lake(Path({home!r}), 1600, {a!r}, {b!r})
-run_stage2(lake, Stage2Config(confidence_margin=0.0, unit_rows=300, stage1_fraction=0.3), inputs,
-           BlockOnThird(max_len=128), run_id="killed")
+lake, inputs = build_lake(Path({home!r}), 1600, {a!r}, {b!r}, land={land})
+engine = BlockOnThird(max_len=128)
+report = run_stage2(lake, Stage2Config(confidence_margin=0.0, unit_rows=300, stage1_fraction=0.3), inputs, engine,
+                    run_id={run_id!r})
+print(json.dumps({{"skipped": report.units_skipped, "run": report.units_run, "scored": engine.units_scored}}))
 """
+
+
+def stage2_child(tmp: Path, home: Path, rms, run_id: str, block: bool = False, land: bool = True) -> subprocess.Popen:
+    """Stage 2 in a fresh interpreter: every run of this test scores in its own new process, as a rerun after a
+    kill does (rewards computed in a process that ran other tests may differ in float32's last bits)."""
+    script = tmp / f"{run_id}.py"
+    script.write_text(STAGE2_SCRIPT.format(root=str(ROOT), home=str(home), a=rms[0], b=rms[1], block=block,
+                                           land=land, run_id=run_id))
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 def test_kill_9_mid_stage2_then_rerun_gives_identical_tables(rms, tmp_path):
     # the uninterrupted reference
-    ref_lake, inputs = build_lake(tmp_path / "ref", 1600, *rms)
-    cfg = Stage2Config(confidence_margin=0.0, unit_rows=300, stage1_fraction=FRACTION)
-    run_stage2(ref_lake, cfg, inputs, Spy(max_len=128), run_id="ref")
+    ref = stage2_child(tmp_path, tmp_path / "ref", rms, "ref")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0
     # the same lake built in a child, which blocks for good after two committed units and is killed -9
     home = tmp_path / "killed"
-    home.mkdir()
-    script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(root=str(ROOT), home=str(home), a=rms[0], b=rms[1]))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc = stage2_child(tmp_path, home, rms, "killed", block=True)
     try:
         line = proc.stdout.readline()  # returns when the child prints BLOCKED (or dies: then it is empty)
         assert line.strip() == "BLOCKED"
@@ -227,11 +242,13 @@ def test_kill_9_mid_stage2_then_rerun_gives_identical_tables(rms, tmp_path):
         proc.wait(60)
     lake = Lake(str(home / "lake"))
     assert lake.read(STAGE2_UNITS).height == 2  # two units committed before the kill
-    spy = Spy(max_len=128)
-    report = run_stage2(lake, cfg, inputs, spy, run_id="resume")
-    assert report.units_skipped == 2 and len(spy.units_scored) == report.units_run  # committed ones not redone
-    got, want = tables(lake), tables(ref_lake)
-    for t in want:  # same rows and decisions; rewards equal up to float noise across processes (see same_rows)
+    rerun = stage2_child(tmp_path, home, rms, "resume", land=False)  # the rerun: a new process on the same lake
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["skipped"] == 2 and len(report["scored"]) == report["run"]  # committed ones not redone
+    got, want = tables(lake), tables(Lake(str(tmp_path / "ref" / "lake")))
+    for t in want:  # same rows and decisions; rewards equal up to float noise (see same_rows)
         same_rows(got[t], want[t])
     for t in (CURATED, RECYCLED):
         assert lake.read(t)["pair_id"].n_unique() == lake.read(t).height  # no duplicate row

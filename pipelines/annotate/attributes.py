@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 
 from pipelines.annotate.cache import cache_scan, parts_of
-from pipelines.lake import Lake
+from pipelines.lake import Lake, latest_by_key
 from pipelines.tables import ANNOTATIONS
 
 ATTRIBUTE_COLUMNS = ["task_category", "objectivity", "controversiality", "desired_attributes", "guideline"]
@@ -14,18 +14,12 @@ ATTRIBUTE_COLUMNS = ["task_category", "objectivity", "controversiality", "desire
 
 def latest_attributes(annotations: pl.DataFrame) -> pl.DataFrame:
     """One row per pair: its most recent successful attributes (pair_id + ATTRIBUTE_COLUMNS)."""
-    return (annotations.filter(pl.col("status") == "ok").sort("created_at").unique("pair_id", keep="last")
-            .select("pair_id", *ATTRIBUTE_COLUMNS))
+    return latest_by_key(annotations.filter(pl.col("status") == "ok"), "pair_id").select("pair_id", *ATTRIBUTE_COLUMNS)
 
 
 # a polars frame schema (pair_id + ATTRIBUTE_COLUMNS); taxonomy.ATTRIBUTES_SCHEMA is the LLM's JSON schema
 ATTRIBUTES_SCHEMA = {"pair_id": pl.String, "task_category": pl.String, "objectivity": pl.String,
                      "controversiality": pl.String, "desired_attributes": pl.List(pl.String), "guideline": pl.String}
-
-
-def latest_by_key(lf: pl.LazyFrame, keys: list[str], order: str = "created_at") -> pl.LazyFrame:
-    """The newest row per key of an append-only table (later rows supersede earlier ones, history kept)."""
-    return lf.sort(order).unique(keys, keep="last")
 
 
 def attributes(lake: Lake, ids: pl.DataFrame | pl.LazyFrame | None = None, table: str = ANNOTATIONS) -> pl.LazyFrame:

@@ -30,7 +30,7 @@ from pipelines.annotate.cost import Usage
 from pipelines.annotate.prompts import Prompt
 from pipelines.annotate.taxonomy import (ATTRIBUTES_SCHEMA, PRECHECK_SCHEMA, TASK_CATEGORIES, VERDICT_SCHEMA, Attributes,
                                          PreCheck, Verdict)
-from pipelines.lake import Lake
+from pipelines.lake import Lake, latest_by_key
 from pipelines.schema import LabelOrigin
 
 from pipelines.tables import ANNOTATIONS, JUDGMENTS, PRECHECKS  # noqa: E402,F401  (re-exported)
@@ -291,8 +291,7 @@ def annotation_failures(lake: Lake, pairs: pl.DataFrame, model: str, prompt_vers
                                                             & (pl.col("prompt_version") == prompt_version))
             .join(pairs.select("pair_id").lazy(), on="pair_id", how="semi"))
     ok = mine.filter(pl.col("status") == "ok").select("pair_id").unique()
-    last = (mine.sort("created_at").unique("pair_id", keep="last")
-            .select("pair_id", detail="error", payload="raw_output"))
+    last = latest_by_key(mine, "pair_id").select("pair_id", detail="error", payload="raw_output")
     prov = [c for c in ("source", "shard", "source_row") if c in pairs.columns]
     return (pairs.lazy().select("pair_id", *prov).join(ok, on="pair_id", how="anti")
             .join(last, on="pair_id", how="inner").collect())
@@ -469,7 +468,7 @@ def aggregate_judgments(judgments: pl.DataFrame) -> pl.DataFrame:
     if judgments.height == 0:  # nothing judged (e.g. every pair of a unit was confident): may carry no columns
         return empty
     if "created_at" in judgments.columns and set(JUDGMENT_KEYS) <= set(judgments.columns):
-        judgments = judgments.sort("created_at").unique(JUDGMENT_KEYS, keep="last")
+        judgments = latest_by_key(judgments, JUDGMENT_KEYS)
     ok = judgments.filter(pl.col("status") == "ok")
     if ok.height == 0:
         return empty

@@ -42,7 +42,7 @@ from pipelines.annotate.runner import annotate_attributes, annotation_failures
 from pipelines.compute import Engine
 from pipelines.curate.judge import JudgeSetup, embedding_models, exemplar_index, judge_with_exemplars
 from pipelines.embed import model_name, pair_text
-from pipelines.lake import Lake
+from pipelines.lake import Lake, latest_by_key
 from pipelines.pool import WorkUnit, quarantine_pairs, read_unit, truth_categories, work_units
 from pipelines.rm.registry import ModelRef
 from pipelines.rm.service import held_out_comparisons
@@ -392,8 +392,8 @@ def overlapping_units(lake: Lake, unit) -> list[str]:
     Reads the unit table (one row per committed unit)."""
     if not lake.exists(STAGE2_UNITS):
         return []
-    latest = (lake.scan(STAGE2_UNITS).filter(pl.col("shard") == unit.shard).sort("done_at")
-              .unique("work_unit", keep="last"))  # a name is reused by a unit cut another way: its last range counts
+    # a name is reused by a unit cut another way: its last range counts
+    latest = latest_by_key(lake.scan(STAGE2_UNITS).filter(pl.col("shard") == unit.shard), "work_unit", "done_at")
     return (latest.filter((pl.col("row_lo") < unit.hi) & (pl.col("row_hi") > unit.lo)
                           & (pl.col("work_unit") != unit.name))
             .select("work_unit").collect()["work_unit"].sort().to_list())
@@ -404,7 +404,7 @@ def unit_rows_table(lake: Lake) -> pl.DataFrame:
     is left out."""
     if not lake.exists(STAGE2_UNITS):
         return pl.DataFrame(schema=UNIT_SCHEMA)
-    latest = lake.scan(STAGE2_UNITS).sort("done_at").unique("work_unit", keep="last").collect()
+    latest = latest_by_key(lake.scan(STAGE2_UNITS), "work_unit", "done_at").collect()
     later = latest.join(latest.select("shard", lo2="row_lo", hi2="row_hi", at2="done_at", name2="work_unit"),
                         on="shard").filter((pl.col("lo2") < pl.col("row_hi")) & (pl.col("hi2") > pl.col("row_lo"))
                                            & (pl.col("name2") != pl.col("work_unit"))

@@ -29,7 +29,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipelines.ingest.readers import _fs_options
+from pipelines.ingest.readers import fs_options
 from pipelines.ingest.run import RAW, IdIndex, load_id_index
 from pipelines.lake import Lake
 
@@ -50,7 +50,7 @@ class IdStore:
         return f"{self.lake.root}/_index/{self.table}"
 
     def _fs(self) -> Any:
-        fs, _, _ = fsspec.get_fs_token_paths(self.base, storage_options=_fs_options(self.base))
+        fs, _, _ = fsspec.get_fs_token_paths(self.base, storage_options=fs_options(self.base))
         return fs
 
     def manifest(self) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ class Batch:
         return self.records
 
 
-def _fs_options(path: str) -> dict[str, Any]:
+def fs_options(path: str) -> dict[str, Any]:
     if path.startswith("s3://"):
         o = s3_storage_options_from_env()
         kw: dict[str, Any] = {}
@@ -143,7 +143,7 @@ def iter_jsonl(path: str, batch_size: int = 50_000, chunk_bytes: int = 1 << 26) 
     buf = np.empty(chunk_bytes, dtype=np.uint8)
     mask = np.empty(chunk_bytes, dtype=bool)
     carried = 0  # bytes at the front of buf: the unfinished last line of the previous chunk
-    with fsspec.open(path, "rb", compression="infer", **_fs_options(path)) as fh:
+    with fsspec.open(path, "rb", compression="infer", **fs_options(path)) as fh:
         while True:
             if carried == len(buf):  # one line longer than the buffer: grow it
                 buf = np.concatenate([buf, np.empty(len(buf), dtype=np.uint8)])
@@ -180,7 +180,7 @@ def read_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
 
 
 def iter_parquet(path: str, batch_size: int = 50_000) -> Iterator[Batch]:
-    with fsspec.open(path, "rb", **_fs_options(path)) as fh:
+    with fsspec.open(path, "rb", **fs_options(path)) as fh:
         pf = pq.ParquetFile(fh)
         row = 0
         for rb in pf.iter_batches(batch_size=batch_size):
@@ -196,7 +196,3 @@ def iter_batches(path: str, batch_size: int = 50_000) -> Iterator[Batch]:
     else:
         yield from iter_jsonl(path, batch_size)
 
-
-def iter_records(path: str, batch_size: int = 50_000) -> Iterator[list[RawRecord]]:
-    for b in iter_batches(path, batch_size):
-        yield b.as_records()

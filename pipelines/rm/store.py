@@ -110,9 +110,9 @@ def _filesystem(uri: str):
         import fsspec
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        from pipelines.ingest.readers import _fs_options
+        from pipelines.ingest.readers import fs_options
 
-        return PyFileSystem(FSSpecHandler(fsspec.filesystem("s3", **_fs_options(uri)))), uri[len("s3://"):]
+        return PyFileSystem(FSSpecHandler(fsspec.filesystem("s3", **fs_options(uri)))), uri[len("s3://"):]
     return None, uri
 
 

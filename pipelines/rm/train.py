@@ -52,6 +52,7 @@ import math
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -311,6 +312,27 @@ def _read_pointer(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class _Commit:
+    """The commit of one async save, run in the future's done-callback; `wait` blocks until it ran and re-raises
+    its error (a callback's exception would otherwise only be logged by concurrent.futures)."""
+
+    def __init__(self):
+        self._done, self._error = threading.Event(), None
+
+    def run(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            self._error = e
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
 class Checkpointer:
     """Checkpoints by step under out_dir/checkpoints (why: a kill at any point loses at most the steps since the
     last save, and nothing is ever half-swapped):
@@ -389,9 +411,13 @@ class Checkpointer:
         record = {"plan": self.plan, "step": step, "dir": d.name}
         if hasattr(dcp, "async_save"):
             fut = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(d), process_group=group)
-            if is_main_process():  # rank 0's future ends after the coordinator wrote the metadata: all shards are in
-                fut.add_done_callback(lambda f: f.exception() is None and self._commit(record))
-            self.pending = fut
+            committed = _Commit()
+            # rank 0's future ends after the coordinator wrote the metadata: all shards are in. The commit runs in
+            # the done-callback (the pointer moves as soon as the save is whole) and `wait` waits for the commit
+            # itself, not only the future: Future.result() returns before its callbacks have run.
+            fut.add_done_callback(lambda f: committed.run(
+                lambda: f.exception() is None and is_main_process() and self._commit(record)))
+            self.pending = (fut, committed)
         else:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(d))
             if is_main_process():
@@ -406,17 +432,22 @@ class Checkpointer:
                 shutil.rmtree(self.root / f"step-{s}", ignore_errors=True)
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written and committed; raises what the save raised."""
+        """Block until the save in flight (if any) is written and committed; raises what the save or commit raised."""
         if self.pending is not None:
-            fut, self.pending = self.pending, None
+            (fut, committed), self.pending = self.pending, None
             fut.result()
+            committed.wait()
         barrier()
 
     def abandon(self) -> None:
         """After a failure in one process: let the save in flight finish and commit; its own error is dropped."""
-        fut, self.pending = self.pending, None
-        if fut is not None:
-            fut.exception()
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending[0].exception()
+            try:
+                pending[1].wait()
+            except Exception:  # noqa: BLE001 - the failure being handled is the one to report
+                pass
 
     def save_best(self, step: int, rm: RewardModel, ev: dict) -> None:
         """The best weights so far, sharded (no gather), and the pointer to them with their statistics."""
