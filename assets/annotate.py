@@ -4,10 +4,10 @@ import polars as pl
 from pydantic import Field
 
 import dagster as dg
-from assets.common import GPU_POOL
+from assets.common import GPU_POOL, record_written
 from assets.ingest import raw_pairs
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import ANNOTATIONS
+from pipelines.tables import ANNOTATIONS
 from pipelines.curate.prepare import annotate_pool
 from pipelines.pool import quarantine_pairs, truth_categories
 from pipelines.schema import Reason
@@ -49,15 +49,15 @@ def llm_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
                           unit_rows=config.unit_rows, chunk=config.chunk, max_attempts=config.max_attempts,
                           categories=(lambda pairs: truth_categories(lake, pairs)) if backend.kind == "simulated"
                           else None, on_failed=on_failed)
-    v = lake.version(ANNOTATIONS)
-    lake.record_lineage(run_id=context.run.run_id, asset="llm_annotations", partition=None, table=ANNOTATIONS,
-                        version_written=v, inputs=inputs, config={**config.model_dump(), **pool.model_dump()},
-                        counts={"ok": stats.ok, "failed": stats.failed, "cached": stats.skipped_cached})
+    written = record_written(context, lake, "llm_annotations", ANNOTATIONS, inputs=inputs,
+                             config={**config.model_dump(), **pool.model_dump()},
+                             counts={"ok": stats.ok, "failed": stats.failed, "cached": stats.skipped_cached})
     rate = stats.failed / max(stats.requested, 1)
     meta = stats.as_metadata()
     meta["failures_by_reason"] = dg.MetadataValue.json(meta["failures_by_reason"])
     yield dg.MaterializeResult(
         metadata={**meta, "quarantined": quarantined, "model": backend.model_id, "prompt_version": prompt.version,
-                  "stage1_fraction": pool.stage1_fraction, "delta_version": v},
+                  "stage1_fraction": pool.stage1_fraction, **written.metadata},
+        data_version=written.data_version,
         check_results=[dg.AssetCheckResult(check_name="failure_rate", passed=rate <= config.max_failure_rate,
                                            severity=dg.AssetCheckSeverity.WARN, metadata={"rate": rate})])

@@ -2,7 +2,9 @@
 functions take (the RM service, the judge ensemble)."""
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -19,6 +21,41 @@ from resources.mlflow import MlflowResource
 from resources.trainer import TrainerResource
 
 GPU_POOL = "gpu"
+
+
+@dataclass(frozen=True)
+class Written:
+    """A Delta table as an asset run left it: what every asset reports about the table it wrote."""
+
+    table: str
+    version: int | None
+    rows: int
+    identity: str | None = None  # what the asset made when that is not the table (a registered model's version)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """`delta_version` and `dagster/row_count` (Dagster's own key: shown in the UI's asset table)."""
+        return {"delta_version": self.version, "dagster/row_count": self.rows}
+
+    @property
+    def data_version(self) -> dg.DataVersion | None:
+        """The Delta version as Dagster's data version: a downstream asset is stale exactly when the table moved."""
+        if self.identity is not None:
+            return dg.DataVersion(self.identity)
+        return None if self.version is None else dg.DataVersion(f"{self.table}@v{self.version}")
+
+
+def record_written(context: dg.AssetExecutionContext, lake: Lake, asset: str, table: str, *,
+                   inputs: dict[str, Any], config: Any, counts: dict[str, Any], partition: str | None = None,
+                   version: int | None = None, identity: str | None = None) -> Written:
+    """The one way an asset records what it wrote: a lineage row (table version, input versions, config hash,
+    counts) and the `Written` whose metadata and data version its MaterializeResult carries. `version` is the
+    version this run committed when the caller knows it (else the table's current one); `identity` the data
+    version when the asset is not the table (a model registered in it)."""
+    v = lake.version(table) if version is None else version
+    lake.record_lineage(run_id=context.run.run_id, asset=asset, partition=partition, table=table,
+                        version_written=v, inputs=inputs, config=config, counts=counts)
+    return Written(table, v, lake.row_count(table), identity)
 
 
 class RMTrainConfig(dg.Config):

@@ -8,7 +8,7 @@ from pydantic import Field
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.common import GPU_POOL, RMTrainConfig, judge_setup, label_origin, reward_models
+from assets.common import GPU_POOL, RMTrainConfig, judge_setup, label_origin, record_written, reward_models
 from assets.meta import md_table, plt, png_md
 from assets.review import human_verified_seed
 from pipelines.annotate.prompts import load_prompt
@@ -16,7 +16,8 @@ from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgmen
 from pipelines.curate.prepare import embed_pool
 from pipelines.curate.stage1 import Stage1Config, as_stored, run_stage1
 from pipelines.annotate.cost import LLMLedger, projected_pool_cost
-from pipelines.curate.stage2 import Stage2Config, Stage2Inputs, run_stage2, stage2_pool_estimate, unit_rows_table
+from pipelines.curate.stage2 import (Stage2Config, Stage2Inputs, known_truth, run_stage2, stage2_pool_estimate,
+                                     unit_rows_table)
 from pipelines.embed import model_name
 from pipelines.evaluate.gates import judge_gates
 from pipelines.review.seed import SEED
@@ -50,11 +51,11 @@ def pair_embeddings(context: dg.AssetExecutionContext, config: EmbedConfig, lake
     counts = embed_pool(lake, lambda texts: engine.embed(pl.DataFrame({"text": texts}), model, config.max_len),
                         model_name(model),
                         stage1_fraction=pool.stage1_fraction, unit_rows=config.unit_rows)
-    lake.record_lineage(run_id=context.run.run_id, asset="pair_embeddings", partition=None, table=EMBEDDINGS,
-                        version_written=lake.version(EMBEDDINGS), inputs=lake.input_versions([RAW, "llm_annotations"]),
-                        config={**config.model_dump(), **pool.model_dump()}, counts=counts)
-    return dg.MaterializeResult(metadata={**counts, "embed_model": model_name(model),
-                                          "delta_version": lake.version(EMBEDDINGS)})
+    written = record_written(context, lake, "pair_embeddings", EMBEDDINGS,
+                             inputs=lake.input_versions([RAW, "llm_annotations"]),
+                             config={**config.model_dump(), **pool.model_dump()}, counts=counts)
+    return dg.MaterializeResult(metadata={**counts, "embed_model": model_name(model), **written.metadata},
+                                data_version=written.data_version)
 
 
 class JudgeConfig(dg.Config):
@@ -96,11 +97,10 @@ def llm_judgments(context: dg.AssetExecutionContext, config: JudgeConfig, lake_s
     samples = judgments_of(lake, stored, judging)
     gates = judge_gates(samples, agg, seed, band=tuple(config.position_bias_band),
                         min_agreement=config.min_human_agreement)
-    lake.record_lineage(run_id=context.run.run_id, asset="llm_judgments", partition=None, table=JUDGMENTS,
-                        version_written=lake.version(JUDGMENTS), inputs=lake.input_versions([SEED, EMBEDDINGS]),
-                        config={**config.model_dump(), "judges": judging.model_ids},
-                        counts={"pairs": seed.height, "samples": samples.height})
-    yield dg.MaterializeResult(metadata={
+    written = record_written(context, lake, "llm_judgments", JUDGMENTS, inputs=lake.input_versions([SEED, EMBEDDINGS]),
+                             config={**config.model_dump(), "judges": judging.model_ids},
+                             counts={"pairs": seed.height, "samples": samples.height})
+    yield dg.MaterializeResult(data_version=written.data_version, metadata={**written.metadata,
         "pairs": seed.height, "samples": samples.height, "models": ", ".join(judging.model_ids),
         "prompt_version": judging.prompt.version, "agreement_with_humans": gates.agreement,
         "decisive_share": gates.decisive_share, "share_candidate_1": gates.share_candidate_1,
@@ -145,22 +145,25 @@ def stage1(context: dg.AssetExecutionContext, config: Stage1AssetConfig, lake_st
     res = run_stage1(lake, cfg, reward_models(lake, config, trainer, mlflow_store),
                      judge_setup(llm, config.judge_prompt, config.exemplars), run_id=context.run.run_id,
                      log=context.log.info)
-    lake.record_lineage(run_id=context.run.run_id, asset="stage1", partition=None, table=SILVER,
-                        version_written=lake.version(SILVER),
-                        inputs=lake.input_versions([SEED, EMBEDDINGS, "llm_annotations", JUDGMENTS]),
-                        config={**config.model_dump(), **pool.model_dump()}, counts={"silver": res.silver_size})
+    inputs = lake.input_versions([SEED, EMBEDDINGS, "llm_annotations", JUDGMENTS])
+    written = {t: record_written(context, lake, "stage1", t, inputs=inputs,
+                                 config={**config.model_dump(), **pool.model_dump()},
+                                 counts={"silver": res.silver_size, "iterations_run": res.iterations_run})
+               for t in (SILVER, STAGE1_METRICS, STAGE1_JUDGMENTS)}
     allm = lake.read(STAGE1_METRICS).sort("iteration")
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(allm["iteration"], allm["gold_val_accuracy"], marker="o")
     ax.set_xlabel("Stage-1 iteration")
     ax.set_ylabel("gold_val accuracy (selection split)")
     ax.grid(alpha=0.3)
-    yield dg.MaterializeResult(asset_key=SILVER, metadata={
-        "iterations_run": res.iterations_run, "silver_size": res.silver_size,
+    yield dg.MaterializeResult(asset_key=SILVER, data_version=written[SILVER].data_version, metadata={
+        "iterations_run": res.iterations_run, "silver_size": res.silver_size, **written[SILVER].metadata,
         "curve": dg.MetadataValue.md(md_table(allm.drop("created_at", "added_per_category", "run_id"))),
         "gold_val_accuracy_plot": png_md(fig)})
-    yield dg.MaterializeResult(asset_key=STAGE1_METRICS, metadata={"iterations": allm.height})
-    yield dg.MaterializeResult(asset_key=STAGE1_JUDGMENTS, metadata={"delta_version": lake.version(STAGE1_JUDGMENTS)})
+    yield dg.MaterializeResult(asset_key=STAGE1_METRICS, data_version=written[STAGE1_METRICS].data_version,
+                               metadata={"iterations": allm.height, **written[STAGE1_METRICS].metadata})
+    yield dg.MaterializeResult(asset_key=STAGE1_JUDGMENTS, data_version=written[STAGE1_JUDGMENTS].data_version,
+                               metadata=written[STAGE1_JUDGMENTS].metadata)
 
 
 class Stage2AssetConfig(dg.Config):
@@ -223,15 +226,14 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_st
     units = unit_rows_table(lake).filter(pl.col("decision_key") == report.decision_key)
     unreconciled = units.filter(pl.col("pool") != pl.col("curated") + pl.col("recycled") + pl.col("quarantined"))
     inputs_v = lake.input_versions([RAW, SILVER, SEED, RM_REGISTRY, STAGE2_JUDGMENTS])
-    for t in (SCORES, CURATED, RECYCLED, STAGE2_UNITS):
-        lake.record_lineage(run_id=context.run.run_id, asset="stage2", partition=None, table=t,
-                            version_written=lake.version(t), inputs=inputs_v,
-                            config={**config.model_dump(), **pool.model_dump(), "engine": compute.engine},
-                            counts={k: v for k, v in report.as_dict().items() if isinstance(v, int)})
+    written = {t: record_written(context, lake, "stage2", t, inputs=inputs_v,
+                                 config={**config.model_dump(), **pool.model_dump(), "engine": compute.engine},
+                                 counts={k: v for k, v in report.as_dict().items() if isinstance(v, int)})
+               for t in (CURATED, SCORES, RECYCLED, STAGE2_UNITS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS)}
     meta = {**{k: v for k, v in report.as_dict().items() if isinstance(v, (int, float, bool, str))},
             "quarantined_by_reason": dg.MetadataValue.json(report.quarantined_by_reason),
             "best_rm": best["rm_version"], "gold_rm": gold["rm_version"], "engine": compute.engine}
-    meta.update(_known_truth(lake, report.decision_key))
+    meta.update(known_truth(lake))
     cost = llm.pricing()
     spent = report.llm.summary(cost)["llm_cost_usd"]
     pool_estimate = stage2_pool_estimate(lake, pool.stage1_fraction)
@@ -243,10 +245,10 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_st
                      f"${meta['llm_cost_projected_pool_usd'] or 0:.2f}")
     why = (lake.scan(CURATED).group_by("why").len().sort("len", descending=True).collect()
            if lake.exists(CURATED) else pl.DataFrame())
-    yield dg.MaterializeResult(asset_key=CURATED, metadata={**meta, "delta_version": lake.version(CURATED),
-                                                             "why": dg.MetadataValue.md(md_table(why))})
+    yield dg.MaterializeResult(asset_key=CURATED, data_version=written[CURATED].data_version,
+                               metadata={**meta, **written[CURATED].metadata, "why": dg.MetadataValue.md(md_table(why))})
     for key in (SCORES, RECYCLED, STAGE2_UNITS, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS):
-        yield dg.MaterializeResult(asset_key=key, metadata={"delta_version": lake.version(key) or 0})
+        yield dg.MaterializeResult(asset_key=key, data_version=written[key].data_version, metadata=written[key].metadata)
     answered = sum(r["ok"] + r["failed"] for r in report.llm.rows(cost))
     share = meta["llm_failed"] / answered if answered else 0.0
     yield dg.AssetCheckResult(check_name="llm_failure_share", asset_key=CURATED,
@@ -258,26 +260,6 @@ def stage2(context: dg.AssetExecutionContext, config: Stage2AssetConfig, lake_st
                                         "pool": int(units["pool"].sum()), "curated": int(units["curated"].sum()),
                                         "recycled": int(units["recycled"].sum()),
                                         "quarantined": int(units["quarantined"].sum())})
-
-
-def _known_truth(lake, key: str) -> dict:
-    """Project-made data carries its truth: how well did the filter find the wrong labels? Aggregated by polars
-    joins over the Stage-2 rows (no per-pair Python)."""
-    if not lake.exists(SYNTH_TRUTH) or not lake.exists(CURATED):
-        return {}
-    truth = lake.scan(SYNTH_TRUTH).select("pair_id", "label_correct")
-    kept = lake.scan(CURATED).filter(pl.col("stage") == "stage2").select("pair_id").join(truth, on="pair_id")
-    rec = lake.scan(RECYCLED).select("pair_id").join(truth, on="pair_id")
-    scored = lake.scan(SCORES).select("pair_id").unique().join(truth, on="pair_id")
-    k = kept.select(n=pl.len(), right=pl.col("label_correct").sum()).collect().row(0, named=True)
-    r = rec.select(n=pl.len(), wrong=(~pl.col("label_correct")).sum()).collect().row(0, named=True)
-    s = scored.select(n=pl.len(), wrong=(~pl.col("label_correct")).sum()).collect().row(0, named=True)
-    if not s["n"]:
-        return {}
-    return {"kept_label_precision": (k["right"] or 0) / max(k["n"], 1),
-            "flip_detection_precision": (r["wrong"] or 0) / max(r["n"], 1),
-            "flip_detection_recall": (r["wrong"] or 0) / max(s["wrong"] or 0, 1),
-            "pool_label_precision": 1 - (s["wrong"] or 0) / s["n"]}
 
 
 CURATE_ASSETS = [pair_embeddings, llm_judgments, stage1, stage2]

@@ -9,18 +9,17 @@ config `backbone`. `main_job` trains the CPU members; `family_job` every member.
 import re
 from pathlib import Path
 
-import polars as pl
 from pydantic import Field
 
 import dagster as dg
-from assets.common import GPU_POOL, RMTrainConfig, reward_models
+from assets.common import GPU_POOL, RMTrainConfig, record_written, reward_models
 from assets.ingest import benchmarks
 from assets.meta import md_table, plt
 from assets.rm import gold_rm
 from pipelines.curate.stage2 import training_mix
-from pipelines.evaluate.run import (benchmark_items_from_lake, evaluate_models, folder_drift, models_to_evaluate,
-                                   table1_text, write_authors_formats, write_evaluation, write_report)
-from pipelines.rm import tracking
+from pipelines.evaluate.run import (benchmark_items_from_lake, evaluate_models, folder_drift, log_evaluation,
+                                   models_to_evaluate, table1_text, write_all_authors_formats, write_evaluation,
+                                   write_report)
 from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import home, minilm_path
 from pipelines.tables import (BENCHMARK_ITEMS, CURATED, RECYCLED, RM_EVALUATION, RM_REGISTRY, RM_REWARDS, SEED,
@@ -90,10 +89,9 @@ def family_member(name: str) -> dg.AssetsDefinition:
         res = reg.result
         counts = {"train": res.pairs, "gold_val": val.height, "steps": res.steps,
                   "resumed_from_step": res.resumed_from_step, "pairs_without_margin": res.pairs_without_margin}
-        lake.record_lineage(run_id=context.run.run_id, asset="rm_family", partition=name, table=RM_REGISTRY,
-                            version_written=lake.version(RM_REGISTRY), inputs={**inputs, "token_store": res.data_key},
-                            config=config.model_dump(), counts=counts)
-        return dg.MaterializeResult(metadata={
+        written = record_written(context, lake, "rm_family", RM_REGISTRY, inputs={**inputs, "token_store": res.data_key},
+                                 config=config.model_dump(), counts=counts, partition=name, identity=reg.rm_version)
+        return dg.MaterializeResult(data_version=written.data_version, metadata={**written.metadata,
             "rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy, "train_pairs": res.pairs,
             "tokens_per_s": res.tokens_per_s, "world_size": res.world_size, "steps": res.steps,
             "resumed_from_step": res.resumed_from_step, "token_store": res.data_key,
@@ -135,32 +133,18 @@ def rm_evaluation(context: dg.AssetExecutionContext, config: EvalConfig, lake_st
     ev = evaluate_models(lake, items, refs, engine, max_len_cap=config.max_len_cap)
     v = write_evaluation(lake, ev)
     report = write_report(ev, home() / "reports", md_table, plt)
-    # each RM's results in the benchmarks' own terms (summary.json, rm-bench.json, judgebench.jsonl, ...), as
-    # `synpref evaluate --out` writes them, so anyone can re-check a score with the authors' scripts
-    authors = home() / "reports" / "authors"
-    for rm_version in sorted(ev.results["rm_version"].unique().to_list()):
-        write_authors_formats(ev, rm_version, authors / re.sub(r"[^A-Za-z0-9_.-]", "_", rm_version))
-    with tracking.run(mlflow_store.uri, mlflow_store.experiment, "rm-evaluation", mlflow_store.artifacts,
-                      tags={"role": "evaluation"}):
-        import mlflow
-
-        for r in ev.results.filter(pl.col("section") == "overall").iter_rows(named=True):
-            mlflow.log_metric(f"{r['rm_version'].replace(':', '_v')}.{r['benchmark']}", r["score"])
-        mlflow.log_artifact(str(report))
-        mlflow.log_artifact(str(report.with_suffix(".png")))
-        mlflow.log_artifacts(str(authors), artifact_path="authors")
-    lake.record_lineage(run_id=context.run.run_id, asset="rm_evaluation", partition=None, table=RM_EVALUATION,
-                        version_written=v, inputs=inputs,
-                        config=config.model_dump(), counts={"rows": ev.results.height, "models": len(refs),
-                                                            "items": items.height})
-    yield dg.MaterializeResult(metadata={
+    authors = write_all_authors_formats(ev, home() / "reports" / "authors")
+    log_evaluation(ev, report, authors, mlflow_store.uri, mlflow_store.experiment, mlflow_store.artifacts)
+    written = record_written(context, lake, "rm_evaluation", RM_EVALUATION, inputs=inputs, config=config.model_dump(),
+                             counts={"rows": ev.results.height, "models": len(refs), "items": items.height}, version=v)
+    yield dg.MaterializeResult(data_version=written.data_version, metadata={**written.metadata,
         "table1": dg.MetadataValue.md(table1_text(ev, md_table)),
         "in_distribution": dg.MetadataValue.md(md_table(ev.in_distribution)),
         "lengths": dg.MetadataValue.md(md_table(ev.lengths)), "biases": dg.MetadataValue.md(md_table(ev.bias)), "plot": dg.MetadataValue.path(str(report.with_suffix(".png"))),
         "report": dg.MetadataValue.path(str(report)), "authors_files": dg.MetadataValue.path(str(authors)),
         "models": len(refs), "items": items.height, "benchmark_pairs_version": inputs[BENCHMARK_ITEMS],
         "folder_not_in_benchmark_pairs": dg.MetadataValue.json(drift),
-        "rewards_table": RM_REWARDS, "delta_version": v, "engine": engine.describe()})
+        "rewards_table": RM_REWARDS, "engine": engine.describe()})
     yield dg.AssetCheckResult(check_name="no_leaks", passed=ev.leaks.height == 0,
                               metadata={"leaked_pairs": ev.leaks.height,
                                         "by_model": dg.MetadataValue.json(

@@ -1,30 +1,28 @@
 """Sources and ingestion: project-made landing shards, benchmark tables, and `raw_pairs` per landed shard."""
 
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
-from pipelines.ingest.decontaminate import words
 from pipelines.evaluate.benchmarks import BENCHMARK_SCHEMA, BenchmarkFormatError, read_benchmarks
+from pipelines.ingest.checks import has_canonical_schema
 from pipelines.ingest.idstore import IdStore
 from pipelines.ingest.run import DUPLICATES, QUARANTINE, RAW, decontam_index_from_lake, ingest_shard
 from pipelines.tables import BENCHMARK_ITEMS, BENCHMARK_PROMPTS, SYNTH_TRUTH
 from pipelines.schema import RAW_PAIRS_SCHEMA, first_user_turn
 from pipelines.settings import home
-from pipelines.synth.generator import benchmark_records, synthetic_shard_keys, write_shard
+from pipelines.synth.generator import land_synthetic
+from assets.common import record_written
 from assets.meta import md_table
 from resources.lake import LakeResource
 
 raw_shards = dg.DynamicPartitionsDefinition(name="raw_shards")
 
-TRUTH_SCHEMA = pa.schema([("pair_id", pa.string()), ("label_correct", pa.bool_()), ("category", pa.string())])
 BENCHMARK_PROMPTS_SCHEMA = pa.schema([("benchmark", pa.string()), ("prompt", pa.string())])
 
 
@@ -51,34 +49,21 @@ def synthetic_landing(context: dg.AssetExecutionContext, config: SyntheticConfig
     landing = Path(lake_store.landing)
     if "://" in lake_store.landing:
         raise dg.Failure("synthetic_landing writes a local landing folder; point landing_root at a local path")
-    truth = []
-    per = config.n_pairs // config.n_shards
-    *keys, contaminated = synthetic_shard_keys(config.n_shards)
-    for s, key in enumerate(keys):
-        truth += write_shard(landing / key, per, config.seed + 100 * s,
-                             config.label_noise, config.bad_rows)
-    bench = benchmark_records(config.benchmark_pairs, config.seed + 999_999)
-    bench_dir = home() / "benchmarks" / "synth-bench"
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    with (bench_dir / "synth-bench.jsonl").open("w") as fh:
-        for r in bench:
-            fh.write(json.dumps(r) + "\n")
-    # A few landing pairs reuse benchmark prompts: decontamination must catch them.
-    with (landing / contaminated).open("w") as fh:
-        long_prompts = [r for r in bench if len(words(r["prompt"])) >= 13]
-        for r in long_prompts[: config.contaminated]:
-            fh.write(json.dumps({"prompt": r["prompt"] + " Please answer carefully.", "chosen": r["chosen"] + " ",
-                                 "rejected": r["rejected"] + " (contaminated copy)", "category": r["category"]}) + "\n")
-    v = lake.overwrite(SYNTH_TRUTH, pa.Table.from_pylist(truth, TRUTH_SCHEMA), TRUTH_SCHEMA)
+    landed = land_synthetic(lake, landing, home() / "benchmarks" / "synth-bench", n_pairs=config.n_pairs,
+                            n_shards=config.n_shards, label_noise=config.label_noise, bad_rows=config.bad_rows,
+                            benchmark_pairs=config.benchmark_pairs, contaminated=config.contaminated, seed=config.seed)
+    written = record_written(context, lake, "synthetic_landing", SYNTH_TRUTH, inputs={}, config=config.model_dump(),
+                             counts={"pairs": landed.pairs, "shards": len(landed.keys)}, version=landed.truth_version)
     # Register the shards as raw_pairs partitions right away (the landing sensor would find them too, later).
-    context.instance.add_dynamic_partitions(raw_shards.name, [*keys, contaminated])
+    context.instance.add_dynamic_partitions(raw_shards.name, landed.keys)
     # one function writes both (the truth is a by-product of generating the shards): selecting either runs it
     selected = {k.to_user_string() for k in context.selected_asset_keys}
     if "synthetic_landing" in selected:
         yield dg.MaterializeResult(asset_key="synthetic_landing", metadata={
-            "pairs": len(truth), "shards": config.n_shards, "landing": dg.MetadataValue.path(str(landing))})
+            "pairs": landed.pairs, "shards": config.n_shards, "landing": dg.MetadataValue.path(str(landing))})
     if SYNTH_TRUTH in selected:
-        yield dg.MaterializeResult(asset_key=SYNTH_TRUTH, metadata={"rows": len(truth), "delta_version": v})
+        yield dg.MaterializeResult(asset_key=SYNTH_TRUTH, data_version=written.data_version,
+                                   metadata={"rows": landed.pairs, **written.metadata})
 
 
 class BenchmarksConfig(dg.Config):
@@ -105,12 +90,12 @@ def benchmarks(context: dg.AssetExecutionContext, config: BenchmarksConfig,
     v1 = lake.overwrite(BENCHMARK_ITEMS, bench, BENCHMARK_SCHEMA)
     v2 = lake.overwrite(BENCHMARK_PROMPTS, prompts, BENCHMARK_PROMPTS_SCHEMA)
     per = pl.from_arrow(bench).group_by("benchmark").len().sort("benchmark")
-    for table, version in ((BENCHMARK_ITEMS, v1), (BENCHMARK_PROMPTS, v2)):
-        lake.record_lineage(run_id=context.run.run_id, asset="benchmarks", partition=None, table=table,
-                            version_written=version, inputs={}, config={"directory": str(folder)},
-                            counts={"rows": len(rows)})
+    written = [record_written(context, lake, "benchmarks", table, inputs={}, config={"directory": str(folder)},
+                              counts={"rows": len(rows)}, version=version)
+               for table, version in ((BENCHMARK_ITEMS, v1), (BENCHMARK_PROMPTS, v2))]
     return dg.MaterializeResult(metadata={"items": len(rows), "per_benchmark": dg.MetadataValue.md(md_table(per)),
-                                          "files": dg.MetadataValue.json(stats)})
+                                          "files": dg.MetadataValue.json(stats), **written[0].metadata},
+                                data_version=written[0].data_version)
 
 
 class RawPairsConfig(dg.Config):
@@ -153,32 +138,26 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
                               run_id=context.run.run_id, fmt=config.format or None, mapping=config.mapping or None,
                               decontam=decontam, max_chars=config.max_chars, id_index=index)
         store.commit(index, report.version)
-        lake.record_lineage(run_id=context.run.run_id, asset="raw_pairs", partition=key, table=RAW,
-                            version_written=report.version, inputs=inputs, config=config.model_dump(),
-                            counts=_counts(report))
+        written = record_written(context, lake, "raw_pairs", RAW, inputs=inputs, config=config.model_dump(),
+                                 counts=_counts(report), partition=key, version=report.version)
         context.log.info(f"{key}: {_counts(report)}")
         reports.append(report)
 
     counts = _sum(_counts(r) for r in reports)
     by_reason = _sum(r.quarantine_by_reason for r in reports)
     by_bench = _sum(r.contaminated_by_benchmark for r in reports)
-    schema = lake.delta(RAW).schema().to_arrow() if lake.exists(RAW) else None
-    got = pa.schema(schema) if schema is not None else None
-    schema_ok = got is not None and all(got.field(n).type == RAW_PAIRS_SCHEMA.field(n).type
-                                        for n in RAW_PAIRS_SCHEMA.names if n in got.names) \
-        and set(RAW_PAIRS_SCHEMA.names) <= set(got.names)
     # unique ids, checked on the run's index (the table's ids at the start + every row this run wrote) rather
     # than by n_unique over the whole table each run; the table's row count must equal the index's size
-    rows = _row_count(lake) if got else 0
-    ids = (rows, len(index) - index.duplicate_keys(), len(index))
+    ids = (written.rows, len(index) - index.duplicate_keys(), len(index))
     bad = [r.shard for r in reports if not r.reconciles]
     yield dg.MaterializeResult(
+        data_version=written.data_version,
         metadata={**counts, "shards": len(reports), "format": ",".join(sorted({r.format for r in reports})),
-                  "delta_version": reports[-1].version,
+                  **written.metadata,
                   "quarantine_by_reason": dg.MetadataValue.json(by_reason),
                   "contaminated_by_benchmark": dg.MetadataValue.json(by_bench)},
         check_results=[
-            dg.AssetCheckResult(check_name="schema_matches", passed=bool(schema_ok)),
+            dg.AssetCheckResult(check_name="schema_matches", passed=has_canonical_schema(lake, RAW)),
             dg.AssetCheckResult(check_name="pair_id_unique", passed=ids[0] == ids[1] == ids[2],
                                 metadata={"rows": ids[0], "unique": ids[1], "indexed": ids[2]}),
             dg.AssetCheckResult(check_name="counts_reconcile", passed=not bad,
@@ -187,12 +166,6 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, lake_st
                                           "shards_not_reconciling": dg.MetadataValue.json(bad)}),
         ],
     )
-
-
-def _row_count(lake) -> int:
-    """raw_pairs' rows from the Delta log's per-file counts (no file opened), scanning only if one is missing."""
-    n = pa.table(lake.delta(RAW).get_add_actions(flatten=True)).column("num_records")
-    return int(pc.sum(n).as_py() or 0) if n.null_count == 0 else lake.scan(RAW).select(pl.len()).collect().item()
 
 
 def _sum(dicts) -> dict[str, int]:

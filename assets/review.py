@@ -5,11 +5,11 @@ from pydantic import Field
 
 import dagster as dg
 from assets.annotate import llm_annotations
-from assets.common import RMTrainConfig, reward_models
+from assets.common import RMTrainConfig, record_written, reward_models
 from assets.meta import md_table
 from pipelines.annotate.attributes import attributes
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import precheck_responses
+from pipelines.annotate.precheck import precheck_responses
 from pipelines.pool import truth_of
 from pipelines.review.adjudicate import awaiting_adjudication, simulated_adjudications
 from pipelines.review.ledger import (VERDICTS, agreement_by_annotator, agreement_by_batch, append_verdicts,
@@ -73,10 +73,10 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
             **review_progress(read_verdicts(lake), plan.version)})
     q, version, candidates = plan.queue, plan.version, plan.candidates
     v = lake.append(QUEUE, q.to_arrow(), schema_mode="merge")  # queues written before the text columns stay readable
-    lake.record_lineage(run_id=context.run.run_id, asset="review_queue", partition=None, table=QUEUE,
-                        version_written=v, inputs=lake.input_versions([RAW, ANNOTATIONS, VERDICTS, RM_REGISTRY]),
-                        config={**config.model_dump(), **pool.model_dump(), "rm": plan.ranked_by},
-                        counts={"queued": q.height})
+    written = record_written(context, lake, "review_queue", QUEUE,
+                             inputs=lake.input_versions([RAW, ANNOTATIONS, VERDICTS, RM_REGISTRY]),
+                             config={**config.model_dump(), **pool.model_dump(), "rm": plan.ranked_by},
+                             counts={"queued": q.height}, version=v)
     checked = 0
     if config.precheck:
         objective = candidates.join(q.filter(pl.col("objectivity") == "objective").select("pair_id"), on="pair_id")
@@ -85,7 +85,9 @@ def review_queue(context: dg.AssetExecutionContext, config: QueueConfig, lake_st
                                    truth_of=lambda r: truth.get(r["pair_id"]))
         checked = stats.ok
     per = q.group_by("task_category", "objectivity").len().sort("task_category")
-    return dg.MaterializeResult(metadata={"queue_version": version, "queued": q.height, "prechecked_responses": checked,
+    return dg.MaterializeResult(data_version=written.data_version, metadata={
+                                          **written.metadata,
+                                          "queue_version": version, "queued": q.height, "prechecked_responses": checked,
                                           "candidates": candidates.height,
                                           "ranked_by_rm": plan.ranked_by or "none yet",
                                           "double_annotated": int(q["overlap"].sum()),
@@ -161,8 +163,8 @@ def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, l
               "label_conflicts": int(seed.filter(pl.col("label_conflict"))["comparison_id"].n_unique()),
               "discarded": int(verdicts["pair_id"].n_unique() - seed.height) if verdicts.height else 0,
               "adjudicated": int((seed["how"] == "adjudication").sum())}
-    lake.record_lineage(run_id=context.run.run_id, asset="human_verified_seed", partition=None, table=SEED,
-                        version_written=v, inputs=inputs, config=config.model_dump(), counts=counts)
+    written = record_written(context, lake, "human_verified_seed", SEED, inputs=inputs, config=config.model_dump(),
+                             counts=counts, version=v)
     agr = agreement_by_annotator(verdicts)
     mean_agr = float(agr["agreement"].mean()) if agr.height else 1.0
     kappas = agr["kappa"].drop_nulls()
@@ -170,7 +172,8 @@ def human_verified_seed(context: dg.AssetExecutionContext, config: SeedConfig, l
     per = seed.group_by("task_category").len().sort("task_category")
     small = per.filter(pl.col("len") < config.min_per_category)
     yield dg.MaterializeResult(
-        metadata={**counts, "delta_version": v, "per_category": dg.MetadataValue.md(md_table(per)),
+        data_version=written.data_version,
+        metadata={**counts, **written.metadata, "per_category": dg.MetadataValue.md(md_table(per)),
                   **review_progress(verdicts, latest),
                   "ledger_files_compacted": f"{compaction['files_before']} -> {compaction['files_after']}"},
         check_results=[

@@ -5,8 +5,8 @@ from pathlib import Path
 import polars as pl
 
 import dagster as dg
-from assets.common import GPU_POOL, RMTrainConfig, reward_models
-from assets.meta import md_table, plt, png_md
+from assets.common import GPU_POOL, RMTrainConfig, record_written, reward_models
+from assets.meta import margin_and_category_plot, md_table, png_md
 from assets.review import human_verified_seed
 from pipelines.evaluate.harness import pairwise_accuracy
 from pipelines.review.seed import SEED
@@ -45,26 +45,19 @@ def gold_rm(context: dg.AssetExecutionContext, config: GoldRMConfig, lake_store:
                                                                                         "margin": pl.Float64})
     per_cat = pairwise_accuracy(scored.join(seed.select("pair_id", "task_category"), on="pair_id", how="left"),
                                 "task_category")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 2.8))
-    ax1.hist(scored["margin"].to_numpy(), bins=30, color="#4a7")
-    ax1.axvline(0, color="k", lw=0.8)
-    ax1.set_title("gold_test reward margin r(chosen) - r(rejected)", fontsize=8)
-    ax2.bar([str(c) for c in per_cat["task_category"]], per_cat["accuracy"].to_numpy(), color="#47a")
-    ax2.set_ylim(0, 1)
-    ax2.tick_params(axis="x", labelsize=6, rotation=30)
-    ax2.set_title("gold_test accuracy per category", fontsize=8)
-    lake.record_lineage(run_id=context.run.run_id, asset="gold_rm", partition=None, table=RM_REGISTRY,
-                        version_written=lake.version(RM_REGISTRY), inputs=inputs, config=config.model_dump(),
-                        counts={"train": train.height, "gold_val": val.height, "gold_test": test.height})
+    written = record_written(context, lake, "gold_rm", RM_REGISTRY, inputs=inputs, config=config.model_dump(),
+                             counts={"train": train.height, "gold_val": val.height, "gold_test": test.height},
+                             identity=reg.rm_version)
     yield dg.MaterializeResult(
-        metadata={"rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy,
+        data_version=written.data_version,
+        metadata={**written.metadata, "rm_version": reg.rm_version, "gold_val_accuracy": reg.val_accuracy,
                   "gold_test_accuracy": float(pairwise_accuracy(scored)["accuracy"][0]) if scored.height else 0.0,
                   "train_pairs": train.height, "gold_val_pairs": val.height, "gold_test_pairs": test.height,
                   "mlflow_run_id": reg.mlflow_run_id, "model_uri": reg.model_uri,
                   "tokens_per_s": reg.result.tokens_per_s, "world_size": reg.result.world_size,
                   "steps": reg.result.steps, "resumed_from_step": reg.result.resumed_from_step,
                   "token_store": reg.result.data_key, "model_dir": str(Path(reg.result.best_dir).parent),
-                  "plots": png_md(fig),
+                  "plots": png_md(margin_and_category_plot(scored, per_cat, "gold_test")),
                   "accuracy_per_category": dg.MetadataValue.md(md_table(per_cat))},
         check_results=[dg.AssetCheckResult(check_name="better_than_chance", passed=reg.val_accuracy > 0.5,
                                            metadata={"gold_val_accuracy": reg.val_accuracy})])

@@ -27,8 +27,8 @@ def main() -> None:
     a = ap.parse_args()
     from pipelines.annotate.backends import Request, VLLMBackend
     from pipelines.annotate.prompts import load_prompt
-    from pipelines.annotate.runner import conversation_text
-    from pipelines.annotate.taxonomy import VERDICT_SCHEMA
+    from pipelines.annotate.prompts import conversation_text
+    from pipelines.annotate.taxonomy import VERDICT_JSON_SCHEMA
     from pipelines.annotate.vllm_check import build_generator_model
     from pipelines.synth.generator import generate
 
@@ -43,10 +43,10 @@ def main() -> None:
     shared = [fill(tmpl, r) for r in recs]
     naive = [fill("=== Pair to judge ===" + tail, r) + "\n\n" + head.format(exemplars="") for r in recs]
     be = VLLMBackend(model=model, gpu_memory_utilization=0.05, max_model_len=4096, dtype="bfloat16", seed=0)
-    be.generate([Request(shared[0], VERDICT_SCHEMA, max_tokens=32)])  # warm up (engine start, compile)
+    be.generate([Request(shared[0], VERDICT_JSON_SCHEMA, max_tokens=32)])  # warm up (engine start, compile)
     res = {}
     for name, prompts in (("naive", naive), ("shared_prefix", shared)) * a.repeats:
-        reqs = [Request(p, VERDICT_SCHEMA, n=1, temperature=0.0, max_tokens=64) for p in prompts]
+        reqs = [Request(p, VERDICT_JSON_SCHEMA, n=1, temperature=0.0, max_tokens=64) for p in prompts]
         t = time.perf_counter()
         be.generate(reqs)
         res.setdefault(name, []).append(len(reqs) / (time.perf_counter() - t))

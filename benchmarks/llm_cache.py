@@ -39,7 +39,7 @@ def judgment_chunks(pairs, judges=("judge-a", "judge-b"), samples=3, chunk=256):
     """Rows as judge_pairs writes them: per judge, requests (pair, sample) in chunks of `chunk`."""
     import polars as pl
 
-    from pipelines.annotate.runner import JUDGMENT_SCHEMA
+    from pipelines.annotate.judging import JUDGMENT_SCHEMA
 
     now = datetime.now(timezone.utc)
     todo = [(r, s) for r in pairs.iter_rows(named=True) for s in range(samples)]
@@ -63,7 +63,7 @@ def main() -> None:
     a = ap.parse_args()
     from pipelines.annotate import cache
     from pipelines.annotate.cache import cache_append, compact
-    from pipelines.annotate.runner import _with_parts, done_keys
+    from pipelines.annotate.cache import done_keys, with_parts
     from pipelines.lake import Lake
 
     lake = Lake(tempfile.mkdtemp(prefix="llm-cache-"))
@@ -89,7 +89,7 @@ def main() -> None:
             during["peer"].append(lookup("judgments_peer", pairs))
         written: list[str] = []
         for rows, part in judgment_chunks(pairs):
-            cache_append(lake, "judgments_blocks", _with_parts(rows, part), written)
+            cache_append(lake, "judgments_blocks", with_parts(rows, part), written)
             lake.append("judgments_peer", rows)
         compact(lake, "judgments_blocks", written)
     t_build = time.perf_counter() - t_build

@@ -60,7 +60,8 @@ def rate_limited(a: argparse.Namespace) -> None:
 
     from pipelines.annotate.backends import OpenAIBackend
     from pipelines.annotate.prompts import load_prompt
-    from pipelines.annotate.runner import JUDGMENTS, judge_pairs
+    from pipelines.annotate.judging import judge_pairs
+    from pipelines.tables import JUDGMENTS
     from pipelines.lake import Lake
     from tests.rm_helpers import synth_rows
     from tests.servers import FaultyJudge
@@ -118,7 +119,7 @@ def main() -> None:
 
     from pipelines.annotate.backends import OpenAIBackend
     from pipelines.annotate.prompts import load_prompt
-    from pipelines.annotate.runner import judge_pairs
+    from pipelines.annotate.judging import judge_pairs
     from pipelines.lake import Lake
     from tests.rm_helpers import synth_rows
 

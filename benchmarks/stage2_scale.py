@@ -172,7 +172,8 @@ def legacy_stage2(work: Path, rms: list[str], max_len: int) -> dict:
     then judge the unconfident and apply the keep rule over the whole pool in one frame."""
     import polars as pl
 
-    from pipelines.annotate.runner import aggregate_judgments, annotate_attributes, judge_pairs
+    from pipelines.annotate.attributes import annotate_attributes
+    from pipelines.annotate.judging import aggregate_judgments, judge_pairs
     from pipelines.curate.stage2 import keep_rule, split_confident
     from pipelines.lake import Lake
     from pipelines.rm.model import load_reward_model

@@ -18,6 +18,7 @@ from typing import Any, Iterable, TypeVar
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -273,6 +274,16 @@ class Lake:
 
     def input_versions(self, tables: Iterable[str]) -> dict[str, int | None]:
         return {t: self.version(t) for t in tables}
+
+    def row_count(self, table: str) -> int:
+        """Rows of a table from the Delta log's per-file counts (no data file opened), scanning only where a file
+        lacks the statistic; 0 for a table not written yet."""
+        if not self.exists(table):
+            return 0
+        n = pa.table(self.delta(table).get_add_actions(flatten=True)).column("num_records")
+        if n.null_count == 0:
+            return int(pc.sum(n).as_py() or 0)
+        return int(self.scan(table).select(pl.len()).collect().item())
 
 
 def now_utc() -> datetime:

@@ -11,9 +11,11 @@ import pytest
 
 from pipelines.annotate.backends import OpenAIBackend, Request, SimulatedBackend
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import (ANNOTATIONS, JUDGMENTS, aggregate_judgments, annotate_attributes,
-                                       generate_validated, judge_pairs, RunStats)
-from pipelines.annotate.taxonomy import VERDICT_SCHEMA, Verdict
+from pipelines.annotate.attributes import annotate_attributes
+from pipelines.annotate.judging import aggregate_judgments, judge_pairs
+from pipelines.annotate.validate import generate_validated, RunStats
+from pipelines.tables import ANNOTATIONS, JUDGMENTS
+from pipelines.annotate.taxonomy import VERDICT_JSON_SCHEMA, Verdict
 from tests.rm_helpers import synth_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +131,7 @@ def test_openai_backend_retries_repairs_and_records_failures(faulty_server):
     be = OpenAIBackend(base_url=faulty_server, model="judge-x", api_key_env="TEST_KEY", timeout_s=2.0,
                        max_retries=3, concurrency=4)
     marks = ["ok", "slow", "err500", "ratelimit", "malformed", "offschema", "refuse"]
-    reqs = [Request(f"judge this MARK:{m} please", VERDICT_SCHEMA, n=2) for m in marks]
+    reqs = [Request(f"judge this MARK:{m} please", VERDICT_JSON_SCHEMA, n=2) for m in marks]
     stats = RunStats()
     res = dict(zip(marks, generate_validated(be, reqs, Verdict, max_attempts=2, stats=stats)))
     for m in ("ok", "slow", "err500", "ratelimit", "malformed"):
@@ -147,7 +149,7 @@ def test_openai_backend_retries_repairs_and_records_failures(faulty_server):
         held.bind(("127.0.0.1", 0))
         dead = OpenAIBackend(base_url=f"http://127.0.0.1:{held.getsockname()[1]}/v1", model="m", max_retries=2,
                              timeout_s=2.0)
-        (c,) = dead.generate([Request("x", VERDICT_SCHEMA)])
+        (c,) = dead.generate([Request("x", VERDICT_JSON_SCHEMA)])
     assert c.texts == [] and "gave up" in c.error and "ConnectError" in c.error
 
 
@@ -157,7 +159,7 @@ sys.path.insert(0, {root!r})
 from pipelines.lake import Lake
 from pipelines.annotate.backends import SimulatedBackend
 from pipelines.annotate.prompts import load_prompt
-from pipelines.annotate.runner import annotate_attributes
+from pipelines.annotate.attributes import annotate_attributes
 from tests.rm_helpers import synth_rows
 
 class StopsAfterTwoChunks(SimulatedBackend):  # a fixed fault schedule: chunk 3 never comes back
@@ -197,7 +199,8 @@ def test_killed_run_resumes_without_duplicates_or_gaps(lake, tmp_path):
 
 
 def test_precheck_each_response_on_its_own(lake):
-    from pipelines.annotate.runner import PRECHECKS, precheck_responses
+    from pipelines.annotate.precheck import precheck_responses
+    from pipelines.tables import PRECHECKS
 
     pairs = _pairs(10, seed=4)
     st = precheck_responses(lake, pairs, SimulatedBackend(accuracy=1.0), load_prompt("precheck_v1"), "r",
@@ -218,7 +221,7 @@ def test_transformers_backend_generates_and_failures_are_recorded_not_defaulted(
 
     path = build_tiny_decoder(tmp_path / "gen", "qwen3")
     be = TransformersBackend(model=path)
-    (c,) = be.generate([Request("Say hi", VERDICT_SCHEMA, n=2, max_tokens=8, temperature=1.0)])
+    (c,) = be.generate([Request("Say hi", VERDICT_JSON_SCHEMA, n=2, max_tokens=8, temperature=1.0)])
     assert len(c.texts) == 2 and c.tokens_in > 0
     pairs = _pairs(3, seed=6).with_columns(task_category=pl.col("category"))
     st = judge_pairs(lake, pairs, [be], load_prompt("judge_v1"), "r", samples=1, max_attempts=2)
@@ -243,7 +246,8 @@ def test_llm_cache_lookups_read_only_the_units_blocks_and_survive_an_old_layout(
     from deltalake import write_deltalake
 
     from pipelines.annotate.cache import CACHE_BLOCK_ROWS, CACHE_PART, cache_scan, parts_of
-    from pipelines.annotate.runner import ANNOTATION_SCHEMA, done_keys
+    from pipelines.annotate.attributes import ANNOTATION_SCHEMA
+    from pipelines.annotate.cache import done_keys
 
     pairs = _pairs(40).with_columns(shard=pl.lit("land/shard-0.jsonl"),
                                     source_row=pl.int_range(0, 40) // 20 * CACHE_BLOCK_ROWS + pl.int_range(0, 40))
@@ -368,7 +372,7 @@ def test_transport_failures_are_retried_and_retry_after_is_honoured(judge_server
     judge_server.hang_s = 5.0
     be = OpenAIBackend(base_url=judge_server.url, model="m", timeout_s=1.0, max_retries=6, concurrency=1)
     try:
-        (c,) = be.generate([Request("judge", VERDICT_SCHEMA)])
+        (c,) = be.generate([Request("judge", VERDICT_JSON_SCHEMA)])
     finally:
         be.close()
     assert c.error is None and Verdict.model_validate_json(c.texts[0]), c
@@ -383,7 +387,7 @@ def test_429s_count_against_the_time_budget_not_the_attempts(judge_server):
     judge_server.retry_after = 0.05
     be = OpenAIBackend(base_url=judge_server.url, model="m", max_retries=2, concurrency=1)
     try:
-        (c,) = be.generate([Request("judge", VERDICT_SCHEMA)])
+        (c,) = be.generate([Request("judge", VERDICT_JSON_SCHEMA)])
     finally:
         be.close()
     assert c.error is None and judge_server.statuses() == {429: 5, 200: 1}
@@ -413,7 +417,7 @@ def test_unanswered_requests_are_never_data_and_a_rerun_asks_them_again(lake, ju
     LLMUnavailable; annotation failures list no pair (none is a bad pair). Once it is back, the rerun asks only the
     missing samples and every verdict is stored once."""
     from pipelines.annotate.backends import LLMUnavailable
-    from pipelines.annotate.runner import annotation_failures
+    from pipelines.annotate.attributes import annotation_failures
 
     judge_server.down_after = 6
     be = OpenAIBackend(base_url=judge_server.url, model="m", concurrency=1, max_retries=2, breaker_failures=3,
@@ -449,7 +453,7 @@ def test_the_client_rate_limit_keeps_under_the_endpoints_limit(judge_server):
     be = OpenAIBackend(base_url=judge_server.url, model="m", concurrency=16, requests_per_minute=1200)
     try:
         t0 = time.monotonic()
-        out = be.generate([Request(f"q{i}", VERDICT_SCHEMA) for i in range(60)])
+        out = be.generate([Request(f"q{i}", VERDICT_JSON_SCHEMA) for i in range(60)])
         dt = time.monotonic() - t0
     finally:
         be.close()

@@ -79,7 +79,7 @@ def _tiny_lake(root: Path):
 def test_the_api_key_reaches_the_endpoint_but_never_run_config_or_logs(monkeypatch, tmp_path):
     from assets.annotate import llm_annotations
     from jobs.definitions import build_defs
-    from pipelines.annotate.runner import ANNOTATIONS
+    from pipelines.tables import ANNOTATIONS
 
     lake = _tiny_lake(tmp_path / "lake")
     srv = FaultyJudge().start()
@@ -105,7 +105,7 @@ def test_the_api_key_reaches_the_endpoint_but_never_run_config_or_logs(monkeypat
 def test_a_deployment_without_an_llm_refuses_llm_steps_and_never_simulates(monkeypatch, tmp_path):
     from assets.annotate import llm_annotations
     from jobs.definitions import build_defs
-    from pipelines.annotate.runner import ANNOTATIONS
+    from pipelines.tables import ANNOTATIONS
 
     lake = _tiny_lake(tmp_path / "lake")
     _env(monkeypatch, SYNPREF_LAKE_ROOT=lake.root)  # a lake, but no SYNPREF_LLM_*

@@ -52,8 +52,14 @@ def test_each_partition_twice_touches_nothing_else(instance, synpref_home):
             res = _materialize([raw_pairs], instance, partition=key)
             checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
             assert checks == {"schema_matches": True, "pair_id_unique": True, "counts_reconcile": True}
-            meta = res.asset_materializations_for_node("raw_pairs")[0].metadata
+            mat = res.asset_materializations_for_node("raw_pairs")[0]
+            meta = mat.metadata
             kept.append((meta["kept"].value, meta["already_present"].value))
+            # every asset reports the table it wrote the same way (assets.common.record_written): the Delta
+            # version, Dagster's row count from the Delta log, and that version as the data version
+            assert meta["delta_version"].value == lake.version("raw_pairs")
+            assert meta["dagster/row_count"].value == lake.read("raw_pairs").height
+            assert mat.tags["dagster/data_version"] == f"raw_pairs@v{lake.version('raw_pairs')}"
         # the second materialization of a shard finds every row it kept the first time, and adds none
         assert kept[0][1] == 0 and kept[1] == (0, kept[0][0]) and (key.endswith("contaminated.jsonl") or kept[0][0] > 0)
         after = lake.read("raw_pairs")

@@ -60,7 +60,7 @@ def test_a_judge_that_cannot_judge_is_stopped_before_stage1(seeded, accuracy, bi
 
 
 def test_gates_compute_on_the_stored_samples(seeded):
-    from pipelines.annotate.runner import aggregate_judgments
+    from pipelines.annotate.judging import aggregate_judgments
     from pipelines.curate.stage1 import as_stored
     from pipelines.evaluate.gates import judge_gates
 

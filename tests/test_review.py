@@ -261,7 +261,8 @@ def test_app_security_blind_review_and_escaping(review_server, lake):
 def test_a_comparison_two_sources_label_opposite_ways_is_queued_as_a_label_conflict(lake):
     """raw_pairs holds (h, A, B) from one source and (h, B, A) from another: the queued item says so (why and
     `label_conflict`), and the queue carries its text; a pair without a twin is not marked."""
-    from pipelines.annotate.runner import ANNOTATIONS, ANNOTATION_SCHEMA
+    from pipelines.annotate.attributes import ANNOTATION_SCHEMA
+    from pipelines.tables import ANNOTATIONS
     from pipelines.review.plan import next_review_queue
     from pipelines.schema import RAW_PAIRS_SCHEMA, pair_id
     from tests.rm_helpers import synth_rows

@@ -12,7 +12,7 @@ layer or from one listed before it (two layers on one line may not import each o
     lake                             Delta tables on a filesystem or S3
     ingest                           raw records -> raw_pairs (checks, dedup, decontamination)
     pool                             Stage-1/Stage-2 pools of raw_pairs: bounded reads, work units, quarantine
-    annotate                         LLM backends, prompts, runners, the cache, attribute lookups
+    annotate                         LLM backends, prompts, validation, the cache, attributes, judging, pre-checks
     rm                               the Bradley-Terry reward model: data, training, scoring, registry
     embed                            the sentence embedder (compute runs it; curate stores and searches vectors)
     compute                          where RM scoring and embedding run (in this process or on Ray)

@@ -21,7 +21,8 @@ def main(lake_root: str, model: str, samples: int, temperature: float) -> dict:
 
     from pipelines.annotate.backends import VLLMBackend
     from pipelines.annotate.prompts import load_prompt
-    from pipelines.annotate.runner import JUDGMENTS, judge_pairs
+    from pipelines.annotate.judging import judge_pairs
+    from pipelines.tables import JUDGMENTS
     from pipelines.lake import Lake
     from pipelines.tables import SEED
 

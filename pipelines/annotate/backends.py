@@ -174,7 +174,7 @@ class OpenAIBackend:
     - transport (connection errors, timeouts, 408/429/5xx, a 200 that is not a chat completion, an open circuit):
       retried (tenacity) with exponential backoff, or after the endpoint's Retry-After, which also pauses every
       other request of this backend; 429s are bounded by `retry_budget_s` only, other failures by `max_retries`
-      attempts too. A request that still has no answer comes back `transient` (runner: unavailable, never data).
+      attempts too. A request that still has no answer comes back `transient` (validate: unavailable, never data).
       After `breaker_failures` requests in a row gave up, the circuit opens for `breaker_cooldown_s`;
     - 401/403/404: LLMConfigError at once (the key, the URL or the model id is wrong for every request);
     - other 4xx (400, 413, 422: this request is too long or refused): a recorded failure of that request.

@@ -97,3 +97,23 @@ def _migrate(lake: Lake, table: str) -> None:
 
     write_deltalake(lake.uri(table), pa.RecordBatchReader.from_batches(schema, batches()), mode="overwrite",
                     schema_mode="overwrite", partition_by=[CACHE_PART], storage_options=lake.storage_options)
+
+
+def with_parts(rows: pl.DataFrame, pairs: list[dict]) -> pl.DataFrame:
+    """The chunk's rows with the cache block of the pair each row answers (row-aligned with `pairs`)."""
+    return rows.with_columns(pl.Series(CACHE_PART, [part_of(r) for r in pairs], pl.String))
+
+
+def done_keys(lake: Lake, table: str, model: str, prompt_version: str, pairs: pl.DataFrame,
+              extra: list[str] | None = None, retry_failed: bool = True) -> set:
+    """Keys already answered among `pairs` only (a semi-join, bounded by the caller's chunk): status ok, or any
+    recorded outcome when `retry_failed` is off (a failure after every attempt is then final). Reads only the
+    cache blocks of `pairs` (pipelines/annotate/cache.py)."""
+    if not lake.exists(table) or pairs.height == 0:
+        return set()
+    cols = ["pair_id", *(extra or [])]
+    status = pl.col("status") == "ok" if retry_failed else pl.col("status").is_in(["ok", "failed"])
+    df = (cache_scan(lake, table, parts_of(pairs)).filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)
+                                  & status)
+          .join(pairs.select("pair_id").unique().lazy(), on="pair_id", how="semi").select(cols).collect())
+    return set(df.iter_rows()) if extra else set(df["pair_id"].to_list())

@@ -1,6 +1,6 @@
 """What the LLM work costs: requests, tokens, failures and retries per task and model, priced.
 
-Every LLM call already counts its tokens (runner.generate_validated); this module adds them up per (task, model)
+Every LLM call already counts its tokens (validate.generate_validated); this module adds them up per (task, model)
 and prices them: a hosted model by its list price per 1M input/output tokens, a self-hosted fleet by GPU-hours
 (the wall time the LLM steps took x GPUs x price per GPU-hour). Models without a price cost 0 and are marked so.
 Stage 2 projects its whole pool's cost from what the pairs it ran cost, since only unconfident pairs reach the LLMs.

@@ -25,3 +25,8 @@ class Prompt:
 
 def load_prompt(name: str) -> Prompt:
     return Prompt(name, (PROMPT_DIR / f"{name}.txt").read_text())
+
+
+def conversation_text(history: list[dict], limit: int = 4000) -> str:
+    text = "\n".join(f"[{m['role']}] {m['content']}" for m in history)
+    return text if len(text) <= limit else "…" + text[-limit:]

@@ -51,6 +51,6 @@ class PreCheck(BaseModel):
     reason: str = Field(max_length=300)
 
 
-ATTRIBUTES_SCHEMA = Attributes.model_json_schema()
-PRECHECK_SCHEMA = PreCheck.model_json_schema()
-VERDICT_SCHEMA = Verdict.model_json_schema()
+ATTRIBUTES_JSON_SCHEMA = Attributes.model_json_schema()
+PRECHECK_JSON_SCHEMA = PreCheck.model_json_schema()
+VERDICT_JSON_SCHEMA = Verdict.model_json_schema()

@@ -13,7 +13,9 @@ import polars as pl
 from pipelines.annotate.backends import Backend
 from pipelines.annotate.cache import cache_scan, parts_of
 from pipelines.annotate.prompts import Prompt
-from pipelines.annotate.runner import JUDGMENTS, RunStats, aggregate_judgments, judge_pairs
+from pipelines.annotate.judging import aggregate_judgments, judge_pairs
+from pipelines.annotate.validate import RunStats
+from pipelines.tables import JUDGMENTS
 from pipelines.curate.retrieve import VectorIndex, exemplars_for
 from pipelines.embed import vectors_of
 from pipelines.lake import Lake

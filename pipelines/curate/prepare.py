@@ -14,7 +14,8 @@ import polars as pl
 from pipelines.annotate.attributes import with_attributes
 from pipelines.annotate.backends import Backend, LLMUnavailable
 from pipelines.annotate.prompts import Prompt
-from pipelines.annotate.runner import RunStats, annotate_attributes, annotation_failures
+from pipelines.annotate.attributes import annotate_attributes, annotation_failures
+from pipelines.annotate.validate import RunStats
 from pipelines.embed import embedding_frame, texts_of
 from pipelines.lake import Lake
 from pipelines.pool import read_unit, work_units

@@ -27,7 +27,7 @@ import polars as pl
 
 from pipelines.annotate.attributes import with_attributes
 from pipelines.annotate.backends import LLMUnavailable
-from pipelines.annotate.runner import aggregate_judgments
+from pipelines.annotate.judging import aggregate_judgments
 from pipelines.curate.judge import embedded, exemplar_index, judge_with_exemplars, judgments_of
 from pipelines.curate.retrieve import VectorIndex, retrieve_for_gold
 from pipelines.pool import pool_pairs, truth_of

@@ -38,7 +38,7 @@ from pipelines.annotate.attributes import ATTRIBUTES_SCHEMA, attributes
 from pipelines.annotate.backends import Backend, LLMUnavailable
 from pipelines.annotate.cost import LLMLedger
 from pipelines.annotate.prompts import Prompt
-from pipelines.annotate.runner import annotate_attributes, annotation_failures
+from pipelines.annotate.attributes import annotate_attributes, annotation_failures
 from pipelines.compute import Engine
 from pipelines.curate.judge import JudgeSetup, embedding_models, exemplar_index, judge_with_exemplars
 from pipelines.embed import model_name, pair_text
@@ -49,7 +49,7 @@ from pipelines.rm.service import held_out_comparisons
 from pipelines.rm.store import PairSource, SourceTable
 from pipelines.schema import Reason
 from pipelines.tables import (CURATED, RAW, RECYCLED, SCORES, SEED, SILVER, STAGE2_ANNOTATIONS, STAGE2_JUDGMENTS,
-                             STAGE2_UNITS)
+                             STAGE2_UNITS, SYNTH_TRUTH)
 
 SCORE_SCHEMA = {"pair_id": pl.String, "rm_version": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.Float64,
                 "margin": pl.Float64, "p": pl.Float64, "work_unit": pl.String}
@@ -425,3 +425,23 @@ def training_mix(lake: Lake, root: Path, include_recycled: bool = False) -> tupl
     val = lake.scan(SEED).filter(pl.col("split") == "gold_val").select("pair_id", "history", "chosen",
                                                                       "rejected").collect()
     return PairSource(tables, exclude=str(held_out_comparisons(lake, root))), val
+
+
+def known_truth(lake: Lake) -> dict:
+    """Project-made data carries its truth: how well did the filter find the wrong labels? Aggregated by polars
+    joins over the Stage-2 rows (no per-pair Python)."""
+    if not lake.exists(SYNTH_TRUTH) or not lake.exists(CURATED):
+        return {}
+    truth = lake.scan(SYNTH_TRUTH).select("pair_id", "label_correct")
+    kept = lake.scan(CURATED).filter(pl.col("stage") == "stage2").select("pair_id").join(truth, on="pair_id")
+    rec = lake.scan(RECYCLED).select("pair_id").join(truth, on="pair_id")
+    scored = lake.scan(SCORES).select("pair_id").unique().join(truth, on="pair_id")
+    k = kept.select(n=pl.len(), right=pl.col("label_correct").sum()).collect().row(0, named=True)
+    r = rec.select(n=pl.len(), wrong=(~pl.col("label_correct")).sum()).collect().row(0, named=True)
+    s = scored.select(n=pl.len(), wrong=(~pl.col("label_correct")).sum()).collect().row(0, named=True)
+    if not s["n"]:
+        return {}
+    return {"kept_label_precision": (k["right"] or 0) / max(k["n"], 1),
+            "flip_detection_precision": (r["wrong"] or 0) / max(r["n"], 1),
+            "flip_detection_recall": (r["wrong"] or 0) / max(s["wrong"] or 0, 1),
+            "pool_label_precision": 1 - (s["wrong"] or 0) / s["n"]}

@@ -3,6 +3,7 @@ leak check, and the Table-1 report. The Dagster asset `rm_evaluation` configures
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -420,6 +421,31 @@ def write_authors_formats(ev: Evaluation, rm_version: str, out: Path) -> list[Pa
         written[-1].write_text(json.dumps(_rmb_results(ev.author_items.filter(pl.col("benchmark") == "rmb"), rmb),
                                           indent=2, ensure_ascii=False))
     return written
+
+
+def write_all_authors_formats(ev: Evaluation, out: Path) -> Path:
+    """Each RM's results in the benchmarks' own terms (summary.json, rm-bench.json, judgebench.jsonl, ...) under
+    out/<rm_version>/, as `synpref evaluate --out` writes them: anyone can re-check a score with the authors'
+    scripts."""
+    for rm_version in sorted(ev.results["rm_version"].unique().to_list()):
+        write_authors_formats(ev, rm_version, out / re.sub(r"[^A-Za-z0-9_.-]", "_", rm_version))
+    return out
+
+
+def log_evaluation(ev: Evaluation, report: Path, authors: Path, tracking_uri: str, experiment: str,
+                   artifact_root: str) -> None:
+    """One MLflow run for an evaluation: each RM's overall score per benchmark as a metric, the report, its plot
+    and the authors-format files as artifacts."""
+    import mlflow  # mlflow (and tracking, which imports it) are heavy: loaded only where an evaluation is logged
+
+    from pipelines.rm import tracking
+
+    with tracking.run(tracking_uri, experiment, "rm-evaluation", artifact_root, tags={"role": "evaluation"}):
+        for r in ev.results.filter(pl.col("section") == "overall").iter_rows(named=True):
+            mlflow.log_metric(f"{r['rm_version'].replace(':', '_v')}.{r['benchmark']}", r["score"])
+        mlflow.log_artifact(str(report))
+        mlflow.log_artifact(str(report.with_suffix(".png")))
+        mlflow.log_artifacts(str(authors), artifact_path="authors")
 
 
 def _rmb_results(items: pl.DataFrame, rewards: pl.DataFrame) -> list[dict]:

@@ -7,8 +7,11 @@ at columnar speed; `check_candidate` is the same rule set for one pair.
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
 
-from pipelines.schema import HISTORY_DTYPE, Reason
+from pipelines.lake import Lake
+from pipelines.schema import HISTORY_DTYPE, RAW_PAIRS_SCHEMA, Reason
+from pipelines.tables import RAW
 
 
 class RowError(Exception):
@@ -55,3 +58,13 @@ def check_candidate(history: list[dict[str, str]], chosen: str, rejected: str, m
     row = check_frame(df, max_chars).row(0, named=True)
     if row["reason"] is not None:
         raise RowError(Reason(row["reason"]), row["detail"])
+
+
+def has_canonical_schema(lake: Lake, table: str = RAW) -> bool:
+    """Whether a written raw_pairs table has every canonical column with its canonical type (extra columns allowed:
+    a table may carry more than the canonical ones)."""
+    if not lake.exists(table):
+        return False
+    got = pa.schema(lake.delta(table).schema().to_arrow())
+    return set(RAW_PAIRS_SCHEMA.names) <= set(got.names) and all(
+        got.field(n).type == RAW_PAIRS_SCHEMA.field(n).type for n in RAW_PAIRS_SCHEMA.names)

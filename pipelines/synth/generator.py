@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow as pa
+
+from pipelines.ingest.decontaminate import words
+from pipelines.lake import Lake
 from pipelines.schema import pair_id
+from pipelines.tables import SYNTH_TRUTH
 
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
@@ -197,3 +202,37 @@ def write_shard(path: Path, n: int, seed: int, label_noise: float, bad_rows: int
 def benchmark_records(n: int, seed: int) -> list[dict]:
     """A held-out benchmark in RewardBench-1 form: prompt, chosen, rejected, section (=category)."""
     return [{**rec, "section": rec["category"]} for rec, _ in generate(n, seed, 0.0, bench=True)]
+
+
+TRUTH_SCHEMA = pa.schema([("pair_id", pa.string()), ("label_correct", pa.bool_()), ("category", pa.string())])
+
+
+@dataclass(frozen=True)
+class Landed:
+    keys: list[str]  # landing-relative shard names (the raw_shards partition keys), the contaminated one last
+    pairs: int  # well-formed pairs written (the truth table's rows)
+    truth_version: int  # the synth_truth version written
+
+
+def land_synthetic(lake: Lake, landing: Path, bench_dir: Path, *, n_pairs: int, n_shards: int, label_noise: float,
+                   bad_rows: int, benchmark_pairs: int, contaminated: int, seed: int) -> Landed:
+    """The embedded default's D_wild: `n_shards` landing shards of verifiable pairs (`label_noise` of them shipped
+    swapped, `bad_rows` unusable rows each), a benchmark file under `bench_dir`, one more shard of
+    `contaminated` pairs copying benchmark prompts (decontamination must catch them), and the truth table."""
+    truth = []
+    per = n_pairs // n_shards
+    *keys, poisoned = synthetic_shard_keys(n_shards)
+    for s, key in enumerate(keys):
+        truth += write_shard(landing / key, per, seed + 100 * s, label_noise, bad_rows)
+    bench = benchmark_records(benchmark_pairs, seed + 999_999)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    with (bench_dir / "synth-bench.jsonl").open("w") as fh:
+        for r in bench:
+            fh.write(json.dumps(r) + "\n")
+    with (landing / poisoned).open("w") as fh:
+        long_prompts = [r for r in bench if len(words(r["prompt"])) >= 13]
+        for r in long_prompts[:contaminated]:
+            fh.write(json.dumps({"prompt": r["prompt"] + " Please answer carefully.", "chosen": r["chosen"] + " ",
+                                 "rejected": r["rejected"] + " (contaminated copy)", "category": r["category"]}) + "\n")
+    v = lake.overwrite(SYNTH_TRUTH, pa.Table.from_pylist(truth, TRUTH_SCHEMA), TRUTH_SCHEMA)
+    return Landed([*keys, poisoned], len(truth), v)
