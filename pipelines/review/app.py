@@ -184,61 +184,65 @@ def store_path_for(annotators: Path, lake_root: str) -> Path:
 
 
 # --- the app -----------------------------------------------------------------------------------------------------
-def create_app(lake_root: str, annotators: Path, seed: int = 0, *, lease_ttl_s: float = 600.0,
-               sync_every_s: float = 2.0, store_path: Path | None = None, clock: Callable[[], float] = time.time,
-               compact_every: int = COMPACT_EVERY) -> FastAPI:
-    """lease_ttl_s: how long an item stays with an annotator without a heartbeat or a verdict (the open page
-    renews it every third of it). sync_every_s: how often verdicts and batches written elsewhere are picked up.
-    clock: seconds, for leases (tests move it instead of sleeping)."""
-    lake = Lake(lake_root)
-    store = ReviewStore(store_path or store_path_for(Path(annotators), lake.root), clock=clock)
-    syncer = LakeSync(lake, store)
-    ledger = GroupCommit(lake, compact_every)
-    stop = threading.Event()
-    last_sync = [0.0]
+class ReviewService:
+    """Everything a request needs, and nothing per request: the serving store (leases, items, votes), the lake
+    sync, the ledger writer, and the rules (who may see and submit what). The routes in `create_app` only parse,
+    call one method and render."""
 
-    def sync_now() -> dict:
-        last_sync[0] = time.monotonic()
-        return syncer.sync()
+    def __init__(self, lake_root: str, annotators: Path, seed: int, lease_ttl_s: float, sync_every_s: float,
+                 store_path: Path | None, clock: Callable[[], float], compact_every: int):
+        self.annotators, self.seed, self.lease_ttl_s, self.sync_every_s = annotators, seed, lease_ttl_s, sync_every_s
+        lake = Lake(lake_root)
+        self.store = ReviewStore(store_path or store_path_for(Path(annotators), lake.root), clock=clock)
+        self.syncer = LakeSync(lake, self.store)
+        self.ledger = GroupCommit(lake, compact_every)
+        self._stop = threading.Event()
+        self._last_sync = 0.0
 
-    def loop() -> None:
-        while not stop.wait(sync_every_s):
+    # --- keeping the store in step with the lake ---
+    def sync_now(self) -> dict:
+        self._last_sync = time.monotonic()
+        return self.syncer.sync()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.sync_every_s):
             try:
-                sync_now()
+                self.sync_now()
             except Exception:  # a transient lake error must not end the loop; the next pass retries
                 log.exception("review store sync failed")
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        sync_now()
-        th = threading.Thread(target=loop, name="review-sync", daemon=True)
+    async def lifespan(self, _app: FastAPI):
+        self.sync_now()
+        th = threading.Thread(target=self._loop, name="review-sync", daemon=True)
         th.start()
         yield
-        stop.set()
+        self._stop.set()
         th.join(10)
 
-    app = FastAPI(title="SynPref review", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.store, app.state.sync = store, syncer
-
-    def user_of(request: Request) -> User:
+    # --- who is asking ---
+    def user_of(self, request: Request) -> User:
         token = request.cookies.get(COOKIE)
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             token = auth[7:].strip()
-        user = _authenticate(annotators, token)
+        user = _authenticate(self.annotators, token)
         if user is None:
             raise HTTPException(status_code=401, detail="a valid token is required")
         return user
 
-    def lead_of(request: Request) -> User:
-        user = user_of(request)
+    def lead_of(self, request: Request) -> User:
+        user = self.user_of(request)
         if user.role != "lead":
             raise HTTPException(status_code=403, detail="lead only")
         return user
 
-    def shown(user: User, pair_id: str, kind: str) -> dict:
-        it = store.item(pair_id)
-        chosen_first = random.Random(f"{seed}|{user.name}|{pair_id}").random() < 0.5
+    # --- handing out items ---
+    def shown(self, user: User, pair_id: str, kind: str) -> dict:
+        """An item as this annotator sees it: candidates in a seeded order per (annotator, pair); for an
+        adjudication, what each annotator said, in this page's candidate order."""
+        it = self.store.item(pair_id)
+        chosen_first = random.Random(f"{self.seed}|{user.name}|{pair_id}").random() < 0.5
         c1, c2 = (it["chosen"], it["rejected"]) if chosen_first else (it["rejected"], it["chosen"])
         checks = it["checks"]
         item = {"pair_id": pair_id, "order": "chosen_first" if chosen_first else "rejected_first",
@@ -248,24 +252,26 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0, *, lease_ttl_s: 
                 "guideline": it.get("guideline") or "", "queue_version": it["queue_version"],
                 "check1": checks.get("chosen" if chosen_first else "rejected"),
                 "check2": checks.get("rejected" if chosen_first else "chosen")}
-        if kind == "adjudicate":  # what each annotator said, in this page's candidate order
+        if kind == "adjudicate":
             side = {"chosen": "Candidate 1" if chosen_first else "Candidate 2",
                     "rejected": "Candidate 2" if chosen_first else "Candidate 1", "undecidable": "cannot decide"}
             item["votes"] = [{"annotator": v["annotator"], "shown": side[v["prefers"]], "note": v["note"] or ""}
-                             for v in store.votes(pair_id) if v["role"] != ADJUDICATOR_ROLE]
+                             for v in self.store.votes(pair_id) if v["role"] != ADJUDICATOR_ROLE]
         return item
 
-    def next_item(user: User, kind: str = "annotate") -> tuple[dict | None, dict, float | None]:
-        claim = store.claim if kind == "annotate" else store.claim_adjudication
-        lease = claim(user.name, lease_ttl_s)
-        if lease is None and time.monotonic() - last_sync[0] > min(sync_every_s, 1.0):
-            sync_now()  # a batch just queued elsewhere: look once before saying there is nothing
-            lease = claim(user.name, lease_ttl_s)
-        item = shown(user, lease.pair_id, kind) if lease else None
-        return item, store.progress(user.name), lease.expires_at if lease else None
+    def next_item(self, user: User, kind: str = "annotate") -> tuple[dict | None, dict, float | None]:
+        claim = self.store.claim if kind == "annotate" else self.store.claim_adjudication
+        lease = claim(user.name, self.lease_ttl_s)
+        if lease is None and time.monotonic() - self._last_sync > min(self.sync_every_s, 1.0):
+            self.sync_now()  # a batch just queued elsewhere: look once before saying there is nothing
+            lease = claim(user.name, self.lease_ttl_s)
+        item = self.shown(user, lease.pair_id, kind) if lease else None
+        return item, self.store.progress(user.name), lease.expires_at if lease else None
 
-    def submit(user: User, body: VerdictBody, adjudicate: bool = False) -> dict:
-        it = store.item(body.pair_id)
+    def submit(self, user: User, body: VerdictBody, adjudicate: bool = False) -> dict:
+        """A verdict by the token's owner: the ledger first (it is the record), then the store (a crash between
+        the two: the next sync brings the row in)."""
+        it = self.store.item(body.pair_id)
         if it is None:
             raise HTTPException(status_code=404, detail="pair is not in the review queue")
         if adjudicate:
@@ -281,128 +287,24 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0, *, lease_ttl_s: 
             v.prefers()
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
-        revised = store.has_voted(body.pair_id, user.name)
-        held = any(x["pair_id"] == body.pair_id and x["annotator"] == user.name for x in store.leases_of(user.name))
+        revised = self.store.has_voted(body.pair_id, user.name)
+        held = any(x["pair_id"] == body.pair_id and x["annotator"] == user.name
+                   for x in self.store.leases_of(user.name))
         rows = verdict_rows([v])
-        version_written = ledger.append(rows)  # the ledger first: it is the record
-        store.add_verdicts(rows)  # then the store (a crash between the two: the next sync brings the row in)
+        version_written = self.ledger.append(rows)
+        self.store.add_verdicts(rows)
         return {"ok": True, "ledger_version": version_written, "revised": revised, "lease_held": held}
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
-        if exc.status_code == 401:
-            return HTMLResponse(ENV.get_template("login.html").render(user=None, error=None), status_code=401)
-        return HTMLResponse(f"<p>{exc.status_code}</p>", status_code=exc.status_code)
+    # --- pages ---
+    def page(self, user: User, kind: str) -> str:
+        item, progress, _ = self.next_item(user, kind)
+        return ENV.get_template("item.html").render(
+            user=user, item=item, p=progress, kind=kind, started=time.time(), ttl=int(self.lease_ttl_s),
+            heartbeat_ms=max(1000, int(self.lease_ttl_s * 1000 / 3)))
 
-    @app.get("/healthz")
-    def healthz():
-        return {"ok": True}
-
-    @app.get("/login", response_class=HTMLResponse)
-    def login_page():
-        return ENV.get_template("login.html").render(user=None, error=None)
-
-    @app.post("/login")
-    def login(token: str = Form(...)):
-        if _authenticate(annotators, token) is None:
-            return HTMLResponse(ENV.get_template("login.html").render(user=None, error="unknown token"),
-                                status_code=401)
-        resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
-        return resp
-
-    def page(user: User, kind: str) -> str:
-        item, progress, _ = next_item(user, kind)
-        return ENV.get_template("item.html").render(user=user, item=item, p=progress, kind=kind, started=time.time(),
-                                                    ttl=int(lease_ttl_s),
-                                                    heartbeat_ms=max(1000, int(lease_ttl_s * 1000 / 3)))
-
-    @app.get("/", response_class=HTMLResponse)
-    def index(request: Request):
-        return page(user_of(request), "annotate")
-
-    @app.get("/adjudicate", response_class=HTMLResponse)
-    def adjudicate_page(request: Request):
-        return page(lead_of(request), "adjudicate")
-
-    @app.post("/verdict")
-    def verdict_form(request: Request, pair_id: str = Form(...), order_shown: str = Form(...),
-                     choice: str = Form(...), note: str = Form(""), started: float = Form(0.0),
-                     task_category: str = Form(""), guideline: str = Form(""), kind: str = Form("annotate")):
-        user = user_of(request)
-        edits = {k: v for k, v in {"task_category": task_category, "guideline": guideline}.items() if v}
-        submit(user, VerdictBody(pair_id=pair_id, order_shown=order_shown, choice=choice, note=note,
-                                 edited_attributes=edits, seconds_spent=max(0.0, time.time() - started)),
-               adjudicate=kind == "adjudicate")
-        return RedirectResponse("/adjudicate" if kind == "adjudicate" else "/", status_code=303)
-
-    @app.get("/api/next")
-    def api_next(request: Request):
-        item, progress, expires = next_item(user_of(request))
-        return {"item": item, "done": progress["done"], "remaining": progress["remaining"],
-                "queue_version": progress["queue_version"], "progress": progress, "lease_expires_at": expires}
-
-    @app.get("/api/adjudications/next")
-    def api_next_adjudication(request: Request):
-        item, progress, expires = next_item(lead_of(request), "adjudicate")
-        return {"item": item, "progress": progress, "lease_expires_at": expires}
-
-    @app.post("/api/verdicts")
-    def api_verdict(request: Request, body: VerdictBody):
-        return submit(user_of(request), body)
-
-    @app.post("/api/adjudications")
-    def api_adjudication(request: Request, body: VerdictBody):
-        return submit(user_of(request), body, adjudicate=True)
-
-    @app.post("/api/leases/renew")
-    def api_renew(request: Request, body: LeaseBody):
-        user = user_of(request)
-        if not store.renew(user.name, body.pair_id, lease_ttl_s):
-            raise HTTPException(status_code=409, detail="the lease expired or was never yours")
-        return {"ok": True}
-
-    @app.post("/api/leases/release")
-    def api_release(request: Request, body: LeaseBody):
-        """Hand an item back now (skip) instead of waiting for the lease to expire."""
-        return {"released": store.release(user_of(request).name, body.pair_id)}
-
-    @app.get("/api/progress")
-    def api_progress(request: Request):
-        user = user_of(request)
-        return {"progress": store.progress(user.name)}
-
-    @app.get("/api/agreement")
-    def api_agreement(request: Request):
-        lead_of(request)
-        ov = store.verdict_frame(overlap_only=True)
-        return {"by_batch": agreement_by_batch(ov).to_dicts(), "by_annotator": agreement_by_annotator(ov).to_dicts(),
-                "awaiting_adjudication": store.awaiting_adjudication()}
-
-    @app.post("/api/sync")
-    def api_sync(request: Request):
-        """Pick up what was written to the lake elsewhere now, rather than at the next background pass."""
-        lead_of(request)
-        return sync_now()
-
-    @app.get("/api/pairs/{pair_id}/verdicts")
-    def api_pair_verdicts(request: Request, pair_id: str):
-        user = user_of(request)
-        if user.role != "lead" and not store.has_voted(pair_id, user.name):
-            raise HTTPException(status_code=403, detail="submit your own verdict first (blind review)")
-        return {"verdicts": [{**v, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(v["created_at"]))}
-                             for v in store.history(pair_id)]}
-
-    @app.get("/api/my-verdicts")
-    def api_mine(request: Request):
-        return {"verdicts": store.mine(user_of(request).name)}
-
-    @app.get("/lead", response_class=HTMLResponse)
-    def lead(request: Request):
+    def lead_page(self, user: User) -> str:
         """The lead's overview: the one page that aggregates the whole ledger (from the store, not the lake)."""
-        user = lead_of(request)
+        store = self.store
         v = store.verdict_frame()
         batch = store.batch_status()
         prog = progress_by_annotator(v, batch["queue_version"]).to_dicts()
@@ -418,4 +320,137 @@ def create_app(lake_root: str, annotators: Path, seed: int = 0, *, lease_ttl_s: 
             awaiting=store.awaiting_adjudication(), progress=prog, by_batch=agreement_by_batch(ov).to_dicts(),
             agreement=agreement_by_annotator(ov).to_dicts())
 
+    def agreement(self) -> dict:
+        ov = self.store.verdict_frame(overlap_only=True)
+        return {"by_batch": agreement_by_batch(ov).to_dicts(), "by_annotator": agreement_by_annotator(ov).to_dicts(),
+                "awaiting_adjudication": self.store.awaiting_adjudication()}
+
+    def pair_verdicts(self, user: User, pair_id: str) -> dict:
+        if user.role != "lead" and not self.store.has_voted(pair_id, user.name):
+            raise HTTPException(status_code=403, detail="submit your own verdict first (blind review)")
+        return {"verdicts": [{**v, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(v["created_at"]))}
+                             for v in self.store.history(pair_id)]}
+
+
+def create_app(lake_root: str, annotators: Path, seed: int = 0, *, lease_ttl_s: float = 600.0,
+               sync_every_s: float = 2.0, store_path: Path | None = None, clock: Callable[[], float] = time.time,
+               compact_every: int = COMPACT_EVERY) -> FastAPI:
+    """lease_ttl_s: how long an item stays with an annotator without a heartbeat or a verdict (the open page
+    renews it every third of it). sync_every_s: how often verdicts and batches written elsewhere are picked up.
+    clock: seconds, for leases (tests move it instead of sleeping)."""
+    svc = ReviewService(lake_root, annotators, seed, lease_ttl_s, sync_every_s, store_path, clock, compact_every)
+    app = FastAPI(title="SynPref review", docs_url=None, redoc_url=None, lifespan=svc.lifespan)
+    app.state.store, app.state.sync = svc.store, svc.syncer
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        if exc.status_code == 401:
+            return HTMLResponse(ENV.get_template("login.html").render(user=None, error=None), status_code=401)
+        return HTMLResponse(f"<p>{exc.status_code}</p>", status_code=exc.status_code)
+
+    _page_routes(app, svc)
+    _api_routes(app, svc)
     return app
+
+
+def _page_routes(app: FastAPI, svc: ReviewService) -> None:
+    """The HTML pages: login (token to cookie), the item page, adjudication and the lead's overview."""
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page():
+        return ENV.get_template("login.html").render(user=None, error=None)
+
+    @app.post("/login")
+    def login(token: str = Form(...)):
+        if _authenticate(svc.annotators, token) is None:
+            return HTMLResponse(ENV.get_template("login.html").render(user=None, error="unknown token"),
+                                status_code=401)
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return resp
+
+    @app.get("/", response_class=HTMLResponse)
+    def index(request: Request):
+        return svc.page(svc.user_of(request), "annotate")
+
+    @app.get("/adjudicate", response_class=HTMLResponse)
+    def adjudicate_page(request: Request):
+        return svc.page(svc.lead_of(request), "adjudicate")
+
+    @app.post("/verdict")
+    def verdict_form(request: Request, pair_id: str = Form(...), order_shown: str = Form(...),
+                     choice: str = Form(...), note: str = Form(""), started: float = Form(0.0),
+                     task_category: str = Form(""), guideline: str = Form(""), kind: str = Form("annotate")):
+        user = svc.user_of(request)
+        edits = {k: v for k, v in {"task_category": task_category, "guideline": guideline}.items() if v}
+        svc.submit(user, VerdictBody(pair_id=pair_id, order_shown=order_shown, choice=choice, note=note,
+                                     edited_attributes=edits, seconds_spent=max(0.0, time.time() - started)),
+                   adjudicate=kind == "adjudicate")
+        return RedirectResponse("/adjudicate" if kind == "adjudicate" else "/", status_code=303)
+
+    @app.get("/lead", response_class=HTMLResponse)
+    def lead(request: Request):
+        return svc.lead_page(svc.lead_of(request))
+
+
+def _api_routes(app: FastAPI, svc: ReviewService) -> None:
+    """The JSON API (the same rules as the pages; `Authorization: Bearer <token>`)."""
+
+    @app.get("/api/next")
+    def api_next(request: Request):
+        item, progress, expires = svc.next_item(svc.user_of(request))
+        return {"item": item, "done": progress["done"], "remaining": progress["remaining"],
+                "queue_version": progress["queue_version"], "progress": progress, "lease_expires_at": expires}
+
+    @app.get("/api/adjudications/next")
+    def api_next_adjudication(request: Request):
+        item, progress, expires = svc.next_item(svc.lead_of(request), "adjudicate")
+        return {"item": item, "progress": progress, "lease_expires_at": expires}
+
+    @app.post("/api/verdicts")
+    def api_verdict(request: Request, body: VerdictBody):
+        return svc.submit(svc.user_of(request), body)
+
+    @app.post("/api/adjudications")
+    def api_adjudication(request: Request, body: VerdictBody):
+        return svc.submit(svc.user_of(request), body, adjudicate=True)
+
+    @app.post("/api/leases/renew")
+    def api_renew(request: Request, body: LeaseBody):
+        if not svc.store.renew(svc.user_of(request).name, body.pair_id, svc.lease_ttl_s):
+            raise HTTPException(status_code=409, detail="the lease expired or was never yours")
+        return {"ok": True}
+
+    @app.post("/api/leases/release")
+    def api_release(request: Request, body: LeaseBody):
+        """Hand an item back now (skip) instead of waiting for the lease to expire."""
+        return {"released": svc.store.release(svc.user_of(request).name, body.pair_id)}
+
+    @app.get("/api/progress")
+    def api_progress(request: Request):
+        return {"progress": svc.store.progress(svc.user_of(request).name)}
+
+    @app.get("/api/agreement")
+    def api_agreement(request: Request):
+        svc.lead_of(request)
+        return svc.agreement()
+
+    @app.post("/api/sync")
+    def api_sync(request: Request):
+        """Pick up what was written to the lake elsewhere now, rather than at the next background pass."""
+        svc.lead_of(request)
+        return svc.sync_now()
+
+    @app.get("/api/pairs/{pair_id}/verdicts")
+    def api_pair_verdicts(request: Request, pair_id: str):
+        return svc.pair_verdicts(svc.user_of(request), pair_id)
+
+    @app.get("/api/my-verdicts")
+    def api_mine(request: Request):
+        return {"verdicts": svc.store.mine(svc.user_of(request).name)}
