@@ -251,110 +251,153 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
                  mapping: dict[str, str] | None = None, decontam: NgramIndex | None = None,
                  max_chars: int = 200_000, batch_size: int = 50_000, id_index: IdIndex | None = None,
                  write: bool = True) -> IngestReport:
-    """Ingest the file at `path` as shard `shard` of `source`. Idempotent: rerunning adds nothing."""
-    report = IngestReport(source=source, shard=shard, format=fmt or "")
-    index = id_index if id_index is not None else load_id_index(lake)
-    stats = ParseStats()
-    quarantine: list[pl.DataFrame] = []
-    duplicates: list[pl.DataFrame] = []
-    parser_box: list = [PARSERS[fmt] if fmt else None, fmt]
-    ingested_at = now_utc()
+    """Ingest the file at `path` as shard `shard` of `source`. Idempotent: rerunning adds nothing.
+
+    Batch by batch: candidates (columnar where the layout allows, else parsed per row), structural checks,
+    decontamination, exact dedup inside the batch and against everything ingested before, then the append; the
+    quarantine and the duplicates are written once, at the end, for the whole shard."""
+    run = _ShardIngest(lake, path, source=source, shard=shard, run_id=run_id, fmt=fmt, mapping=mapping,
+                       decontam=decontam, max_chars=max_chars,
+                       index=id_index if id_index is not None else load_id_index(lake), write=write)
     # The Delta write of batch i overlaps the parsing/hashing of batch i+1 (deltalake releases the GIL); the
     # index already knows batch i, so dedup never depends on the write having landed.
-    writer = ThreadPoolExecutor(max_workers=1)
-    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for batch in read_ahead(iter_batches(path, batch_size)):
+            ok = run.checked(batch)
+            ok = run.decontaminated(ok, batch)
+            ok = run.first_in_batch(ok)
+            if ok.height == 0:
+                continue
+            ok, hi, lo, rows_ = run.new_to_the_index(ok)
+            run.report.kept += ok.height
+            if write and ok.height:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(lake.append, RAW, run.raw_rows(ok).to_arrow(), RAW_PAIRS_SCHEMA, ["source"])
+            run.index.add(hi, lo, np.full(hi.shape, run.index.place(source, shard), dtype=np.int32), rows_)
+        if pending is not None:
+            pending.result()
+    return run.finish()
 
-    for batch in read_ahead(iter_batches(path, batch_size)):
-        report.rows_read += len(batch)
+
+class _ShardIngest:
+    """The state of one shard's ingest (report, parse stats, the rows set aside) and its steps, one per method."""
+
+    def __init__(self, lake: Lake, path: str, *, source: str, shard: str, run_id: str, fmt: str | None,
+                 mapping: dict[str, str] | None, decontam: NgramIndex | None, max_chars: int, index: IdIndex,
+                 write: bool):
+        self.lake, self.path, self.source, self.shard, self.run_id = lake, path, source, shard, run_id
+        self.fmt, self.mapping, self.decontam, self.max_chars, self.index, self.write = \
+            fmt, mapping, decontam, max_chars, index, write
+        self.report = IngestReport(source=source, shard=shard, format=fmt or "")
+        self.stats = ParseStats()
+        self.quarantine: list[pl.DataFrame] = []
+        self.duplicates: list[pl.DataFrame] = []
+        self.parser_box: list = [PARSERS[fmt] if fmt else None, fmt]
+        self.ingested_at = now_utc()
+
+    def candidates(self, batch) -> pl.DataFrame:
+        """The batch's candidate pairs; rows that cannot become one are set aside with their reason."""
+        self.report.rows_read += len(batch)
         bad_rows: list[dict[str, Any]] = []
         cands = None
         if batch.frame is not None:
-            cands = _columnar_candidates(batch.frame, batch.start, mapping, fmt)
-            if cands is not None and not report.format:
-                report.format = "trl"
+            cands = _columnar_candidates(batch.frame, batch.start, self.mapping, self.fmt)
+            if cands is not None and not self.report.format:
+                self.report.format = "trl"
         if cands is None:
-            cands = _record_candidates(batch.as_records(), parser_box, fmt, mapping, stats, bad_rows, path)
-            report.format = report.format or (parser_box[1] or "")
-        report.candidates += cands.height + len(bad_rows)
+            cands = _record_candidates(batch.as_records(), self.parser_box, self.fmt, self.mapping, self.stats,
+                                       bad_rows, self.path)
+            self.report.format = self.report.format or (self.parser_box[1] or "")
+        self.report.candidates += cands.height + len(bad_rows)
         if bad_rows:
-            quarantine.append(_q_frame(bad_rows))
+            self.quarantine.append(_q_frame(bad_rows))
+        return cands
 
-        checked = check_frame(cands, max_chars)
+    def checked(self, batch) -> pl.DataFrame:
+        """Candidates that pass the structural checks, with their pair_id; the refused are quarantined."""
+        checked = check_frame(self.candidates(batch), self.max_chars)
         refused = checked.filter(pl.col("reason").is_not_null())
         ok = checked.filter(pl.col("reason").is_null()).drop("reason", "detail")
         if refused.height:
             refused = _with_payload(refused, batch)
-            quarantine.append(refused.select("row", "reason", "detail", "payload", pair_id=pl.lit("")))
-        ok = ok.with_columns(pair_id=pair_ids(ok))
-        if decontam is not None and len(decontam) and ok.height:
-            hit = decontam.match_frame(ok.select(pl.col("history").list.eval(
-                pl.element().struct.field("content")).list.join("\n")).to_series())
-            ok = ok.with_columns(bench=decontam.match_pairs(ok["pair_id"]).fill_null(hit))
-            dirty = ok.filter(pl.col("bench").is_not_null())
-            for b, n in dirty.group_by("bench").len().iter_rows():
-                report.contaminated_by_benchmark[b] = report.contaminated_by_benchmark.get(b, 0) + n
-            if dirty.height:
-                dirty = _with_payload(dirty, batch)
-                quarantine.append(dirty.select("row", reason=pl.lit(Reason.CONTAMINATED.value),
-                                               detail=pl.format("a comparison of, or shares a 13-gram with, "
-                                                                "benchmark '{}'", "bench"),
-                                               payload="payload", pair_id="pair_id"))
-            ok = ok.filter(pl.col("bench").is_null()).drop("bench")
+            self.quarantine.append(refused.select("row", "reason", "detail", "payload", pair_id=pl.lit("")))
+        return ok.with_columns(pair_id=pair_ids(ok))
 
-        # exact dedup inside the batch: the first row of a pair_id is kept
+    def decontaminated(self, ok: pl.DataFrame, batch) -> pl.DataFrame:
+        """Drops (to quarantine) a pair that is a benchmark comparison or shares a 13-gram with a benchmark prompt."""
+        decontam, report = self.decontam, self.report
+        if decontam is None or not len(decontam) or not ok.height:
+            return ok
+        hit = decontam.match_frame(ok.select(pl.col("history").list.eval(
+            pl.element().struct.field("content")).list.join("\n")).to_series())
+        ok = ok.with_columns(bench=decontam.match_pairs(ok["pair_id"]).fill_null(hit))
+        dirty = ok.filter(pl.col("bench").is_not_null())
+        for b, n in dirty.group_by("bench").len().iter_rows():
+            report.contaminated_by_benchmark[b] = report.contaminated_by_benchmark.get(b, 0) + n
+        if dirty.height:
+            dirty = _with_payload(dirty, batch)
+            self.quarantine.append(dirty.select("row", reason=pl.lit(Reason.CONTAMINATED.value),
+                                                detail=pl.format("a comparison of, or shares a 13-gram with, "
+                                                                 "benchmark '{}'", "bench"),
+                                                payload="payload", pair_id="pair_id"))
+        return ok.filter(pl.col("bench").is_null()).drop("bench")
+
+    def first_in_batch(self, ok: pl.DataFrame) -> pl.DataFrame:
+        """Exact dedup inside the batch: the first row of a pair_id is kept, the others recorded as duplicates."""
         first = ok.select(pl.col("pair_id").is_first_distinct()).to_series()
-        if not first.all():
-            kept_row = ok.filter(first).select("pair_id", kept_row="row")
-            duplicates.append(ok.filter(~first).join(kept_row, on="pair_id").select(
-                "pair_id", source_row="row", kept_source=pl.lit(source), kept_shard=pl.lit(shard),
-                kept_source_row="kept_row"))
-            report.duplicates += int((~first).sum())
-            ok = ok.filter(first)
-        if ok.height == 0:
-            continue
+        if first.all():
+            return ok
+        kept_row = ok.filter(first).select("pair_id", kept_row="row")
+        self.duplicates.append(ok.filter(~first).join(kept_row, on="pair_id").select(
+            "pair_id", source_row="row", kept_source=pl.lit(self.source), kept_shard=pl.lit(self.shard),
+            kept_source_row="kept_row"))
+        self.report.duplicates += int((~first).sum())
+        return ok.filter(first)
 
-        # against everything ingested before (this run's earlier batches included): exact, in memory
+    def new_to_the_index(self, ok: pl.DataFrame):
+        """Against everything ingested before (this run's earlier batches included), exactly, in memory: this
+        very row seen before is a rerun (already present), another row with the pair_id a duplicate. Returns the
+        new rows and their id halves and source rows, for the index."""
+        index, report = self.index, self.report
         hi, lo = IdIndex.split(ok["pair_id"])
         rows_ = ok["row"].to_numpy()
         place, kept_row = index.lookup(hi, lo)
         hit = place >= 0
-        if hit.any():  # column-wise: a shard that is mostly duplicates costs no Python object per row
-            me = index.place(source, shard)
-            same = hit & (place == me) & (kept_row == rows_)  # this very row, ingested before: a rerun
-            dup = np.flatnonzero(hit & ~same)
-            report.already_present += int(same.sum())
-            report.duplicates += int(dup.size)
-            if dup.size:
-                where = pl.DataFrame({"code": np.arange(len(index.places), dtype=np.int32),
-                                      "kept_source": [p[0] for p in index.places],
-                                      "kept_shard": [p[1] for p in index.places]})
-                duplicates.append(pl.DataFrame({"pair_id": ok["pair_id"].gather(dup), "source_row": rows_[dup],
-                                                "code": place[dup], "kept_source_row": kept_row[dup]})
-                                  .join(where, on="code", how="left").drop("code"))
-            ok = ok.filter(pl.Series(~hit))
-            hi, lo, rows_ = hi[~hit], lo[~hit], rows_[~hit]
-        report.kept += ok.height
-        if write and ok.height:
-            table = ok.select(
-                "pair_id", "history", "chosen", "rejected", source=pl.lit(source), shard=pl.lit(shard),
-                source_row="row", label_origin=pl.lit(LabelOrigin.DATASET.value), category_hint="category_hint",
-                margin="margin",
-                ingest_run_id=pl.lit(run_id), ingested_at=pl.lit(ingested_at, dtype=pl.Datetime("us", "UTC")),
-            )
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(lake.append, RAW, table.to_arrow(), RAW_PAIRS_SCHEMA, ["source"])
-        index.add(hi, lo, np.full(hi.shape, index.place(source, shard), dtype=np.int32), rows_)
+        if not hit.any():  # column-wise: a shard that is mostly duplicates costs no Python object per row
+            return ok, hi, lo, rows_
+        me = index.place(self.source, self.shard)
+        same = hit & (place == me) & (kept_row == rows_)
+        dup = np.flatnonzero(hit & ~same)
+        report.already_present += int(same.sum())
+        report.duplicates += int(dup.size)
+        if dup.size:
+            where = pl.DataFrame({"code": np.arange(len(index.places), dtype=np.int32),
+                                  "kept_source": [p[0] for p in index.places],
+                                  "kept_shard": [p[1] for p in index.places]})
+            self.duplicates.append(pl.DataFrame({"pair_id": ok["pair_id"].gather(dup), "source_row": rows_[dup],
+                                                 "code": place[dup], "kept_source_row": kept_row[dup]})
+                                   .join(where, on="code", how="left").drop("code"))
+        return ok.filter(pl.Series(~hit)), hi[~hit], lo[~hit], rows_[~hit]
 
-    if pending is not None:
-        pending.result()
-    writer.shutdown()
+    def raw_rows(self, ok: pl.DataFrame) -> pl.DataFrame:
+        return ok.select(
+            "pair_id", "history", "chosen", "rejected", source=pl.lit(self.source), shard=pl.lit(self.shard),
+            source_row="row", label_origin=pl.lit(LabelOrigin.DATASET.value), category_hint="category_hint",
+            margin="margin", ingest_run_id=pl.lit(self.run_id),
+            ingested_at=pl.lit(self.ingested_at, dtype=pl.Datetime("us", "UTC")))
 
-    q = pl.concat(quarantine) if quarantine else _q_frame([])
-    report.quarantined = q.height
-    report.ties_dropped = stats.ties_dropped
-    report.quarantine_by_reason = dict(q.group_by("reason").len().sort("reason").iter_rows())
-    if write:
+    def finish(self) -> IngestReport:
+        """The shard's quarantine (MERGE on its key) and duplicates (this shard's rows replaced in one commit),
+        and the report."""
+        report, lake, source, shard, run_id = self.report, self.lake, self.source, self.shard, self.run_id
+        q = pl.concat(self.quarantine) if self.quarantine else _q_frame([])
+        report.quarantined = q.height
+        report.ties_dropped = self.stats.ties_dropped
+        report.quarantine_by_reason = dict(q.group_by("reason").len().sort("reason").iter_rows())
+        if not self.write:
+            return report
         if q.height:
             qt = q.select(source=pl.lit(source), shard=pl.lit(shard), source_row="row", stage=pl.lit("ingest"),
                           reason="reason", detail=pl.col("detail").str.slice(0, 500), payload="payload",
@@ -362,15 +405,15 @@ def ingest_shard(lake: Lake, path: str, *, source: str, shard: str, run_id: str,
                           quarantined_at=pl.lit(now_utc(), dtype=pl.Datetime("us", "UTC")))
             lake.merge_insert(QUARANTINE, qt.to_arrow(), keys=["shard", "source_row", "stage", "reason", "pair_id"],
                               schema=QUARANTINE_SCHEMA)
-        if duplicates:  # this shard's rows replaced in one commit (a rerun finds the same duplicates): the cost is
-            # the shard's, not the table's, where a MERGE would scan every shard's duplicates so far
-            dups = pl.concat(duplicates, how="diagonal_relaxed").select(
+        if self.duplicates:  # a rerun finds the same duplicates: the cost is the shard's, not the table's, where
+            # a MERGE would scan every shard's duplicates so far
+            dups = pl.concat(self.duplicates, how="diagonal_relaxed").select(
                 source=pl.lit(source), shard=pl.lit(shard), source_row=pl.col("source_row").cast(pl.Int64),
                 pair_id="pair_id", kept_source="kept_source", kept_shard="kept_shard",
                 kept_source_row=pl.col("kept_source_row").cast(pl.Int64), run_id=pl.lit(run_id))
             lake.replace_where(DUPLICATES, dups.to_arrow(), "shard", shard, schema=DUPLICATES_SCHEMA)
         report.version = lake.version(RAW)
-    return report
+        return report
 
 
 def decontam_index_from_lake(lake: Lake, table: str = BENCHMARK_PROMPTS) -> NgramIndex | None:
