@@ -593,8 +593,7 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
     val, _ = encode_pairs(Renderer(rm, cfg.max_len, LengthPolicy(cfg.length_policy)), val_rows)
     layout = choose_layout(rm, cfg.layout)
     check_trainable(_attn_implementation(rm), rm.device)
-    key = run_key(train.key, cfg, layout)
-    ckpt = Checkpointer(out, key, cfg.keep_last)
+    ckpt = Checkpointer(out, run_key(train.key, cfg, layout), cfg.keep_last)
     latest = ckpt.latest()  # refuses another run's checkpoint
     if latest is not None and latest.get("finished") and (out / "train_result.json").exists() \
             and (out / "best" / "config.json").exists():
@@ -603,156 +602,216 @@ def train_reward_model(rm: RewardModel, train: TokenStore | InMemoryPairs | list
         return TrainResult(**json.loads((out / "train_result.json").read_text()))
     if cfg.export_dtype not in EXPORT_DTYPES:
         raise ValueError(f"export_dtype must be one of {sorted(EXPORT_DTYPES)}, not {cfg.export_dtype!r}")
-    bf16 = use_bf16(cfg.bf16, rm.device)
-    master_fp32(rm)
-    distributed = maybe_wrap_fsdp(rm, bf16=bf16 and rm.device.type == "cuda")
-    mixed = distributed and bf16 and rm.device.type == "cuda"  # FSDP casts; autocast only without it
-    world, rank = world_size(), rank_index()
-    resume = latest if latest is not None and not latest.get("finished") else None
-    state = ckpt.state(resume) if resume is not None else None
-    lens = train.row_lengths(layout)
-    if len(lens) == 0:
-        raise ValueError("no training pairs")
-    width = rows_per_pair(train, layout)
-    limit, where = available_bytes(rm.device, cfg.memory_limit_gb)
-    mem = estimate(rm.model, device=rm.device, layout=layout, longest_row=int(np.max(lens)), width=width,
-                   world=world, sharded=distributed, compute_bytes=2 if bf16 else 4, optimizer=cfg.optimizer,
-                   grad_checkpointing=cfg.grad_checkpointing,
-                   attn_implementation=_attn_implementation(rm), limit=limit)
-    pieces = fixed_pieces(cfg, world, state)
-    if pieces:
-        setting = (f"grad_accum={cfg.grad_accum}" if cfg.grad_accum else f"micro_batch_size={cfg.micro_batch_size}"
-                   if cfg.micro_batch_size else f"grad_accum={pieces // world} (resumed checkpoint)")
-        micro_pairs = math.ceil(min(cfg.batch_size, len(lens)) / pieces)
-        check_fixed_micro_batch(mem, micro_pairs, setting)
-        budget, peak = 0, mem.peak(micro_pairs * mem.longest)
-        eval_budget = min(mem.max_tokens(), CPU_EVAL_CAP if rm.device.type == "cpu" else mem.max_tokens())
-    else:
-        budget = token_budget(mem, rm.device, cfg.micro_batch_tokens)
-        peak, eval_budget = mem.peak(budget), budget
-    accum = resolve_accum_sync(cfg.accum_sync, distributed=distributed, params=mem_params(rm.model), peak=peak,
-                               limit=limit)
-    if is_main_process():  # one line: what the run will do per forward, and why it fits
-        what = (f"micro-batches of {math.ceil(cfg.batch_size / pieces)} pairs" if pieces
-                else f"micro-batches of at most {budget:,} padded tokens")
-        print(f"[rm-train] {what} per forward; estimated peak {peak / 2**30:.2f} GiB per rank of "
-              f"{limit / 2**30:.2f} GiB ({where}); accumulation sync: {accum}", flush=True)
-    plan = GlobalBatchPlan(lens, cfg.batch_size, pieces, cfg.seed, cfg.epochs, cfg.max_steps, cfg.group_by_length,
-                           cfg.mega_batch, world=world, token_budget=budget, width=width, packed=layout == "packed")
-    steps = plan.steps
-    grad_accum = pieces // world
+    run = _Run(rm, train, val, cfg, out, layout, ckpt, latest if latest is not None and not latest.get("finished")
+               else None)
+    try:
+        for step in run.bar:
+            rec = run.step(step)
+            run.after_step(step, rec, log)
+    except BaseException:
+        if not run.distributed:  # in one process, let the save in flight finish (under torchrun peers may be gone)
+            ckpt.abandon()
+        raise
+    return run.finish(length)
 
-    opt = _optimizer(rm, cfg)
-    warm = int(cfg.warmup_ratio * steps)
-    sched = (get_linear_schedule_with_warmup(opt, warm, steps) if cfg.schedule == "linear"
-             else get_constant_schedule_with_warmup(opt, warm))
+
+@dataclass
+class _Budget:
+    """How a step is cut into forwards on this device, and why it fits (the memory estimate)."""
+
+    pieces: int  # fixed micro-batches per step over all ranks (0: cut by `tokens`)
+    tokens: int  # padded tokens per forward per rank (0 when `pieces` is fixed)
+    eval_tokens: int
+    peak: int  # estimated peak bytes per rank
+    limit: int  # bytes one rank may use
+    accum: str  # gradient sync on accumulation micro-steps: every_step | last_step
+
+
+class _Run:
+    """One training run's state between steps: model (fp32 master, maybe FSDP), plan, optimizer, loader,
+    counters. `step` runs one optimizer step over its micro-batches; `after_step` evaluates, logs and saves."""
+
+    def __init__(self, rm: RewardModel, train, val: list[EncodedPair], cfg: TrainConfig, out: Path, layout: str,
+                 ckpt: Checkpointer, resume: dict | None):
+        self.rm, self.train, self.val, self.cfg, self.out, self.layout, self.ckpt = \
+            rm, train, val, cfg, out, layout, ckpt
+        self.bf16 = use_bf16(cfg.bf16, rm.device)
+        master_fp32(rm)
+        self.distributed = maybe_wrap_fsdp(rm, bf16=self.bf16 and rm.device.type == "cuda")
+        self.mixed = self.distributed and self.bf16 and rm.device.type == "cuda"  # FSDP casts; autocast only without
+        self.world, self.rank = world_size(), rank_index()
+        state = ckpt.state(resume) if resume is not None else None
+        lens = train.row_lengths(layout)
+        if len(lens) == 0:
+            raise ValueError("no training pairs")
+        width = rows_per_pair(train, layout)
+        self.budget = self._budget(lens, width, state)
+        self.plan = GlobalBatchPlan(lens, cfg.batch_size, self.budget.pieces, cfg.seed, cfg.epochs, cfg.max_steps,
+                                    cfg.group_by_length, cfg.mega_batch, world=self.world,
+                                    token_budget=self.budget.tokens, width=width, packed=layout == "packed")
+        self.steps = self.plan.steps
+        self.grad_accum = self.budget.pieces // self.world
+        self.opt = _optimizer(rm, cfg)
+        warm = int(cfg.warmup_ratio * self.steps)
+        self.sched = (get_linear_schedule_with_warmup(self.opt, warm, self.steps) if cfg.schedule == "linear"
+                      else get_constant_schedule_with_warmup(self.opt, warm))
+        _prepare_for_training(rm, cfg)
+        self.start, self.best = 0, -1.0
+        if state is not None:  # resume after a crash: same plan, so the same batches follow
+            ckpt.load(resume, rm, self.opt, self.sched, state)
+            self.start, self.best = int(state["step"]), float(state["best"])
+        workers = cfg.loader_workers if cfg.loader_workers >= 0 else (2 if rm.device.type == "cuda" else 0)
+        loader = torch.utils.data.DataLoader(
+            train, batch_sampler=RankBatchSampler(self.plan, self.rank, self.start), collate_fn=collator(rm, layout),
+            num_workers=workers, pin_memory=rm.device.type == "cuda", prefetch_factor=4 if workers else None)
+        self.batches = iter(loader)
+        self.watched = next(rm.model.parameters())  # its sharded .grad appears when FSDP reduces (see accum_sync)
+        self.history: list[dict] = []
+        self.order = open(out / f"order-rank{self.rank}.jsonl", "a") if cfg.record_order else None
+        rm.model.train()
+        self.tokens, self.total_tokens, self.no_margin, self.t0 = 0, 0.0, 0, time.perf_counter()
+        self.bar = tqdm(range(self.start, self.steps), initial=self.start, total=self.steps, desc="rm-train",
+                        disable=not (cfg.progress and is_main_process()) or bool(os.environ.get("TQDM_DISABLE")))
+
+    def _budget(self, lens: np.ndarray, width: int, state: dict | None) -> _Budget:
+        """Micro-batches fixed by the config (pairs or accumulation steps, checked against the memory estimate)
+        or cut by a token budget the device holds; and the accumulation sync that memory allows."""
+        rm, cfg, world = self.rm, self.cfg, self.world
+        limit, where = available_bytes(rm.device, cfg.memory_limit_gb)
+        mem = estimate(rm.model, device=rm.device, layout=self.layout, longest_row=int(np.max(lens)), width=width,
+                       world=world, sharded=self.distributed, compute_bytes=2 if self.bf16 else 4,
+                       optimizer=cfg.optimizer, grad_checkpointing=cfg.grad_checkpointing,
+                       attn_implementation=_attn_implementation(rm), limit=limit)
+        pieces = fixed_pieces(cfg, world, state)
+        if pieces:
+            setting = (f"grad_accum={cfg.grad_accum}" if cfg.grad_accum else
+                       f"micro_batch_size={cfg.micro_batch_size}" if cfg.micro_batch_size else
+                       f"grad_accum={pieces // world} (resumed checkpoint)")
+            micro_pairs = math.ceil(min(cfg.batch_size, len(lens)) / pieces)
+            check_fixed_micro_batch(mem, micro_pairs, setting)
+            tokens, peak = 0, mem.peak(micro_pairs * mem.longest)
+            eval_tokens = min(mem.max_tokens(), CPU_EVAL_CAP if rm.device.type == "cpu" else mem.max_tokens())
+        else:
+            tokens = token_budget(mem, rm.device, cfg.micro_batch_tokens)
+            peak, eval_tokens = mem.peak(tokens), tokens
+        accum = resolve_accum_sync(cfg.accum_sync, distributed=self.distributed, params=mem_params(rm.model),
+                                   peak=peak, limit=limit)
+        if is_main_process():  # one line: what the run will do per forward, and why it fits
+            what = (f"micro-batches of {math.ceil(cfg.batch_size / pieces)} pairs" if pieces
+                    else f"micro-batches of at most {tokens:,} padded tokens")
+            print(f"[rm-train] {what} per forward; estimated peak {peak / 2**30:.2f} GiB per rank of "
+                  f"{limit / 2**30:.2f} GiB ({where}); accumulation sync: {accum}", flush=True)
+        return _Budget(pieces, tokens, eval_tokens, peak, limit, accum)
+
+    def step(self, step: int) -> dict:
+        """One optimizer step: this step's micro-batches (the sampler says how many: the same count on every
+        rank), forward + loss + backward each, then clip, step, schedule; returns the step's record."""
+        rm, cfg, world = self.rm, self.cfg, self.world
+        self.opt.zero_grad(set_to_none=True)
+        n_global = 0
+        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, pairs, tokens (this rank)
+        more = True
+        synced = 0  # micro-steps after which the sharded gradient was already reduced (accum_sync at work)
+        while more:
+            batch = next(self.batches).to(rm.device)
+            n_global, self.grad_accum = batch.n_global, batch.micro_count
+            more = batch.micro_index < batch.micro_count - 1
+            if self.distributed:  # every micro-batch, or once per step on its last (accum_sync)
+                rm.model.set_requires_gradient_sync(self.budget.accum == "every_step" or not more)
+            with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not self.mixed):
+                rc, rr, mask = forward(rm, batch)
+            margin = None
+            if cfg.loss == "margin_bt":  # no stated strength: margin 0, i.e. that pair's term is plain BT
+                real = batch.weight > 0
+                self.no_margin += int((torch.isnan(batch.margin) & real).sum())
+                margin = torch.nan_to_num(batch.margin, nan=0.0)
+            per = pair_losses(rc, rr, kind=cfg.loss, margin=margin, mask=mask, center_coef=cfg.center_coef)
+            loss = (per * batch.weight).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
+            loss.backward()
+            if self.distributed:
+                synced += int(self.watched.grad is not None)
+            stats += _micro_stats(per, rc, rr, mask, batch)
+            if self.order is not None:
+                real_ids = [p for p, x in zip(batch.pair_ids, batch.weight.tolist()) if x > 0]
+                self.order.write(json.dumps({"step": step + 1, "pair_ids": real_ids}) + "\n")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.tokens += int(stats[3])
+        glob = all_reduce_sum(stats)
+        self.total_tokens += float(glob[3])
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rec = {"step": step + 1, "loss": float(glob[0]) / n_global, "train_accuracy": float(glob[1]) / n_global,
+               "lr": self.sched.get_last_lr()[0], "tokens_per_s": self.total_tokens / dt,
+               "tokens_per_s_per_rank": self.tokens / dt, "global_batch": n_global,
+               "consumed_pairs": self.plan.consumed(step + 1), "micro_steps": self.grad_accum,
+               "synced_micro_steps": synced}
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.2f}",
+                             tok_s=f"{rec['tokens_per_s']:,.0f}")
+        return rec
+
+    def after_step(self, step: int, rec: dict, log: Callable[[dict, int], None] | None) -> None:
+        """Validation (and the best checkpoint, sharded) every `eval_every` steps and at the end; the log; a
+        resumable checkpoint every `save_last_every` steps."""
+        cfg, done = self.cfg, step + 1
+        last_step = done == self.steps
+        if self.val and (done % cfg.eval_every == 0 or last_step):
+            ev = evaluate_accuracy(self.rm, self.val, token_budget=self.budget.eval_tokens)
+            rec["val_accuracy"] = ev["accuracy"]
+            rec["val_margin"] = ev["mean_margin"]
+            if ev["accuracy"] > self.best:
+                self.best = ev["accuracy"]
+                self.ckpt.save_best(done, self.rm, ev)  # sharded: no gather; exported once at the end
+        self.history.append(rec)
+        if log and is_main_process():
+            log(rec, done)
+        if done % cfg.save_last_every == 0 and not last_step:
+            self.ckpt.save(done, self.rm, self.opt, self.sched,
+                           {"step": done, "best": self.best, "pieces": self.budget.pieces, "world_size": self.world,
+                            "loader": {"step": done, "consumed_pairs": self.plan.consumed(done)}})
+
+    def finish(self, length: dict) -> TrainResult:
+        """The best model exported (one gather), the summary and the result written, the run marked finished."""
+        out, b, steps = self.out, self.budget, self.steps
+        self.ckpt.wait()
+        self.ckpt.export_best(self.rm, out, EXPORT_DTYPES[self.cfg.export_dtype])
+        if self.order is not None:
+            self.order.close()
+        no_margin = int(all_reduce_sum(torch.tensor([float(self.no_margin)], dtype=torch.float64))[0])
+        barrier()
+        if is_main_process():
+            (out / "train_summary.json").write_text(json.dumps({
+                "best_val_accuracy": self.best, "steps": steps, "layout": self.layout, "world_size": self.world,
+                "pieces": b.pieces, "length": length, "data_key": self.train.key, "config": asdict(self.cfg),
+                "micro_batch_tokens": b.tokens, "memory_estimate_gb": b.peak / 2**30,
+                "memory_limit_gb": b.limit / 2**30}))
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        res = TrainResult(str(out / "best"), self.best, steps, self.history, self.total_tokens / dt, length,
+                          self.start, self.world, self.tokens / dt, len(self.train), self.train.key, b.pieces,
+                          self.grad_accum, self.plan.consumed(steps), no_margin, b.tokens, b.peak / 2**30,
+                          b.limit / 2**30, b.accum)
+        self.ckpt.finish(out, res, steps)
+        return res
+
+
+def _prepare_for_training(rm: RewardModel, cfg: TrainConfig) -> None:
     if cfg.grad_checkpointing:  # transformers 5 names it activation checkpointing
         (getattr(rm.model, "activation_checkpointing_enable", None) or rm.model.gradient_checkpointing_enable)()
     if cfg.disable_dropout:
         for m in rm.model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    start, best = 0, -1.0
-    if state is not None:  # resume after a crash: same plan, so the same batches follow
-        ckpt.load(resume, rm, opt, sched, state)
-        start, best = int(state["step"]), float(state["best"])
 
-    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (2 if rm.device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(
-        train, batch_sampler=RankBatchSampler(plan, rank, start), collate_fn=collator(rm, layout),
-        num_workers=workers, pin_memory=rm.device.type == "cuda", prefetch_factor=4 if workers else None)
-    batches = iter(loader)
-    watched = next(rm.model.parameters())  # its sharded .grad appears when FSDP reduces (see accum_sync)
-    history: list[dict] = []
-    order = open(out / f"order-rank{rank}.jsonl", "a") if cfg.record_order else None
-    rm.model.train()
-    tokens, t0 = 0, time.perf_counter()
-    total_tokens = 0.0
-    no_margin = 0
-    bar = tqdm(range(start, steps), disable=not (cfg.progress and is_main_process()) or bool(os.environ.get("TQDM_DISABLE")), desc="rm-train",
-               initial=start, total=steps)
-    try:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
-            n_global = 0
-            stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, pairs, tokens (this rank)
-            more = True
-            synced = 0  # micro-steps after which the sharded gradient was already reduced (accum_sync at work)
-            while more:  # this step's micro-batches (the sampler says how many: the same count on every rank)
-                batch = next(batches).to(rm.device)
-                n_global, grad_accum = batch.n_global, batch.micro_count
-                more = batch.micro_index < batch.micro_count - 1
-                if distributed:  # every micro-batch, or once per step on its last (accum_sync)
-                    rm.model.set_requires_gradient_sync(accum == "every_step" or not more)
-                with torch.autocast(device_type=rm.device.type, dtype=torch.bfloat16, enabled=bf16 and not mixed):
-                    rc, rr, mask = forward(rm, batch)
-                margin = None
-                if cfg.loss == "margin_bt":  # no stated strength: margin 0, i.e. that pair's term is plain BT
-                    real = batch.weight > 0
-                    no_margin += int((torch.isnan(batch.margin) & real).sum())
-                    margin = torch.nan_to_num(batch.margin, nan=0.0)
-                per = pair_losses(rc, rr, kind=cfg.loss, margin=margin, mask=mask, center_coef=cfg.center_coef)
-                loss = (per * batch.weight).sum() / n_global * world  # FSDP averages over ranks: the global-batch mean
-                loss.backward()
-                if distributed:
-                    synced += int(watched.grad is not None)
-                best_rej = rr.detach().float().masked_fill(~mask, float("-inf")).max(1).values
-                w = batch.weight.detach().double().cpu()
-                stats += torch.stack([(per.detach().double().cpu() * w).sum(),
-                                      ((rc.detach().float() > best_rej).double().cpu() * w).sum(), w.sum(),
-                                      torch.tensor(float(batch.tokens), dtype=torch.float64)])
-                if order is not None:
-                    real_ids = [p for p, x in zip(batch.pair_ids, w.tolist()) if x > 0]
-                    order.write(json.dumps({"step": step + 1, "pair_ids": real_ids}) + "\n")
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(rm.model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            tokens += int(stats[3])
-            glob = all_reduce_sum(stats)
-            total_tokens += float(glob[3])
-            dt = max(time.perf_counter() - t0, 1e-9)
-            rec = {"step": step + 1, "loss": float(glob[0]) / n_global, "train_accuracy": float(glob[1]) / n_global,
-                   "lr": sched.get_last_lr()[0], "tokens_per_s": total_tokens / dt, "tokens_per_s_per_rank": tokens / dt,
-                   "global_batch": n_global, "consumed_pairs": plan.consumed(step + 1), "micro_steps": grad_accum,
-                   "synced_micro_steps": synced}
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.2f}", tok_s=f"{rec['tokens_per_s']:,.0f}")
-            last_step = step + 1 == steps
-            if val and ((step + 1) % cfg.eval_every == 0 or last_step):
-                ev = evaluate_accuracy(rm, val, token_budget=eval_budget)
-                rec["val_accuracy"] = ev["accuracy"]
-                rec["val_margin"] = ev["mean_margin"]
-                if ev["accuracy"] > best:
-                    best = ev["accuracy"]
-                    ckpt.save_best(step + 1, rm, ev)  # sharded: no gather; exported once at the end
-            history.append(rec)
-            if log and is_main_process():
-                log(rec, step + 1)
-            if (step + 1) % cfg.save_last_every == 0 and not last_step:
-                ckpt.save(step + 1, rm, opt, sched, {"step": step + 1, "best": best, "pieces": pieces, "world_size": world,
-                                                     "loader": {"step": step + 1,
-                                                                "consumed_pairs": plan.consumed(step + 1)}})
-    except BaseException:
-        if not distributed:  # in one process, let the save in flight finish (under torchrun peers may be gone)
-            ckpt.abandon()
-        raise
-    ckpt.wait()
-    ckpt.export_best(rm, out, EXPORT_DTYPES[cfg.export_dtype])
-    if order is not None:
-        order.close()
-    no_margin = int(all_reduce_sum(torch.tensor([float(no_margin)], dtype=torch.float64))[0])
-    barrier()
-    if is_main_process():
-        (out / "train_summary.json").write_text(json.dumps({
-            "best_val_accuracy": best, "steps": steps, "layout": layout, "world_size": world, "pieces": pieces,
-            "length": length, "data_key": train.key, "config": asdict(cfg), "micro_batch_tokens": budget,
-            "memory_estimate_gb": peak / 2**30, "memory_limit_gb": limit / 2**30}))
-    dt = max(time.perf_counter() - t0, 1e-9)
-    res = TrainResult(str(out / "best"), best, steps, history, total_tokens / dt, length, start, world, tokens / dt,
-                      len(train), train.key, pieces, grad_accum, plan.consumed(steps), no_margin, budget,
-                      peak / 2**30, limit / 2**30, accum)
-    ckpt.finish(out, res, steps)
-    return res
+
+def _micro_stats(per: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor, batch: Batch
+                 ) -> torch.Tensor:
+    """One micro-batch's weighted loss sum, correct pairs, pairs and tokens (float64, on CPU)."""
+    best_rej = rr.detach().float().masked_fill(~mask, float("-inf")).max(1).values
+    w = batch.weight.detach().double().cpu()
+    return torch.stack([(per.detach().double().cpu() * w).sum(),
+                        ((rc.detach().float() > best_rej).double().cpu() * w).sum(), w.sum(),
+                        torch.tensor(float(batch.tokens), dtype=torch.float64)])
 
 
 # --- distributed -------------------------------------------------------------------------------------------------
