@@ -29,7 +29,7 @@ SCORE_COLUMNS = {"pair_id": pl.String, "r_chosen": pl.Float64, "r_rejected": pl.
 PAIR_INPUT = ["pair_id", "history", "chosen", "rejected"]
 # Ray's CPUs are logical: what an actor or task asks for only decides where and whether it is scheduled. Stage 2
 # keeps its actor pools alive for the whole run, so any CPU they hold is gone for the reads that feed them: on 2
-# CPUs, two pools at 1.0 CPU each left the unit-read task waiting forever. Reads (a bounded Delta scan, I/O bound)
+# CPUs, two actor pools at 1.0 CPU each left the unit-read task waiting forever. Reads (a bounded Delta scan, I/O bound)
 # therefore ask for no CPU, and the actors share what is left after the engine's own embedders.
 READ_CPUS = 0.0
 READ_TASKS = 2  # reads at once: a 0-CPU task has no CPU cap, so this bounds the worker processes they start
@@ -244,27 +244,27 @@ class RayEngine:
             raise RuntimeError("RayEngine needs a running Ray: ray.init(...) first (the `ray` resource does it)")
         return ray
 
-    def gpu_pools(self, pools: int) -> tuple[int, float]:
-        """(actors per model, GPUs per actor) when `pools` models run in one pipeline: the GPUs are shared between
-        the pools, never asked for twice (one actor per GPU per pool would wait forever for GPUs that do not
-        exist); with fewer GPUs than pools, the pools share GPUs fractionally."""
+    def gpus_per_actor_pool(self, actor_pools: int) -> tuple[int, float]:
+        """(actors per model, GPUs per actor) when `actor_pools` models run in one pipeline: the GPUs are shared between
+        the actor pools, never asked for twice (one actor per GPU per pool would wait forever for GPUs that do not
+        exist); with fewer GPUs than actor pools, the actor pools share GPUs fractionally."""
         if self.gpus_per_actor <= 0:
             return self.actors or 1, 0.0
         if self.actors:
-            per = min(self.gpus_per_actor, self.gpus_total / (self.actors * pools)) if self.gpus_total else \
+            per = min(self.gpus_per_actor, self.gpus_total / (self.actors * actor_pools)) if self.gpus_total else \
                 self.gpus_per_actor
             return self.actors, per
         if not self.gpus_total:
             return 1, self.gpus_per_actor
-        actors = int(self.gpus_total // (self.gpus_per_actor * pools))
+        actors = int(self.gpus_total // (self.gpus_per_actor * actor_pools))
         if actors >= 1:
             return actors, self.gpus_per_actor
-        return 1, self.gpus_total / pools
+        return 1, self.gpus_total / actor_pools
 
-    def _map(self, ds, cls, kwargs: dict, num_cpus: float = 1.0, pools: int = 1):
+    def _map(self, ds, cls, kwargs: dict, num_cpus: float = 1.0, actor_pools: int = 1):
         import ray
 
-        actors, gpus = self.gpu_pools(pools)
+        actors, gpus = self.gpus_per_actor_pool(actor_pools)
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=self.batch_rows, batch_format="pyarrow",
                               compute=ray.data.ActorPoolStrategy(size=actors),
                               num_gpus=gpus or None, num_cpus=num_cpus)
@@ -275,7 +275,7 @@ class RayEngine:
         for i, (role, ref) in enumerate(refs.items()):
             ds = self._map(ds, _PairScorer, dict(ref=ref, role=role, max_len=self.max_len,
                                                  batch_size=self.batch_size, device=self.device,
-                                                 scores_only=i == len(refs) - 1), num_cpus=cpus, pools=len(refs))
+                                                 scores_only=i == len(refs) - 1), num_cpus=cpus, actor_pools=len(refs))
         return ds
 
     def score(self, pairs: pl.DataFrame, refs: dict[str, ModelRef]) -> dict[str, pl.DataFrame]:
@@ -283,7 +283,7 @@ class RayEngine:
         ray = self._ray()
         if pairs.height == 0:
             return {role: pl.DataFrame(schema=SCORE_COLUMNS) for role in refs}
-        table = pairs.select(PAIR_INPUT).to_arrow()  # blocks of batch_rows: both pools work at once
+        table = pairs.select(PAIR_INPUT).to_arrow()  # blocks of batch_rows: both actor pools work at once
         ds = ray.data.from_arrow([table.slice(i, self.batch_rows) for i in range(0, table.num_rows, self.batch_rows)])
         ds = self._scorer_pools(ds, refs)
         wide = pl.concat([pl.from_arrow(b) for b in self._watched(ds, "score", len(refs))])
@@ -350,7 +350,7 @@ class RayEngine:
         for k, (ref, max_len) in enumerate(models.values()):
             ds = self._map(ds, _TextScorer, dict(ref=ref, tag=f"m{k}", max_len=max_len, batch_size=self.batch_size,
                                                  device=self.device, keys_only=k == len(models) - 1),
-                           num_cpus=cpus, pools=len(models))
+                           num_cpus=cpus, actor_pools=len(models))
         wide = pl.concat([pl.from_arrow(b) for b in self._watched(ds, "score_texts", len(models))])
         return {name: wide.select("text_key", *(pl.col(f"m{k}__{c}").alias(c) for c in TEXT_COLUMNS
                                                 if c != "text_key")).cast(TEXT_COLUMNS)
@@ -366,24 +366,24 @@ class RayEngine:
     def _embed_actors(self) -> int:
         return max(1, self.actors)
 
-    def _cpus_per_actor(self, pools: int) -> float:
-        """CPUs each scorer actor asks for when `pools` pools run together: the cluster's CPUs shared by every
+    def _cpus_per_actor(self, actor_pools: int) -> float:
+        """CPUs each scorer actor asks for when `actor_pools` actor pools run together: the cluster's CPUs shared by every
         actor of every pool, at most 1 each. Reads and embedders ask for none (READ_CPUS, EMBED_CPUS), so no split
         of the CPUs can leave the pipeline's first stage, or the driver's embedding between units, waiting."""
         import ray
 
-        actors, _ = self.gpu_pools(pools)
+        actors, _ = self.gpus_per_actor_pool(actor_pools)
         total = ray.cluster_resources().get("CPU", 0.0)
-        per = min(1.0, total / (pools * actors))
+        per = min(1.0, total / (actor_pools * actors))
         if per < MIN_ACTOR_CPUS:
-            raise ValueError(f"{pools} model(s) x {actors} actor(s) do not fit the Ray cluster's {total:g} CPU(s) "
+            raise ValueError(f"{actor_pools} model(s) x {actors} actor(s) do not fit the Ray cluster's {total:g} CPU(s) "
                              f"(each would get {max(per, 0):.3f} CPU): lower ComputeResource.actors or add CPUs "
                              f"(ComputeResource.local_cpus for the local Ray)")
-        # Ray keeps resources to 1e-4: rounding up (2/3 -> 0.6667) would make three pools ask for 2.0001 of 2 CPUs
+        # Ray keeps resources to 1e-4: rounding up (2/3 -> 0.6667) would make three actor pools ask for 2.0001 of 2 CPUs
         # and the third never start, so round down
         return math.floor(per * 1e4) / 1e4
 
-    def _watched(self, ds, what: str, pools: int) -> Iterator:
+    def _watched(self, ds, what: str, actor_pools: int) -> Iterator:
         """The pipeline's batches, failing instead of hanging when it makes no progress:
         - actors that cannot be placed: Ray Data itself gives up after `starved_timeout_s` (its
           `wait_for_min_actors_s`; it then shuts its executor down), raised here with what waits for what;
@@ -426,27 +426,27 @@ class RayEngine:
                     waited = time.monotonic() - since
                     starved = waiting_demands() if waited >= self.starved_timeout_s else []
                     if starved or waited >= self.stall_timeout_s:
-                        raise PipelineStalled(self._stall_message(what, waited, starved, pools)) from None
+                        raise PipelineStalled(self._stall_message(what, waited, starved, actor_pools)) from None
                     continue
                 if kind == "done":
                     return
                 if kind == "error":
                     if isinstance(val, ray.exceptions.GetTimeoutError) and "starting actors" in str(val):
                         raise PipelineStalled(self._stall_message(
-                            what, time.monotonic() - since, [f"the scorer actors ({val})"], pools)) from val
+                            what, time.monotonic() - since, [f"the scorer actors ({val})"], actor_pools)) from val
                     raise val
                 yield val
                 since = time.monotonic()
         finally:
             stop.set()
 
-    def _stall_message(self, what: str, waited: float, starved: list[str], pools: int) -> str:
+    def _stall_message(self, what: str, waited: float, starved: list[str], actor_pools: int) -> str:
         import ray
 
-        actors, gpus = self.gpu_pools(pools)
+        actors, gpus = self.gpus_per_actor_pool(actor_pools)
         total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         free = {k: round(v, 3) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        held = (f"{pools} actor pool(s) x {actors} actor(s) x {self._cpus_per_actor(pools):g} CPU"
+        held = (f"{actor_pools} actor pool(s) x {actors} actor(s) x {self._cpus_per_actor(actor_pools):g} CPU"
                 f"{f' + {gpus:g} GPU' if gpus else ''}")
         waits = "; ".join(starved) if starved else "nothing waits for resources: a scorer is slow or stuck"
         return (f"Ray pipeline {what!r} made no progress for {waited:.0f} s. Waiting: {waits}. Cluster {total}, "
@@ -461,7 +461,7 @@ class RayEngine:
             return np.zeros((0, 0), dtype=np.float32)
         key = (model_path, max_len)
         if key not in self._embedders:
-            # CPU actors even on a GPU cluster: the RM pools hold the GPUs for the whole run (a GPU embedder would
+            # CPU actors even on a GPU cluster: the RM actor pools hold the GPUs for the whole run (a GPU embedder would
             # wait for one forever), and a MiniLM-size encoder over one unit's unconfident pairs is CPU work
             actor = ray.remote(num_cpus=EMBED_CPUS)(_EmbedActor)
             self._embedders[key] = [actor.remote(model_path, max_len, "cpu") for _ in range(self._embed_actors())]

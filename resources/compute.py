@@ -88,7 +88,7 @@ class ComputeResource(RayResource):
         import ray
 
         gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() and self.gpus_per_actor > 0 else 0
-        # actors = 0: the engine splits the GPUs over the models each pipeline runs (RayEngine.gpu_pools)
+        # actors = 0: the engine splits the GPUs over the models each pipeline runs (RayEngine.gpus_per_actor_pool)
         return RayEngine(actors=self.actors if (self.actors or not gpus) else 0, gpus_per_actor=self.gpus_per_actor,
                          gpus_total=gpus, batch_rows=self.batch_rows, max_len=max_len, batch_size=self.batch_size,
                          stall_timeout_s=self.stall_timeout_s, starved_timeout_s=self.starved_timeout_s)

@@ -128,15 +128,15 @@ def test_ray_engine_shares_gpus_between_the_model_pools_it_runs_together():
     GPUs (whole GPUs while there are enough, fractions below that). CPU pools are unchanged."""
     from pipelines.compute import RayEngine
 
-    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=8).gpu_pools(2) == (4, 1)  # Stage 2: best + gold
-    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=8).gpu_pools(1) == (8, 1)
-    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=1).gpu_pools(2) == (1, 0.5)  # one GPU, two RMs
-    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=2).gpu_pools(5) == (1, 0.4)  # evaluation, 5 models
-    assert RayEngine(actors=2, gpus_per_actor=1, gpus_total=2).gpu_pools(2) == (2, 0.5)  # asked-for actors fit
-    assert RayEngine(actors=3, gpus_per_actor=0).gpu_pools(2) == (3, 0.0)
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=8).gpus_per_actor_pool(2) == (4, 1)  # Stage 2: best + gold
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=8).gpus_per_actor_pool(1) == (8, 1)
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=1).gpus_per_actor_pool(2) == (1, 0.5)  # one GPU, two RMs
+    assert RayEngine(actors=0, gpus_per_actor=1, gpus_total=2).gpus_per_actor_pool(5) == (1, 0.4)  # evaluation, 5 models
+    assert RayEngine(actors=2, gpus_per_actor=1, gpus_total=2).gpus_per_actor_pool(2) == (2, 0.5)  # asked-for actors fit
+    assert RayEngine(actors=3, gpus_per_actor=0).gpus_per_actor_pool(2) == (3, 0.0)
     for pools in range(1, 9):  # never more GPUs asked than the cluster has
         for total in (1, 2, 4, 8):
-            actors, per = RayEngine(actors=0, gpus_per_actor=1, gpus_total=total).gpu_pools(pools)
+            actors, per = RayEngine(actors=0, gpus_per_actor=1, gpus_total=total).gpus_per_actor_pool(pools)
             assert actors * per * pools <= total + 1e-9
 
 

@@ -172,10 +172,10 @@ def read_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
     the Parquet decode release the GIL: on 2 cores ingest parses and hashes at once). One batch ahead, no more."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
-        nxt = pool.submit(next, batches, None)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as ex:
+        nxt = ex.submit(next, batches, None)
         while (batch := nxt.result()) is not None:
-            nxt = pool.submit(next, batches, None)
+            nxt = ex.submit(next, batches, None)
             yield batch
 
 

@@ -382,24 +382,139 @@ class ClassifyRequest(BaseModel):
     input: list[str] | str
 
 
+class Refused(Exception):
+    """A request answered with a 4xx/429/503 and its reason (mapped to fastapi's HTTPException at the edge)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+class RewardService:
+    """What every endpoint shares: per-request checks (caps, empty texts, roles) and encoding in the encoding
+    threads, before any of it joins a batch (a bad text is refused with its index and nothing else fails); the
+    batcher; the counters /health reports."""
+
+    def __init__(self, scorer: RewardScorer, cfg: ServeConfig, calibration: Calibration, max_len: int):
+        self.scorer, self.cfg, self.calibration, self.max_len = scorer, cfg, calibration, max_len
+        self.batcher = Batcher(scorer.forward, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
+        self.encoders = ThreadPoolExecutor(max(1, cfg.encode_threads), thread_name_prefix="rm-encode")
+        self.stats = {"requests": 0, "sequences": 0, "truncated": 0, "refused_429": 0, "refused_400": 0,
+                      "refused_413": 0}
+
+    def refuse(self, status: int, detail: str, headers: dict[str, str] | None = None) -> Refused:
+        if f"refused_{status}" in self.stats:
+            self.stats[f"refused_{status}"] += 1
+        return Refused(status, detail, headers)
+
+    def check_text(self, what: str, i: int, text: str, chars: int | None = None) -> None:
+        """Caps and emptiness, before any tokenizing."""
+        n = len(text) if chars is None else chars
+        if n > self.cfg.max_chars:
+            raise self.refuse(413, f"{what}[{i}]: {n} characters; this server takes at most {self.cfg.max_chars} "
+                                   "per text")
+        if not text.strip():
+            raise self.refuse(400, f"{what}[{i}]: empty text")
+
+    def check_rows(self, n: int, what: str) -> None:
+        if n > self.cfg.max_rows:
+            raise self.refuse(413, f"{n} {what} in one request; this server takes at most {self.cfg.max_rows}")
+
+    async def score(self, items: list[tuple], what: str) -> list[Scored]:
+        try:
+            self.batcher.admit(len(items))  # a request that cannot be queued now is not encoded
+            try:
+                enc = await asyncio.get_running_loop().run_in_executor(self.encoders, self.scorer.encode, items,
+                                                                       self.cfg.max_tokens)
+            except BadRow as e:
+                raise self.refuse(e.status, f"{what}[{e.index}]: {e.detail}") from None
+            out = await self.batcher.submit(enc)
+        except QueueFull:
+            raise self.refuse(429, f"queue full ({self.batcher.pending} of {self.cfg.max_queue} sequences pending): "
+                                   "retry", {"Retry-After": "1"}) from None
+        except TooLarge as e:
+            raise self.refuse(413, str(e)) from None
+        except Closing:
+            raise Refused(503, "shutting down", {"Retry-After": "5"}) from None
+        self.stats["requests"] += 1
+        self.stats["sequences"] += len(out)
+        self.stats["truncated"] += sum(s.truncation != "none" for s in out)
+        return out
+
+    def health(self) -> dict:
+        cfg, scorer = self.cfg, self.scorer
+        return {"status": "ok", "model": cfg.name, "max_len": self.max_len, "pending": self.batcher.pending,
+                "batches": self.batcher.batches, "calibration": self.calibration.source, **self.stats,
+                "limits": {"max_rows": cfg.max_rows, "max_chars": cfg.max_chars, "max_tokens": cfg.max_tokens,
+                           "strip_padding": cfg.strip_padding},
+                **({"scorer": scorer.stats.as_dict()} if isinstance(getattr(scorer, "stats", None), ScorerStats)
+                   else {})}
+
+    async def reward(self, body: RewardRequest) -> dict:
+        """/v1/reward: chat rows (history + response) scored as the RM's chat template renders them."""
+        self.check_rows(len(body.rows), "rows")
+        for i, r in enumerate(body.rows):
+            if bad := next((m.role for m in r.history if m.role not in ROLES), None):
+                raise self.refuse(400, f"rows[{i}]: unknown role {bad!r} (one of {', '.join(ROLES)})")
+            self.check_text("rows", i, r.response, sum(len(m.content) for m in r.history) + len(r.response))
+        out = await self.score([("chat", [m.model_dump() for m in r.history], r.response) for r in body.rows], "rows")
+        return {"model": self.cfg.name, "data": [{"index": i, "reward": s.reward, "score": s.score,
+                                                  "tokens": s.tokens, "truncation": s.truncation}
+                                                 for i, s in enumerate(out)],
+                "truncated": sum(s.truncation != "none" for s in out)}
+
+    async def get_reward(self, body: GetRewardRequest) -> dict:
+        """/get_reward (OpenRLHF's remote RM): whole decoded texts, pad/EOS stripped as its serve_rm does."""
+        for name, extra in (("prompts", body.prompts), ("labels", body.labels)):
+            if extra is not None and len(extra) != len(body.query):
+                raise self.refuse(400, f"{len(extra)} {name} for {len(body.query)} queries")
+        self.check_rows(len(body.query), "queries")
+        queries = body.query
+        for i, q in enumerate(queries):
+            self.check_text("query", i, q)  # the raw size first: stripping a 1 MB text would cost what the cap saves
+        if self.cfg.strip_padding:
+            queries = [self.scorer.strip_padding(q) for q in queries]
+            for i, q in enumerate(queries):
+                if not q.strip():
+                    raise self.refuse(400, f"query[{i}]: empty text once pad/EOS tokens are stripped")
+        out = await self.score([("text", q) for q in queries], "query")
+        return {"rewards": [s.reward for s in out], "scores": [s.score for s in out],
+                "truncation": [s.truncation for s in out]}
+
+    async def classify(self, body: ClassifyRequest) -> dict:
+        """/classify (vLLM's pooling API shape)."""
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise self.refuse(400, "input is empty")
+        self.check_rows(len(texts), "inputs")
+        for i, t in enumerate(texts):
+            self.check_text("input", i, t)
+        out = await self.score([("text", t) for t in texts], "input")
+        tokens = sum(s.tokens for s in out)
+        return {"id": f"classify-{time.time_ns()}", "object": "list", "created": int(time.time()),
+                "model": body.model or self.cfg.name,
+                "data": [{"index": i, "label": "LABEL_0", "probs": [1 / (1 + math.exp(-s.reward))],
+                          "num_classes": 1, "reward": s.reward, "truncation": s.truncation}
+                         for i, s in enumerate(out)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+
 def create_app(scorer: RewardScorer, cfg: ServeConfig, *, calibration: Calibration, max_len: int):
-    """The FastAPI app. Each request is checked (caps, empty texts, roles) and encoded on its own, in the encoding
-    threads, before any of it joins a batch: a bad text is answered 4xx with its index and nothing else fails."""
+    """The FastAPI app: auth, then one RewardService method per endpoint; a refusal is answered as
+    `{"detail": ...}` with its status (and Retry-After where retrying helps)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    batcher = Batcher(scorer.forward, cfg.max_batch, cfg.max_wait_ms, cfg.max_queue)
-    encoders = ThreadPoolExecutor(max(1, cfg.encode_threads), thread_name_prefix="rm-encode")
-    stats = {"requests": 0, "sequences": 0, "truncated": 0, "refused_429": 0, "refused_400": 0, "refused_413": 0}
+    svc = RewardService(scorer, cfg, calibration, max_len)
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        svc.batcher.start()
         yield
-        await batcher.drain()  # uvicorn has finished the requests in flight; nothing is dropped
-        encoders.shutdown(wait=True)
+        await svc.batcher.drain()  # uvicorn has finished the requests in flight; nothing is dropped
+        svc.encoders.shutdown(wait=True)
 
     app = FastAPI(title="SynPref reward server", lifespan=lifespan)
 
@@ -412,53 +527,13 @@ def create_app(scorer: RewardScorer, cfg: ServeConfig, *, calibration: Calibrati
                                     headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    def refuse(status: int, detail: str) -> HTTPException:
-        if f"refused_{status}" in stats:
-            stats[f"refused_{status}"] += 1
-        return HTTPException(status, detail)
-
-    def check_text(what: str, i: int, text: str, chars: int | None = None) -> None:
-        """Caps and emptiness, before any tokenizing."""
-        n = len(text) if chars is None else chars
-        if n > cfg.max_chars:
-            raise refuse(413, f"{what}[{i}]: {n} characters; this server takes at most {cfg.max_chars} per text")
-        if not text.strip():
-            raise refuse(400, f"{what}[{i}]: empty text")
-
-    def check_rows(n: int, what: str) -> None:
-        if n > cfg.max_rows:
-            raise refuse(413, f"{n} {what} in one request; this server takes at most {cfg.max_rows}")
-
-    async def score(items: list[tuple], what: str) -> list[Scored]:
-        try:
-            batcher.admit(len(items))  # a request that cannot be queued now is not encoded
-            try:
-                enc = await asyncio.get_running_loop().run_in_executor(encoders, scorer.encode, items,
-                                                                       cfg.max_tokens)
-            except BadRow as e:
-                raise refuse(e.status, f"{what}[{e.index}]: {e.detail}") from None
-            out = await batcher.submit(enc)
-        except QueueFull:
-            stats["refused_429"] += 1
-            raise HTTPException(429, f"queue full ({batcher.pending} of {cfg.max_queue} sequences pending): retry",
-                                headers={"Retry-After": "1"})
-        except TooLarge as e:
-            raise refuse(413, str(e))
-        except Closing:
-            raise HTTPException(503, "shutting down", headers={"Retry-After": "5"})
-        stats["requests"] += 1
-        stats["sequences"] += len(out)
-        stats["truncated"] += sum(s.truncation != "none" for s in out)
-        return out
+    @app.exception_handler(Refused)
+    async def refused(_request: Request, exc: Refused):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg.name, "max_len": max_len, "pending": batcher.pending,
-                "batches": batcher.batches, "calibration": calibration.source, **stats,
-                "limits": {"max_rows": cfg.max_rows, "max_chars": cfg.max_chars, "max_tokens": cfg.max_tokens,
-                           "strip_padding": cfg.strip_padding},
-                **({"scorer": scorer.stats.as_dict()} if isinstance(getattr(scorer, "stats", None), ScorerStats)
-                   else {})}
+        return svc.health()
 
     @app.get("/v1/models")
     async def models():
@@ -467,50 +542,15 @@ def create_app(scorer: RewardScorer, cfg: ServeConfig, *, calibration: Calibrati
 
     @app.post("/v1/reward")
     async def reward(body: RewardRequest):
-        check_rows(len(body.rows), "rows")
-        for i, r in enumerate(body.rows):
-            if bad := next((m.role for m in r.history if m.role not in ROLES), None):
-                raise refuse(400, f"rows[{i}]: unknown role {bad!r} (one of {', '.join(ROLES)})")
-            check_text("rows", i, r.response, sum(len(m.content) for m in r.history) + len(r.response))
-        out = await score([("chat", [m.model_dump() for m in r.history], r.response) for r in body.rows], "rows")
-        return {"model": cfg.name, "data": [{"index": i, "reward": s.reward, "score": s.score, "tokens": s.tokens,
-                                             "truncation": s.truncation} for i, s in enumerate(out)],
-                "truncated": sum(s.truncation != "none" for s in out)}
+        return await svc.reward(body)
 
     @app.post("/get_reward")
     async def get_reward(body: GetRewardRequest):
-        for name, extra in (("prompts", body.prompts), ("labels", body.labels)):
-            if extra is not None and len(extra) != len(body.query):
-                raise refuse(400, f"{len(extra)} {name} for {len(body.query)} queries")
-        check_rows(len(body.query), "queries")
-        queries = body.query
-        for i, q in enumerate(queries):
-            check_text("query", i, q)  # the raw size first: stripping a 1 MB text would cost what the cap saves
-        if cfg.strip_padding:
-            queries = [scorer.strip_padding(q) for q in queries]
-            for i, q in enumerate(queries):
-                if not q.strip():
-                    raise refuse(400, f"query[{i}]: empty text once pad/EOS tokens are stripped")
-        out = await score([("text", q) for q in queries], "query")
-        return {"rewards": [s.reward for s in out], "scores": [s.score for s in out],
-                "truncation": [s.truncation for s in out]}
+        return await svc.get_reward(body)
 
     @app.post("/classify")
     async def classify(body: ClassifyRequest):
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise refuse(400, "input is empty")
-        check_rows(len(texts), "inputs")
-        for i, t in enumerate(texts):
-            check_text("input", i, t)
-        out = await score([("text", t) for t in texts], "input")
-        tokens = sum(s.tokens for s in out)
-        return {"id": f"classify-{time.time_ns()}", "object": "list", "created": int(time.time()),
-                "model": body.model or cfg.name,
-                "data": [{"index": i, "label": "LABEL_0", "probs": [1 / (1 + math.exp(-s.reward))],
-                          "num_classes": 1, "reward": s.reward, "truncation": s.truncation}
-                         for i, s in enumerate(out)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+        return await svc.classify(body)
 
     return app
 
