@@ -303,11 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     # read as an abbreviation of `--benchmarks-dir`, nor any other prefix as a flag it happens to start
     ap = _Parser(prog="synpref")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _demo_args(sub)
+    _benchmarks_args(sub)
+    _train_rm_args(sub)
+    _evaluate_args(sub)
+    _serve_args(sub)
+    _review_args(sub)
+    return ap
+
+
+def _demo_args(sub) -> None:
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
     d.add_argument("--scale", choices=["tiny", "small", "medium"], default="small")
     d.add_argument("--verbose", action="store_true", help="stream Dagster's event log and the libraries' output")
     d.add_argument("--engine", choices=["ray", "inprocess"], default="ray",
                    help="where RM scoring and embedding run: a local Ray (default) or this process")
+
+
+def _benchmarks_args(sub) -> None:
     b = sub.add_parser("benchmarks", help="put published benchmark files where rm_evaluation finds them")
     bs = b.add_subparsers(dest="bench_cmd", required=True)
     ba = bs.add_parser("add", help="copy a published benchmark file (its layout is checked)")
@@ -319,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("name")
     bf.add_argument("--revision", default=None)
     bs.add_parser("list", help="the benchmarks present and the layouts SynPref reads")
+
+
+def _train_rm_args(sub) -> None:
     t = sub.add_parser("train-rm", help="train a reward model on your own pairs (token store + trainer + MLflow)")
     t.add_argument("--pairs", required=True, help="Parquet file or folder, or a Delta table; local or s3://")
     t.add_argument("--backbone", required=True, help="model folder or hub id (offline: from the local cache)")
@@ -337,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mlflow-uri", default=None, help="tracking URI (default: the SynPref home's SQLite store)")
     t.add_argument("--name", default="train-rm", help="MLflow run name")
     t.add_argument("--register", default=None, help="register the model under this MLflow name")
+
+
+def _evaluate_args(sub) -> None:
     ev = sub.add_parser("evaluate", help="score any reward model on every added benchmark, next to the project's")
     ev.add_argument("--model", required=True, help="HF folder, models:/NAME/VERSION, or a hub id (local cache)")
     ev.add_argument("--name", default=None, help="label in the tables (rm_version external:<name>; default: the "
@@ -347,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score these benchmarks only (comma-separated folder names, gold_test too; default: all)")
     ev.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
     ev.add_argument("--out", default=None, help="also write summary.json and per-item files in the authors' formats")
+
+
+def _serve_args(sub) -> None:
     sv = sub.add_parser("serve", help="serve a reward model over HTTP (OpenRLHF /get_reward, vLLM /classify, "
                                       "/v1/reward)")
     sv.add_argument("--model", required=True, help="HF folder, models:/NAME/VERSION, or a hub id (local cache)")
@@ -372,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--encode-threads", type=int, default=2, help="threads that render and tokenize requests")
     sv.add_argument("--api-key-env", default=None, help="env var holding a bearer token clients must send")
     sv.add_argument("--mlflow-uri", default=None, help="for models:/ URIs (default: the SynPref home's store)")
+
+
+def _review_args(sub) -> None:
     r = sub.add_parser("review", help="the human review app")
     rs = r.add_subparsers(dest="review_cmd", required=True)
     a = rs.add_parser("add-annotator")
@@ -389,7 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
         e = rs.add_parser(name)
         e.add_argument("file")
         e.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "labelstudio"])
-    return ap
 
 
 def main(argv: list[str] | None = None) -> None:
