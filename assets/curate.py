@@ -9,7 +9,7 @@ from pydantic import Field
 import dagster as dg
 from assets.annotate import llm_annotations
 from assets.common import GPU_POOL, RMTrainConfig, judge_setup, label_origin, record_written, reward_models
-from assets.meta import md_table, plt, png_md
+from assets.meta import curve_plot, md_table, png_md
 from assets.review import human_verified_seed
 from pipelines.annotate.prompts import load_prompt
 from pipelines.curate.judge import exemplar_index, judge_with_exemplars, judgments_of
@@ -151,11 +151,8 @@ def stage1(context: dg.AssetExecutionContext, config: Stage1AssetConfig, lake_st
                                  counts={"silver": res.silver_size, "iterations_run": res.iterations_run})
                for t in (SILVER, STAGE1_METRICS, STAGE1_JUDGMENTS)}
     allm = lake.read(STAGE1_METRICS).sort("iteration")
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(allm["iteration"], allm["gold_val_accuracy"], marker="o")
-    ax.set_xlabel("Stage-1 iteration")
-    ax.set_ylabel("gold_val accuracy (selection split)")
-    ax.grid(alpha=0.3)
+    fig = curve_plot(allm["iteration"], allm["gold_val_accuracy"], "Stage-1 iteration",
+                     "gold_val accuracy (selection split)")
     yield dg.MaterializeResult(asset_key=SILVER, data_version=written[SILVER].data_version, metadata={
         "iterations_run": res.iterations_run, "silver_size": res.silver_size, **written[SILVER].metadata,
         "curve": dg.MetadataValue.md(md_table(allm.drop("created_at", "added_per_category", "run_id"))),

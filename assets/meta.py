@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import dagster as dg  # noqa: E402
 import polars as pl  # noqa: E402
 
-__all__ = ["margin_and_category_plot", "md_table", "plt", "png_md"]
+__all__ = ["curve_plot", "margin_and_category_plot", "md_table", "plt", "png_md"]
 
 
 def md_table(df: pl.DataFrame, floatfmt: str = "{:.3f}") -> str:
@@ -44,4 +44,14 @@ def margin_and_category_plot(scored: pl.DataFrame, per_category: pl.DataFrame, s
     ax2.set_ylim(0, 1)
     ax2.tick_params(axis="x", labelsize=6, rotation=30)
     ax2.set_title(f"{split} accuracy per category", fontsize=8)
+    return fig
+
+
+def curve_plot(x, y, xlabel: str, ylabel: str):
+    """One metric against a step or iteration."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(x, y, marker="o")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
     return fig
