@@ -1,5 +1,5 @@
 """The Ray engine cannot starve itself: Stage 2's pipeline (unit reads -> two long-lived scorer pools -> the driver,
-embedding between units) finishes on a local Ray of 1 and 2 CPUs with the default `actors=0`, over 24 units, with
+embedding between units) finishes on a local Ray of 1 and 2 CPUs with the default `actors=0`, over 20 units, with
 the in-process engine's scores; a pipeline whose actors can never be placed fails with what waits for what instead
 of hanging. (On 2 CPUs the two pools once held 1.0 CPU each and the read task waited forever: `make demo` hung.)"""
 
@@ -12,7 +12,7 @@ from pipelines.rm.tiny import build_tiny_decoder
 from pipelines.settings import minilm_path
 from tests.rm_helpers import synth_rows
 
-UNITS, PER_UNIT = 24, 20
+UNITS, PER_UNIT = 20, 20
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,12 @@ def test_stage2_pipeline_finishes_on_a_small_local_ray_with_the_default_actors(s
         w = want[role].sort("pair_id")
         assert got["pair_id"].equals(w["pair_id"])
         assert (got[f"p{suffix}"] - w["p"]).abs().max() < 1e-5
-    # the evaluation path (several models in one pipeline) fits too
+    # the evaluation path (several models in one pipeline) fits too: three pools ask 2/3 CPU each on 2 CPUs,
+    # rounded down (rounded up, 3 x 0.6667 > 2 and the third actor never started); run where that could happen
+    assert 3 * engine._cpus_per_actor(3) <= local_ray
+    if local_ray == 1:
+        return
     t = rows.head(40).select(text_key="pair_id", history="history", response="chosen")
-    assert 3 * engine._cpus_per_actor(3) <= local_ray  # three pools: 2/3 CPU each on 2 CPUs, rounded down
     out = engine.score_texts(t, {"a": (refs["best"], 64), "b": (refs["gold"], 64), "c": (refs["best"], 32)})
     assert {k: v.height for k, v in out.items()} == {"a": 40, "b": 40, "c": 40}
 

@@ -153,14 +153,14 @@ def test_flex_attention_scores_as_the_dense_masks_do(tiny_qwen):
     the device) gives the same rewards in every layout. FlexAttention runs forward-only on CPU (evaluation)."""
     enc, _ = encode_pairs(Renderer(load_reward_model(tiny_qwen), 512), synth_rows(6, seed=3))
     got = {}
-    for impl in ("sdpa", "flex_attention"):
+    for impl, layouts in (("sdpa", (forward_pairs, forward_shared_prefix, forward_packed)),
+                          ("flex_attention", (forward_shared_prefix, forward_packed))):  # where segment ids matter
         rm = load_reward_model(tiny_qwen, attn_implementation=impl)
         assert rm.model.config._attn_implementation == impl
         rm.model.eval()
         with torch.no_grad():
-            got[impl] = [torch.cat([x[0], x[1][:, 0]]) for x in (forward_pairs(rm, enc), forward_shared_prefix(rm, enc),
-                                                                 forward_packed(rm, enc))]
-    for a in (*got["sdpa"], *got["flex_attention"][1:]):
+            got[impl] = [torch.cat([x[0], x[1][:, 0]]) for x in (f(rm, enc) for f in layouts)]
+    for a in (*got["sdpa"], *got["flex_attention"]):
         assert torch.allclose(got["sdpa"][0], a, atol=1e-4)
 
 
