@@ -1,6 +1,6 @@
 """The five preference attributes (paper §3.2) of a pair: asked of an LLM (`annotate_attributes`, cached and
 resumable: keyed by (pair_id, model, prompt_version), appended chunk by chunk, a later row superseding an earlier
-one) and read back (`attributes`, `latest_attributes`): what curate, review and the CLI join onto pairs. Here in
+one) and read back (`attributes`): what curate, review and the CLI join onto pairs. Here in
 annotate, next to the cache that holds them, so that pipelines.pool needs no annotate import."""
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from pipelines.lake import Lake, latest_by_key, now_utc
 from pipelines.tables import ANNOTATIONS
 
 ATTRIBUTE_COLUMNS = ["task_category", "objectivity", "controversiality", "desired_attributes", "guideline"]
-
-
-def latest_attributes(annotations: pl.DataFrame) -> pl.DataFrame:
-    """One row per pair: its most recent successful attributes (pair_id + ATTRIBUTE_COLUMNS)."""
-    return latest_by_key(annotations.filter(pl.col("status") == "ok"), "pair_id").select("pair_id", *ATTRIBUTE_COLUMNS)
 
 
 # a polars frame schema (pair_id + ATTRIBUTE_COLUMNS); taxonomy.ATTRIBUTES_JSON_SCHEMA is the LLM's JSON schema

@@ -33,7 +33,6 @@ import polars as pl
 from pipelines.review.ledger import ADJUDICATOR_ROLE
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS items(
     pair_id TEXT PRIMARY KEY, queue_version TEXT NOT NULL, priority INTEGER NOT NULL, need INTEGER NOT NULL,
     payload TEXT NOT NULL, checks TEXT, n_done INTEGER NOT NULL DEFAULT 0, open INTEGER NOT NULL DEFAULT 1,
@@ -112,15 +111,6 @@ class ReviewStore:
 
     def _tx(self) -> "ReviewStore._Tx":
         return ReviewStore._Tx(self._conn())
-
-    def get_meta(self, key: str) -> str | None:
-        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as c:
-            c.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                      (key, value))
 
     # --- loading (from the queue and the ledger) -------------------------------------------------------------------
     def queue_versions(self) -> set[str]:

@@ -234,10 +234,6 @@ class Renderer:
         ids, prefix = self.render(history, "x")
         return max(len(ids) - prefix - len(self.tok("x", add_special_tokens=False)["input_ids"]), 0)
 
-    def encode_pair(self, history: list[dict], chosen: str, rejected: str) -> tuple[Encoded, Encoded]:
-        c, r = self._fit(self.render_many(history, [chosen, rejected]))
-        return c, r
-
     def _fit(self, rendered: list[tuple[list[int], int]]) -> list[Encoded]:
         """Apply the length policy to renderings of one history; all lose the same history tokens."""
         longest = max(len(ids) for ids, _ in rendered)
