@@ -39,7 +39,8 @@ def synpref_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def serve_review():
-    """Start the review app for a lake + annotators file under uvicorn on 127.0.0.1; returns its base URL."""
+    """Start the review app for a lake + annotators file (and any create_app option: a test clock, a short lease)
+    under uvicorn on 127.0.0.1; returns its base URL."""
     import threading
     import time
 
@@ -50,10 +51,10 @@ def serve_review():
 
     servers = []
 
-    def start(lake_root: str, annotators) -> str:
+    def start(lake_root: str, annotators, **kwargs) -> str:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(lake_root, annotators), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(lake_root, annotators, **kwargs), host="127.0.0.1",
+                                               port=port, log_level="warning"))
         th = threading.Thread(target=server.run, daemon=True)
         th.start()
         deadline = time.monotonic() + 60
@@ -66,7 +67,7 @@ def serve_review():
     yield start
     for server, th in servers:
         server.should_exit = True
-        th.join(5)
+        th.join(10)
 
 
 @pytest.fixture

@@ -470,40 +470,8 @@ def test_the_ledger_compacts_and_the_store_follows_it_by_file(lake, tmp_path):
     assert sync.sync()["verdicts"] == 0 and st.progress("alice")["done"] == 24  # the rewritten file adds nothing
 
 
-@pytest.fixture
-def review_app():
-    """Start `create_app(...)` (any options: a test clock, a short lease) under uvicorn on 127.0.0.1."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from pipelines.review.app import create_app
-    from tests.servers import free_port
-
-    servers = []
-
-    def start(lake_root: str, annotators, **kwargs) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(lake_root, annotators, **kwargs), host="127.0.0.1",
-                                               port=port, log_level="warning"))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        deadline = time.monotonic() + 60
-        while not server.started:  # uvicorn offers no startup event; bounded, and fails with a reason
-            assert th.is_alive() and time.monotonic() < deadline, "review app did not start within 60 s"
-            time.sleep(0.05)
-        servers.append((server, th))
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, th in servers:
-        server.should_exit = True
-        th.join(10)
-
-
 @pytest.mark.integration
-def test_app_leases_adjudication_agreement_and_no_queue_read_per_request(lake, tmp_path, review_app):
+def test_app_leases_adjudication_agreement_and_no_queue_read_per_request(lake, tmp_path, serve_review):
     import shutil
 
     from pipelines.review.app import add_annotator
@@ -514,7 +482,7 @@ def test_app_leases_adjudication_agreement_and_no_queue_read_per_request(lake, t
                                                                                       "lena")}
     H = {n: {"Authorization": f"Bearer {t}"} for n, t in tok.items()}
     clock = Clock()
-    url = review_app(lake.root, ann, lease_ttl_s=30, clock=clock)
+    url = serve_review(lake.root, ann, lease_ttl_s=30, clock=clock)
     nxt = {n: httpx.get(url + "/api/next", headers=H[n]).json() for n in ("alice", "bob", "carol")}
     assert [nxt[n]["item"]["pair_id"] for n in ("alice", "bob", "carol")] == ["p0", "p0", "p1"]  # p0 is for two
     assert nxt["alice"]["lease_expires_at"] == clock.t + 30

@@ -9,7 +9,6 @@ import pytest
 
 from pipelines.review.ledger import read_verdicts
 from pipelines.review.queue import QUEUE, build_queue
-from tests.test_review import review_app  # noqa: F401  (fixture: the app with a test clock)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -63,7 +62,7 @@ def test_annotator_labels_three_pairs_with_the_keyboard(lake, tmp_path, serve_re
 
 
 @pytest.mark.integration
-def test_two_annotators_at_once_a_closed_tab_and_agreement_in_chromium(lake, tmp_path, review_app):
+def test_two_annotators_at_once_a_closed_tab_and_agreement_in_chromium(lake, tmp_path, serve_review):
     """Two signed-in browser sessions side by side never see the same pair unless it is a double-annotated one; a
     tab closed mid-item loses nothing (its lease runs out, the pair goes to the next annotator); the lead sees the
     agreement on the double-annotated pair."""
@@ -78,7 +77,7 @@ def test_two_annotators_at_once_a_closed_tab_and_agreement_in_chromium(lake, tmp
     tokens = {n: add_annotator(ann, n, "lead" if n == "lena" else "annotator") for n in ("alice", "bob", "carol",
                                                                                         "dave", "lena")}
     clock = Clock()
-    url = review_app(lake.root, ann, lease_ttl_s=60, clock=clock)
+    url = serve_review(lake.root, ann, lease_ttl_s=60, clock=clock)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

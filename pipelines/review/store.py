@@ -77,6 +77,15 @@ class Lease:
     renewed: bool  # the annotator already held it (a reload, a second tab)
 
 
+
+def _renew_held(c, annotator: str, kind: str, expires_at: float) -> "Lease | None":
+    """The lease of this kind the annotator already holds, renewed to `expires_at`; None when they hold none."""
+    held = c.execute("SELECT pair_id FROM leases WHERE annotator = ? AND kind = ?", (annotator, kind)).fetchone()
+    if held is None:
+        return None
+    c.execute("UPDATE leases SET expires_at = ? WHERE pair_id = ? AND annotator = ?", (expires_at, held[0], annotator))
+    return Lease(held[0], kind, expires_at, True)
+
 class ReviewStore:
     """Thread-safe (a connection per thread) and process-safe (SQLite's file lock) serving state."""
 
@@ -183,12 +192,8 @@ class ReviewStore:
         version = queue_version if queue_version is not None else self.current_version()
         with self._tx() as c:
             c.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))  # abandoned items go back to the queue
-            held = c.execute("SELECT pair_id FROM leases WHERE annotator = ? AND kind = 'annotate'",
-                             (annotator,)).fetchone()
-            if held is not None:
-                c.execute("UPDATE leases SET expires_at = ? WHERE pair_id = ? AND annotator = ?",
-                          (now + ttl_s, held[0], annotator))
-                return Lease(held[0], "annotate", now + ttl_s, True)
+            if (held := _renew_held(c, annotator, "annotate", now + ttl_s)) is not None:
+                return held
             row = c.execute(
                 "SELECT i.pair_id FROM items i WHERE i.queue_version = ? AND i.open = 1 "
                 "AND i.need > i.n_done + (SELECT count(*) FROM leases l WHERE l.pair_id = i.pair_id "
@@ -206,12 +211,8 @@ class ReviewStore:
         now = self.clock()
         with self._tx() as c:
             c.execute("DELETE FROM leases WHERE expires_at <= ?", (now,))
-            held = c.execute("SELECT pair_id FROM leases WHERE annotator = ? AND kind = 'adjudicate'",
-                             (lead,)).fetchone()
-            if held is not None:
-                c.execute("UPDATE leases SET expires_at = ? WHERE pair_id = ? AND annotator = ?",
-                          (now + ttl_s, held[0], lead))
-                return Lease(held[0], "adjudicate", now + ttl_s, True)
+            if (held := _renew_held(c, lead, "adjudicate", now + ttl_s)) is not None:
+                return held
             row = c.execute(
                 "SELECT i.pair_id FROM items i WHERE i.disputed = 1 AND i.adjudicated = 0 "
                 "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.pair_id = i.pair_id AND l.kind = 'adjudicate') "
