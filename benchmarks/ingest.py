@@ -1,12 +1,13 @@
 """Ingest benchmark: parse + check + dedup + Delta write of N synthetic ~1 KB pairs, SynPref vs a pandas baseline.
 
-Each side runs in its own subprocess on the same JSONL file, so peak RSS (ru_maxrss) is its own. Prints pairs/s,
-peak RSS and the ratio. The pandas peer is the straightforward implementation: read_json(lines) -> hash each
+Each side runs in its own subprocess on the same JSONL file, so its memory is its own: peak USS (private memory,
+sampled every 0.1 s; shared library pages are not counted) with ru_maxrss beside it. Prints pairs/s, peak USS and
+the ratios. The pandas peer is the straightforward implementation: read_json(lines) -> hash each
 row -> drop_duplicates -> write_deltalake.
 
     python benchmarks/ingest.py --n 1000000           # default N = 1M
     python benchmarks/ingest.py --n 1000000 --repeat 3  # ours and pandas alternated 3 times: median ratio
-    python benchmarks/ingest.py --n 100000 --n 1000000  # RSS growth between two sizes (ours only)
+    python benchmarks/ingest.py --n 100000 --n 1000000  # USS growth between two sizes (ours only)
     python benchmarks/ingest.py --n 4000000 --shards 40 --no-pandas  # does pairs/s fall as shards accumulate?
 
 With --shards K the N pairs land as K files (duplicates across shards included) and are ingested one after
@@ -25,6 +26,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.rm_data_scale (TreeUSS) when run as a script
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()
@@ -93,15 +97,18 @@ def run_shards(folder: str, out: str) -> dict:
 
 
 def child(which: str, path: str) -> None:
-    with tempfile.TemporaryDirectory() as d:
+    from benchmarks.rm_data_scale import TreeUSS
+
+    with tempfile.TemporaryDirectory() as d, TreeUSS(every=0.1) as mem:
         res = {"ours": run_ours, "pandas": run_pandas, "shards": run_shards}[which](path, d)
+    res["peak_uss_mb"] = mem.peak / 2**20
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(res))
 
 
 def measure(which: str, path: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", which, str(path)], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1])
+                         check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -128,8 +135,8 @@ def main() -> None:
         first, last = r["per_shard"][:q], r["per_shard"][-q:]
         print(f"N={r['pairs']:,} in {a.shards} shards, one index ({r['indexed']:,} ids at the end): "
               f"{r['pairs'] / r['seconds']:,.0f} pairs/s overall; first {q} shards {sum(first) / q:,.0f} pairs/s, "
-              f"last {q} {sum(last) / q:,.0f} pairs/s (last / first = {sum(last) / sum(first):.2f}); peak RSS "
-              f"{r['peak_rss_mb']:,.0f} MB")
+              f"last {q} {sum(last) / q:,.0f} pairs/s (last / first = {sum(last) / sum(first):.2f}); peak USS "
+              f"{r['peak_uss_mb']:,.0f} MB (RSS {r['peak_rss_mb']:,.0f})")
         return
     sizes = a.n or [1_000_000]
     with tempfile.TemporaryDirectory() as d:
@@ -140,13 +147,13 @@ def main() -> None:
             mb = p.stat().st_size / n
             ours = measure("ours", p)
             line = (f"N={n:,} ({mb:.0f} B/pair)  synpref: {ours['pairs'] / ours['seconds']:,.0f} pairs/s, "
-                    f"peak RSS {ours['peak_rss_mb']:,.0f} MB")
+                    f"peak USS {ours['peak_uss_mb']:,.0f} MB (RSS {ours['peak_rss_mb']:,.0f})")
             if not a.no_pandas and n == sizes[0]:
                 pd_ = measure("pandas", p)
-                line += (f"  |  pandas: {pd_['pairs'] / pd_['seconds']:,.0f} pairs/s, peak RSS "
-                         f"{pd_['peak_rss_mb']:,.0f} MB  |  speed ratio synpref/pandas = "
+                line += (f"  |  pandas: {pd_['pairs'] / pd_['seconds']:,.0f} pairs/s, peak USS "
+                         f"{pd_['peak_uss_mb']:,.0f} MB (RSS {pd_['peak_rss_mb']:,.0f})  |  speed ratio synpref/pandas = "
                          f"{(ours['pairs'] / ours['seconds']) / (pd_['pairs'] / pd_['seconds']):.2f}x, "
-                         f"RSS ratio = {ours['peak_rss_mb'] / pd_['peak_rss_mb']:.2f}")
+                         f"USS ratio = {ours['peak_uss_mb'] / pd_['peak_uss_mb']:.2f}")
                 pairs = [(ours, pd_)]
                 for _ in range(a.repeat - 1):
                     print(line, flush=True)
@@ -166,8 +173,8 @@ def main() -> None:
             p.unlink()
         if len(sizes) > 1:
             a_, b_ = results[sizes[0]], results[sizes[-1]]
-            print(f"peak RSS growth {sizes[0]:,} -> {sizes[-1]:,}: "
-                  f"{100 * (b_['peak_rss_mb'] / a_['peak_rss_mb'] - 1):.1f}%")
+            print(f"peak USS growth {sizes[0]:,} -> {sizes[-1]:,}: "
+                  f"{100 * (b_['peak_uss_mb'] / a_['peak_uss_mb'] - 1):.1f}%")
 
 
 if __name__ == "__main__":
