@@ -151,7 +151,8 @@ def main() -> None:
             if not a.no_pandas and n == sizes[0]:
                 pd_ = measure("pandas", p)
                 line += (f"  |  pandas: {pd_['pairs'] / pd_['seconds']:,.0f} pairs/s, peak USS "
-                         f"{pd_['peak_uss_mb']:,.0f} MB (RSS {pd_['peak_rss_mb']:,.0f})  |  speed ratio synpref/pandas = "
+                         f"{pd_['peak_uss_mb']:,.0f} MB (RSS {pd_['peak_rss_mb']:,.0f})  |  "
+                         f"speed ratio synpref/pandas = "
                          f"{(ours['pairs'] / ours['seconds']) / (pd_['pairs'] / pd_['seconds']):.2f}x, "
                          f"USS ratio = {ours['peak_uss_mb'] / pd_['peak_uss_mb']:.2f}")
                 pairs = [(ours, pd_)]
